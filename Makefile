@@ -1,0 +1,50 @@
+# Every routine action, self-installing: a fresh clone needs only python3 and a C++ compiler.
+#   make demo    set up (venv, torch, build) and run the main job
+#   make test    set up and run the test suite
+#   make bench   set up and run the CPU benchmarks
+#   make gpu-check   on a machine with a GPU: build, CUDA tests, sanitizer, GPU benchmarks
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+
+.PHONY: all setup build demo test bench gpu-check clean
+
+all: build
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.deps
+
+# The editable install gives the package metadata and the `neptune` command; the
+# extension itself is built in place with ninja (incremental between runs).
+$(VENV)/.editable: $(VENV)/.deps pyproject.toml
+	NEPTUNE_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+neptune_ext/.built: $(VENV)/.editable $(SOURCES)
+	NEPTUNE_REQUIRE_EXT=1 MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: neptune_ext/.built
+
+demo: build
+	$(PY) -m neptune_ext.demo
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench_graph_attention.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build neptune_ext/_C*.so neptune_ext/.built *.egg-info

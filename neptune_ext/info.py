@@ -1,0 +1,59 @@
+"""`python -m neptune_ext.info`: what was built and what will run."""
+import json
+import sys
+import types
+
+import torch
+
+from . import _ext
+from ._version import __version__
+
+
+def info_dict() -> dict:
+    build = _ext._build_info()
+    return {
+        "neptune_ext": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "extension_loaded": _ext._C is not None,
+        "extension_error": None if _ext.LOAD_ERROR is None else str(_ext.LOAD_ERROR),
+        "compiled_backends": sorted(_ext.compiled_backends()),
+        "cuda_archs": build.get("cuda_archs", "").split(";") if build.get("cuda") == "1" else [],
+        "openmp": build.get("openmp") == "1",
+        "num_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def info(file=None) -> dict:
+    """Print (and return) version, torch version, compiled backends and threads."""
+    d = info_dict()
+    out = file or sys.stdout
+    width = max(len(k) for k in d)
+    for k, v in d.items():
+        if isinstance(v, list):
+            v = ", ".join(v) if v else "-"
+        print(f"{k:<{width}}  {v}", file=out)
+    return d
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--json" in argv:
+        print(json.dumps(info_dict(), indent=2))
+    else:
+        info()
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `neptune_ext.info()` call :func:`info` while `neptune_ext.info` stays a module."""
+
+    def __call__(self, file=None):
+        return info(file)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    main()

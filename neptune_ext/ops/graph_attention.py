@@ -1,0 +1,186 @@
+"""Sparse graph attention: validation, autograd, fake kernels, dispatch.
+
+    s_ij  = LeakyReLU(score_src[j] + score_dst[i] (+ edge_logits[e(i,j)]))
+    a_ij  = softmax over j in N(i) of s_ij          (per head)
+    out_i = sum_j a_ij * h[j]                        (no in-edges: 0)
+
+The compiled kernels (torch.ops.neptune.gat_forward / gat_backward) are fused:
+no per-edge feature tensor in forward, deterministic backward without atomics.
+Without the extension, the pure-PyTorch reference (neptune_ext.reference) runs.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import _ext
+from ..graph import Graph, _is_compiling
+from ..reference import attention_weights_reference, sparse_graph_attention_reference
+
+__all__ = ["sparse_graph_attention", "attention_weights"]
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout):
+    _check(isinstance(graph, Graph), f"graph must be a neptune_ext.Graph, got {type(graph).__name__} "
+           "(build one with Graph.from_edge_index(edge_index))")
+    for name, t in (("h", h), ("score_src", score_src), ("score_dst", score_dst)):
+        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
+    _check(h.dim() == 3, f"h must have shape [N_src, H, C], got {list(h.shape)}")
+    n_src, H, _ = h.shape
+    _check(score_src.shape == (n_src, H),
+           f"score_src must have shape [N_src, H] = [{n_src}, {H}], got {list(score_src.shape)}")
+    _check(score_dst.dim() == 2 and score_dst.shape[1] == H,
+           f"score_dst must have shape [N_dst, H] with H = {H}, got {list(score_dst.shape)}")
+    _check(n_src == graph.num_src,
+           f"h has {n_src} source nodes but the graph has num_src = {graph.num_src}")
+    _check(score_dst.shape[0] == graph.num_dst,
+           f"score_dst has {score_dst.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
+    _check(score_src.dtype == h.dtype and score_dst.dtype == h.dtype,
+           f"h, score_src and score_dst must share one dtype, got {h.dtype}, {score_src.dtype}, {score_dst.dtype}")
+    for name, t in (("score_src", score_src), ("score_dst", score_dst)):
+        _check(t.device == h.device, f"{name} is on {t.device} but h is on {h.device}")
+    _check(graph.device == h.device,
+           f"graph is on {graph.device} but h is on {h.device} (use graph.to({str(h.device)!r}))")
+    if edge_logits is not None:
+        _check(isinstance(edge_logits, torch.Tensor) and edge_logits.is_floating_point(),
+               "edge_logits must be a floating-point tensor of shape [E, H]")
+        _check(edge_logits.shape == (graph.num_edges, H),
+               f"edge_logits must have shape [E, H] = [{graph.num_edges}, {H}], got {list(edge_logits.shape)}")
+        _check(edge_logits.dtype == h.dtype, f"edge_logits must have the dtype of h ({h.dtype}), got {edge_logits.dtype}")
+        _check(edge_logits.device == h.device, f"edge_logits is on {edge_logits.device} but h is on {h.device}")
+    _check(isinstance(negative_slope, (int, float)), f"negative_slope must be a float, got {negative_slope!r}")
+    _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
+           f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def _new_seed() -> torch.Tensor:
+    # Drawn from torch's default CPU generator, so torch.manual_seed reproduces it.
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: torch.Tensor,
+                           graph: Graph, negative_slope: float = 0.2,
+                           edge_logits: Optional[torch.Tensor] = None, dropout: float = 0.0,
+                           training: bool = False, return_attention: bool = False,
+                           seed: Optional[torch.Tensor] = None
+                           ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Fused GAT attention + aggregation.
+
+    Args:
+        h: [N_src, H, C] projected source features.
+        score_src: [N_src, H] source half of the attention logit (<a_src, h_j>).
+        score_dst: [N_dst, H] destination half of the attention logit.
+        graph: a :class:`neptune_ext.Graph` with ``num_src = N_src``, ``num_dst = N_dst``.
+        negative_slope: LeakyReLU slope applied to the logits.
+        edge_logits: optional [E, H] additive logits, in the caller's edge order.
+        dropout: attention dropout probability, applied when ``training``.
+        return_attention: also return the attention weights [E, H] (after dropout),
+            in the caller's edge order.
+        seed: optional CPU int64 scalar tensor fixing the dropout mask.
+
+    Returns:
+        out [N_dst, H, C], or (out, alpha) with ``return_attention=True``.
+
+    Example::
+
+        >>> g = Graph.from_edge_index(torch.tensor([[0, 1, 2], [1, 2, 1]]))
+        >>> h = torch.randn(3, 2, 8); s = torch.randn(3, 2)
+        >>> sparse_graph_attention(h, s, s, g).shape
+        torch.Size([3, 2, 8])
+    """
+    if not _is_compiling():
+        _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout)
+    p = float(dropout) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = _new_seed()
+    if p > 0.0:
+        _check(isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
+               and seed.device.type == "cpu", "seed must be a CPU int64 tensor with one element")
+
+    if _ext.use_kernels(h.device.type):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (h, score_src, score_dst, edge_logits))
+        if needs_grad:
+            colptr, csc_row, csc_perm = graph.csc()
+        else:
+            colptr = csc_row = csc_perm = graph.col.new_empty(0)
+        out, lse = torch.ops.neptune.gat_forward(
+            h.contiguous(), score_src.contiguous(), score_dst.contiguous(), graph.rowptr,
+            graph.col, graph.eid, colptr, csc_row, csc_perm,
+            None if edge_logits is None else edge_logits.contiguous(),
+            float(negative_slope), p, seed if p > 0.0 else None)
+        if not return_attention:
+            return out
+        alpha = attention_weights(score_src, score_dst, graph, negative_slope, edge_logits, p, seed)
+        return out, alpha
+
+    src, dst = graph.edge_index[0], graph.edge_index[1]
+    return sparse_graph_attention_reference(
+        h, score_src, score_dst, src, dst, graph.num_dst, float(negative_slope), edge_logits, p,
+        None if seed is None else int(seed), return_attention)
+
+
+def attention_weights(score_src, score_dst, graph: Graph, negative_slope: float = 0.2,
+                      edge_logits=None, dropout: float = 0.0, seed=None) -> torch.Tensor:
+    """Attention weights [E, H] in the caller's edge order (differentiable).
+
+    Materializes E x H values: call it when the weights are wanted, not in the hot path.
+    """
+    src, dst = graph.edge_index[0], graph.edge_index[1]
+    return attention_weights_reference(score_src, score_dst, src, dst, graph.num_dst,
+                                       float(negative_slope), edge_logits, dropout,
+                                       None if seed is None else int(seed))
+
+
+# ----------------------------------------------------------------------------
+# torch.library registrations (fake kernels + autograd) for the compiled ops.
+
+def _register():
+    lib = "neptune::gat_forward"
+
+    @torch.library.register_fake(lib)
+    def _gat_forward_fake(h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm,
+                          edge_logits, negative_slope, dropout, seed):
+        n_dst = score_dst.shape[0]
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        return h.new_empty((n_dst, h.shape[1], h.shape[2])), h.new_empty((n_dst, h.shape[1]), dtype=acc)
+
+    @torch.library.register_fake("neptune::gat_backward")
+    def _gat_backward_fake(grad_out, h, score_src, score_dst, rowptr, col, eid, colptr, csc_row,
+                           csc_perm, edge_logits, out, lse, negative_slope, dropout, seed):
+        gel = torch.empty_like(edge_logits) if edge_logits is not None else h.new_empty((0,))
+        return torch.empty_like(h), torch.empty_like(score_src), torch.empty_like(score_dst), gel
+
+    def setup_context(ctx, inputs, output):
+        (h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits,
+         negative_slope, dropout, seed) = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.has_edge_logits = edge_logits is not None
+        ctx.negative_slope, ctx.dropout = negative_slope, dropout
+        ctx.save_for_backward(h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm,
+                              edge_logits, out, lse, seed)
+
+    def backward(ctx, grad_out, grad_lse):
+        (h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits, out,
+         lse, seed) = ctx.saved_tensors
+        if colptr.numel() != h.shape[0] + 1:
+            raise RuntimeError("neptune::gat_forward was called without the transposed graph, "
+                               "so it cannot be differentiated; call it through "
+                               "neptune_ext.ops.sparse_graph_attention")
+        gh, gss, gsd, gel = torch.ops.neptune.gat_backward(
+            grad_out.contiguous(), h, score_src, score_dst, rowptr, col, eid, colptr, csc_row,
+            csc_perm, edge_logits, out, lse, ctx.negative_slope, ctx.dropout, seed)
+        return (gh, gss, gsd, None, None, None, None, None, None,
+                gel if ctx.has_edge_logits else None, None, None, None)
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
+
+
+if _ext._C is not None:
+    _register()
