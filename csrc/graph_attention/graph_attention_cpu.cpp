@@ -31,6 +31,18 @@
 namespace neptune {
 namespace {
 
+// Software prefetch of the rows an upcoming edge will gather: the gathers are
+// random, so the hardware prefetcher cannot help and each row would otherwise
+// cost a full memory latency.
+constexpr int64_t kPrefetchDistance = 6;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+}
+
 // Destinations per parallel task: enough work per task to amortize scheduling.
 int64_t grain_for(int64_t n_rows, int64_t n_edges, int64_t HC) {
   const int64_t work_per_row = std::max<int64_t>(1, (n_edges / std::max<int64_t>(n_rows, 1) + 1) * HC);
@@ -45,6 +57,7 @@ void forward_kernel(const at::Tensor& h_t, const at::Tensor& ss_t, const at::Ten
                     uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_dst = sd_t.size(0), H = h_t.size(1), C = h_t.size(2), HC = H * C;
+  const int64_t n_edges = col_t.size(0);
   const scalar_t* h = h_t.data_ptr<scalar_t>();
   const scalar_t* ss = ss_t.data_ptr<scalar_t>();
   const scalar_t* sd = sd_t.data_ptr<scalar_t>();
@@ -66,7 +79,14 @@ void forward_kernel(const at::Tensor& h_t, const at::Tensor& ss_t, const at::Ten
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(s.begin(), s.end(), acc_t(0));
       for (int64_t k = 0; k < H; ++k) base[k] = static_cast<acc_t>(sd[i * H + k]);
-      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+      const int64_t e_end = rowptr[i + 1];
+      for (int64_t e = rowptr[i]; e < e_end; ++e) {
+        if (e + kPrefetchDistance < n_edges) {
+          const int64_t jn = col[e + kPrefetchDistance];
+          prefetch_row(h + jn * HC, HC);
+          __builtin_prefetch(ss + jn * H, 0, 1);
+          if (el) __builtin_prefetch(el + static_cast<int64_t>(eid[e + kPrefetchDistance]) * H, 0, 1);
+        }
         const int64_t j = col[e];
         const int64_t edge = eid[e];
         const scalar_t* hj = h + j * HC;
@@ -155,6 +175,16 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
         base[k] = static_cast<acc_t>(sd[i * H + k]);
       }
       for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+        if (e + kPrefetchDistance < E) {
+          const int64_t jn = col[e + kPrefetchDistance];
+          prefetch_row(h + jn * HC, HC);
+          __builtin_prefetch(ss + jn * H, 0, 1);
+          if (el) {
+            const int64_t en = eid[e + kPrefetchDistance];
+            __builtin_prefetch(el + en * H, 0, 1);
+            __builtin_prefetch(gel + en * H, 1, 1);
+          }
+        }
         const int64_t j = col[e];
         const int64_t edge = eid[e];
         const scalar_t* hj = h + j * HC;
@@ -189,6 +219,13 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(g_ss.begin(), g_ss.end(), acc_t(0));
       for (int64_t t = colptr[j]; t < colptr[j + 1]; ++t) {
+        if (t + kPrefetchDistance < E) {
+          const int64_t in = csc_row[t + kPrefetchDistance];
+          const int64_t en = csc_perm[t + kPrefetchDistance];
+          prefetch_row(go + in * HC, HC);
+          __builtin_prefetch(ds + en * H, 0, 1);
+          __builtin_prefetch(ap + en * H, 0, 1);
+        }
         const int64_t i = csc_row[t];
         const int64_t e = csc_perm[t];
         const scalar_t* goi = go + i * HC;
