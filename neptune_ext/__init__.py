@@ -7,9 +7,9 @@
 from ._version import __version__
 from . import _ext
 from .graph import Graph
-from . import ops
+from . import nn, ops
 
-__all__ = ["__version__", "Graph", "ops", "info"]
+__all__ = ["__version__", "Graph", "nn", "ops", "info"]
 
 
 def __getattr__(name):
