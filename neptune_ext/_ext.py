@@ -18,26 +18,23 @@ except ImportError as exc:  # not built, or built against another torch
 _warned = False
 
 
-def _build_info():
+def _parse_build_info():
     if _C is None:
         return {}
-    raw = torch_ops_build_info()
-    return dict(item.split("=", 1) for item in raw.split(";"))
+    return dict(item.split("=", 1) for item in torch.ops.neptune.build_info().split(";"))
 
 
-def torch_ops_build_info():
-    return torch.ops.neptune.build_info()
+BUILD_INFO = _parse_build_info()
+_BACKENDS = frozenset(d for d in ("cpu", "cuda") if BUILD_INFO.get(d) == "1")
+
+
+def _build_info():
+    return dict(BUILD_INFO)
 
 
 def compiled_backends():
     """The set of devices the compiled kernels cover: {'cpu'}, {'cpu', 'cuda'} or empty."""
-    info = _build_info()
-    out = set()
-    if info.get("cpu") == "1":
-        out.add("cpu")
-    if info.get("cuda") == "1":
-        out.add("cuda")
-    return out
+    return set(_BACKENDS)
 
 
 def use_kernels(device_type: str) -> bool:
@@ -55,4 +52,4 @@ def use_kernels(device_type: str) -> bool:
                 "and with more memory). Reinstall with a C++ compiler to get the kernels.",
                 RuntimeWarning, stacklevel=3)
         return False
-    return device_type in compiled_backends()
+    return device_type in _BACKENDS
