@@ -1,0 +1,135 @@
+"""Timing and memory helpers shared by the benchmarks."""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def power_law_graph(n: int, n_edges: int, alpha: float = 1.2, seed: int = 0) -> torch.Tensor:
+    """[2, E] edges whose in-degrees follow a Zipf-like law (hubs), sources uniform."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    w = ranks.pow(-alpha)
+    dst = torch.multinomial(w, n_edges, replacement=True, generator=g)
+    dst = torch.randperm(n, generator=g)[dst]
+    src = torch.randint(0, n, (n_edges,), generator=g)
+    return torch.stack([src, dst])
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def alternate(contenders: Dict[str, Callable[[], Dict[str, float]]], repeats: int,
+              warmup: int = 1, progress: bool = True) -> Dict[str, Dict[str, List[float]]]:
+    """Run every contender `warmup` times, then `repeats` rounds of A, B, A, B...
+    Each callable returns {phase: seconds}; returns {name: {phase: [seconds...]}}."""
+    for name, fn in contenders.items():
+        for _ in range(warmup):
+            fn()
+    out: Dict[str, Dict[str, List[float]]] = {name: {} for name in contenders}
+    for r in range(repeats):
+        for name, fn in contenders.items():
+            for phase, sec in fn().items():
+                out[name].setdefault(phase, []).append(sec)
+        if progress:
+            print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return out
+
+
+def median_ms(values: Sequence[float]) -> float:
+    return 1e3 * statistics.median(values)
+
+
+# ----------------------------------------------------------------- memory (CPU)
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak resident memory added while `fn` runs (Linux: reset VmHWM, run, read it).
+    Run under MALLOC_MMAP_THRESHOLD_ so freed blocks go back to the OS (see run_isolated)."""
+    import gc
+    gc.collect()
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    result = fn()
+    peak = _status_kb("VmHWM")
+    del result
+    return max(0, peak - before) * 1024
+
+
+def run_isolated(module: str, args: Sequence[str]) -> dict:
+    """Run `python -m module args...` in a fresh process and parse its last stdout line (JSON)."""
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    if isinstance(n, str):
+        return n
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_table(rows: List[List[str]], header: List[str], file=None):
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
+    print(line, file=file)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |", file=file)
+
+
+def timed(fn: Callable[[], object], device: str = "cpu"):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t

@@ -1,0 +1,189 @@
+"""Graph attention benchmark: the fused op vs the PyTorch reference, and the
+GraphAttention layer vs PyG's GATConv, forward + backward, on a power-law graph.
+
+    python -m neptune_ext.bench.graph_attention [--quick] [--json FILE]
+
+Times: medians over alternated rounds in one process. Peak memory: each
+contender in its own process (peak resident memory added by one fwd+bwd).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+from . import common
+
+OP_CONTENDERS = ("op:neptune", "op:reference")
+LAYER_CONTENDERS = ("layer:neptune", "layer:pyg")
+
+
+def has_pyg() -> bool:
+    try:
+        import torch_geometric.nn  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def _force_reference(on: bool):
+    old = os.environ.get("NEPTUNE_FORCE_REFERENCE")
+    if on:
+        os.environ["NEPTUNE_FORCE_REFERENCE"] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            if old is None:
+                os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
+            else:
+                os.environ["NEPTUNE_FORCE_REFERENCE"] = old
+
+
+def make_case(name: str, n: int, n_edges: int, heads: int, channels: int, in_channels: int,
+              device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    """Returns a closure running fwd+bwd once and returning {"forward": s, "backward": s}."""
+    from neptune_ext import Graph, ops
+    torch.manual_seed(seed)
+    ei = common.power_law_graph(n, n_edges, seed=seed).to(device)
+    if name.startswith("op:"):
+        g = Graph.from_edge_index(ei, n)
+        h = torch.randn(n, heads, channels, device=device, dtype=dtype, requires_grad=True)
+        ss = torch.randn(n, heads, device=device, dtype=dtype, requires_grad=True)
+        sd = torch.randn(n, heads, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(n, heads, channels, device=device, dtype=dtype)
+        ref = name == "op:reference"
+
+        def run():
+            with _force_reference(ref):
+                out, t_f = common.timed(lambda: ops.sparse_graph_attention(h, ss, sd, g), device)
+                _, t_b = common.timed(lambda: torch.autograd.grad(out, (h, ss, sd), grad), device)
+            return {"forward": t_f, "backward": t_b}
+        return run
+
+    x = torch.randn(n, in_channels, device=device, dtype=dtype, requires_grad=True)
+    if name == "layer:neptune":
+        from neptune_ext.nn import GraphAttention
+        layer = GraphAttention(in_channels, channels, heads=heads, add_self_loops=False)
+    else:
+        from torch_geometric.nn import GATConv
+        layer = GATConv(in_channels, channels, heads=heads, add_self_loops=False)
+    layer = layer.to(device=device, dtype=dtype)
+    grad = torch.randn(n, heads * channels, device=device, dtype=dtype)
+    params = [x] + list(layer.parameters())
+
+    def run():
+        out, t_f = common.timed(lambda: layer(x, ei), device)
+        _, t_b = common.timed(lambda: torch.autograd.grad(out, params, grad), device)
+        return {"forward": t_f, "backward": t_b}
+    return run
+
+
+def _memory_main(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("name")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--edges", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--channels", type=int)
+    p.add_argument("--in-channels", type=int)
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("NEPTUNE_BENCH_THREADS", torch.get_num_threads())))
+    run = make_case(a.name, a.nodes, a.edges, a.heads, a.channels, a.in_channels)
+    run()  # warm-up: one-time graph preparation (cached by both sides' usage) is not counted
+    peak = common.cpu_peak_extra_bytes(run)
+    print(json.dumps({"peak_extra_bytes": peak}))
+
+
+def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_channels=128,
+                  repeats=5, what=("op", "layer"), device="cpu", memory=True, out=sys.stdout):
+    names = []
+    if "op" in what:
+        names += list(OP_CONTENDERS)
+    if "layer" in what:
+        names += ["layer:neptune"] + (["layer:pyg"] if has_pyg() else [])
+    print(f"graph attention: power-law graph N={nodes:,} E={edges:,}, H={heads}, C={channels}, "
+          f"in_channels={in_channels} (layer), {device}: {common.machine()}", file=out)
+    t0 = time.perf_counter()
+    runs = {n: make_case(n, nodes, edges, heads, channels, in_channels, device) for n in names}
+    times = common.alternate(runs, repeats)
+    del runs
+    mem = {}
+    if memory and device == "cpu":
+        for n in names:
+            print(f"  measuring peak memory of {n} in its own process", file=sys.stderr, flush=True)
+            r = common.run_isolated("neptune_ext.bench.graph_attention",
+                                    ["--_memory", n, "--nodes", str(nodes), "--edges", str(edges),
+                                     "--heads", str(heads), "--channels", str(channels),
+                                     "--in-channels", str(in_channels)])
+            mem[n] = r.get("peak_extra_bytes", r.get("error"))
+    results = {}
+    for n in names:
+        f, b = common.median_ms(times[n]["forward"]), common.median_ms(times[n]["backward"])
+        tot = [a + c for a, c in zip(times[n]["forward"], times[n]["backward"])]
+        results[n] = {"forward_ms": f, "backward_ms": b, "total_ms": common.median_ms(tot),
+                      "peak_extra_bytes": mem.get(n)}
+    peers = {"op:neptune": "op:reference", "layer:neptune": "layer:pyg"}
+    rows = []
+    for n in names:
+        r = results[n]
+        peer = results.get(peers.get(n, ""), None)
+        speed = f"{peer['total_ms'] / r['total_ms']:.2f}x" if peer else ""
+        memr = ""
+        if peer and isinstance(r["peak_extra_bytes"], int) and isinstance(peer["peak_extra_bytes"], int) \
+                and peer["peak_extra_bytes"] > 0:
+            memr = f"{r['peak_extra_bytes'] / peer['peak_extra_bytes']:.2f}"
+        rows.append([n, f"{r['forward_ms']:.1f}", f"{r['backward_ms']:.1f}", f"{r['total_ms']:.1f}",
+                     speed, common.fmt_bytes(r["peak_extra_bytes"]), memr])
+    common.print_table(rows, ["contender", "fwd ms", "bwd ms", "fwd+bwd ms", "speedup vs peer",
+                              "peak extra mem", "mem vs peer"], file=out)
+    print(f"(medians of {repeats} alternated rounds; peers: op:reference, layer:pyg; "
+          f"{time.perf_counter() - t0:.0f} s)", file=out)
+    return {"benchmark": "graph_attention", "device": device, "machine": common.machine(),
+            "torch": torch.__version__, "commit": common.git_commit(),
+            "config": dict(nodes=nodes, edges=edges, heads=heads, channels=channels,
+                           in_channels=in_channels, repeats=repeats),
+            "results": results}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_memory"]:
+        return _memory_main(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="a smaller graph and fewer rounds")
+    p.add_argument("--nodes", type=int, default=100_000)
+    p.add_argument("--edges", type=int, default=1_000_000)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--in-channels", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--what", default="op,layer", help="comma list of: op, layer")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
+    p.add_argument("--json", help="write the figures to this file")
+    a = p.parse_args(argv)
+    if a.device == "cuda":
+        try:
+            from benchmarks import gpu_graph_attention  # available in a source checkout
+        except ImportError:
+            sys.exit("the GPU graph-attention benchmark lives in benchmarks/gpu_graph_attention.py "
+                     "(run from a source checkout)")
+        return gpu_graph_attention.main([x for x in argv if x not in ("--device", "cuda")])
+    if a.quick:
+        a.nodes, a.edges, a.repeats = min(a.nodes, 20_000), min(a.edges, 200_000), min(a.repeats, 3)
+    res = run_benchmark(a.nodes, a.edges, a.heads, a.channels, a.in_channels, a.repeats,
+                        tuple(a.what.split(",")), a.device, not a.no_memory)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {a.json}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
