@@ -246,10 +246,19 @@ class GraphAttention(nn.Module):
         lin_src = self.lin if self.lin is not None else self.lin_src
         lin_dst = self.lin if self.lin is not None else self.lin_dst
         h_src = lin_src(x_src).view(-1, H, C)
-        if same and self.lin is not None:
-            h_dst = h_src
+        # The attention halves are computed from x, not from h:
+        #   <a, W x>_head = x . (W_head^T a_head)
+        # so one skinny GEMM [N, F] x [F, 2H] replaces two passes over h (and their
+        # backward); no [N, H, C] temporary is created.
+        w_src = torch.einsum("hc,hcf->hf", self.att_src[0], lin_src.weight.view(H, C, -1))
+        w_dst = torch.einsum("hc,hcf->hf", self.att_dst[0], lin_dst.weight.view(H, C, -1))
+        if same or x_dst is None:
+            scores = x_src @ torch.cat([w_src, w_dst]).t()
+            score_src = scores[:, :H]
+            score_dst = scores[:, H:] if x_dst is not None else None
         else:
-            h_dst = None if x_dst is None else lin_dst(x_dst).view(-1, H, C)
+            score_src = x_src @ w_src.t()
+            score_dst = x_dst @ w_dst.t()
 
         num_src = x_src.shape[0]
         if size is not None:
@@ -257,8 +266,8 @@ class GraphAttention(nn.Module):
         else:
             num_dst = None
         if num_dst is None:
-            if h_dst is not None:
-                num_dst = h_dst.shape[0]
+            if x_dst is not None:
+                num_dst = x_dst.shape[0]
             elif isinstance(edge_index, Graph):
                 num_dst = edge_index.num_dst
             else:
@@ -266,11 +275,7 @@ class GraphAttention(nn.Module):
         prepared = self._prepare(edge_index, num_src, num_dst)
         graph = prepared.graph
 
-        # Attention halves: one small contraction per side (no E-sized tensor).
-        score_src = torch.einsum("nhc,hc->nh", h_src, self.att_src[0])
-        if h_dst is not None:
-            score_dst = torch.einsum("nhc,hc->nh", h_dst, self.att_dst[0])
-        else:
+        if score_dst is None:
             score_dst = h_src.new_zeros(num_dst, H)
         if prepared.add_loops:  # the phantom row that absorbs removed self loops
             score_dst = torch.cat([score_dst, score_dst.new_zeros(1, H)], dim=0)
