@@ -3,13 +3,18 @@
     import neptune_ext
     g = neptune_ext.Graph.from_edge_index(edge_index)
     out = neptune_ext.ops.sparse_graph_attention(h, score_src, score_dst, g)
+
+    stage = neptune_ext.nn.Stage(3, 64, 3, padding=1)   # fused Conv2d -> BatchNorm2d -> ReLU
+    model = neptune_ext.fuse_stages(torchvision.models.resnet18().eval())
 """
 from ._version import __version__
 from . import _ext
 from .graph import Graph
-from . import nn, ops
+from . import ops
+from . import nn
+from .fuse import fuse_stages
 
-__all__ = ["__version__", "Graph", "nn", "ops", "info"]
+__all__ = ["__version__", "Graph", "ops", "nn", "fuse_stages", "info"]
 
 
 def __getattr__(name):

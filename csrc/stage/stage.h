@@ -1,7 +1,64 @@
 // Stage (Conv -> BatchNorm -> ReLU) kernels: declarations and schemas.
+//
+// The convolution itself runs in ATen/oneDNN (F.conv2d, and oneDNN's fused
+// conv+bias+ReLU in eval); what is ours is the training-mode BatchNorm+ReLU:
+//
+//   bn_relu_forward(x, weight, bias, eps) -> (y, mean, var, invstd)
+//       y = relu(weight * (x - mean) * invstd + bias) with batch statistics of
+//       x [N, C, H, W] over (N, H, W); var is the biased variance, invstd =
+//       1 / sqrt(var + eps). mean/var/invstd are [C] in float32 (float64 for
+//       float64 x). Functional: running statistics are updated by the caller.
+//   bn_relu_backward(grad_y, x, weight, bias, mean, invstd)
+//       -> (grad_x, grad_weight, grad_bias)
+//       the exact gradient; the ReLU mask is recomputed from x (see
+//       stage_math.h for why x, and not only y, is needed).
+//
+// Python (neptune_ext/ops/stage.py) validates inputs with friendly messages; the
+// TORCH_CHECKs here are the last line of defence for direct torch.ops callers.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+
+namespace neptune {
+
+inline void check_bn_relu_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 4, "neptune::", op, ": x must be [N, C, H, W], got ", x.sizes());
+  const auto C = x.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C, "neptune::", op,
+              ": weight must be [C] = [", C, "], got ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, "neptune::", op,
+              ": bias must be [C] = [", C, "], got ", bias.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && at::isFloatingType(weight.scalar_type()) &&
+                  at::isFloatingType(bias.scalar_type()),
+              "neptune::", op, ": x, weight and bias must be floating point");
+  TORCH_CHECK(x.numel() > 0 && x.numel() / C > 0, "neptune::", op,
+              ": x must have at least one value per channel, got ", x.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd);
+
+}  // namespace neptune
+
 // Schemas of the Stage ops, expanded inside TORCH_LIBRARY(neptune, m).
-#define NEPTUNE_STAGE_SCHEMAS(m)
-#define NEPTUNE_STAGE_CPU_IMPLS(m)
+#define NEPTUNE_STAGE_SCHEMAS(m)                                                       \
+  m.def("bn_relu_forward(Tensor x, Tensor weight, Tensor bias, float eps) "           \
+        "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)");                     \
+  m.def("bn_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, "      \
+        "Tensor mean, Tensor invstd) -> (Tensor grad_x, Tensor grad_weight, "         \
+        "Tensor grad_bias)")
+
+#define NEPTUNE_STAGE_CPU_IMPLS(m)                              \
+  m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);    \
+  m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu)
+
+// CUDA kernels: not written yet (the Python layer falls back to the reference).
 #define NEPTUNE_STAGE_CUDA_IMPLS(m)

@@ -1,0 +1,97 @@
+"""The `neptune` command: train, eval, predict, bench, info.
+
+    neptune train --dataset digits --out runs/digits
+    neptune eval --checkpoint runs/digits/checkpoint.pt
+    neptune predict my_digit.png --checkpoint runs/digits/checkpoint.pt
+    neptune bench --quick
+    neptune info
+"""
+import argparse
+import json
+import sys
+
+from .data import DATASETS, DatasetError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neptune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and write checkpoint, metrics and plots")
+    t.add_argument("--dataset", default="digits", choices=DATASETS)
+    t.add_argument("--data-dir", help="local folder with mnist/cifar10/folder data (never downloaded)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--model", default="neptune", choices=["neptune", "resnet18"])
+    t.add_argument("--epochs", type=int, help="default: 40 for digits, 8 mnist, 30 cifar10/folder")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--image-size", type=int, help="resize folder images to this size (default 32)")
+    t.add_argument("--limit", type=int, help="use only the first N training images (smoke tests)")
+    t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a data set's test split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's data set")
+    e.add_argument("--data-dir")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--json", help="also write the figures to this file")
+
+    pr = sub.add_parser("predict", help="classify image files (PNG, JPEG, ... of any size)")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    b = sub.add_parser("bench", help="benchmark against the peers present and print one table")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--quick", action="store_true", help="small sizes, few rounds (about a minute)")
+    b.add_argument("--json", help="write the figures to this file")
+    b.add_argument("--plot", help="draw graph-attention time and memory vs edge count to this PNG")
+
+    sub.add_parser("info", help="version, torch, compiled backends, threads")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import train
+            train(args.dataset, args.out, args.model, args.epochs, args.device, args.seed, args.resume,
+                  args.data_dir, args.batch_size, args.lr, args.limit, args.image_size,
+                  progress=not args.no_progress)
+        elif args.command == "eval":
+            from .train import evaluate_checkpoint
+            r = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.device)
+            print(f"{r['dataset']}: test accuracy {r['test_accuracy']:.4f} on {r['images']} images "
+                  f"(loss {r['test_loss']:.4f})")
+            print(f"{'class':>10} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
+            for c, m in r["per_class"].items():
+                print(f"{c:>10} {m['precision']:9.4f} {m['recall']:7.4f} {m['f1']:7.4f} {m['support']:8d}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(r, f, indent=2)
+        elif args.command == "predict":
+            from .train import predict
+            for r in predict(args.images, args.checkpoint, args.device):
+                print(f"{r['image']}: {r['class']} ({r['probability']:.3f})")
+        elif args.command == "bench":
+            from .bench.suite import run_suite
+            run_suite(args.device, args.quick, args.json, args.plot)
+        elif args.command == "info":
+            from .info import info
+            info()
+    except DatasetError as exc:
+        print(f"neptune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Stage: Conv2d -> BatchNorm2d -> ReLU as one layer (see neptune_ext.ops.stage for the math)."""
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..ops import stage as ops
+
+__all__ = ["Stage"]
+
+
+def _explicit_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
+    """Conv2d padding as a pair of ints ('valid', 'same' with odd effective kernels, ints)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            out = []
+            for k, d in zip(kernel_size, dilation):
+                total = d * (k - 1)
+                if total % 2:
+                    raise ValueError("padding='same' with an even effective kernel size needs "
+                                     "asymmetric padding, which Stage does not support")
+                out.append(total // 2)
+            return tuple(out)
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    return (padding, padding) if isinstance(padding, int) else tuple(padding)
+
+
+class Stage(nn.Module):
+    """``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...), nn.ReLU())``, fused.
+
+    Holds the two modules as ``conv`` and ``bn`` (so the parameters, buffers and
+    state-dict keys are theirs; a state dict of ``nn.Sequential(conv, bn, relu)``
+    with keys ``0.*``/``1.*`` loads too) and computes exactly what the Sequential
+    computes, in train and eval mode, including the running statistics and
+    ``num_batches_tracked`` (momentum=None, track_running_stats and affine=False
+    behave as in ``nn.BatchNorm2d``; the BN's own ``training`` flag decides, so a
+    frozen ``stage.bn.eval()`` works as it would in the Sequential).
+
+    - Training (batch statistics): conv2d, then one fused BN+ReLU kernel. The
+      backward saves the conv input only and recomputes the conv output (one
+      extra convolution), so a stack of Stages stores about half the activations
+      of eager. ``memory_efficient=False`` saves the conv output instead (eager's
+      memory, no recomputation).
+    - Eval (running statistics): BN folded into the conv weight and bias (cached,
+      rebuilt when any parameter or buffer changes), then one oneDNN convolution
+      with a fused ReLU for channels_last float32 input, or conv2d + in-place ReLU.
+
+    Args: as ``nn.Conv2d`` (without bias / padding_mode) and ``nn.BatchNorm2d``.
+
+    Example::
+
+        >>> stage = Stage(3, 16, 3, padding=1)
+        >>> stage(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 16, 8, 8])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding: Union[int, Tuple[int, int], str] = 0, dilation=1, groups: int = 1,
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, *,
+                 memory_efficient: bool = True, device=None, dtype=None):
+        super().__init__()
+        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+        self.conv = nn.Conv2d(in_channels, out_channels, k, stride, _explicit_padding(padding, k, d),
+                              d, groups, bias=False, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.memory_efficient = memory_efficient
+        self._fold = ops.FoldCache()
+        self.register_load_state_dict_pre_hook(_load_hook)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, memory_efficient: bool = True
+                     ) -> "Stage":
+        """A Stage computing ``relu(bn(conv(x)))`` that shares ``conv`` and ``bn``'s parameters.
+
+        A conv bias is folded into the BN: it cancels under batch statistics, and
+        ``running_mean - bias`` gives the same eval output and the same running
+        statistic updates. The Stage then gets a bias-free conv sharing
+        ``conv.weight`` and a BN sharing ``bn.weight``/``bn.bias`` with shifted
+        copies of the buffers, so the given modules stay valid. The Stage takes
+        ``bn``'s training mode.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise ValueError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"bn has num_features = {bn.num_features} but conv has "
+                             f"out_channels = {conv.out_channels}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        padding = _explicit_padding(conv.padding, conv.kernel_size, conv.dilation)
+        stage = cls.__new__(cls)
+        nn.Module.__init__(stage)
+        if conv.bias is not None or isinstance(conv.padding, str):
+            new_conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                 padding, conv.dilation, conv.groups, bias=False,
+                                 device=conv.weight.device, dtype=conv.weight.dtype)
+            new_conv.weight = conv.weight
+            new_conv.train(conv.training)
+            if conv.bias is not None:
+                bn = _bn_with_shifted_mean(bn, conv.bias.detach())
+            conv = new_conv
+        stage.conv, stage.bn = conv, bn
+        stage.memory_efficient = memory_efficient
+        stage._fold = ops.FoldCache()
+        stage.register_load_state_dict_pre_hook(_load_hook)
+        stage.training = bn.training
+        return stage
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        _check_input(input, conv)
+        bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+        if not bn_training:
+            return ops.conv_bn_relu_eval(
+                input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=self._fold)
+        # Mirrors nn.BatchNorm2d.forward.
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        weight, bias = bn.weight, bn.bias
+        if weight is None:  # affine=False
+            weight = torch.ones(bn.num_features, dtype=conv.weight.dtype, device=input.device)
+        if bias is None:
+            bias = torch.zeros(bn.num_features, dtype=conv.weight.dtype, device=input.device)
+        y, mean, var = ops.conv_bn_relu_train(
+            input, conv.weight, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+            bn.eps, recompute=self.memory_efficient)
+        if not bn.training or bn.track_running_stats:
+            ops.update_running_stats(bn.running_mean, bn.running_var, mean, var,
+                                     y.numel() // y.shape[1], factor)
+        return y
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold.clear()  # do not keep the old tensors alive
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state["_fold"] = ops.FoldCache()  # oneDNN-packed tensors do not copy or pickle
+        return state
+
+    def extra_repr(self) -> str:
+        return "" if self.memory_efficient else "memory_efficient=False"
+
+
+def _check_input(input, conv: nn.Conv2d):
+    if not isinstance(input, torch.Tensor):
+        raise ValueError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must have shape [N, C, H, W], got {list(input.shape)}")
+    if input.shape[1] != conv.in_channels:
+        raise ValueError(f"input has {input.shape[1]} channels but the Stage has "
+                         f"in_channels = {conv.in_channels}")
+    if input.dtype != conv.weight.dtype:
+        raise ValueError(f"input dtype {input.dtype} does not match the Stage's parameters "
+                         f"({conv.weight.dtype})")
+    if input.device != conv.weight.device:
+        raise ValueError(f"input is on {input.device} but the Stage's parameters are on "
+                         f"{conv.weight.device}")
+
+
+def _bn_with_shifted_mean(bn: nn.BatchNorm2d, shift: torch.Tensor) -> nn.BatchNorm2d:
+    """A BatchNorm2d sharing bn's affine parameters, with copies of its buffers and
+    running_mean - shift."""
+    new = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, affine=False,
+                         track_running_stats=False)
+    new.affine, new.track_running_stats = bn.affine, bn.track_running_stats
+    new.weight, new.bias = bn.weight, bn.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        buf = getattr(bn, name)
+        new.register_buffer(name, None if buf is None else buf.detach().clone())
+    if new.running_mean is not None:
+        with torch.no_grad():
+            new.running_mean.sub_(shift.to(new.running_mean.dtype))
+    new.train(bn.training)
+    return new
+
+
+def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
+               unexpected_keys, error_msgs):
+    """Accept nn.Sequential(conv, bn, relu) keys (0.* -> conv.*, 1.* -> bn.*) and fold a
+    conv bias into bn.running_mean (exact: see Stage.from_modules)."""
+    if not any(k.startswith(prefix + "conv.") for k in state_dict):
+        for old, new in (("0.", "conv."), ("1.", "bn.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+    bias = state_dict.pop(prefix + "conv.bias", None)
+    rm_key = prefix + "bn.running_mean"
+    if bias is not None and rm_key in state_dict:
+        state_dict[rm_key] = state_dict[rm_key] - bias.to(state_dict[rm_key].dtype)

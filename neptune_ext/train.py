@@ -1,0 +1,308 @@
+"""Training, evaluation and prediction behind the `neptune` command."""
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext
+from .data import DatasetError, ImageData, load, normalize, read_image
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # progress bars are optional
+    tqdm = None
+
+DEFAULT_EPOCHS = {"digits": 40, "mnist": 8, "cifar10": 30, "folder": 30}
+
+
+# ------------------------------------------------------------------- models
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
+                config: Optional[dict] = None) -> torch.nn.Module:
+    from .models import Neptune, resnet18_fused
+    if name == "neptune":
+        cfg = dict(config or {})
+        cfg.update(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+        return Neptune(**cfg)
+    if name == "resnet18":
+        return resnet18_fused(num_classes=num_classes, in_channels=in_channels)
+    raise ValueError(f"unknown model {name!r} (neptune or resnet18)")
+
+
+def model_config(model) -> dict:
+    return dict(getattr(model, "config", {}))
+
+
+def kernel_backend(device: torch.device) -> str:
+    if _ext.use_kernels(device.type):
+        return f"neptune_ext compiled kernels ({device.type})"
+    return "pure-PyTorch reference (compiled kernels not available)"
+
+
+# -------------------------------------------------------------- augmentation
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate every image by its own random integer offset in [-max_shift, max_shift]
+    (zero padding), as one batched gather."""
+    if max_shift <= 0:
+        return x
+    B, C, H, W = x.shape
+    pad = F.pad(x, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator)
+    ys = (torch.arange(H).view(1, H) + dy.view(B, 1)).view(B, 1, H, 1).expand(B, C, H, W)
+    xs = (torch.arange(W).view(1, W) + dx.view(B, 1)).view(B, 1, 1, W).expand(B, C, H, W)
+    b = torch.arange(B).view(B, 1, 1, 1)
+    c = torch.arange(C).view(1, C, 1, 1)
+    return pad[b, c, ys, xs]
+
+
+# ---------------------------------------------------------------- metrics
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.bincount(target * k + pred, minlength=k * k).view(k, k)
+
+
+def per_class_metrics(cm: torch.Tensor, classes: List[str]) -> Dict[str, dict]:
+    cm = cm.double()
+    tp = cm.diag()
+    precision = tp / cm.sum(0).clamp(min=1)
+    recall = tp / cm.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return {c: {"precision": round(precision[i].item(), 4), "recall": round(recall[i].item(), 4),
+                "f1": round(f1[i].item(), 4), "support": int(cm[i].sum().item())}
+            for i, c in enumerate(classes)}
+
+
+@torch.no_grad()
+def evaluate(model, data: ImageData, device, batch_size: int = 256):
+    model.eval()
+    preds, losses = [], []
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        x, y = data.batch(idx)
+        logits = model(x.to(device))
+        losses.append(F.cross_entropy(logits, y.to(device), reduction="sum").item())
+        preds.append(logits.argmax(1).cpu())
+    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    acc = (pred == data.labels).float().mean().item() if len(data) else 0.0
+    return {"loss": sum(losses) / max(len(data), 1), "accuracy": acc, "pred": pred}
+
+
+# ------------------------------------------------------------------- plots
+def save_plots(out_dir: str, history: List[dict], cm: torch.Tensor, classes: List[str]) -> List[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plots")
+        return []
+    paths = []
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], label="train")
+    a1.plot(ep, [h["test_loss"] for h in history], label="test")
+    a1.set_xlabel("epoch"), a1.set_ylabel("cross-entropy"), a1.legend(), a1.set_title("loss")
+    a2.plot(ep, [h["train_accuracy"] for h in history], label="train")
+    a2.plot(ep, [h["test_accuracy"] for h in history], label="test")
+    a2.set_xlabel("epoch"), a2.set_ylabel("accuracy"), a2.legend(), a2.set_title("accuracy")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "training_curve.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * k, 1.0 + 0.5 * k))
+    ax.imshow(cm.numpy(), cmap="Blues")
+    ax.set_xticks(range(k)), ax.set_yticks(range(k))
+    ax.set_xticklabels(classes, rotation=90), ax.set_yticklabels(classes)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("confusion matrix (test)")
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "confusion_matrix.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------- train
+def data_meta(train: ImageData, dataset: str) -> dict:
+    return {"dataset": dataset, "classes": train.classes, "channels": train.channels,
+            "image_size": list(train.image_size), "scale": train.scale, "mean": train.mean,
+            "std": train.std, "dark_background": dataset in ("digits", "mnist")}
+
+
+def _progress(iterable, **kw):
+    if tqdm is None:
+        return iterable
+    return tqdm(iterable, mininterval=0.5, dynamic_ncols=True, **kw)
+
+
+def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optional[int] = None,
+          device: str = "cpu", seed: int = 0, resume: bool = False, data_dir: Optional[str] = None,
+          batch_size: int = 64, lr: float = 3e-3, limit: Optional[int] = None,
+          image_size: Optional[int] = None, progress: bool = True) -> dict:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DatasetError("--device cuda was requested but no CUDA GPU is available")
+    torch.manual_seed(seed)
+    train_data, test_data = load(dataset, data_dir, image_size)
+    if limit:
+        train_data, test_data = train_data.subset(limit), test_data.subset(max(limit // 4, 1))
+    epochs = epochs or DEFAULT_EPOCHS[dataset]
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    meta = data_meta(train_data, dataset)
+    k = len(train_data.classes)
+    model = build_model(model_name, k, train_data.channels, train_data.image_size[0]).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps_per_epoch = math.ceil(len(train_data) / batch_size)
+    total = epochs * steps_per_epoch
+    warm = min(steps_per_epoch * 2, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    history, start_epoch, seconds = [], 0, 0.0
+    gen = torch.Generator().manual_seed(seed)
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise DatasetError(f"--resume: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if ck["model_name"] != model_name or ck["data"]["dataset"] != dataset:
+            raise DatasetError(f"--resume: {ckpt_path} is a {ck['model_name']} on {ck['data']['dataset']}, "
+                               f"not {model_name} on {dataset}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        history, start_epoch, seconds = ck["history"], ck["epoch"], ck["seconds"]
+        gen.set_state(ck["generator"])
+        print(f"resuming from epoch {start_epoch} ({ckpt_path})")
+    print(f"training {model_name} on {dataset}: {len(train_data)} train / {len(test_data)} test images, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, {epochs} epochs, {dev}, "
+          f"{kernel_backend(dev)}")
+    max_shift = 1 if train_data.image_size[0] <= 16 else 2
+    epoch_bar = _progress(range(start_epoch, epochs), desc="epochs", initial=start_epoch, total=epochs,
+                          disable=not progress) if progress else range(start_epoch, epochs)
+    for epoch in epoch_bar:
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(train_data), generator=gen)
+        tot_loss, tot_correct, seen = 0.0, 0, 0
+        batches = range(steps_per_epoch)
+        bar = _progress(batches, desc=f"epoch {epoch + 1}", leave=False) if progress else batches
+        for b in bar:
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            x, y = train_data.batch(idx)
+            x = random_shift(x, max_shift, gen)
+            if dataset == "cifar10":
+                flip = torch.rand(x.shape[0], generator=gen) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x, y = x.to(dev), y.to(dev)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot_loss += loss.item() * y.numel()
+            tot_correct += (logits.argmax(1) == y).sum().item()
+            seen += y.numel()
+            if progress and tqdm is not None:
+                bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_correct / seen:.3f}")
+        ev = evaluate(model, test_data, dev)
+        seconds += time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "train_loss": tot_loss / seen, "train_accuracy": tot_correct / seen,
+                        "test_loss": ev["loss"], "test_accuracy": ev["accuracy"], "seconds": seconds})
+        msg = (f"epoch {epoch + 1}/{epochs}: train loss {tot_loss / seen:.3f} acc {tot_correct / seen:.4f} | "
+               f"test loss {ev['loss']:.3f} acc {ev['accuracy']:.4f} | {seconds:.1f} s")
+        if progress and tqdm is not None:
+            epoch_bar.set_postfix(test_acc=f"{ev['accuracy']:.4f}")
+            tqdm.write(msg)
+        else:
+            print(msg)
+        torch.save({"model_name": model_name, "model_config": model_config(model), "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                    "epochs": epochs, "history": history, "seconds": seconds, "data": meta,
+                    "generator": gen.get_state()}, ckpt_path)
+    return finish(model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir)
+
+
+def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir) -> dict:
+    ev = evaluate(model, test_data, dev)
+    k = len(test_data.classes)
+    cm = confusion_matrix(ev["pred"], test_data.labels, k)
+    metrics = {
+        "model": model_name, "dataset": meta["dataset"], "test_accuracy": ev["accuracy"],
+        "test_loss": ev["loss"], "per_class": per_class_metrics(cm, test_data.classes),
+        "confusion_matrix": cm.tolist(), "epochs": epochs, "seconds": round(seconds, 2),
+        "device": str(dev), "kernel_backend": kernel_backend(dev), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "history": history,
+    }
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    plots = save_plots(out_dir, history, cm, test_data.classes)
+    print(f"test accuracy {ev['accuracy']:.4f} after {epochs} epochs in {seconds:.1f} s "
+          f"-> {os.path.join(out_dir, 'metrics.json')}" + (f", {', '.join(os.path.basename(p) for p in plots)}"
+                                                              if plots else ""))
+    return metrics
+
+
+# ------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str, device="cpu"):
+    if not os.path.exists(path):
+        raise DatasetError(f"checkpoint {path!r} does not exist")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        meta = ck["data"]
+        model = build_model(ck["model_name"], len(meta["classes"]), meta["channels"], meta["image_size"][0],
+                            ck.get("model_config") if ck["model_name"] == "neptune" else None)
+        model.load_state_dict(ck["model"])
+    except DatasetError:
+        raise
+    except Exception as exc:
+        raise DatasetError(f"{path!r} is not a neptune checkpoint: {exc}")
+    return model.to(device).eval(), ck
+
+
+def evaluate_checkpoint(path: str, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                        device: str = "cpu") -> dict:
+    dev = torch.device(device)
+    model, ck = load_checkpoint(path, dev)
+    meta = ck["data"]
+    dataset = dataset or meta["dataset"]
+    _, test = load(dataset, data_dir, meta["image_size"][0])
+    if test.channels != meta["channels"] or list(test.image_size) != list(meta["image_size"]):
+        raise DatasetError(f"{dataset} images are {test.channels}x{test.image_size}, the model expects "
+                           f"{meta['channels']}x{tuple(meta['image_size'])}")
+    test = ImageData(test.images, test.labels, test.classes, meta["scale"], meta["mean"], meta["std"])
+    ev = evaluate(model, test, dev)
+    cm = confusion_matrix(ev["pred"], test.labels, len(meta["classes"]))
+    return {"dataset": dataset, "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
+            "per_class": per_class_metrics(cm, meta["classes"]), "images": len(test)}
+
+
+@torch.no_grad()
+def predict(paths: List[str], checkpoint: str, device: str = "cpu") -> List[dict]:
+    dev = torch.device(device)
+    model, ck = load_checkpoint(checkpoint, dev)
+    meta = ck["data"]
+    size = tuple(meta["image_size"])
+    out = []
+    for p in paths:
+        img = read_image(p, meta["channels"], size).float()
+        if meta.get("dark_background"):
+            # Trained on light strokes over a dark background: invert photos/scans
+            # of dark ink on paper (judged by the border pixels).
+            border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
+            if border.mean() > 127:
+                img = 255 - img
+        img = img * (meta["scale"] / 255.0)
+        x = normalize(img.unsqueeze(0), meta["scale"], meta["mean"], meta["std"]).to(dev)
+        prob = model(x).softmax(-1)[0].cpu()
+        k = int(prob.argmax())
+        out.append({"image": p, "class": meta["classes"][k], "probability": float(prob[k])})
+    return out
