@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "graph/graph.h"
 #include "graph_attention/graph_attention.h"
 #include "stage/stage.h"
 
@@ -37,6 +38,9 @@ std::string build_info() {
 TORCH_LIBRARY(neptune, m) {
   m.def("build_info() -> str", &neptune::build_info);
 
+  // Graph construction: stable counting sort of an index vector (COO -> CSR).
+  m.def("csr_from_index(Tensor index, int num_rows, ScalarType dtype) -> (Tensor rowptr, Tensor perm)");
+
   // Sparse graph attention over a CSR-by-destination graph (see DESIGN.md).
   // eid maps CSR positions to the caller's edge ids (edge_logits and the
   // dropout RNG use caller ids); colptr/csc_row/csc_perm are the transposed
@@ -59,6 +63,7 @@ TORCH_LIBRARY(neptune, m) {
 }
 
 TORCH_LIBRARY_IMPL(neptune, CPU, m) {
+  m.impl("csr_from_index", &neptune::csr_from_index_cpu);
   m.impl("gat_forward", &neptune::gat_forward_cpu);
   m.impl("gat_backward", &neptune::gat_backward_cpu);
   NEPTUNE_STAGE_CPU_IMPLS(m);

@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import _ext
+
 _INT32_MAX = 2**31 - 1
 
 SizeLike = Union[None, int, Tuple[Optional[int], Optional[int]], Sequence[Optional[int]]]
@@ -27,6 +29,23 @@ def _is_compiling() -> bool:
 
 def _index_dtype(num_edges: int, num_nodes: int) -> torch.dtype:
     return torch.int32 if max(num_edges, num_nodes + 1) <= _INT32_MAX else torch.int64
+
+
+def _sort_rows(index: torch.Tensor, num_rows: int, itype: torch.dtype):
+    """Stable sort of a row index: (rowptr [num_rows + 1], perm [E]), both of dtype itype.
+
+    CPU: the counting-sort kernel (O(E + N)); elsewhere a stable argsort."""
+    if index.device.type == "cpu" and _ext.use_kernels("cpu"):
+        return torch.ops.neptune.csr_from_index(index, num_rows, itype)
+    perm = torch.argsort(index, stable=True)
+    rowptr = torch.searchsorted(index[perm], torch.arange(num_rows + 1, device=index.device, dtype=index.dtype))
+    return rowptr.to(itype), perm.to(itype)
+
+
+if _ext._C is not None:
+    @torch.library.register_fake("neptune::csr_from_index")
+    def _csr_from_index_fake(index, num_rows, dtype):
+        return index.new_empty((num_rows + 1,), dtype=dtype), index.new_empty(index.shape, dtype=dtype)
 
 
 class Graph:
@@ -97,11 +116,9 @@ class Graph:
         device = ei.device
         itype = _index_dtype(E, max(num_src, num_dst))
         src, dst = ei[0], ei[1]
-        perm = torch.argsort(dst, stable=True)
-        dst_sorted = dst[perm]
-        rowptr = torch.searchsorted(dst_sorted, torch.arange(num_dst + 1, device=device))
-        g = cls(rowptr.to(itype), src[perm].to(itype), perm.to(itype), ei, num_src, num_dst)
-        g._dst_sorted = dst_sorted
+        rowptr, perm = _sort_rows(dst, num_dst, itype)
+        g = cls(rowptr, src[perm].to(itype), perm, ei, num_src, num_dst)
+        g._dst_sorted = dst[perm]
         return g
 
     # ------------------------------------------------------------ properties
@@ -124,16 +141,13 @@ class Graph:
     def csc(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The transposed graph (colptr, csc_row, csc_perm), built once and cached."""
         if self._csc is None:
-            col = self.col.to(torch.int64)
-            perm = torch.argsort(col, stable=True)
+            colptr, perm = _sort_rows(self.col, self.num_src, self.index_dtype)
             dst_sorted = getattr(self, "_dst_sorted", None)
             if dst_sorted is None:
                 dst_sorted = torch.repeat_interleave(
                     torch.arange(self.num_dst, device=self.device), self.in_degree(),
                     output_size=self.num_edges)
-            colptr = torch.searchsorted(col[perm], torch.arange(self.num_src + 1, device=self.device))
-            itype = self.index_dtype
-            self._csc = (colptr.to(itype), dst_sorted[perm].to(itype), perm.to(itype))
+            self._csc = (colptr, dst_sorted[perm].to(self.index_dtype), perm)
         return self._csc
 
     # ------------------------------------------------------------ transforms

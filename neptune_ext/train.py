@@ -1,4 +1,5 @@
 """Training, evaluation and prediction behind the `neptune` command."""
+import copy
 import json
 import math
 import os
@@ -57,6 +58,38 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     b = torch.arange(B).view(B, 1, 1, 1)
     c = torch.arange(C).view(1, C, 1, 1)
     return pad[b, c, ys, xs]
+
+
+def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0,
+                  scale: float = 0.1, shift: float = 1.0) -> torch.Tensor:
+    """Small random rotation, scaling and translation (in pixels) per image, one batched
+    grid_sample (bilinear, zero padding)."""
+    B, _, H, W = x.shape
+    ang = (torch.rand(B, generator=generator) * 2 - 1) * degrees * math.pi / 180
+    sc = 1 + (torch.rand(B, generator=generator) * 2 - 1) * scale
+    tx = (torch.rand(B, generator=generator) * 2 - 1) * shift * 2 / W
+    ty = (torch.rand(B, generator=generator) * 2 - 1) * shift * 2 / H
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers,
+    used for evaluation and the saved model (steadier than the last step's weights)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.98):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.state[k].copy_(v)
 
 
 # ---------------------------------------------------------------- metrics
@@ -168,6 +201,8 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     history, start_epoch, seconds = [], 0, 0.0
     gen = torch.Generator().manual_seed(seed)
+    ema = EMA(model)
+    eval_model = copy.deepcopy(model)
     if resume:
         if not os.path.exists(ckpt_path):
             raise DatasetError(f"--resume: no checkpoint at {ckpt_path}")
@@ -180,6 +215,8 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
         sched.load_state_dict(ck["scheduler"])
         history, start_epoch, seconds = ck["history"], ck["epoch"], ck["seconds"]
         gen.set_state(ck["generator"])
+        model.load_state_dict(ck["train_model"])
+        ema.state = {k: v.clone() for k, v in ck["model"].items()}
         print(f"resuming from epoch {start_epoch} ({ckpt_path})")
     print(f"training {model_name} on {dataset}: {len(train_data)} train / {len(test_data)} test images, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {epochs} epochs, {dev}, "
@@ -197,7 +234,8 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
         for b in bar:
             idx = perm[b * batch_size:(b + 1) * batch_size]
             x, y = train_data.batch(idx)
-            x = random_shift(x, max_shift, gen)
+            x = random_affine(x, gen, shift=max_shift) if dataset in ("digits", "mnist") \
+                else random_shift(x, max_shift, gen)
             if dataset == "cifar10":
                 flip = torch.rand(x.shape[0], generator=gen) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
@@ -208,12 +246,14 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
             loss.backward()
             opt.step()
             sched.step()
+            ema.update(model)
             tot_loss += loss.item() * y.numel()
             tot_correct += (logits.argmax(1) == y).sum().item()
             seen += y.numel()
             if progress and tqdm is not None:
                 bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_correct / seen:.3f}")
-        ev = evaluate(model, test_data, dev)
+        eval_model.load_state_dict(ema.state)
+        ev = evaluate(eval_model, test_data, dev)
         seconds += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": tot_loss / seen, "train_accuracy": tot_correct / seen,
                         "test_loss": ev["loss"], "test_accuracy": ev["accuracy"], "seconds": seconds})
@@ -224,11 +264,13 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
             tqdm.write(msg)
         else:
             print(msg)
-        torch.save({"model_name": model_name, "model_config": model_config(model), "model": model.state_dict(),
+        torch.save({"model_name": model_name, "model_config": model_config(model), "model": ema.state,
+                    "train_model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "epochs": epochs, "history": history, "seconds": seconds, "data": meta,
                     "generator": gen.get_state()}, ckpt_path)
-    return finish(model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir)
+    eval_model.load_state_dict(ema.state)
+    return finish(eval_model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir)
 
 
 def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir) -> dict:

@@ -85,3 +85,43 @@ def test_large_graph_builds_fast_enough_structure():
     g = Graph.from_edge_index(ei, n)
     assert int(g.rowptr[-1]) == E
     assert torch.equal(g.in_degree(), torch.bincount(ei[1], minlength=n))
+
+
+@pytest.mark.parametrize("E,N", [(0, 5), (1, 1), (1000, 7), (300_000, 50_000), (200_000, 3)])
+@pytest.mark.parametrize("itype", [torch.int32, torch.int64])
+def test_csr_from_index_kernel_is_a_stable_sort(E, N, itype):
+    import neptune_ext
+    if neptune_ext._ext._C is None:
+        pytest.skip("extension not built")
+    idx = torch.randint(0, N, (E,))
+    threads = torch.get_num_threads()
+    outs = []
+    for t in (threads, 1):
+        torch.set_num_threads(t)
+        try:
+            outs.append(torch.ops.neptune.csr_from_index(idx.to(itype), N, itype))
+        finally:
+            torch.set_num_threads(threads)
+    rowptr, perm = outs[0]
+    assert torch.equal(rowptr, outs[1][0]) and torch.equal(perm, outs[1][1])
+    assert rowptr.dtype == perm.dtype == itype
+    assert torch.equal(perm.long(), torch.argsort(idx, stable=True))
+    assert torch.equal(rowptr.long(), torch.searchsorted(idx.sort().values, torch.arange(N + 1)))
+    torch.library.opcheck(torch.ops.neptune.csr_from_index.default, (idx, N, itype))
+
+
+def test_csr_from_index_rejects_out_of_range():
+    import neptune_ext
+    if neptune_ext._ext._C is None:
+        pytest.skip("extension not built")
+    with pytest.raises(RuntimeError, match=r"index\[2\] = 9 is outside \[0, 4\)"):
+        torch.ops.neptune.csr_from_index(torch.tensor([0, 1, 9]), 4, torch.int64)
+
+
+def test_reference_graph_build_matches_kernel(monkeypatch):
+    ei = torch.randint(0, 300, (2, 5000))
+    g1 = Graph.from_edge_index(ei, 300)
+    monkeypatch.setenv("NEPTUNE_FORCE_REFERENCE", "1")
+    g2 = Graph.from_edge_index(ei, 300)
+    for a, b in zip((g1.rowptr, g1.col, g1.eid) + g1.csc(), (g2.rowptr, g2.col, g2.eid) + g2.csc()):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -91,7 +91,7 @@ class Neptune(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 8, width: int = 64,
                  stem_channels: Sequence[int] = (32,), blocks: int = 3, heads: int = 4, k: int = 8,
-                 max_grid: int = 8, mlp_ratio: int = 2, attn_dropout: float = 0.0, dropout: float = 0.1):
+                 max_grid: int = 8, mlp_ratio: int = 2, attn_dropout: float = 0.1, dropout: float = 0.0):
         super().__init__()
         self.config = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                            width=width, stem_channels=list(stem_channels), blocks=blocks, heads=heads,

@@ -1,0 +1,143 @@
+"""`neptune bench`: graph attention, Stage and whole models side by side with the peers
+that are installed, one table; optional JSON and a scaling plot."""
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+from . import common
+
+
+@contextmanager
+def reference_mode(on: bool):
+    """Run the pure-PyTorch reference for every neptune op (the eager-layers baseline)."""
+    old = os.environ.get("NEPTUNE_FORCE_REFERENCE")
+    if on:
+        os.environ["NEPTUNE_FORCE_REFERENCE"] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            if old is None:
+                os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
+            else:
+                os.environ["NEPTUNE_FORCE_REFERENCE"] = old
+
+
+def bench_neptune_model(device="cpu", batch=64, repeats=5):
+    """Neptune training step and inference on a batch of digits-sized images: the fused
+    kernels vs the same model with every neptune op on its pure-PyTorch reference
+    (eager Conv-BN-ReLU, scatter-based attention)."""
+    from ..models import Neptune
+    torch.manual_seed(0)
+    model = Neptune(10, 1, 8).to(device)
+    x = torch.randn(batch, 1, 8, 8, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step(ref):
+        def run():
+            with reference_mode(ref):
+                model.train()
+                _, t_train = common.timed(lambda: _train_step(model, opt, x, y), device)
+                model.eval()
+                with torch.no_grad():
+                    _, t_inf = common.timed(lambda: model(x), device)
+            return {"train_step": t_train, "inference": t_inf}
+        return run
+
+    times = common.alternate({"neptune (fused)": step(False), "neptune (reference ops)": step(True)},
+                             repeats, progress=False)
+    return {k: {p: common.median_ms(v) for p, v in ph.items()} for k, ph in times.items()}
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def bench_resnet18(device="cpu", batch=8, size=224, repeats=5):
+    """ResNet-18 inference: eager vs torch.fx BN folding vs fuse_stages."""
+    try:
+        import torchvision
+    except ImportError:
+        return {}
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+
+    from ..fuse import fuse_stages
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18().to(device).eval()
+    contenders = {"resnet18 eager": eager, "resnet18 torch.fx fold": fx_fuse(eager),
+                  "resnet18 fuse_stages": fuse_stages(eager)}
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def make(m):
+        def run():
+            with torch.no_grad():
+                _, t = common.timed(lambda: m(x), device)
+            return {"inference": t}
+        return run
+    times = common.alternate({k: make(m) for k, m in contenders.items()}, repeats, progress=False)
+    return {k: {"inference": common.median_ms(v["inference"])} for k, v in times.items()}
+
+
+def run_suite(device="cpu", quick=False, json_path=None, plot_path=None):
+    from .graph_attention import run_benchmark
+    t0 = time.perf_counter()
+    print(f"neptune bench on {common.machine()} (torch {torch.__version__}, {device})\n")
+    if device == "cuda" and not torch.cuda.is_available():
+        from ..data import DatasetError
+        raise DatasetError("--device cuda was requested but no CUDA GPU is available")
+    report = {"machine": common.machine(), "torch": torch.__version__, "commit": common.git_commit(),
+              "device": device, "quick": quick}
+    print("== graph attention ==")
+    if quick:
+        ga = run_benchmark(20_000, 200_000, repeats=3, device=device, memory=device == "cpu")
+    else:
+        ga = run_benchmark(device=device, memory=device == "cpu")
+    report["graph_attention"] = ga
+
+    print("\n== Stage (Conv-BN-ReLU) ==")
+    try:
+        from . import stage as stage_bench
+        report["stage"] = stage_bench.run(device=device, quick=quick)
+    except ImportError:
+        print("(stage benchmark not available)")
+
+    print("\n== whole models ==")
+    rows = []
+    nep = bench_neptune_model(device, batch=64, repeats=3 if quick else 7)
+    report["neptune_model"] = nep
+    base = nep["neptune (reference ops)"]
+    for k, v in nep.items():
+        rows.append([k, "train step, 64 digits", f"{v['train_step']:.1f}",
+                     f"{base['train_step'] / v['train_step']:.2f}x"])
+        rows.append([k, "inference, 64 digits", f"{v['inference']:.1f}",
+                     f"{base['inference'] / v['inference']:.2f}x"])
+    rn = bench_resnet18(device, batch=2 if quick else 8, size=112 if quick else 224,
+                        repeats=3 if quick else 7)
+    report["resnet18"] = rn
+    if rn:
+        eager = rn["resnet18 eager"]["inference"]
+        shape = "batch 2, 112x112" if quick else "batch 8, 224x224"
+        for k, v in rn.items():
+            rows.append([k, f"eval, {shape}", f"{v['inference']:.1f}", f"{eager / v['inference']:.2f}x"])
+    common.print_table(rows, ["model", "what", "median ms", "speedup vs baseline"])
+    print("(baselines: 'neptune (reference ops)' = the same model on eager PyTorch layers; "
+          "'resnet18 eager')")
+
+    if plot_path:
+        from .scaling import scaling_plot
+        report["scaling"] = scaling_plot(plot_path, device=device, quick=quick)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {json_path}")
+    print(f"\nbench done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return report

@@ -1,0 +1,21 @@
+"""torchvision's ResNet-18 with every Conv2d->BatchNorm2d->ReLU replaced by a Stage."""
+import torch.nn as nn
+
+from ..fuse import fuse_stages
+
+
+def resnet18_fused(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
+    """ResNet-18 (random init; no weights are downloaded) with its stages fused.
+
+    The model is fused in training mode, so only Conv-BN-ReLU chains become Stages
+    and it trains exactly like the eager model; call ``fuse_stages(model.eval())``
+    again for inference to also fold the Conv-BN pairs without a ReLU.
+    """
+    from torchvision.models import resnet18
+    model = resnet18(weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.train()
+    fused = fuse_stages(model, inplace=True)
+    fused.config = {"num_classes": num_classes, "in_channels": in_channels}
+    return fused
