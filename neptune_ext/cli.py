@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="local folder with mnist/cifar10/folder data (never downloaded)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--model", default="neptune", choices=["neptune", "resnet18"])
-    t.add_argument("--epochs", type=int, help="default: 40 for digits, 8 mnist, 30 cifar10/folder")
+    t.add_argument("--epochs", type=int, help="default: 30 for digits, 8 mnist, 30 cifar10/folder")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

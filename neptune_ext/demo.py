@@ -1,25 +1,48 @@
-"""`make demo`: a short tour (replaced by the Neptune training job once it lands)."""
-import time
+"""`make demo`: the main job on the embedded default data set.
 
-import torch
+Trains Neptune on scikit-learn's digits (shipped in the package), evaluates the
+checkpoint, predicts one image file, and prints a short benchmark table.
+"""
+import os
+import sys
 
-import neptune_ext
-from neptune_ext import Graph, ops
+import numpy as np
+
+from . import cli
 
 
-def main():
-    neptune_ext.info()
-    torch.manual_seed(0)
-    n, E, H, C = 20_000, 200_000, 4, 32
-    ei = torch.randint(0, n, (2, E))
-    g = Graph.from_edge_index(ei, n)
-    h = torch.randn(n, H, C, requires_grad=True)
-    ss, sd = torch.randn(n, H, requires_grad=True), torch.randn(n, H, requires_grad=True)
-    t = time.perf_counter()
-    out = ops.sparse_graph_attention(h, ss, sd, g)
-    out.square().sum().backward()
-    print(f"\nsparse_graph_attention fwd+bwd on {g}: {1e3 * (time.perf_counter() - t):.1f} ms")
+def _sample_png(path: str) -> str:
+    """Write one test digit as a 64x64 dark-on-light PNG, like a scan of a handwritten digit."""
+    from PIL import Image
+
+    from .data import load
+    _, test = load("digits")
+    img = test.images[7, 0].numpy().astype(np.float32)
+    img = (255 - img * 255 / 16).astype(np.uint8)
+    Image.fromarray(img).resize((64, 64), Image.NEAREST).save(path)
+    return test.classes[int(test.labels[7])]
+
+
+def main(out_dir: str = "runs/demo") -> int:
+    steps = [
+        ["info"],
+        ["train", "--dataset", "digits", "--out", out_dir],
+        ["eval", "--checkpoint", os.path.join(out_dir, "checkpoint.pt")],
+    ]
+    for args in steps:
+        print(f"\n$ neptune {' '.join(args)}", flush=True)
+        rc = cli.main(args)
+        if rc:
+            return rc
+    png = os.path.join(out_dir, "sample_digit.png")
+    truth = _sample_png(png)
+    print(f"\n$ neptune predict {png} --checkpoint {out_dir}/checkpoint.pt   (true class: {truth})", flush=True)
+    rc = cli.main(["predict", png, "--checkpoint", os.path.join(out_dir, "checkpoint.pt")])
+    if rc:
+        return rc
+    print("\n$ neptune bench --quick", flush=True)
+    return cli.main(["bench", "--quick"])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(*sys.argv[1:]))

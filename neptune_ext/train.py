@@ -17,7 +17,7 @@ try:
 except ImportError:  # progress bars are optional
     tqdm = None
 
-DEFAULT_EPOCHS = {"digits": 40, "mnist": 8, "cifar10": 30, "folder": 30}
+DEFAULT_EPOCHS = {"digits": 30, "mnist": 8, "cifar10": 30, "folder": 30}
 
 
 # ------------------------------------------------------------------- models
