@@ -38,10 +38,22 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#ifdef NEPTUNE_CUDA_EMULATION
+// tests/cuda_emulation: the same kernels run on the CPU, lanes as fibers (a test
+// harness for machines without a GPU; never part of the package build).
+#include "cuda_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#define NEPTUNE_LAUNCH(kernel, grid, stream, ...)                 \
+  do {                                                            \
+    kernel<<<(grid), kBlock, 0, (stream)>>>(__VA_ARGS__);         \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                               \
+  } while (0)
+#define NEPTUNE_CHECK_ALIGNED(ptr, bytes) ((void)0)
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -54,9 +66,13 @@ namespace neptune {
 namespace {
 
 constexpr int kBlock = 256;             // threads per block (a multiple of 32)
-constexpr int64_t kFanIn = 32;          // records merged into one, per tree level
+#ifndef NEPTUNE_GAT_FAN_IN  // (the CPU emulation tests shrink these to get deep trees)
+#define NEPTUNE_GAT_FAN_IN 32
+#define NEPTUNE_GAT_MIN_LEAF 256
+#endif
+constexpr int64_t kFanIn = NEPTUNE_GAT_FAN_IN;  // records merged into one, per tree level
 constexpr int kMaxLevels = 16;          // 256 * 32^15 edges: never reached
-constexpr int64_t kMinLeaf = 256;       // shortest leaf segment, in edges
+constexpr int64_t kMinLeaf = NEPTUNE_GAT_MIN_LEAF;  // shortest leaf segment, in edges
 constexpr int64_t kMaxLeaves = 65536;   // at most this many leaf segments ...
 constexpr int64_t kLeafBudget = int64_t(1) << 24;  // ... and leaves x record <= this
 
@@ -149,6 +165,16 @@ Tree make_tree(int64_t n, int64_t E, int64_t rec) {
   return t;
 }
 
+// Outputs and scratch. The CPU emulation fills them with NaN, so an element that
+// no thread writes, or a record read before it is written, shows in the results.
+at::Tensor new_tensor(at::IntArrayRef size, const at::TensorOptions& opts) {
+#ifdef NEPTUNE_CUDA_EMULATION
+  return at::full(size, std::numeric_limits<double>::quiet_NaN(), opts);
+#else
+  return at::empty(size, opts);
+#endif
+}
+
 // ----------------------------------------------------------------------------
 // Device helpers.
 
@@ -168,6 +194,7 @@ struct alignas(sizeof(T) * N) Vec {
 // the input type until used (half the registers for fp16/bf16).
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  NEPTUNE_CHECK_ALIGNED(p, sizeof(Vec<T, N>));
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
@@ -181,6 +208,7 @@ __device__ __forceinline__ Vec<T, N> zero_vec() {
 
 template <typename T, int N, typename A>
 __device__ __forceinline__ void store_vec(T* p, const A (&x)[N], A scale) {
+  NEPTUNE_CHECK_ALIGNED(p, sizeof(Vec<T, N>));
   Vec<T, N> r;
 #pragma unroll
   for (int v = 0; v < N; ++v) r.v[v] = static_cast<T>(x[v] * scale);
@@ -320,7 +348,7 @@ struct Forward {
         int64_t j[kU], e[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          const int src = ln.gbase + min(t + u, n - 1);
+          const int src = ln.gbase + (t + u < n ? t + u : n - 1);
           j[u] = __shfl_sync(ln.mask, my_j, src);
           e[u] = need_eid ? __shfl_sync(ln.mask, my_e, src) : 0;
         }
@@ -485,7 +513,7 @@ struct Backward1 {
         acc_t sv[kU], ev[kU], dot[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          const int src = ln.gbase + min(t + u, n - 1);
+          const int src = ln.gbase + (t + u < n ? t + u : n - 1);
           j[u] = __shfl_sync(ln.mask, my_j, src);
           e[u] = need_eid ? __shfl_sync(ln.mask, my_e, src) : 0;
           const bool ok = t + u < n && hok;
@@ -605,7 +633,7 @@ struct Backward2 {
         int64_t i[kU], q[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          const int srcl = ln.gbase + min(t + u, n - 1);
+          const int srcl = ln.gbase + (t + u < n ? t + u : n - 1);
           i[u] = __shfl_sync(ln.mask, my_i, srcl);
           q[u] = __shfl_sync(ln.mask, my_p, srcl);
         }
@@ -785,15 +813,13 @@ void run_tree(const typename M::Params& p, const Layout& l, int64_t n, int64_t E
   Tree tree = make_tree(n, E, M::rec_size(l));
   at::Tensor records;  // freed after the launches: the caching allocator orders reuse on `stream`
   if (tree.K > 0) {
-    records = at::empty({tree.total}, acc_opts);
+    records = new_tensor({tree.total}, acc_opts);
     tree.records = records.data_ptr();
   }
   for (int k = 0; k < tree.K; ++k) {
-    tree_level_kernel<M><<<grid_for(tree.S[k] * l.tiles, l.G), kBlock, 0, stream>>>(p, l, tree, k);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    NEPTUNE_LAUNCH(tree_level_kernel<M>, grid_for(tree.S[k] * l.tiles, l.G), stream, p, l, tree, k);
   }
-  tree_row_kernel<M><<<grid_for(n * l.tiles, l.G), kBlock, 0, stream>>>(p, l, tree);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  NEPTUNE_LAUNCH(tree_row_kernel<M>, grid_for(n * l.tiles, l.G), stream, p, l, tree);
 }
 
 bool aligned16(const at::Tensor& t) {
@@ -833,7 +859,12 @@ at::ScalarType acc_dtype(at::ScalarType t) {
 }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& h, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == h.device(), "neptune::gat (CUDA): ", name,
+#ifdef NEPTUNE_CUDA_EMULATION
+  const bool ok = t.device() == h.device();
+#else
+  const bool ok = t.is_cuda() && t.device() == h.device();
+#endif
+  TORCH_CHECK(ok, "neptune::gat (CUDA): ", name,
               " must be on ", h.device(), ", got ", t.device());
 }
 
@@ -857,8 +888,8 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
   const c10::cuda::CUDAGuard guard(h.device());
 
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2), E = col.size(0);
-  at::Tensor out = at::empty({n_dst, H, C}, h.options());
-  at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(acc_dtype(h.scalar_type())));
+  at::Tensor out = new_tensor({n_dst, H, C}, h.options());
+  at::Tensor lse = new_tensor({n_dst, H}, h.options().dtype(acc_dtype(h.scalar_type())));
   if (n_dst == 0 || H == 0) return {out, lse};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool vec_ok = aligned16(h) && aligned16(out);
@@ -921,16 +952,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
   const at::Tensor go = grad_out.contiguous();
   const at::Tensor out_c = out.contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor gh = at::empty_like(h);
-  at::Tensor gss = at::empty_like(score_src);
-  at::Tensor gsd = at::empty_like(score_dst);
-  at::Tensor gel = edge_logits.has_value() ? at::empty_like(*edge_logits)
+  at::Tensor gh = new_tensor(h.sizes(), h.options());
+  at::Tensor gss = new_tensor(score_src.sizes(), h.options());
+  at::Tensor gsd = new_tensor(score_dst.sizes(), h.options());
+  at::Tensor gel = edge_logits.has_value() ? new_tensor(edge_logits->sizes(), h.options())
                                            : at::empty({0}, h.options());
   if (H == 0) return {gh, gss, gsd, gel};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool vec_ok = aligned16(h) && aligned16(go) && aligned16(out_c) && aligned16(gh);
   // (dS, a') per (CSR position, head): the one E x H intermediate, backward only.
-  at::Tensor dsap = at::empty({E, H, 2}, lse_c.options());
+  at::Tensor dsap = new_tensor({E, H, 2}, lse_c.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_backward_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gat_backward_cuda_index", [&] {
