@@ -57,6 +57,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "graph_attention.h"
@@ -212,7 +213,20 @@ __device__ __forceinline__ void store_vec(T* p, const A (&x)[N], A scale) {
   Vec<T, N> r;
 #pragma unroll
   for (int v = 0; v < N; ++v) r.v[v] = static_cast<T>(x[v] * scale);
-  *reinterpret_cast<Vec<T, N>*>(p) = r;
+  if constexpr (sizeof(r) == 16) {
+    // Spelled out: nvcc turned the struct store into four 4-byte stores here.
+    uint32_t w[4];
+    memcpy(w, &r, sizeof(w));
+#ifdef NEPTUNE_CUDA_EMULATION
+    memcpy(p, w, sizeof(w));
+#else
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3])
+                 : "memory");
+#endif
+  } else {
+    *reinterpret_cast<Vec<T, N>*>(p) = r;
+  }
 }
 
 // (dS, a') of one (edge, head), stored together so pass 2 reads them in one access.
