@@ -18,18 +18,13 @@ import torch
 
 import neptune_ext
 from neptune_ext import Graph
-from neptune_ext.reference import sparse_graph_attention_reference
-
+from gat_checks import TOL_OUT, check_results, rel_err
 from graphs import cases, hub_graph, power_law_graph, random_graph
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build as emulation  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-TOL_OUT = {torch.float64: 1e-12, torch.float32: 5e-6, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}
-TOL_GRAD = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
-
 
 def _load(variant):
     from torch.utils import cpp_extension
@@ -48,12 +43,6 @@ def emu(request):
 @pytest.fixture(scope="module")
 def deep():
     return _load("deep")
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    den = ref.norm().item()
-    return (x - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def make_inputs(n_src, n_dst, E, H, C, dtype, edge_logits=True):
@@ -75,16 +64,6 @@ def run(ops, g, h, ss, sd, el, go=None, slope=0.2, p=0.0, seed=None):
     return out, lse, list(grads), go
 
 
-def reference(g, h, ss, sd, el, go, slope=0.2, p=0.0, seed=None):
-    ins = [t.double().requires_grad_() for t in (h, ss, sd) + ((el,) if el is not None else ())]
-    out = sparse_graph_attention_reference(ins[0], ins[1], ins[2], g.edge_index[0], g.edge_index[1],
-                                           g.num_dst, slope, ins[3] if el is not None else None, p,
-                                           None if seed is None else int(seed))
-    grads = torch.autograd.grad(out, ins, go.double(), allow_unused=True)
-    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(ins, grads)]
-    return out.detach(), grads
-
-
 def check(ops, g, H, C, dtype, edge_logits=True, p=0.0, slope=0.2, h=None):
     ins = make_inputs(g.num_src, g.num_dst, g.num_edges, H, C, dtype, edge_logits)
     if h is not None:
@@ -92,11 +71,8 @@ def check(ops, g, H, C, dtype, edge_logits=True, p=0.0, slope=0.2, h=None):
     h, ss, sd, el = ins
     seed = torch.tensor(4321) if p > 0 else None
     out, lse, grads, go = run(ops, g, h, ss, sd, el, slope=slope, p=p, seed=seed)
-    ref, ref_grads = reference(g, h, ss, sd, el, go, slope, p, seed)
-    assert rel_err(out, ref) <= TOL_OUT[dtype], ("out", rel_err(out, ref))
-    n = 4 if el is not None else 3
-    for name, a, b in zip(("h", "score_src", "score_dst", "edge_logits"), grads[:n], ref_grads):
-        assert rel_err(a, b) <= TOL_GRAD[dtype], (name, rel_err(a, b))
+    check_results(g, dtype, (h, ss, sd, el), out, grads[:4 if el is not None else 3], go, slope, p,
+                  seed)
     if neptune_ext._ext._C is not None:  # the CPU kernel: same semantics, lse included
         c_out, c_lse = torch.ops.neptune.gat_forward(h, ss, sd, g.rowptr, g.col, g.eid, *g.csc(), el,
                                                      slope, p, seed)
