@@ -50,7 +50,8 @@ def _extensions():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         cuda_sources = sorted(glob.glob("csrc/*/*_cuda.cu"))
         define_macros += [("NEPTUNE_WITH_CUDA", None),
-                          ("NEPTUNE_CUDA_ARCHS", '"' + archs.replace(" ", ";") + '"')]
+                          # ',' not ';': build_info() is a ';'-separated key=value list
+                          ("NEPTUNE_CUDA_ARCHS", '"' + ",".join(archs.replace(";", " ").split()) + '"')]
         extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "neptune_ext._C", cpp_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],

@@ -81,6 +81,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
     const at::Tensor& out, const at::Tensor& lse, double negative_slope,
     double dropout, const std::optional<at::Tensor>& seed);
 
+// CUDA kernels (graph_attention_cuda.cu), same signatures and semantics as the
+// CPU ones; declared unconditionally, defined only in CUDA builds.
+std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
+    const at::Tensor& h, const at::Tensor& score_src, const at::Tensor& score_dst,
+    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
+    const std::optional<at::Tensor>& edge_logits, double negative_slope,
+    double dropout, const std::optional<at::Tensor>& seed);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
+    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
+    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
+    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
+    const at::Tensor& out, const at::Tensor& lse, double negative_slope,
+    double dropout, const std::optional<at::Tensor>& seed);
+
 inline void check_gat_backward_graph(const at::Tensor& col, const at::Tensor& colptr,
                                      const at::Tensor& csc_row,
                                      const at::Tensor& csc_perm, int64_t n_src) {

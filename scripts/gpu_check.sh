@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU (and no network): build neptune_ext with its CUDA
+# kernels, run the CUDA tests, run compute-sanitizer on a small case, run the GPU
+# benchmark. Logs and JSON go to $OUT (default ./gpu_out); the last lines printed
+# are a summary. Exit status: 0 only if every step passed.
+#
+#   bash scripts/gpu_check.sh                  (or: make gpu-check)
+#   STEPS="build test" bash scripts/gpu_check.sh   then   STEPS="sanitizer bench" ...
+#       (where one command may run 10 minutes at most: the in-place build stays)
+#   QUICK=1 bash scripts/gpu_check.sh          (benchmark on 10x smaller graphs)
+#
+# Environment: PYTHON (default python3), OUT, STEPS (default "build test sanitizer
+# bench"), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
+# for the benchmark), NEPTUNE_GIT_COMMIT (recorded in the JSON when the checkout
+# has no .git).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+[ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+FAILED=0
+STEPS=" ${STEPS-build test sanitizer bench} "  # set but empty: none
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+step() {  # step NAME LOG CMD...: runs CMD, output to LOG, records pass/fail
+  local name="$1" log="$2"; shift 2
+  local t0=$SECONDS
+  echo "== $name" | tee -a "$log"
+  "$@" >>"$log" 2>&1
+  local rc=$?
+  if [ $rc -eq 0 ]; then note "PASS  $name ($((SECONDS - t0)) s)"; else note "FAIL  $name (exit $rc, $((SECONDS - t0)) s; see $(basename "$log"))"; FAILED=1; fi
+  return $rc
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: ${NEPTUNE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1
+  command -v nvcc >/dev/null && nvcc --version | tail -2
+  command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -2
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt" >>"$SUMMARY"
+
+# 1. Build (in place, editable). The resource report of ptxas (registers, spills)
+#    goes to the build log.
+BUILD_LOG="$OUT/build.log"
+export NEPTUNE_CUDA=1 NEPTUNE_REQUIRE_EXT=1 MAX_JOBS="${MAX_JOBS:-8}"
+if want build; then
+  step "build (pip install --no-build-isolation -e ., CUDA archs $TORCH_CUDA_ARCH_LIST)" "$BUILD_LOG" \
+    "$PY" -m pip install --no-build-isolation --no-deps -v -e . || { note "build failed: stopping"; exit 1; }
+fi
+step "extension loads with CUDA kernels" "$BUILD_LOG" "$PY" -c "
+import neptune_ext, torch
+from neptune_ext import _ext
+assert _ext._C is not None, _ext.LOAD_ERROR
+print(torch.ops.neptune.build_info())
+assert 'cuda' in _ext.compiled_backends(), _ext.compiled_backends()
+" || { note "no CUDA kernels: stopping"; exit 1; }
+
+# 2. Tests: every CUDA-marked test (the shared semantic tests on cuda, the CUDA-only
+#    tests), then the CPU emulation of the same kernels as a cross-check.
+if want test; then
+  step "pytest -m cuda tests" "$OUT/pytest.log" \
+    "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
+  step "pytest CPU emulation of the CUDA kernels" "$OUT/pytest.log" \
+    "$PY" -m pytest -q tests/test_graph_attention_cuda_emulated.py -p no:cacheprovider
+fi
+
+# 3. compute-sanitizer on a small case with hubs (every kernel family, every dtype).
+if want sanitizer; then
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck initcheck synccheck; do
+      step "compute-sanitizer --tool $tool" "$OUT/sanitizer.log" \
+        compute-sanitizer --tool "$tool" --error-exitcode 86 "$PY" scripts/sanitizer_case.py
+    done
+    grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT/sanitizer.log" | sed 's/^/      /' | tee -a "$SUMMARY"
+  else
+    note "FAIL  compute-sanitizer not found"; FAILED=1
+  fi
+fi
+
+# 4. The GPU benchmark (JSON with every figure; the table at the end of bench.log).
+if want bench; then
+  ARGS=(--json "$OUT/bench.json")
+  [ "${QUICK:-0}" = 1 ] && ARGS+=(--quick)
+  # shellcheck disable=SC2206
+  ARGS+=(${BENCH_ARGS:-})
+  step "benchmark (benchmarks/gpu_graph_attention.py ${ARGS[*]})" "$OUT/bench.log" \
+    "$PY" benchmarks/gpu_graph_attention.py "${ARGS[@]}"
+  sed -n '/^graph /,$p' "$OUT/bench.log" >>"$SUMMARY"
+fi
+
+note "---- steps:${STEPS% }: $([ $FAILED = 0 ] && echo 'all passed' || echo 'SOME FAILED'); logs in $OUT"
+exit $FAILED

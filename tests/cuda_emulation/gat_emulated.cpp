@@ -1,0 +1,14 @@
+// The CUDA graph-attention kernels compiled as C++ against cuda_emulation.h, and
+// registered as torch.ops.<NEPTUNE_EMU_NS>.gat_forward / gat_backward on CPU
+// tensors. Built by tests/cuda_emulation/build.py, for tests only.
+#ifndef NEPTUNE_CUDA_EMULATION
+#define NEPTUNE_CUDA_EMULATION 1
+#endif
+#include "graph_attention/graph_attention_cuda.cu"
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(NEPTUNE_EMU_NS, m) {
+  m.def("gat_forward", &neptune::gat_forward_cuda);
+  m.def("gat_backward", &neptune::gat_backward_cuda);
+}
