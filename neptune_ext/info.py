@@ -18,7 +18,7 @@ def info_dict() -> dict:
         "extension_loaded": _ext._C is not None,
         "extension_error": None if _ext.LOAD_ERROR is None else str(_ext.LOAD_ERROR),
         "compiled_backends": sorted(_ext.compiled_backends()),
-        "cuda_archs": build.get("cuda_archs", "").split(";") if build.get("cuda") == "1" else [],
+        "cuda_archs": build.get("cuda_archs", "").split(",") if build.get("cuda") == "1" else [],
         "openmp": build.get("openmp") == "1",
         "num_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
