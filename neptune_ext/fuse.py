@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn.stage import Stage, _explicit_padding
+from .nn.stage import FoldedConv2d, Stage, _explicit_padding
 from .ops.stage import fold_conv_bn
 
 __all__ = ["fuse_stages"]
@@ -159,11 +159,11 @@ def _rewrite(gm: fx.GraphModule, prefix: str, report: List[str]) -> bool:
     return changed
 
 
-def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> FoldedConv2d:
     with torch.no_grad():
         w, b = fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                             bn.running_var, bn.eps, compute_dtype=torch.float64)
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+    new = FoldedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, bias=True,
                     padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
     with torch.no_grad():

@@ -8,6 +8,7 @@ from torch import nn
 
 import neptune_ext
 from neptune_ext.nn import Stage
+from neptune_ext.nn.stage import FoldedConv2d
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -44,6 +45,8 @@ def test_resnet18_eval_matches_eager(capsys):
     assert "layer1.0.conv1+bn1+relu -> Stage" in printed and "20 fusion(s)" in printed
     assert count(fused, Stage) == 9 and count(fused, nn.BatchNorm2d) == 9  # the Stages' own BNs
     assert isinstance(fused.get_submodule("layer1.0.conv1"), Stage)
+    assert isinstance(fused.get_submodule("layer1.0.conv2"), FoldedConv2d)
+    assert count(fused, FoldedConv2d) == 11
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
@@ -53,6 +56,23 @@ def test_resnet18_eval_matches_eager(capsys):
             err = ((got - expected).norm() / expected.norm()).item()
             assert err < 1e-5, (memory_format, err)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_folded_conv_prepacked_weight_follows_the_weight():
+    conv = FoldedConv2d(8, 16, 3, padding=1)
+    ref = nn.Conv2d(8, 16, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):
+            y = conv(x)
+            torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            conv.weight.mul_(-0.5), ref.weight.mul_(-0.5)  # in place: must repack
+        torch.testing.assert_close(conv(x.contiguous()), ref(x.contiguous()), rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    conv(x).sum().backward()  # autograd path: plain conv2d
+    assert conv.weight.grad is not None and x.grad is not None
 
 
 def test_other_torchvision_resnets_fuse():
