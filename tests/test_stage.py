@@ -526,6 +526,21 @@ def test_stage_stack_saves_at_most_0_6x_eager_activation_memory():
     assert no_recompute > 0.8 * theirs, (no_recompute, theirs)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_conv_bn_relu_train_gradcheck(kind, recompute):
+    inp = layout(torch.randn(2, 4, 5, 6, dtype=torch.float64), kind).requires_grad_()
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    bn_w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    bn_b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def f(inp, w, bn_w, bn_b):
+        return ops.conv_bn_relu_train(inp, w, bn_w, bn_b, stride=(2, 1), padding=1, groups=2,
+                                      recompute=recompute)[0]
+
+    assert torch.autograd.gradcheck(f, (inp, w, bn_w, bn_b))
+
+
 def test_reference_fallback_for_the_layer(monkeypatch):
     stage, eager = make_pair("k3_stride2_odd")
     monkeypatch.setenv("NEPTUNE_FORCE_REFERENCE", "1")
