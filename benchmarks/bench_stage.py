@@ -41,6 +41,15 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def loadavg() -> str:
+    """1/5/15-minute load averages: other jobs on a 2-core machine skew every median."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def alternate(contenders: dict, repeats: int, warmup: int) -> dict:
     """Median seconds of each callable, run A B C A B C ..."""
     for fn in contenders.values():
@@ -198,18 +207,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.repeats_resnet = 3 if args.quick else 11
-    args.repeats_small = 5 if args.quick else 21
+    args.repeats_resnet = 3 if args.quick else 21
+    args.repeats_small = 5 if args.quick else 51
 
     info = neptune_ext.info.info_dict()
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "neptune_ext": info["neptune_ext"],
                "extension_loaded": info["extension_loaded"],
                "onednn_fused": neptune_ext.ops.stage.onednn_fused_available(),
-               "quick": args.quick}
+               "quick": args.quick, "loadavg_start": loadavg()}
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
           f"torch {machine['torch']}, extension loaded: {machine['extension_loaded']}, "
-          f"oneDNN fused conv: {machine['onednn_fused']}\n")
+          f"oneDNN fused conv: {machine['onednn_fused']}, load average {machine['loadavg_start']}\n")
 
     results = {"machine": machine}
     t_cols = [("median ms", "median_ms", ".1f"), ("min ms", "min_ms", ".1f")]
@@ -227,6 +236,9 @@ def main(argv=None):
     print(table(f"Training step (fwd+bwd), {r['depth']} Stages C=32 3x3, 8x56x56 (float32)", r["results"],
                 t_cols + [("vs eager", "speedup_vs_eager", ".2f"),
                           ("saved MiB", "saved_mb", ".1f"), ("saved/eager", "saved_vs_eager", ".2f")]))
+    machine["loadavg_end"] = loadavg()
+    print(f"\nload average at the end: {machine['loadavg_end']} (medians are only meaningful "
+          "when nothing else ran)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
