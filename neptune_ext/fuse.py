@@ -97,9 +97,8 @@ def _is_relu_of(node: Optional[fx.Node], arg: fx.Node, modules) -> Optional[str]
 
 
 def _stage_compatible(conv, bn) -> bool:
-    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-        return False
-    if isinstance(conv, nn.modules.lazy.LazyModuleMixin) or isinstance(bn, nn.modules.lazy.LazyModuleMixin):
+    # Exact types: a subclass (QAT, weight-standardized, ...) may compute something else.
+    if type(conv) not in (nn.Conv2d, FoldedConv2d) or type(bn) is not nn.BatchNorm2d:
         return False
     if conv.padding_mode != "zeros" or bn.num_features != conv.out_channels:
         return False

@@ -202,6 +202,20 @@ def test_not_inplace_leaves_the_model_alone_and_inplace_reuses_modules():
     assert fused_inplace.get_submodule("layer1.0.conv1").conv is model.layer1[0].conv1
 
 
+class ScaledConv(nn.Conv2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_conv_subclasses_with_their_own_forward_are_left_alone():
+    model = nn.Sequential(ScaledConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+    fused = neptune_ext.fuse_stages(model)
+    assert fused.fusion_report == []
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), **F64)
+
+
 def test_nothing_to_fuse_returns_the_model():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
     fused = neptune_ext.fuse_stages(model)
