@@ -450,6 +450,20 @@ def test_from_modules_folds_conv_bias(train):
     torch.testing.assert_close(stage.bn.running_var, bn.running_var, **F64)
 
 
+def test_conv_bias_assigned_to_a_stage_counts_in_running_mean():
+    stage, eager = make_pair("k3_pad1")
+    stage.conv = eager[0] = nn.Conv2d(3, 5, 3, padding=1).double()
+    stage.train(), eager.train()
+    for _ in range(2):
+        x = make_input("k3_pad1")
+        torch.testing.assert_close(stage(x), eager(x), **F64)
+    assert_bn_state_equal(stage.bn, eager[1], **F64)
+    stage.eval(), eager.eval()
+    x = make_input("k3_pad1")
+    with torch.no_grad():
+        torch.testing.assert_close(stage(x), eager(x), **F64)
+
+
 def test_state_dict_keys_and_sequential_checkpoint_loads():
     stage, eager = make_pair("k3_pad1")
     assert set(stage.state_dict()) == {

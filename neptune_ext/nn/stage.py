@@ -132,6 +132,8 @@ class Stage(nn.Module):
             input, conv.weight, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
             bn.eps, recompute=self.memory_efficient)
         if not bn.training or bn.track_running_stats:
+            if conv.bias is not None:  # cancels in the output, not in the running mean
+                mean = mean + conv.bias.detach()
             ops.update_running_stats(bn.running_mean, bn.running_var, mean, var,
                                      y.numel() // y.shape[1], factor)
         return y
@@ -221,6 +223,8 @@ def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
         for old, new in (("0.", "conv."), ("1.", "bn.")):
             for key in [k for k in state_dict if k.startswith(prefix + old)]:
                 state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+    if module.conv.bias is not None:
+        return
     bias = state_dict.pop(prefix + "conv.bias", None)
     rm_key = prefix + "bn.running_mean"
     if bias is not None and rm_key in state_dict:
