@@ -1,6 +1,6 @@
 """Stage benchmarks on the CPU: ResNet-18 inference, a single Stage, a training Stage stack.
 
-    python benchmarks/bench_stage.py [--quick] [--json FILE] [--threads N]
+    python benchmarks/bench_stage.py [--quick] [--json FILE] [--threads N] [--only SECTIONS]
 
 Contenders run alternately (A B C A B C ...) so drift in machine load hits all of
 them alike; we report medians and ratios. Not a test: nothing here asserts speed.
@@ -204,6 +204,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="few repetitions (a smoke run)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--only", default="resnet18,single,train",
+                   help="comma-separated sections to run: resnet18, single, train")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,22 +222,32 @@ def main(argv=None):
           f"torch {machine['torch']}, extension loaded: {machine['extension_loaded']}, "
           f"oneDNN fused conv: {machine['onednn_fused']}, load average {machine['loadavg_start']}\n")
 
+    sections = set(args.only.split(","))
+    unknown = sections - {"resnet18", "single", "train"}
+    if unknown:
+        p.error(f"--only: unknown section(s) {sorted(unknown)}")
     results = {"machine": machine}
     t_cols = [("median ms", "median_ms", ".1f"), ("min ms", "min_ms", ".1f")]
-    results["resnet18_eval"] = r = bench_resnet18(args)
-    print(table("ResNet-18 eval, batch 8, 224x224 (float32)", r["results"],
-                t_cols + [("vs fx_fold", "speedup_vs_fx_fold", ".2f"),
-                          ("vs eager", "speedup_vs_eager", ".2f"), ("rel err", "rel_err_vs_eager", ".1e")]))
-    print()
-    results["single_stage_eval"] = r = bench_single_stage(args)
-    for name, sub in r.items():
-        print(table(f"Stage eval {name}, C=32 -> 32, 8x112x112 (float32)", sub["results"],
-                    t_cols + [("vs eager", "speedup_vs_eager", ".2f"), ("rel err", "rel_err_vs_eager", ".1e")]))
+    if "resnet18" in sections:
+        results["resnet18_eval"] = r = bench_resnet18(args)
+        print(table("ResNet-18 eval, batch 8, 224x224 (float32)", r["results"],
+                    t_cols + [("vs fx_fold", "speedup_vs_fx_fold", ".2f"),
+                              ("vs eager", "speedup_vs_eager", ".2f"),
+                              ("rel err", "rel_err_vs_eager", ".1e")]))
         print()
-    results["stage_stack_train"] = r = bench_training(args)
-    print(table(f"Training step (fwd+bwd), {r['depth']} Stages C=32 3x3, 8x56x56 (float32)", r["results"],
-                t_cols + [("vs eager", "speedup_vs_eager", ".2f"),
-                          ("saved MiB", "saved_mb", ".1f"), ("saved/eager", "saved_vs_eager", ".2f")]))
+    if "single" in sections:
+        results["single_stage_eval"] = r = bench_single_stage(args)
+        for name, sub in r.items():
+            print(table(f"Stage eval {name}, C=32 -> 32, 8x112x112 (float32)", sub["results"],
+                        t_cols + [("vs eager", "speedup_vs_eager", ".2f"),
+                                  ("rel err", "rel_err_vs_eager", ".1e")]))
+            print()
+    if "train" in sections:
+        results["stage_stack_train"] = r = bench_training(args)
+        print(table(f"Training step (fwd+bwd), {r['depth']} Stages C=32 3x3, 8x56x56 (float32)",
+                    r["results"], t_cols + [("vs eager", "speedup_vs_eager", ".2f"),
+                                            ("saved MiB", "saved_mb", ".1f"),
+                                            ("saved/eager", "saved_vs_eager", ".2f")]))
     machine["loadavg_end"] = loadavg()
     print(f"\nload average at the end: {machine['loadavg_end']} (medians are only meaningful "
           "when nothing else ran)")
