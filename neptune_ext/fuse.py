@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn.stage import Stage, _explicit_padding
+from .nn.stage import FoldedConv2d, Stage, _explicit_padding
 from .ops.stage import fold_conv_bn
 
 __all__ = ["fuse_stages"]
@@ -97,9 +97,8 @@ def _is_relu_of(node: Optional[fx.Node], arg: fx.Node, modules) -> Optional[str]
 
 
 def _stage_compatible(conv, bn) -> bool:
-    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-        return False
-    if isinstance(conv, nn.modules.lazy.LazyModuleMixin) or isinstance(bn, nn.modules.lazy.LazyModuleMixin):
+    # Exact types: a subclass (QAT, weight-standardized, ...) may compute something else.
+    if type(conv) not in (nn.Conv2d, FoldedConv2d) or type(bn) is not nn.BatchNorm2d:
         return False
     if conv.padding_mode != "zeros" or bn.num_features != conv.out_channels:
         return False
@@ -159,11 +158,11 @@ def _rewrite(gm: fx.GraphModule, prefix: str, report: List[str]) -> bool:
     return changed
 
 
-def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> FoldedConv2d:
     with torch.no_grad():
         w, b = fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                             bn.running_var, bn.eps, compute_dtype=torch.float64)
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+    new = FoldedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, bias=True,
                     padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
     with torch.no_grad():

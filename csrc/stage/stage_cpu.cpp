@@ -143,7 +143,7 @@ void forward_kernel(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tens
   });
 
   // Merge the pieces of each channel in a fixed order.
-  std::vector<BnAffine<acc_t>> affine(C);
+  std::vector<acc_t> scale(C), shift(C);
   at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       acc_t n = 0, mu = 0, m2 = 0;
@@ -160,20 +160,20 @@ void forward_kernel(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tens
       const acc_t v = m2 / n;
       const acc_t r = acc_t(1) / std::sqrt(v + static_cast<acc_t>(eps));
       mean[c] = mu, var[c] = v, invstd[c] = r;
-      affine[c] = bn_affine(w[c], b[c], mu, r);
+      const BnAffine<acc_t> a = bn_affine(w[c], b[c], mu, r);
+      scale[c] = a.scale, shift[c] = a.shift;
     }
   });
+  const acc_t* sc = scale.data();
+  const acc_t* sh = shift.data();
 
   // Pass 2: y = relu(x * scale + shift).
   at::parallel_for(0, P.count, P.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scale(P.channels_last ? C : 0), shift(P.channels_last ? C : 0);
-    for (int64_t c = 0; c < static_cast<int64_t>(scale.size()); ++c)
-      scale[c] = affine[c].scale, shift[c] = affine[c].shift;
     for (int64_t p = begin; p < end; ++p) {
       if (!P.channels_last) {
         const int64_t plane = p / P.per_plane, k = p % P.per_plane;
         const int64_t lo = k * P.len, hi = std::min(P.HW, lo + P.len);
-        const BnAffine<acc_t> a = affine[plane % C];
+        const BnAffine<acc_t> a{sc[plane % C], sh[plane % C]};
         const scalar_t* xp = x + plane * P.HW;
         scalar_t* yp = y + plane * P.HW;
 #pragma omp simd
@@ -187,7 +187,7 @@ void forward_kernel(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tens
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c)
             yr[c] = static_cast<scalar_t>(
-                relu_value(bn_pre_activation(static_cast<acc_t>(xr[c]), BnAffine<acc_t>{scale[c], shift[c]})));
+                relu_value(bn_pre_activation(static_cast<acc_t>(xr[c]), BnAffine<acc_t>{sc[c], sh[c]})));
         }
       }
     }
@@ -211,10 +211,18 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
   acc_t* gw = gw_t.data_ptr<acc_t>();
   acc_t* gb = gb_t.data_ptr<acc_t>();
 
-  std::vector<BnAffine<acc_t>> affine(C);
-  for (int64_t c = 0; c < C; ++c) affine[c] = bn_affine(w[c], b[c], mean[c], invstd[c]);
+  // Per-channel vectors as plain arrays (structure of arrays) so the
+  // channels_last inner loops over c vectorize.
+  std::vector<acc_t> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const BnAffine<acc_t> a = bn_affine(w[c], b[c], mean[c], invstd[c]);
+    scale[c] = a.scale, shift[c] = a.shift;
+  }
+  const acc_t* sc = scale.data();
+  const acc_t* sh = shift.data();
 
   // Pass 1: per-piece sums of dz and dz * (x - mean), dz = grad_y * [z > 0].
+  // grad_y is loaded unconditionally so the mask is a select, not a branch.
   const int64_t slots = P.channels_last ? P.count * C : P.count;
   std::vector<acc_t> p_dz(slots), p_dzx(slots);
   at::parallel_for(0, P.count, P.grain(), [&](int64_t begin, int64_t end) {
@@ -223,7 +231,7 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
         const int64_t plane = p / P.per_plane, k = p % P.per_plane;
         const int64_t lo = k * P.len, hi = std::min(P.HW, lo + P.len);
         const int64_t c = plane % C;
-        const BnAffine<acc_t> a = affine[c];
+        const BnAffine<acc_t> a{sc[c], sh[c]};
         const acc_t mu = mean[c];
         const scalar_t* xp = x + plane * P.HW;
         const scalar_t* gp = gy + plane * P.HW;
@@ -231,7 +239,8 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
 #pragma omp simd reduction(+ : s_dz, s_dzx)
         for (int64_t i = lo; i < hi; ++i) {
           const acc_t xv = static_cast<acc_t>(xp[i]);
-          const acc_t dz = relu_passes(bn_pre_activation(xv, a)) ? static_cast<acc_t>(gp[i]) : acc_t(0);
+          const acc_t gv = static_cast<acc_t>(gp[i]);
+          const acc_t dz = relu_passes(bn_pre_activation(xv, a)) ? gv : acc_t(0);
           s_dz += dz;
           s_dzx += dz * (xv - mu);
         }
@@ -248,7 +257,8 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const acc_t xv = static_cast<acc_t>(xr[c]);
-            const acc_t dz = relu_passes(bn_pre_activation(xv, affine[c])) ? static_cast<acc_t>(gr[c]) : acc_t(0);
+            const acc_t gv = static_cast<acc_t>(gr[c]);
+            const acc_t dz = relu_passes(bn_pre_activation(xv, BnAffine<acc_t>{sc[c], sh[c]})) ? gv : acc_t(0);
             s_dz[c] += dz;
             s_dzx[c] += dz * (xv - mean[c]);
           }
@@ -258,7 +268,7 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
   });
 
   // Merge in a fixed order; per-channel coefficients of grad_x.
-  std::vector<BnReluGradCoef<acc_t>> coef(C);
+  std::vector<acc_t> k_dz(C), k_xmu(C), k_0(C);
   const acc_t count = static_cast<acc_t>(P.M);
   for (int64_t c = 0; c < C; ++c) {
     acc_t s_dz = 0, s_dzx = 0;
@@ -273,8 +283,12 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
     }
     gb[c] = s_dz;
     gw[c] = s_dzx * invstd[c];
-    coef[c] = bn_relu_grad_coef(w[c], invstd[c], s_dz, s_dzx, count);
+    const BnReluGradCoef<acc_t> kc = bn_relu_grad_coef(w[c], invstd[c], s_dz, s_dzx, count);
+    k_dz[c] = kc.k_dz, k_xmu[c] = kc.k_xmu, k_0[c] = kc.k_0;
   }
+  const acc_t* kd = k_dz.data();
+  const acc_t* kx = k_xmu.data();
+  const acc_t* k0 = k_0.data();
 
   // Pass 2: grad_x.
   at::parallel_for(0, P.count, P.grain(), [&](int64_t begin, int64_t end) {
@@ -283,8 +297,8 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
         const int64_t plane = p / P.per_plane, k = p % P.per_plane;
         const int64_t lo = k * P.len, hi = std::min(P.HW, lo + P.len);
         const int64_t c = plane % C;
-        const BnAffine<acc_t> a = affine[c];
-        const BnReluGradCoef<acc_t> kc = coef[c];
+        const BnAffine<acc_t> a{sc[c], sh[c]};
+        const BnReluGradCoef<acc_t> kc{kd[c], kx[c], k0[c]};
         const acc_t mu = mean[c];
         const scalar_t* xp = x + plane * P.HW;
         const scalar_t* gp = gy + plane * P.HW;
@@ -292,7 +306,8 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
 #pragma omp simd
         for (int64_t i = lo; i < hi; ++i) {
           const acc_t xv = static_cast<acc_t>(xp[i]);
-          const acc_t dz = relu_passes(bn_pre_activation(xv, a)) ? static_cast<acc_t>(gp[i]) : acc_t(0);
+          const acc_t gv = static_cast<acc_t>(gp[i]);
+          const acc_t dz = relu_passes(bn_pre_activation(xv, a)) ? gv : acc_t(0);
           op[i] = static_cast<scalar_t>(bn_relu_grad_x(dz, xv - mu, kc));
         }
       } else {
@@ -304,8 +319,10 @@ void backward_kernel(const at::Tensor& gy_t, const at::Tensor& x_t, const at::Te
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const acc_t xv = static_cast<acc_t>(xr[c]);
-            const acc_t dz = relu_passes(bn_pre_activation(xv, affine[c])) ? static_cast<acc_t>(gr[c]) : acc_t(0);
-            orow[c] = static_cast<scalar_t>(bn_relu_grad_x(dz, xv - mean[c], coef[c]));
+            const acc_t gv = static_cast<acc_t>(gr[c]);
+            const acc_t dz = relu_passes(bn_pre_activation(xv, BnAffine<acc_t>{sc[c], sh[c]})) ? gv : acc_t(0);
+            orow[c] = static_cast<scalar_t>(
+                bn_relu_grad_x(dz, xv - mean[c], BnReluGradCoef<acc_t>{kd[c], kx[c], k0[c]}));
           }
         }
       }

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..ops import stage as ops
 
-__all__ = ["Stage"]
+__all__ = ["Stage", "FoldedConv2d"]
 
 
 def _explicit_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
@@ -132,6 +132,8 @@ class Stage(nn.Module):
             input, conv.weight, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
             bn.eps, recompute=self.memory_efficient)
         if not bn.training or bn.track_running_stats:
+            if conv.bias is not None:  # cancels in the output, not in the running mean
+                mean = mean + conv.bias.detach()
             ops.update_running_stats(bn.running_mean, bn.running_var, mean, var,
                                      y.numel() // y.shape[1], factor)
         return y
@@ -148,6 +150,36 @@ class Stage(nn.Module):
 
     def extra_repr(self) -> str:
         return "" if self.memory_efficient else "memory_efficient=False"
+
+
+class FoldedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` with bias that holds a folded Conv2d -> BatchNorm2d (from
+    :func:`neptune_ext.fuse_stages` in eval mode).
+
+    Same parameters and semantics as ``nn.Conv2d``; for channels_last float32 CPU
+    input outside autograd it runs one oneDNN convolution on a weight prepacked
+    once (repacked when the weight or the input shape changes) instead of
+    reordering the weight on every call.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pack = ops.PackCache()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(input)
+        return ops.conv_bias(input, self.weight, self.bias, self.stride, self.padding,
+                             self.dilation, self.groups, cache=self._pack)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pack.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_pack"] = ops.PackCache()
+        return state
 
 
 def _check_input(input, conv: nn.Conv2d):
@@ -191,6 +223,8 @@ def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
         for old, new in (("0.", "conv."), ("1.", "bn.")):
             for key in [k for k in state_dict if k.startswith(prefix + old)]:
                 state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+    if module.conv.bias is not None:
+        return
     bias = state_dict.pop(prefix + "conv.bias", None)
     rm_key = prefix + "bn.running_mean"
     if bias is not None and rm_key in state_dict:

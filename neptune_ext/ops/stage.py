@@ -33,7 +33,8 @@ from ..graph import _is_compiling
 from ..reference_stage import bn_relu_backward_reference, bn_relu_forward_reference
 
 __all__ = ["bn_relu", "conv_bn_relu_train", "update_running_stats", "fold_conv_bn",
-           "conv_bias_relu", "FoldCache", "onednn_fused_available"]
+           "conv_bn_relu_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight", "FoldCache",
+           "PackCache", "onednn_fused_available"]
 
 
 def _check(cond: bool, msg: str):
@@ -311,6 +312,19 @@ def pack_conv_weight(weight: torch.Tensor, stride, padding, dilation, groups: in
         weight, list(padding), list(stride), list(dilation), groups, list(input_size))
 
 
+def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, relu: bool,
+                   packed_weight=None):
+    s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                        or bias.requires_grad)
+    if not grad and _onednn_eligible(input):
+        w = packed_weight if packed_weight is not None else weight
+        return torch.ops.mkldnn._convolution_pointwise(
+            input, w, bias, list(p), list(s), list(d), groups, "relu" if relu else "none", [], "")
+    out = F.conv2d(input, weight, bias, s, p, d, groups)
+    return out.relu_() if relu else out
+
+
 def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride=1,
                    padding=0, dilation=1, groups: int = 1,
                    packed_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -321,62 +335,83 @@ def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     :func:`pack_conv_weight`); otherwise conv2d with bias and an in-place ReLU.
     The output has the memory format eager conv2d would give.
     """
-    s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                        or bias.requires_grad)
-    if not grad and _onednn_eligible(input):
-        w = packed_weight if packed_weight is not None else weight
-        return torch.ops.mkldnn._convolution_pointwise(
-            input, w, bias, list(p), list(s), list(d), groups, "relu", [], "")
-    return F.conv2d(input, weight, bias, s, p, d, groups).relu_()
+    return _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, True, packed_weight)
 
 
-class FoldCache:
-    """The folded weight/bias (and oneDNN-packed weight) of one conv + BN pair.
+def _stamps(tensors):
+    """(version, data_ptr, dtype, device) per tensor; None if one is an inference tensor
+    (those have no version counter)."""
+    try:
+        return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+                     for t in tensors)
+    except RuntimeError:
+        return None
 
-    Rebuilt whenever a source tensor changes: the key holds each source tensor
-    itself (so its memory cannot be reused by another tensor while cached), its
-    version counter (bumped by every in-place write: optimizer steps,
-    load_state_dict's copy_, ...), data_ptr, dtype and device, plus eps.
-    Inference tensors have no version counter: with those nothing is cached.
+
+class _Memo:
+    """One value derived from some tensors, rebuilt when any of them changes.
+
+    The key holds each source tensor itself (so its memory cannot be reused by
+    another tensor while cached), its version counter (bumped by every in-place
+    write: optimizer steps, load_state_dict's copy_, ...), data_ptr, dtype and
+    device, plus hashable extras. With inference tensors nothing is cached.
     """
 
     def __init__(self):
         self.clear()
 
     def clear(self):
-        self._sources = None
-        self._stamps = None
-        self._folded = None
-        self._packed = None  # (input shape, packed weight)
+        self.sources, self.key, self.value = None, None, None
 
-    @staticmethod
-    def _stamp(t):
-        if t is None:
-            return None
-        return (t._version, t.data_ptr(), t.dtype, t.device)
-
-    def folded(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
-        sources = (conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
-        try:
-            stamps = tuple(self._stamp(t) for t in sources) + (float(eps),)
-        except RuntimeError:  # inference tensors: no version counter, no caching
+    def get(self, sources, extra, build):
+        stamps = _stamps(sources)
+        if stamps is None:
             self.clear()
-            with torch.no_grad():
-                return fold_conv_bn(*sources, eps, compute_dtype=torch.float64), False
-        if (self._sources is not None and stamps == self._stamps
-                and all(a is b for a, b in zip(sources, self._sources))):
-            return self._folded, True
-        with torch.no_grad():
-            self._folded = fold_conv_bn(*sources, eps, compute_dtype=torch.float64)
-        self._sources, self._stamps, self._packed = sources, stamps, None
-        return self._folded, True
+            return build(), False
+        key = (stamps, extra)
+        if (self.sources is None or key != self.key
+                or not all(a is b for a, b in zip(sources, self.sources))):
+            self.value = build()
+            self.sources, self.key = tuple(sources), key
+        return self.value, True
+
+
+class PackCache:
+    """A conv weight prepacked for oneDNN, repacked when the weight or the input shape changes."""
+
+    def __init__(self):
+        self.pack = _Memo()
+
+    def clear(self):
+        self.pack.clear()
 
     def packed(self, weight, stride, padding, dilation, groups, input):
         shape = tuple(input.shape)
-        if self._packed is None or self._packed[0] != shape:
-            self._packed = (shape, pack_conv_weight(weight, stride, padding, dilation, groups, shape))
-        return self._packed[1]
+        value, _ = self.pack.get((weight,), (shape, tuple(stride), tuple(padding), tuple(dilation), groups),
+                                 lambda: pack_conv_weight(weight, stride, padding, dilation, groups, shape))
+        return value
+
+
+class FoldCache(PackCache):
+    """The folded weight/bias (and the oneDNN-packed folded weight) of one conv + BN pair,
+    rebuilt whenever a parameter or buffer changes (see _Memo)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fold = _Memo()
+
+    def clear(self):
+        super().clear()
+        self.fold.clear()
+
+    def folded(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+        """((weight, bias), cacheable)."""
+        sources = (conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+
+        def build():
+            with torch.no_grad():
+                return fold_conv_bn(*sources, eps, compute_dtype=torch.float64)
+        return self.fold.get(sources, float(eps), build)
 
 
 def conv_bn_relu_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_bias,
@@ -397,9 +432,25 @@ def conv_bn_relu_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn
     (w, b), cacheable = cache.folded(conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                      running_var, eps)
     packed = None
-    if _onednn_eligible(input) and cacheable:
+    if cacheable and _onednn_eligible(input):
         packed = cache.packed(w, s, p, d, groups, input)
     return conv_bias_relu(input, w, b, s, p, d, groups, packed_weight=packed)
+
+
+def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride=1,
+              padding=0, dilation=1, groups: int = 1,
+              cache: Optional[PackCache] = None) -> torch.Tensor:
+    """``conv2d(input, weight, bias)``; for channels_last float32 CPU input outside
+    autograd, one oneDNN primitive on a weight prepacked once (in ``cache``)."""
+    s, p, d = _validate_conv(input, weight, stride, padding, dilation, groups)
+    if bias is None:
+        return F.conv2d(input, weight, None, s, p, d, groups)
+    packed = None
+    grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                        or bias.requires_grad)
+    if cache is not None and not grad and _onednn_eligible(input) and _stamps((weight,)) is not None:
+        packed = cache.packed(weight, s, p, d, groups, input)
+    return _conv_bias_act(input, weight, bias, s, p, d, groups, False, packed)
 
 
 # ----------------------------------------------------------------------------
