@@ -42,6 +42,7 @@ test: build
 
 bench: build
 	$(PY) benchmarks/bench_graph_attention.py
+	$(PY) benchmarks/bench_stage.py
 
 gpu-check:
 	bash scripts/gpu_check.sh

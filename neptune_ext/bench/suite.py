@@ -62,31 +62,6 @@ def _train_step(model, opt, x, y):
     return loss
 
 
-def bench_resnet18(device="cpu", batch=8, size=224, repeats=5):
-    """ResNet-18 inference: eager vs torch.fx BN folding vs fuse_stages."""
-    try:
-        import torchvision
-    except ImportError:
-        return {}
-    from torch.fx.experimental.optimization import fuse as fx_fuse
-
-    from ..fuse import fuse_stages
-    torch.manual_seed(0)
-    eager = torchvision.models.resnet18().to(device).eval()
-    contenders = {"resnet18 eager": eager, "resnet18 torch.fx fold": fx_fuse(eager),
-                  "resnet18 fuse_stages": fuse_stages(eager)}
-    x = torch.randn(batch, 3, size, size, device=device)
-
-    def make(m):
-        def run():
-            with torch.no_grad():
-                _, t = common.timed(lambda: m(x), device)
-            return {"inference": t}
-        return run
-    times = common.alternate({k: make(m) for k, m in contenders.items()}, repeats, progress=False)
-    return {k: {"inference": common.median_ms(v["inference"])} for k, v in times.items()}
-
-
 def run_suite(device="cpu", quick=False, json_path=None, plot_path=None):
     from .graph_attention import run_benchmark
     t0 = time.perf_counter()
@@ -120,17 +95,9 @@ def run_suite(device="cpu", quick=False, json_path=None, plot_path=None):
                      f"{base['train_step'] / v['train_step']:.2f}x"])
         rows.append([k, "inference, 64 digits", f"{v['inference']:.1f}",
                      f"{base['inference'] / v['inference']:.2f}x"])
-    rn = bench_resnet18(device, batch=2 if quick else 8, size=112 if quick else 224,
-                        repeats=3 if quick else 7)
-    report["resnet18"] = rn
-    if rn:
-        eager = rn["resnet18 eager"]["inference"]
-        shape = "batch 2, 112x112" if quick else "batch 8, 224x224"
-        for k, v in rn.items():
-            rows.append([k, f"eval, {shape}", f"{v['inference']:.1f}", f"{eager / v['inference']:.2f}x"])
     common.print_table(rows, ["model", "what", "median ms", "speedup vs baseline"])
-    print("(baselines: 'neptune (reference ops)' = the same model on eager PyTorch layers; "
-          "'resnet18 eager')")
+    print("(baseline: 'neptune (reference ops)' = the same model on eager PyTorch layers: "
+          "eager Conv-BN-ReLU and scatter-based attention; ResNet-18 is in the Stage section)")
 
     if plot_path:
         from .scaling import scaling_plot
