@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -29,21 +28,6 @@ def has_pyg() -> bool:
         return False
 
 
-@contextmanager
-def _force_reference(on: bool):
-    old = os.environ.get("NEPTUNE_FORCE_REFERENCE")
-    if on:
-        os.environ["NEPTUNE_FORCE_REFERENCE"] = "1"
-    try:
-        yield
-    finally:
-        if on:
-            if old is None:
-                os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
-            else:
-                os.environ["NEPTUNE_FORCE_REFERENCE"] = old
-
-
 def make_case(name: str, n: int, n_edges: int, heads: int, channels: int, in_channels: int,
               device: str = "cpu", dtype=torch.float32, seed: int = 0):
     """Returns a closure running fwd+bwd once and returning {"forward": s, "backward": s}."""
@@ -59,7 +43,7 @@ def make_case(name: str, n: int, n_edges: int, heads: int, channels: int, in_cha
         ref = name == "op:reference"
 
         def run():
-            with _force_reference(ref):
+            with common.force_reference(ref):
                 out, t_f = common.timed(lambda: ops.sparse_graph_attention(h, ss, sd, g), device)
                 _, t_b = common.timed(lambda: torch.autograd.grad(out, (h, ss, sd), grad), device)
             return {"forward": t_f, "backward": t_b}

@@ -4,27 +4,10 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
 from . import common
-
-
-@contextmanager
-def reference_mode(on: bool):
-    """Run the pure-PyTorch reference for every neptune op (the eager-layers baseline)."""
-    old = os.environ.get("NEPTUNE_FORCE_REFERENCE")
-    if on:
-        os.environ["NEPTUNE_FORCE_REFERENCE"] = "1"
-    try:
-        yield
-    finally:
-        if on:
-            if old is None:
-                os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
-            else:
-                os.environ["NEPTUNE_FORCE_REFERENCE"] = old
 
 
 def bench_neptune_model(device="cpu", batch=64, repeats=5):
@@ -40,7 +23,7 @@ def bench_neptune_model(device="cpu", batch=64, repeats=5):
 
     def step(ref):
         def run():
-            with reference_mode(ref):
+            with common.force_reference(ref):
                 model.train()
                 _, t_train = common.timed(lambda: _train_step(model, opt, x, y), device)
                 model.eval()
