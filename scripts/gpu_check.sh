@@ -10,7 +10,7 @@
 #   QUICK=1 bash scripts/gpu_check.sh          (benchmark on 10x smaller graphs)
 #
 # Environment: PYTHON (default python3), OUT, STEPS (default "build test sanitizer
-# bench"), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
+# bench stagebench"), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
 # for the benchmark), NEPTUNE_GIT_COMMIT (recorded in the JSON when the checkout
 # has no .git).
 set -uo pipefail
@@ -24,7 +24,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
-STEPS=" ${STEPS-build test sanitizer bench} "  # set but empty: none
+STEPS=" ${STEPS-build test sanitizer bench stagebench} "  # set but empty: none
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
 step() {  # step NAME LOG CMD...: runs CMD, output to LOG, records pass/fail
@@ -94,6 +94,12 @@ if want bench; then
   step "benchmark (benchmarks/gpu_graph_attention.py ${ARGS[*]})" "$OUT/bench.log" \
     "$PY" benchmarks/gpu_graph_attention.py "${ARGS[@]}"
   sed -n '/^graph /,$p' "$OUT/bench.log" >>"$SUMMARY"
+fi
+
+# 5. The Stage (BatchNorm+ReLU) CUDA benchmark (its CUDA tests run in step 2: -m cuda).
+if want stagebench; then
+  step "benchmark (benchmarks/gpu_stage.py)" "$OUT/stage_bench.log" \
+    "$PY" benchmarks/gpu_stage.py --json "$OUT/stage_bench.json"
 fi
 
 note "---- steps:${STEPS% }: $([ $FAILED = 0 ] && echo 'all passed' || echo 'SOME FAILED'); logs in $OUT"

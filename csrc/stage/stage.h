@@ -46,6 +46,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd);
 
+// CUDA (stage_cuda.cu; built with NEPTUNE_WITH_CUDA): same semantics as the CPU.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd);
+
 }  // namespace neptune
 
 // Schemas of the Stage ops, expanded inside TORCH_LIBRARY(neptune, m).
@@ -60,5 +68,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
   m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);    \
   m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu)
 
-// CUDA kernels: not written yet (the Python layer falls back to the reference).
-#define NEPTUNE_STAGE_CUDA_IMPLS(m)
+#define NEPTUNE_STAGE_CUDA_IMPLS(m)                              \
+  m.impl("bn_relu_forward", &neptune::bn_relu_forward_cuda);   \
+  m.impl("bn_relu_backward", &neptune::bn_relu_backward_cuda)
