@@ -18,12 +18,13 @@
 //    (or one "tile" of its heads x channel vectors when H*C is wide). Lanes are
 //    laid out head-major: LPH lanes per head (a power of two), each lane holding
 //    16-byte vectors along C (8 x fp16/bf16, 4 x fp32; scalars when C or the
-//    alignment does not allow vectors, and for fp64). Within a group, one lane
-//    loads a chunk of G edge indices and the others receive them by shuffles;
-//    then U edges' feature vectors are loaded before any is used, so several
-//    16-byte gathers per lane are in flight. fp32 accumulation (fp64 for fp64).
+//    alignment does not allow vectors, and for fp64). A group reads a chunk of G
+//    edge indices, one per lane, and shares them by shuffles; then the rows of U
+//    edges are loaded before any is used, so several 16-byte gathers per lane
+//    are in flight. fp32 accumulation (fp64 for fp64).
 //  * Rows of high degree are split without any host synchronization: the edge
-//    array is cut into fixed segments of L edges (L from E, known on the host).
+//    array is cut into fixed segments of L edges (L from E and the record size,
+//    both known on the host).
 //    A segment intersects at most two rows longer than L (the one holding its
 //    first edge and the one holding its last), so a "leaf" kernel writes, per
 //    segment, at most two partial records (forward: max, sum and accumulator;
