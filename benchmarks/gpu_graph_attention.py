@@ -27,13 +27,14 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from neptune_ext.bench.common import cuda_median_ms, git_commit  # noqa: E402
 
 GRAPHS = {  # name: (nodes, edges), the sizes of the OGB node-property graphs
     "arxiv": (169_343, 1_166_243),
@@ -129,17 +130,7 @@ def peak_bytes(fwd, leaves, grad):
 
 
 def time_ms(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    ms = []
-    for _ in range(repeats):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        ms.append(e0.elapsed_time(e1))
-    return statistics.median(ms)
+    return cuda_median_ms(fn, warmup, repeats)
 
 
 def copy_bandwidth(nbytes=2 << 30, repeats=20):
@@ -260,18 +251,6 @@ def run_contender(name, ei, n, in_ch, H, C, dtype, warmup, repeats, copy_bw):
 
 
 # ---------------------------------------------------------------- report
-
-def git_commit():
-    env = os.environ.get("NEPTUNE_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
 
 def fmt_ms(r, key):
     return f"{r[key]:.2f}" if key in r else r.get("result", "-")

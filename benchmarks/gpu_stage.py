@@ -13,37 +13,20 @@ The implicit-GEMM convolution of the issue is not implemented yet: no conv here.
 """
 import argparse
 import json
-import statistics
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
 import neptune_ext  # noqa: F401  (loads the ops)
+from neptune_ext.bench.common import cuda_median_ms, git_commit
 
 # (C, H, W) of the BN inputs of ResNet-18 (224x224): stem, then the four stages.
 RESNET18 = [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
 
 
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
-
-
 def timeit(fn, reps=20, warm=5):
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e-3)
-    return statistics.median(times)
+    """Median seconds (CUDA events)."""
+    return cuda_median_ms(fn, warm, reps) * 1e-3
 
 
 def bench_shape(N, C, H, W, dtype, cl):

@@ -12,19 +12,9 @@ from neptune_ext.nn.stage import FoldedConv2d
 
 torchvision = pytest.importorskip("torchvision")
 
+from neptune_ext.bench.stage import randomize_bn  # noqa: E402  (shared with the benchmark)
+
 F64 = dict(rtol=1e-10, atol=1e-10)
-
-
-def randomize_bn(model: nn.Module):
-    """Non-trivial running statistics and affine parameters (fresh models have 0/1)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 def count(model, kind):

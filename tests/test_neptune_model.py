@@ -79,3 +79,17 @@ def test_model_graph_build_is_batched_per_image():
     x = torch.randn(4, 1, 8, 8)
     full = model(x)
     torch.testing.assert_close(model(x[2:3]), full[2:3], rtol=1e-4, atol=1e-5)
+
+
+def test_prebuilt_graph_equals_gatconv_self_loops():
+    # Neptune hands its blocks a Graph with the self loops appended; that must be the same
+    # computation as passing the raw edges and letting the layer add the loops.
+    from neptune_ext import Graph
+    from neptune_ext.models.neptune import GraphBlock
+    block = GraphBlock(16, 4).double()
+    n = 20
+    x = torch.randn(n, 16, dtype=torch.float64)
+    ei = batch_graph(torch.randn(1, n, 5), 3, spatial_edges(4, 5))
+    loops = torch.arange(n).expand(2, -1)
+    g = Graph.from_edge_index(torch.cat([ei, loops], 1), (n, n))
+    torch.testing.assert_close(block(x, g), block(x, ei), rtol=1e-12, atol=1e-12)

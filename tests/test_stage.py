@@ -507,19 +507,7 @@ def test_copy_and_pickle_after_packing():
         torch.save(stage.state_dict(), buf)
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of all tensors autograd saves while fn runs, counted once per storage."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.sum().backward()
-    return sum(storages.values())
+from neptune_ext.bench.stage import saved_bytes  # noqa: E402  (shared with the benchmark)
 
 
 def test_stage_stack_saves_at_most_0_6x_eager_activation_memory():

@@ -64,6 +64,28 @@ inline uint64_t seed_value(const std::optional<at::Tensor>& seed, double dropout
   return static_cast<uint64_t>(seed->data_ptr<int64_t>()[0]);
 }
 
+// Accumulation (and lse) dtype: float64 for float64 inputs, else float32.
+inline at::ScalarType gat_acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Backward's saved tensors and incoming gradient, checked once for both back ends.
+inline void check_gat_backward_tensors(const at::Tensor& grad_out, const at::Tensor& out,
+                                       const at::Tensor& lse, const at::Tensor& h,
+                                       int64_t n_dst) {
+  const auto H = h.size(1), C = h.size(2);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == h.scalar_type(),
+              "neptune::gat_backward: grad_out must match out in shape and dtype");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == n_dst && out.size(1) == H && out.size(2) == C &&
+                  out.scalar_type() == h.scalar_type(),
+              "neptune::gat_backward: out must be [N_dst, H, C] with the dtype of h, got ",
+              out.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == n_dst && lse.size(1) == H &&
+                  lse.scalar_type() == gat_acc_dtype(h.scalar_type()),
+              "neptune::gat_backward: lse must be [N_dst, H] in ", gat_acc_dtype(h.scalar_type()),
+              ", got ", lse.sizes(), " ", lse.scalar_type());
+}
+
 // Forward: (out [N_dst, H, C], lse [N_dst, H] in float32/float64).
 std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
     const at::Tensor& h, const at::Tensor& score_src, const at::Tensor& score_dst,

@@ -245,10 +245,6 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
   });
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
@@ -260,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, dropout);
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2);
   at::Tensor out = at::empty({n_dst, H, C}, h.options());
-  at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(acc_dtype(h.scalar_type())));
+  at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(gat_acc_dtype(h.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_forward_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gat_forward_cpu_index", [&] {
       forward_kernel<scalar_t, index_t>(h, score_src, score_dst, rowptr, col, eid, edge_logits,
@@ -280,8 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
     const std::optional<at::Tensor>& seed) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, dropout);
   check_gat_backward_graph(col, colptr, csc_row, csc_perm, h.size(0));
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == h.scalar_type(),
-              "neptune::gat_backward: grad_out must match out in shape and dtype");
+  check_gat_backward_tensors(grad_out, out, lse, h, score_dst.size(0));
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gh = at::empty_like(h);
   at::Tensor gss = at::empty_like(score_src);

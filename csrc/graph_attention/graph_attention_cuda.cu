@@ -869,9 +869,6 @@ void run_wide(const typename M<scalar_t, index_t, 1, 2>::Params& p, int64_t H, i
                                        stream);
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void check_cuda(const at::Tensor& t, const at::Tensor& h, const char* name) {
 #ifdef NEPTUNE_CUDA_EMULATION
@@ -904,7 +901,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
 
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2), E = col.size(0);
   at::Tensor out = new_tensor({n_dst, H, C}, h.options());
-  at::Tensor lse = new_tensor({n_dst, H}, h.options().dtype(acc_dtype(h.scalar_type())));
+  at::Tensor lse = new_tensor({n_dst, H}, h.options().dtype(gat_acc_dtype(h.scalar_type())));
   if (n_dst == 0 || H == 0) return {out, lse};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool vec_ok = aligned16(h) && aligned16(out);
@@ -944,16 +941,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
   check_gat_backward_graph(col, colptr, csc_row, csc_perm, h.size(0));
   const int64_t n_src = h.size(0), n_dst = score_dst.size(0), H = h.size(1), C = h.size(2),
                 E = col.size(0);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == h.scalar_type(),
-              "neptune::gat_backward: grad_out must match out in shape and dtype");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == n_dst && out.size(1) == H && out.size(2) == C &&
-                  out.scalar_type() == h.scalar_type(),
-              "neptune::gat_backward: out must be [N_dst, H, C] with the dtype of h, got ",
-              out.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == n_dst && lse.size(1) == H &&
-                  lse.scalar_type() == acc_dtype(h.scalar_type()),
-              "neptune::gat_backward: lse must be [N_dst, H] in ", acc_dtype(h.scalar_type()),
-              ", got ", lse.sizes(), " ", lse.scalar_type());
+  check_gat_backward_tensors(grad_out, out, lse, h, n_dst);
   for (const auto& [t, name] :
        {std::pair<const at::Tensor&, const char*>{h, "h"}, {grad_out, "grad_out"},
         {score_src, "score_src"}, {score_dst, "score_dst"}, {rowptr, "rowptr"}, {col, "col"},

@@ -12,28 +12,49 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "cpu"
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return platform.processor() or "cpu"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def git_commit() -> str:
+    """The commit measured: NEPTUNE_GIT_COMMIT if set (a copied tree has no .git), else HEAD."""
+    env = os.environ.get("NEPTUNE_GIT_COMMIT")
+    if env:
+        return env
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=5).stdout.strip() or "unknown"
     except Exception:
         return "unknown"
+
+
+def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> float:
+    """Median milliseconds of fn on the current CUDA stream, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    ms = []
+    for _ in range(repeats):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        ms.append(e0.elapsed_time(e1))
+    return statistics.median(ms)
 
 
 def power_law_graph(n: int, n_edges: int, alpha: float = 1.2, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,18 +27,8 @@ from torch import nn
 
 import neptune_ext
 import neptune_ext.info
+from neptune_ext.bench.common import cpu_name
 from neptune_ext.nn import Stage
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def loadavg() -> str:
@@ -71,6 +60,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters (fresh models have 0/1)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -143,6 +133,7 @@ def bench_single_stage(args) -> dict:
 
 
 def saved_bytes(fn) -> int:
+    """Bytes of all tensors autograd saves while fn runs, counted once per storage."""
     storages = {}
 
     def pack(t):

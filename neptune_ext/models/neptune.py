@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..graph import Graph
 from ..nn import GraphAttention, Stage
 
 
@@ -71,7 +72,8 @@ class GraphBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(dim * mlp_ratio, dim))
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, edge_index) -> torch.Tensor:
+        """edge_index: [2, E] (self loops are added as GATConv does) or a Graph (used as is)."""
         x = x + self.attn(self.norm1(x), edge_index)
         return x + self.mlp(self.norm2(x))
 
@@ -128,7 +130,12 @@ class Neptune(nn.Module):
                              f"this model was built for image_size={self.config['image_size']}")
         x = f.flatten(2).transpose(1, 2) + self.pos  # [B, n, D]
         n = h * w
+        # Our edges never contain self loops (kNN excludes i, the 8-neighbourhood too), so the
+        # loops GATConv would add are appended here and the layer gets a ready Graph: no
+        # per-call id validation (a host sync on CUDA) and no loop-removal bookkeeping.
+        loops = torch.arange(B * n, device=x.device).expand(2, -1)
         for block in self.blocks:
-            edge_index = batch_graph(x.detach(), self.k, self.spatial)
-            x = block(x.reshape(B * n, D), edge_index).view(B, n, D)
+            edge_index = torch.cat([batch_graph(x.detach(), self.k, self.spatial), loops], dim=1)
+            graph = Graph.from_edge_index(edge_index, (B * n, B * n), validate=False)
+            x = block(x.reshape(B * n, D), graph).view(B, n, D)
         return self.head(self.norm(x).mean(dim=1))

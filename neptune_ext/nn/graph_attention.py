@@ -88,9 +88,7 @@ class _PreparedGraph:
         ei = self.graph.edge_index
         if not self.add_loops:
             return ei
-        keep = self.kept_edges()
-        out = ei[:, keep]
-        return out
+        return ei[:, self.kept_edges()]
 
     def kept_edges(self) -> Tensor:
         if not self.add_loops:

@@ -30,16 +30,12 @@ from torch.autograd.function import once_differentiable
 
 from .. import _ext
 from ..graph import _is_compiling
+from .graph_attention import _check
 from ..reference_stage import bn_relu_backward_reference, bn_relu_forward_reference
 
 __all__ = ["bn_relu", "conv_bn_relu_train", "update_running_stats", "fold_conv_bn",
            "conv_bn_relu_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight", "FoldCache",
            "PackCache", "onednn_fused_available"]
-
-
-def _check(cond: bool, msg: str):
-    if not cond:
-        raise ValueError(msg)
 
 
 @functools.lru_cache(maxsize=None)
