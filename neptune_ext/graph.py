@@ -97,17 +97,8 @@ class Graph:
             inferred = int(ei.max()) + 1 if E > 0 else 0
             num_src = inferred if num_src is None else num_src
             num_dst = inferred if num_dst is None else num_dst
-        if checking and E > 0:
-            lo = int(ei.min())
-            if lo < 0:
-                raise ValueError(f"edge_index contains a negative node id ({lo})")
-            max_src, max_dst = int(ei[0].max()), int(ei[1].max())
-            if max_src >= num_src:
-                raise ValueError(f"edge_index[0] (sources) contains node id {max_src}, "
-                                 f"but num_src is {num_src}")
-            if max_dst >= num_dst:
-                raise ValueError(f"edge_index[1] (destinations) contains node id {max_dst}, "
-                                 f"but num_dst is {num_dst}")
+        if checking:
+            check_node_ids(ei, num_src, num_dst)
         return cls._build(ei, num_src, num_dst)
 
     @classmethod
@@ -174,6 +165,23 @@ class Graph:
     def __repr__(self) -> str:
         return (f"Graph(num_src={self.num_src}, num_dst={self.num_dst}, num_edges={self.num_edges}, "
                 f"index_dtype={self.index_dtype}, device={self.device})")
+
+
+def check_node_ids(edge_index: torch.Tensor, num_src: int, num_dst: int) -> None:
+    """ValueError unless every id of COO ``edge_index`` [2, E] is in [0, num_src) x [0, num_dst).
+    One host synchronization (three reductions read back together)."""
+    if edge_index.numel() == 0:
+        return
+    lo, max_src, max_dst = torch.stack([edge_index.min(), edge_index[0].max(),
+                                        edge_index[1].max()]).tolist()
+    if lo < 0:
+        raise ValueError(f"edge_index contains a negative node id ({lo})")
+    if max_src >= num_src:
+        raise ValueError(f"edge_index[0] (sources) contains node id {max_src}, "
+                         f"outside [0, num_src={num_src})")
+    if max_dst >= num_dst:
+        raise ValueError(f"edge_index[1] (destinations) contains node id {max_dst}, "
+                         f"outside [0, num_dst={num_dst})")
 
 
 def _parse_size(size: SizeLike) -> Tuple[Optional[int], Optional[int]]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph import Graph, _is_compiling
+from ..graph import Graph, _is_compiling, check_node_ids
 from ..ops.graph_attention import attention_weights, sparse_graph_attention
 
 Tensor = torch.Tensor
@@ -216,11 +216,7 @@ class GraphAttention(nn.Module):
                 return self._graph_cache[1]
             if edge_index.dtype == torch.bool or edge_index.is_complex():
                 raise ValueError(f"edge_index must have an integer dtype, got {edge_index.dtype}")
-            if edge_index.numel() > 0:
-                lo, hi_src, hi_dst = int(edge_index.min()), int(edge_index[0].max()), int(edge_index[1].max())
-                if lo < 0 or hi_src >= num_src or hi_dst >= num_dst:
-                    raise ValueError(f"edge_index has node ids outside [0, {num_src}) x [0, {num_dst}) "
-                                     f"(min {lo}, max source {hi_src}, max destination {hi_dst})")
+            check_node_ids(edge_index, num_src, num_dst)
         prepared = _PreparedGraph(edge_index, num_src, num_dst, self.add_self_loops)
         if key is not None:
             self._graph_cache = (key, prepared)
