@@ -41,7 +41,7 @@ def _extensions():
         raise SystemExit("NEPTUNE_CUDA=1 but nvcc (CUDA_HOME) or a CUDA build of torch is missing")
     with_cuda = has_cuda_toolkit and mode != "0"
 
-    cpp_sources = ["csrc/neptune.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+    cpp_sources = ["csrc/neptune.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     cxx = ["-O3", "-fopenmp"]
     define_macros = []
     extra = {"cxx": cxx}

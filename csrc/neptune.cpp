@@ -32,6 +32,47 @@ std::string build_info() {
   return s;
 }
 
+// Every graph-attention kernel entry checks its graph first (see graph/graph.h):
+// whatever reaches a kernel is a valid graph, on every path.
+using GatForwardFn = std::tuple<at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, double, double, const std::optional<at::Tensor>&);
+using GatBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, double,
+    const std::optional<at::Tensor>&);
+
+template <GatForwardFn kernel>
+std::tuple<at::Tensor, at::Tensor> gat_forward_checked(
+    const at::Tensor& h, const at::Tensor& score_src, const at::Tensor& score_dst,
+    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
+    const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
+    const std::optional<at::Tensor>& seed) {
+  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
+  check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
+  return kernel(h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits,
+                negative_slope, dropout, seed);
+}
+
+template <GatBackwardFn kernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_checked(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
+    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
+    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
+    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
+    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
+    const std::optional<at::Tensor>& seed) {
+  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
+  const int64_t n_src = h.size(0), n_dst = score_dst.size(0);
+  check_csr(rowptr, col, eid, n_src, n_dst, "neptune::gat_backward");
+  check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, n_src, n_dst, "neptune::gat_backward");
+  return kernel(grad_out, h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm,
+                edge_logits, out, lse, negative_slope, dropout, seed);
+}
+
 }  // namespace
 }  // namespace neptune
 
@@ -40,6 +81,15 @@ TORCH_LIBRARY(neptune, m) {
 
   // Graph construction: stable counting sort of an index vector (COO -> CSR).
   m.def("csr_from_index(Tensor index, int num_rows, ScalarType dtype) -> (Tensor rowptr, Tensor perm)");
+  // COO edge_index -> checked CSR by destination (optionally with GATConv's self
+  // loops: existing loops redirected to a phantom row num_dst, one loop appended
+  // per node), and the transpose of a CSR graph. See graph/graph.h.
+  m.def(
+      "build_csr(Tensor edge_index, int num_src, int num_dst, ScalarType dtype, "
+      "bool gat_self_loops) -> (Tensor rowptr, Tensor col, Tensor eid)");
+  m.def(
+      "build_csc(Tensor rowptr, Tensor col, Tensor eid, int num_src) "
+      "-> (Tensor colptr, Tensor csc_row, Tensor csc_perm)");
 
   // Sparse graph attention over a CSR-by-destination graph (see DESIGN.md).
   // eid maps CSR positions to the caller's edge ids (edge_logits and the
@@ -64,15 +114,19 @@ TORCH_LIBRARY(neptune, m) {
 
 TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("csr_from_index", &neptune::csr_from_index_cpu);
-  m.impl("gat_forward", &neptune::gat_forward_cpu);
-  m.impl("gat_backward", &neptune::gat_backward_cpu);
+  m.impl("build_csr", &neptune::build_csr);
+  m.impl("build_csc", &neptune::build_csc);
+  m.impl("gat_forward", &neptune::gat_forward_checked<&neptune::gat_forward_cpu>);
+  m.impl("gat_backward", &neptune::gat_backward_checked<&neptune::gat_backward_cpu>);
   NEPTUNE_STAGE_CPU_IMPLS(m);
 }
 
 #ifdef NEPTUNE_WITH_CUDA
 TORCH_LIBRARY_IMPL(neptune, CUDA, m) {
-  m.impl("gat_forward", &neptune::gat_forward_cuda);
-  m.impl("gat_backward", &neptune::gat_backward_cuda);
+  m.impl("build_csr", &neptune::build_csr);
+  m.impl("build_csc", &neptune::build_csc);
+  m.impl("gat_forward", &neptune::gat_forward_checked<&neptune::gat_forward_cuda>);
+  m.impl("gat_backward", &neptune::gat_backward_checked<&neptune::gat_backward_cuda>);
   NEPTUNE_STAGE_CUDA_IMPLS(m);
 }
 #endif

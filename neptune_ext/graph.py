@@ -6,9 +6,14 @@ forward and in backward pass 1, and the out-edges of each source (CSC:
 position to the caller's edge id, so per-edge inputs (edge logits) and outputs
 (attention weights) stay in the caller's order.
 
-Construction is plain tensor work (stable sorts and searchsorted), so it runs on
-the graph's device and traces under torch.compile.
+Safety: with the compiled extension, graphs are built by ``neptune::build_csr`` /
+``neptune::build_csc``, which check every node id (a ValueError naming
+``edge_index``, also under torch.compile) and mark their outputs as checked; every
+kernel entry checks any graph it was not handed that way (a hand-built
+``Graph``, one whose index tensors were modified in place, a direct
+``torch.ops.neptune`` call) before reading it. See ``csrc/graph/graph.h``.
 """
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,25 +23,19 @@ from . import _ext
 _INT32_MAX = 2**31 - 1
 
 SizeLike = Union[None, int, Tuple[Optional[int], Optional[int]], Sequence[Optional[int]]]
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # torch < 2.3
-        return False
+_FILL_REDUCE = {"mean": "mean", "add": "sum", "sum": "sum", "min": "amin", "max": "amax", "mul": "prod"}
 
 
 def _index_dtype(num_edges: int, num_nodes: int) -> torch.dtype:
     return torch.int32 if max(num_edges, num_nodes + 1) <= _INT32_MAX else torch.int64
 
 
-def _sort_rows(index: torch.Tensor, num_rows: int, itype: torch.dtype):
-    """Stable sort of a row index: (rowptr [num_rows + 1], perm [E]), both of dtype itype.
+def _use_graph_ops(device: torch.device) -> bool:
+    return _ext._C is not None and device.type in _ext.compiled_backends()
 
-    CPU: the counting-sort kernel (O(E + N)); elsewhere a stable argsort."""
-    if index.device.type == "cpu" and _ext.use_kernels("cpu"):
-        return torch.ops.neptune.csr_from_index(index, num_rows, itype)
+
+def _sort_rows(index: torch.Tensor, num_rows: int, itype: torch.dtype):
+    """Stable sort of a row index (pure PyTorch): (rowptr [num_rows + 1], perm [E])."""
     perm = torch.argsort(index, stable=True)
     rowptr = torch.searchsorted(index[perm], torch.arange(num_rows + 1, device=index.device, dtype=index.dtype))
     return rowptr.to(itype), perm.to(itype)
@@ -47,11 +46,23 @@ if _ext._C is not None:
     def _csr_from_index_fake(index, num_rows, dtype):
         return index.new_empty((num_rows + 1,), dtype=dtype), index.new_empty(index.shape, dtype=dtype)
 
+    @torch.library.register_fake("neptune::build_csr")
+    def _build_csr_fake(edge_index, num_src, num_dst, dtype, gat_self_loops):
+        loops = min(num_src, num_dst) if gat_self_loops else 0
+        rows = num_dst + (1 if gat_self_loops else 0)
+        E = edge_index.shape[1] + loops
+        return (edge_index.new_empty((rows + 1,), dtype=dtype), edge_index.new_empty((E,), dtype=dtype),
+                edge_index.new_empty((E,), dtype=dtype))
+
+    @torch.library.register_fake("neptune::build_csc")
+    def _build_csc_fake(rowptr, col, eid, num_src):
+        return col.new_empty((num_src + 1,)), torch.empty_like(col), torch.empty_like(col)
+
 
 class Graph:
     """A directed graph with ``num_src`` source and ``num_dst`` destination nodes.
 
-    Build it with :meth:`Graph.from_edge_index`. Attributes (all on one device):
+    Build it with :meth:`Graph.from_edge_index`. Attributes (read-only, all on one device):
 
     - ``rowptr`` [num_dst + 1], ``col`` [E]: CSR by destination (``col`` = source ids)
     - ``eid`` [E]: caller edge id of each CSR position
@@ -59,16 +70,32 @@ class Graph:
     - :meth:`csc` → (``colptr`` [num_src + 1], ``csc_row`` [E], ``csc_perm`` [E]):
       the transpose, built on first use and cached (``csc_perm`` maps CSC positions
       to CSR positions).
+
+    A Graph built with the constructor, or one whose index tensors are modified in
+    place, is checked by the kernels before use (ValueError if it is not a valid graph).
     """
 
     def __init__(self, rowptr, col, eid, edge_index, num_src: int, num_dst: int):
-        self.rowptr = rowptr
-        self.col = col
-        self.eid = eid
-        self.edge_index = edge_index
-        self.num_src = int(num_src)
-        self.num_dst = int(num_dst)
+        self._rowptr = rowptr
+        self._col = col
+        self._eid = eid
+        self._edge_index = edge_index
+        self._num_src = num_src if isinstance(num_src, torch.SymInt) else int(num_src)
+        self._num_dst = num_dst if isinstance(num_dst, torch.SymInt) else int(num_dst)
         self._csc = None
+
+    rowptr = property(lambda self: self._rowptr, doc="CSR row pointer [num_dst + 1]")
+    col = property(lambda self: self._col, doc="source id of every CSR position [E]")
+    eid = property(lambda self: self._eid, doc="caller edge id of every CSR position [E]")
+    num_src = property(lambda self: self._num_src, doc="number of source nodes")
+    num_dst = property(lambda self: self._num_dst, doc="number of destination nodes")
+
+    @property
+    def edge_index(self) -> torch.Tensor:
+        """The COO edge list [2, E] (int64) in caller edge-id order."""
+        if callable(self._edge_index):
+            self._edge_index = self._edge_index()
+        return self._edge_index
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -80,65 +107,55 @@ class Graph:
         entry may be None), or None; missing sizes are inferred as max id + 1 over
         *both* rows (as PyG does), so an isolated node with the largest id needs an
         explicit size. Raises ValueError for anything that is not a valid edge list.
+
+        ``validate`` is kept for compatibility: node ids are always checked (the check
+        is part of building the CSR, one host synchronization on CUDA).
         """
-        if not isinstance(edge_index, torch.Tensor):
-            raise ValueError(f"edge_index must be a torch.Tensor of shape [2, E], got {type(edge_index).__name__}")
-        if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
-            raise ValueError(f"edge_index must have an integer dtype, got {edge_index.dtype}")
-        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-            raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
-        num_src, num_dst = _parse_size(size)
-        E = edge_index.shape[1]
-        ei = edge_index.to(torch.int64)
-        checking = validate and not _is_compiling()
-        if num_src is None or num_dst is None:
-            if _is_compiling():
-                raise ValueError("under torch.compile, pass size=(num_src, num_dst) to Graph.from_edge_index")
-            inferred = int(ei.max()) + 1 if E > 0 else 0
-            num_src = inferred if num_src is None else num_src
-            num_dst = inferred if num_dst is None else num_dst
-        if checking:
-            check_node_ids(ei, num_src, num_dst)
+        ei = _check_edge_index(edge_index)
+        num_src, num_dst = _complete_size(ei, _parse_size(size))
         return cls._build(ei, num_src, num_dst)
 
     @classmethod
     def _build(cls, ei: torch.Tensor, num_src: int, num_dst: int) -> "Graph":
         E = ei.shape[1]
-        device = ei.device
         itype = _index_dtype(E, max(num_src, num_dst))
-        src, dst = ei[0], ei[1]
-        rowptr, perm = _sort_rows(dst, num_dst, itype)
-        g = cls(rowptr, src[perm].to(itype), perm, ei, num_src, num_dst)
-        g._dst_sorted = dst[perm]
-        return g
+        if _use_graph_ops(ei.device):
+            rowptr, col, eid = torch.ops.neptune.build_csr(ei, num_src, num_dst, itype, False)
+            return cls(rowptr, col, eid, ei.to(torch.int64), num_src, num_dst)
+        ei = ei.to(torch.int64)
+        if not _is_compiling():
+            check_node_ids(ei, num_src, num_dst)
+        rowptr, perm = _sort_rows(ei[1], num_dst, itype)
+        return cls(rowptr, ei[0][perm].to(itype), perm, ei, num_src, num_dst)
 
     # ------------------------------------------------------------ properties
     @property
     def num_edges(self) -> int:
-        return self.col.shape[0]
+        return self._col.shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.col.device
+        return self._col.device
 
     @property
     def index_dtype(self) -> torch.dtype:
-        return self.col.dtype
+        return self._col.dtype
 
     def in_degree(self) -> torch.Tensor:
         """Number of in-edges of every destination [num_dst]."""
-        return (self.rowptr[1:] - self.rowptr[:-1]).to(torch.int64)
+        return (self._rowptr[1:] - self._rowptr[:-1]).to(torch.int64)
 
     def csc(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The transposed graph (colptr, csc_row, csc_perm), built once and cached."""
         if self._csc is None:
-            colptr, perm = _sort_rows(self.col, self.num_src, self.index_dtype)
-            dst_sorted = getattr(self, "_dst_sorted", None)
-            if dst_sorted is None:
+            if _use_graph_ops(self.device):
+                self._csc = torch.ops.neptune.build_csc(self._rowptr, self._col, self._eid, self.num_src)
+            else:
+                colptr, perm = _sort_rows(self._col, self.num_src, self.index_dtype)
                 dst_sorted = torch.repeat_interleave(
                     torch.arange(self.num_dst, device=self.device), self.in_degree(),
                     output_size=self.num_edges)
-            self._csc = (colptr, dst_sorted[perm].to(self.index_dtype), perm)
+                self._csc = (colptr, dst_sorted[perm].to(self.index_dtype), perm)
         return self._csc
 
     # ------------------------------------------------------------ transforms
@@ -154,10 +171,8 @@ class Graph:
         device = torch.device(device)
         if device == self.device:
             return self
-        g = Graph(self.rowptr.to(device), self.col.to(device), self.eid.to(device),
+        g = Graph(self._rowptr.to(device), self._col.to(device), self._eid.to(device),
                   self.edge_index.to(device), self.num_src, self.num_dst)
-        if getattr(self, "_dst_sorted", None) is not None:
-            g._dst_sorted = self._dst_sorted.to(device)
         if self._csc is not None:
             g._csc = tuple(t.to(device) for t in self._csc)
         return g
@@ -165,6 +180,108 @@ class Graph:
     def __repr__(self) -> str:
         return (f"Graph(num_src={self.num_src}, num_dst={self.num_dst}, num_edges={self.num_edges}, "
                 f"index_dtype={self.index_dtype}, device={self.device})")
+
+
+class GATGraph:
+    """A graph with self loops handled the way ``GATConv(add_self_loops=True)`` does.
+
+    Existing self loops are not removed (that would give the graph a data-dependent
+    size, which torch.compile cannot trace); they are *redirected* to a phantom
+    destination row ``num_dst`` whose output is discarded, which removes them from
+    every softmax and every gradient exactly. Then one loop i -> i is appended per
+    node i < min(num_src, num_dst). ``graph`` is the kernels' Graph (``num_dst + 1``
+    destination rows); :meth:`edge_attr` completes edge attributes with the loops'
+    ``fill_value``; :meth:`kept_edges` / :meth:`output_edge_index` give the edges of
+    the returned attention weights in GATConv's order.
+
+    Without loops (``add_loops=False``, or a ready :class:`Graph`), it wraps the graph
+    as is.
+    """
+
+    def __init__(self, graph: Graph, num_dst: int, is_loop: Optional[torch.Tensor] = None,
+                 orig_dst: Optional[torch.Tensor] = None, num_loops: int = 0):
+        self.graph = graph
+        self.num_dst = num_dst
+        self.add_loops = is_loop is not None
+        self.is_loop = is_loop
+        self.orig_dst = orig_dst
+        self.num_loops = num_loops
+
+    @classmethod
+    def from_edge_index(cls, edge_index: torch.Tensor, num_src: int, num_dst: int,
+                        add_loops: bool) -> "GATGraph":
+        ei = _check_edge_index(edge_index)
+        if not add_loops:
+            return cls(Graph._build(ei, num_src, num_dst), num_dst)
+        n = min(num_src, num_dst)
+        ei = ei.to(torch.int64)
+        is_loop = ei[0] == ei[1]
+
+        def prepared_edge_index():
+            dst = torch.where(is_loop, torch.full_like(ei[1], num_dst), ei[1])
+            loops = torch.arange(n, device=ei.device, dtype=torch.int64)
+            return torch.cat([torch.stack([ei[0], dst]), torch.stack([loops, loops])], dim=1)
+
+        if _use_graph_ops(ei.device):
+            itype = _index_dtype(ei.shape[1] + n, max(num_src, num_dst + 1))
+            rowptr, col, eid = torch.ops.neptune.build_csr(ei, num_src, num_dst, itype, True)
+            graph = Graph(rowptr, col, eid, prepared_edge_index, num_src, num_dst + 1)
+        else:
+            if not _is_compiling():
+                check_node_ids(ei, num_src, num_dst)
+            graph = Graph._build(prepared_edge_index(), num_src, num_dst + 1)
+        return cls(graph, num_dst, is_loop, ei[1], n)
+
+    def edge_attr(self, edge_attr: torch.Tensor, fill_value) -> torch.Tensor:
+        """Edge attributes for the prepared edges: the input ones plus the loop fill."""
+        if not self.add_loops:
+            return edge_attr
+        n = self.num_loops
+        if isinstance(fill_value, str):
+            # Reduce the attributes of the (non-loop) edges entering each node; input
+            # self loops go to the phantom slot num_dst and are dropped.
+            reduce = _FILL_REDUCE[fill_value]
+            dst = torch.where(self.is_loop, torch.full_like(self.orig_dst, self.num_dst), self.orig_dst)
+            idx = dst.view(-1, *([1] * (edge_attr.dim() - 1))).expand_as(edge_attr)
+            shape = (self.num_dst + 1,) + tuple(edge_attr.shape[1:])
+            if reduce == "mean":
+                total = edge_attr.new_zeros(shape).scatter_add(0, idx, edge_attr)
+                count = edge_attr.new_zeros(self.num_dst + 1).index_add(
+                    0, dst, torch.ones_like(dst, dtype=edge_attr.dtype))
+                loop_attr = total / count.clamp(min=1).view(-1, *([1] * (edge_attr.dim() - 1)))
+            else:
+                loop_attr = edge_attr.new_zeros(shape).scatter_reduce(0, idx, edge_attr, reduce=reduce,
+                                                                       include_self=False)
+            loop_attr = loop_attr[:n]
+        else:
+            fill = fill_value if isinstance(fill_value, torch.Tensor) else torch.tensor(fill_value)
+            loop_attr = fill.to(edge_attr.dtype).to(edge_attr.device).expand(
+                (n,) + tuple(edge_attr.shape[1:])).clone()
+        return torch.cat([edge_attr, loop_attr], dim=0)
+
+    def kept_edges(self) -> torch.Tensor:
+        if not self.add_loops:
+            return torch.ones(self.graph.num_edges, dtype=torch.bool, device=self.graph.device)
+        return torch.cat([~self.is_loop, torch.ones(self.num_loops, dtype=torch.bool,
+                                                    device=self.is_loop.device)])
+
+    def output_edge_index(self) -> torch.Tensor:
+        """The edge list of the returned attention weights (GATConv's order)."""
+        ei = self.graph.edge_index
+        return ei[:, self.kept_edges()] if self.add_loops else ei
+
+
+def sparse_to_edge_index(adj: torch.Tensor) -> torch.Tensor:
+    """A torch sparse adjacency [N_dst, N_src] (adj[i, j] != 0: edge j -> i) to COO [2, E]."""
+    if adj.layout == torch.sparse_coo:
+        idx = adj.coalesce().indices()
+        return torch.stack([idx[1], idx[0]])
+    if adj.layout == torch.sparse_csr:
+        crow, col = adj.crow_indices(), adj.col_indices()
+        row = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device),
+                                      crow[1:] - crow[:-1])
+        return torch.stack([col.to(torch.int64), row])
+    raise ValueError(f"edge_index: unsupported sparse layout {adj.layout} (use COO or CSR)")
 
 
 def check_node_ids(edge_index: torch.Tensor, num_src: int, num_dst: int) -> None:
@@ -184,18 +301,61 @@ def check_node_ids(edge_index: torch.Tensor, num_src: int, num_dst: int) -> None
                          f"outside [0, num_dst={num_dst})")
 
 
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def _check_edge_index(edge_index) -> torch.Tensor:
+    if not isinstance(edge_index, torch.Tensor):
+        raise ValueError(f"edge_index must be a torch.Tensor of shape [2, E], got {type(edge_index).__name__}")
+    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
+        raise ValueError(f"edge_index must be an integer tensor (an integer dtype), got {edge_index.dtype}")
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
+    return edge_index
+
+
+def _complete_size(ei: torch.Tensor, size: Tuple[Optional[int], Optional[int]]) -> Tuple[int, int]:
+    """Fill the missing entries of (num_src, num_dst) with max id + 1 (one host sync)."""
+    num_src, num_dst = size
+    if num_src is not None and num_dst is not None:
+        return num_src, num_dst
+    if _is_compiling():
+        raise ValueError("under torch.compile, pass size=(num_src, num_dst) to Graph.from_edge_index")
+    inferred = int(ei.max()) + 1 if ei.shape[1] > 0 else 0
+    if inferred > _INT32_MAX:
+        raise ValueError(f"edge_index contains node id {inferred - 1}: with size=None the number of "
+                         f"nodes is inferred as max id + 1 = {inferred}, more than 2^31 - 1; pass "
+                         "size=(num_src, num_dst) if the graph really has that many nodes")
+    return (inferred if num_src is None else num_src), (inferred if num_dst is None else num_dst)
+
+
+def _as_size(v, name: str):
+    if v is None or isinstance(v, torch.SymInt):
+        return v
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and (v.is_floating_point() or v.numel() != 1)):
+        raise ValueError(f"size: {name} must be a non-negative int or None, got {v!r}")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise ValueError(f"size: {name} must be a non-negative int or None, got {v!r}") from None
+    if v < 0:
+        raise ValueError(f"size: {name} must be a non-negative int or None, got {v}")
+    return v
+
+
 def _parse_size(size: SizeLike) -> Tuple[Optional[int], Optional[int]]:
     if size is None:
         return None, None
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size < 0:
-            raise ValueError(f"size must be non-negative, got {size}")
-        return size, size
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        out = []
-        for name, v in zip(("num_src", "num_dst"), size):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise ValueError(f"size: {name} must be a non-negative int or None, got {v!r}")
-            out.append(v)
-        return out[0], out[1]
-    raise ValueError(f"size must be None, an int or a (num_src, num_dst) pair, got {size!r}")
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2:
+            raise ValueError(f"size must be None, an int or a (num_src, num_dst) pair, got {size!r}")
+        return _as_size(size[0], "num_src"), _as_size(size[1], "num_dst")
+    try:
+        n = _as_size(size, "num_nodes")
+    except ValueError:
+        raise ValueError(f"size must be None, an int or a (num_src, num_dst) pair, got {size!r}") from None
+    return n, n

@@ -47,13 +47,19 @@ def dropout_keep_mask(seed: int, edge_ids: torch.Tensor, num_heads: int, p: floa
 
 
 def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Softmax of logits [E, H] within groups of equal `index` [E]."""
+    """Softmax of logits [E, H] within groups of equal `index` [E].
+
+    Infinite logits as in torch.softmax: -inf gets weight 0, +inf makes its group NaN,
+    NaN propagates; a group whose logits are all -inf gets weights 0 (not NaN), like
+    a destination without in-edges."""
     H = logits.shape[1]
     idx = index.unsqueeze(1).expand(-1, H)
     m = logits.new_full((num_segments, H), float("-inf"))
     m = m.scatter_reduce(0, idx, logits, reduce="amax", include_self=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # all-masked groups
     ex = torch.exp(logits - m[index])
     denom = logits.new_zeros((num_segments, H)).index_add(0, index, ex)
+    denom = torch.where(denom == 0, torch.ones_like(denom), denom)  # all-masked: ex = 0 there
     return ex / denom[index]
 
 

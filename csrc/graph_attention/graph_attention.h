@@ -1,14 +1,17 @@
 // Declarations and argument checks shared by the CPU and CUDA graph-attention
 // kernels. Python (neptune_ext/ops/graph_attention.py) validates inputs with
-// friendly messages first; these TORCH_CHECKs are the last line of defence for
-// callers that reach torch.ops.neptune.* directly, so a bad call is an
-// exception and never an out-of-bounds read.
+// friendly messages first; these TORCH_CHECKs (shapes, dtypes) and the graph
+// checks of graph/graph.h (ids, pointers, permutations), which every kernel entry
+// runs before its kernel (see neptune.cpp), are the line of defence for callers
+// that reach torch.ops.neptune.* directly: a bad call is an exception, never an
+// out-of-bounds read.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <tuple>
 
 namespace neptune {
@@ -17,7 +20,7 @@ inline void check_gat_inputs(const at::Tensor& h, const at::Tensor& score_src,
                              const at::Tensor& score_dst, const at::Tensor& rowptr,
                              const at::Tensor& col, const at::Tensor& eid,
                              const std::optional<at::Tensor>& edge_logits,
-                             double dropout) {
+                             double negative_slope, double dropout) {
   TORCH_CHECK(h.dim() == 3, "neptune::gat: h must be [N_src, H, C], got ", h.sizes());
   const auto H = h.size(1);
   TORCH_CHECK(score_src.dim() == 2 && score_src.size(0) == h.size(0) &&
@@ -52,6 +55,8 @@ inline void check_gat_inputs(const at::Tensor& h, const at::Tensor& score_src,
   }
   TORCH_CHECK(dropout >= 0.0 && dropout < 1.0,
               "neptune::gat: dropout must be in [0, 1), got ", dropout);
+  TORCH_CHECK(std::isfinite(negative_slope),
+              "neptune::gat: negative_slope must be finite, got ", negative_slope);
 }
 
 // The dropout seed travels as an optional int64 scalar tensor on the CPU, so

@@ -109,7 +109,7 @@ void forward_kernel(const at::Tensor& h_t, const at::Tensor& ss_t, const at::Ten
         }
       }
       for (int64_t k = 0; k < H; ++k) {
-        const bool any = s[k] > acc_t(0);
+        const bool any = softmax_has_mass(s[k]);
         const acc_t inv = any ? acc_t(1) / s[k] : acc_t(0);
         lse[i * H + k] = any ? m[k] + std::log(s[k]) : acc_t(0);
         scalar_t* o = out + i * HC + k * C;
@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
     const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
     const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
-  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, dropout);
+  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2);
   at::Tensor out = at::empty({n_dst, H, C}, h.options());
   at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(gat_acc_dtype(h.scalar_type())));
@@ -274,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
     const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
     const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
-  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, dropout);
+  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   check_gat_backward_graph(col, colptr, csc_row, csc_perm, h.size(0));
   check_gat_backward_tensors(grad_out, out, lse, h, score_dst.size(0));
   const at::Tensor go = grad_out.contiguous();

@@ -443,7 +443,7 @@ struct Forward {
                                   const State& st) {
 #pragma unroll
     for (int s = 0; s < NSLOT; ++s) {
-      const bool any = st.s[s] > acc_t(0);
+      const bool any = softmax_has_mass(st.s[s]);
       if (ln.vec_ok[s])
         store_vec<scalar_t, VEC>(p.out + row * l.HC + ln.c[s], st.acc[s],
                                  any ? acc_t(1) / st.s[s] : acc_t(0));
@@ -888,7 +888,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
     const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
     const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
-  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, dropout);
+  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   check_cuda(h, h, "h");
   check_cuda(score_src, h, "score_src");
   check_cuda(score_dst, h, "score_dst");
@@ -937,7 +937,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
     const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
     const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
-  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, dropout);
+  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   check_gat_backward_graph(col, colptr, csc_row, csc_perm, h.size(0));
   const int64_t n_src = h.size(0), n_dst = score_dst.size(0), H = h.size(1), C = h.size(2),
                 E = col.size(0);

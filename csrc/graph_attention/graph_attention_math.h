@@ -61,19 +61,31 @@ NEPTUNE_HD bool dropout_keep(uint64_t seed, int64_t edge, int64_t head, float p)
 
 // One step of the online softmax (running max m, running sum s). Returns the
 // factor by which the accumulator must be rescaled and the weight of the new
-// element relative to the (possibly new) max.
+// element relative to the (possibly new) max. Infinite logits follow PyTorch's
+// softmax: a -inf logit gets weight 0 (a mask; a row whose logits are all -inf
+// ends with s = 0 and gets 0, like a row without in-edges), a +inf logit makes
+// the row NaN (exp(inf - inf)), and a NaN logit propagates.
 template <typename T>
 NEPTUNE_HD void online_softmax_step(T x, T& m, T& s, T& rescale, T& weight) {
   if (x > m) {
     rescale = exp(m - x);  // exp(-inf) = 0 on the first element
-    s = s * rescale + T(1);
+    weight = (x - x) + T(1);  // 1, or NaN for x = +inf
+    s = s * rescale + weight;
     m = x;
-    weight = T(1);
   } else {
     rescale = T(1);
-    weight = exp(x - m);
+    // exp(x - m), except x = m = -inf (only masked logits so far), where it would be
+    // exp(NaN): weight 0. (m * 0 is NaN only for an infinite m.)
+    const bool masked = x == m && m < T(0) && m * T(0) != m * T(0);
+    weight = masked ? T(0) : exp(x - m);
     s += weight;
   }
+}
+
+// True when a finished softmax row has mass: s > 0, or NaN (which must propagate).
+template <typename T>
+NEPTUNE_HD bool softmax_has_mass(T s) {
+  return !(s <= T(0));
 }
 
 // Merge two partial softmax states (m1, s1) and (m2, s2): returns the scale

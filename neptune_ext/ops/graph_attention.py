@@ -8,6 +8,7 @@ The compiled kernels (torch.ops.neptune.gat_forward / gat_backward) are fused:
 no per-edge feature tensor in forward, deterministic backward without atomics.
 Without the extension, the pure-PyTorch reference (neptune_ext.reference) runs.
 """
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -16,12 +17,19 @@ from .. import _ext
 from ..graph import Graph, _is_compiling
 from ..reference import attention_weights_reference, sparse_graph_attention_reference
 
-__all__ = ["sparse_graph_attention", "attention_weights"]
+__all__ = ["sparse_graph_attention", "attention_weights", "check_slope"]
 
 
 def _check(cond: bool, msg: str):
     if not cond:
         raise ValueError(msg)
+
+
+def check_slope(negative_slope) -> None:
+    """ValueError unless ``negative_slope`` is a finite real number."""
+    _check(isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool)
+           and math.isfinite(negative_slope),
+           f"negative_slope must be a finite float, got {negative_slope!r}")
 
 
 def _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout):
@@ -53,7 +61,7 @@ def _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropo
                f"edge_logits must have shape [E, H] = [{graph.num_edges}, {H}], got {list(edge_logits.shape)}")
         _check(edge_logits.dtype == h.dtype, f"edge_logits must have the dtype of h ({h.dtype}), got {edge_logits.dtype}")
         _check(edge_logits.device == h.device, f"edge_logits is on {edge_logits.device} but h is on {h.device}")
-    _check(isinstance(negative_slope, (int, float)), f"negative_slope must be a float, got {negative_slope!r}")
+    check_slope(negative_slope)
     _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
            f"dropout must be a float in [0, 1), got {dropout!r}")
 
