@@ -8,14 +8,66 @@
 """
 import argparse
 import json
+import math
+import os
 import sys
 
 from .data import DATASETS, DatasetError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return v
+
+
+def _check_out_dir(path: str) -> None:
+    """The output folder exists (or can be made) and is writable: checked before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DatasetError(f"--out {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"--out {path!r} cannot be created: {exc.strerror or exc}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DatasetError(f"--out {path!r} is not writable")
+
+
+def _check_out_file(path: str, flag: str) -> None:
+    """`path` can be written (checked before any work, so no result is lost at the end)."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{flag} {path!r} is a folder, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise DatasetError(f"{flag} {path!r}: folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise DatasetError(f"{flag} {path!r} is not writable")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neptune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="neptune", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model and write checkpoint, metrics and plots")
@@ -23,14 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="local folder with mnist/cifar10/folder data (never downloaded)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--model", default="neptune", choices=["neptune", "resnet18"])
-    t.add_argument("--epochs", type=int, help="default: 30 for digits, 8 mnist, 30 cifar10/folder")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--epochs", type=_positive_int, help="default: 30 for digits, 8 mnist, 30 cifar10/folder")
+    t.add_argument("--batch-size", type=_positive_int, default=64)
+    t.add_argument("--lr", type=_positive_float, default=3e-3)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--image-size", type=int, help="resize folder images to this size (default 32)")
-    t.add_argument("--limit", type=int, help="use only the first N training images (smoke tests)")
+    t.add_argument("--image-size", type=_positive_int, help="resize folder images to this size (default 32)")
+    t.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a data set's test split")
@@ -59,11 +111,14 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
+            _check_out_dir(args.out)
             from .train import train
             train(args.dataset, args.out, args.model, args.epochs, args.device, args.seed, args.resume,
                   args.data_dir, args.batch_size, args.lr, args.limit, args.image_size,
                   progress=not args.no_progress)
         elif args.command == "eval":
+            if args.json:
+                _check_out_file(args.json, "--json")
             from .train import evaluate_checkpoint
             r = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.device)
             print(f"{r['dataset']}: test accuracy {r['test_accuracy']:.4f} on {r['images']} images "
@@ -79,18 +134,32 @@ def main(argv=None) -> int:
             for r in predict(args.images, args.checkpoint, args.device):
                 print(f"{r['image']}: {r['class']} ({r['probability']:.3f})")
         elif args.command == "bench":
+            for flag, path in (("--json", args.json), ("--plot", args.plot)):
+                if path:
+                    _check_out_file(path, flag)
             from .bench.suite import run_suite
             run_suite(args.device, args.quick, args.json, args.plot)
         elif args.command == "info":
             from .info import info
             info()
     except DatasetError as exc:
-        print(f"neptune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"neptune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("NEPTUNE_DEBUG") == "1":
+            raise
+        print(f"neptune {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(set NEPTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

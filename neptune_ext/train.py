@@ -184,11 +184,17 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit),
+                    ("image_size", image_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise DatasetError(f"{name} must be a positive integer, got {v!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise DatasetError(f"lr must be a positive finite number, got {lr!r}")
     torch.manual_seed(seed)
     train_data, test_data = load(dataset, data_dir, image_size)
-    if limit:
+    if limit is not None:
         train_data, test_data = train_data.subset(limit), test_data.subset(max(limit // 4, 1))
-    epochs = epochs or DEFAULT_EPOCHS[dataset]
+    epochs = DEFAULT_EPOCHS[dataset] if epochs is None else epochs
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     meta = data_meta(train_data, dataset)
@@ -207,17 +213,24 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
     if resume:
         if not os.path.exists(ckpt_path):
             raise DatasetError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ck["model_name"] != model_name or ck["data"]["dataset"] != dataset:
-            raise DatasetError(f"--resume: {ckpt_path} is a {ck['model_name']} on {ck['data']['dataset']}, "
-                               f"not {model_name} on {dataset}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        history, start_epoch, seconds = ck["history"], ck["epoch"], ck["seconds"]
-        gen.set_state(ck["generator"])
-        model.load_state_dict(ck["train_model"])
-        ema.state = {k: v.clone() for k, v in ck["model"].items()}
+        ck = _read_checkpoint(ckpt_path, dev, "--resume: ")
+        try:
+            if ck["model_name"] != model_name or ck["data"]["dataset"] != dataset:
+                raise DatasetError(f"--resume: {ckpt_path} is a {ck['model_name']} on {ck['data']['dataset']}, "
+                                   f"not {model_name} on {dataset}")
+            _check_same_setup(ck, model, meta, ckpt_path)
+            _load_weights(model, ck["model"], ckpt_path)
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            history, start_epoch, seconds = ck["history"], ck["epoch"], ck["seconds"]
+            gen.set_state(ck["generator"])
+            _load_weights(model, ck["train_model"], ckpt_path)
+            ema.state = {k: v.clone() for k, v in ck["model"].items()}
+        except DatasetError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise DatasetError(f"--resume: {ckpt_path} is not a neptune training checkpoint "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
         print(f"resuming from epoch {start_epoch} ({ckpt_path})")
     print(f"training {model_name} on {dataset}: {len(train_data)} train / {len(test_data)} test images, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {epochs} epochs, {dev}, "
@@ -295,19 +308,59 @@ def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, ou
 
 
 # ------------------------------------------------------------- checkpoints
+def _read_checkpoint(path: str, device, prefix: str = "") -> dict:
+    """torch.load with weights_only=True: a checkpoint holds tensors, numbers, strings,
+    lists and dicts only, so opening a file never runs code from it."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise DatasetError(f"{prefix}checkpoint {path!r} does not exist")
+    except Exception as exc:  # a crafted pickle, a truncated file, not a torch file at all
+        raise DatasetError(f"{prefix}{path!r} is not a neptune checkpoint (it cannot be loaded safely: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
+    if not isinstance(ck, dict):
+        raise DatasetError(f"{prefix}{path!r} is not a neptune checkpoint")
+    return ck
+
+
+def _check_same_setup(ck: dict, model, meta: dict, path: str) -> None:
+    """--resume: the checkpoint was trained with this model configuration and data."""
+    saved_cfg, cfg = ck.get("model_config"), model_config(model)
+    diffs = []
+    if isinstance(saved_cfg, dict) and isinstance(cfg, dict):
+        diffs += [f"{k} {saved_cfg.get(k)!r} vs {cfg.get(k)!r}" for k in sorted(set(saved_cfg) | set(cfg))
+                  if saved_cfg.get(k) != cfg.get(k)]
+    for k in ("classes", "channels", "image_size"):
+        if list(_as_list(ck["data"].get(k))) != list(_as_list(meta.get(k))):
+            diffs.append(f"{k} {ck['data'].get(k)!r} vs {meta.get(k)!r}")
+    if diffs:
+        raise DatasetError(f"--resume: {path} was trained with another setup ({'; '.join(diffs[:3])})")
+
+
+def _as_list(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+def _load_weights(model, state: dict, path: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise DatasetError(f"{path!r} holds weights of another model configuration "
+                           f"({first[0] if first else 'load_state_dict failed'})") from None
+
+
 def load_checkpoint(path: str, device="cpu"):
     if not os.path.exists(path):
         raise DatasetError(f"checkpoint {path!r} does not exist")
+    ck = _read_checkpoint(path, device)
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
         meta = ck["data"]
         model = build_model(ck["model_name"], len(meta["classes"]), meta["channels"], meta["image_size"][0],
                             ck.get("model_config") if ck["model_name"] == "neptune" else None)
-        model.load_state_dict(ck["model"])
-    except DatasetError:
-        raise
-    except Exception as exc:
-        raise DatasetError(f"{path!r} is not a neptune checkpoint: {exc}")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DatasetError(f"{path!r} is not a neptune checkpoint ({type(exc).__name__}: {exc})")
+    _load_weights(model, ck["model"] if "model" in ck else {}, path)
     return model.to(device).eval(), ck
 
 
@@ -321,7 +374,16 @@ def evaluate_checkpoint(path: str, dataset: Optional[str] = None, data_dir: Opti
     if test.channels != meta["channels"] or list(test.image_size) != list(meta["image_size"]):
         raise DatasetError(f"{dataset} images are {test.channels}x{test.image_size}, the model expects "
                            f"{meta['channels']}x{tuple(meta['image_size'])}")
-    test = ImageData(test.images, test.labels, test.classes, meta["scale"], meta["mean"], meta["std"])
+    # Labels by class name: the data set's classes must be classes the model knows.
+    known = {c: i for i, c in enumerate(meta["classes"])}
+    unknown = [c for c in test.classes if c not in known]
+    if unknown:
+        raise DatasetError(f"{dataset} has classes the model does not know: {', '.join(map(str, unknown[:5]))}"
+                           f"{' ...' if len(unknown) > 5 else ''} (model classes: "
+                           f"{', '.join(map(str, meta['classes'][:12]))})")
+    remap = torch.tensor([known[c] for c in test.classes], dtype=torch.int64)
+    test = ImageData(test.images, remap[test.labels], list(meta["classes"]), meta["scale"], meta["mean"],
+                     meta["std"])
     ev = evaluate(model, test, dev)
     cm = confusion_matrix(ev["pred"], test.labels, len(meta["classes"]))
     return {"dataset": dataset, "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],

@@ -1,4 +1,5 @@
-"""fuse_stages: Conv2d -> BatchNorm2d -> ReLU chains of whole models become Stages."""
+"""fuse_stages: Conv2d -> BatchNorm2d (-> ReLU) chains of whole models run fused, and the
+fused model stays the original in every other respect (type, mode switches, state dict)."""
 import copy
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 import neptune_ext
 from neptune_ext.nn import Stage
-from neptune_ext.nn.stage import FoldedConv2d
+from neptune_ext.nn.stage import FoldedConv2d, FusedBatchNorm2d, FusedConv2d
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -21,10 +22,14 @@ def count(model, kind):
     return sum(1 for m in model.modules() if isinstance(m, kind))
 
 
+def count_stages(model):
+    return sum(1 for m in model.modules() if isinstance(m, FusedConv2d) and m.relu_fused)
+
+
 RESNET18_STAGES = ["conv1+bn1+relu -> Stage"] + [
     f"layer{i}.{j}.conv1+bn1+relu -> Stage" for i in range(1, 5) for j in range(2)]
-RESNET18_FOLDS = [f"layer{i}.{j}.conv2+bn2 -> Conv2d (BN folded)" for i in range(1, 5) for j in range(2)] + [
-    f"layer{i}.0.downsample.0+1 -> Conv2d (BN folded)" for i in range(2, 5)]
+RESNET18_FOLDS = [f"layer{i}.{j}.conv2+bn2 -> Conv+BN" for i in range(1, 5) for j in range(2)] + [
+    f"layer{i}.0.downsample.0+1 -> Conv+BN" for i in range(2, 5)]
 
 
 def test_resnet18_eval_matches_eager(capsys):
@@ -33,10 +38,10 @@ def test_resnet18_eval_matches_eager(capsys):
     assert sorted(fused.fusion_report) == sorted(RESNET18_STAGES + RESNET18_FOLDS)
     printed = capsys.readouterr().out
     assert "layer1.0.conv1+bn1+relu -> Stage" in printed and "20 fusion(s)" in printed
-    assert count(fused, Stage) == 9 and count(fused, nn.BatchNorm2d) == 9  # the Stages' own BNs
-    assert isinstance(fused.get_submodule("layer1.0.conv1"), Stage)
-    assert isinstance(fused.get_submodule("layer1.0.conv2"), FoldedConv2d)
-    assert count(fused, FoldedConv2d) == 11
+    assert type(fused) is type(model) and set(fused.state_dict()) == set(model.state_dict())
+    assert count_stages(fused) == 9 and count(fused, FusedConv2d) == 20
+    assert count(fused, FusedBatchNorm2d) == 20
+    assert isinstance(fused.get_submodule("layer1.0.conv2"), FusedConv2d)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
@@ -70,14 +75,14 @@ def test_other_torchvision_resnets_fuse():
         model = getattr(torchvision.models, name)().eval()
         fused = neptune_ext.fuse_stages(model)
         assert sum(r.endswith("-> Stage") for r in fused.fusion_report) == stages
-        assert count(fused, Stage) == stages
+        assert count_stages(fused) == stages
 
 
 def test_resnet18_training_tracks_eager():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).double().train()
     fused = neptune_ext.fuse_stages(model)
-    assert sorted(fused.fusion_report) == sorted(RESNET18_STAGES)  # no folds in training
+    assert sorted(fused.fusion_report) == sorted(RESNET18_STAGES + RESNET18_FOLDS)
     assert count(fused, nn.BatchNorm2d) == 20
     opt_e = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     opt_f = torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9)
@@ -92,17 +97,12 @@ def test_resnet18_training_tracks_eager():
             opt.step()
             losses.append(loss.item())
         assert losses[0] == pytest.approx(losses[1], rel=1e-9)
-    # Same parameters and buffers, under the fused model's names.
+    # Same parameters and buffers, under the same names.
     fused_state = fused.state_dict()
+    assert set(fused_state) == set(model.state_dict())
     for key, value in model.state_dict().items():
-        mapped = key
-        for i in [""] + [f"layer{a}.{b}." for a in range(1, 5) for b in range(2)]:
-            if key.startswith(i + "conv1.") and "downsample" not in key:
-                mapped = i + "conv1.conv." + key[len(i + "conv1."):]
-            if key.startswith(i + "bn1."):
-                mapped = i + "conv1.bn." + key[len(i + "bn1."):]
         # Rounding differences (BN arithmetic order) grow a little over SGD steps.
-        torch.testing.assert_close(fused_state[mapped], value, rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(fused_state[key], value, rtol=1e-7, atol=1e-8)
     model.eval(), fused.eval()
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -141,11 +141,9 @@ def test_patterns(train):
     assert stages == ["convs.0+bns.0+relu -> Stage", "convs.1+bns.1+relu -> Stage",
                       "convs.2+bns.2+relu -> Stage", "convs.3+bns.3+relu -> Stage",
                       "convs.6+bns.6+relu -> Stage"]
-    folds = [r for r in fused.fusion_report if r.endswith("folded)")]
-    if train:
-        assert folds == []
-    else:  # conv4's output is used twice: left alone; conv5 -> bn5 and conv7 -> bn7 fold
-        assert folds == ["convs.5+bns.5 -> Conv2d (BN folded)", "convs.7+bns.7 -> Conv2d (BN folded)"]
+    # conv4's output is used twice: left alone; conv5 -> bn5 and conv7 -> bn7 fuse without ReLU
+    folds = [r for r in fused.fusion_report if r.endswith("-> Conv+BN")]
+    assert folds == ["convs.5+bns.5 -> Conv+BN", "convs.7+bns.7 -> Conv+BN"]
     eager = copy.deepcopy(model)
     for _ in range(2):
         x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
@@ -189,7 +187,7 @@ def test_not_inplace_leaves_the_model_alone_and_inplace_reuses_modules():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     fused_inplace = neptune_ext.fuse_stages(model, inplace=True)
-    assert fused_inplace.get_submodule("layer1.0.conv1").conv is model.layer1[0].conv1
+    assert fused_inplace is model and isinstance(model.layer1[0].conv1, FusedConv2d)
 
 
 class ScaledConv(nn.Conv2d):
@@ -216,3 +214,85 @@ def test_nothing_to_fuse_returns_the_model():
 def test_bad_model_raises():
     with pytest.raises(ValueError, match="model must be an nn.Module"):
         neptune_ext.fuse_stages(lambda x: x)
+
+
+class ModeDependent(nn.Module):
+    """``if self.training:``, F.dropout(training=self.training) and stochastic depth."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.depth = torchvision.ops.StochasticDepth(0.5, "row")
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.training:
+            x = x * 3.0
+        x = F.dropout(x, 0.5, training=self.training)
+        return x + self.depth(self.b(x))
+
+
+@pytest.mark.parametrize("fuse_in_train", [True, False])
+def test_mode_switches_after_fusion_behave_like_the_original(fuse_in_train):
+    model = randomize_bn(ModeDependent().double()).train(fuse_in_train)
+    fused = neptune_ext.fuse_stages(model)
+    assert type(fused) is ModeDependent
+    assert fused.fusion_report == ["a.0+1+2 -> Stage", "b.0+1+2 -> Stage"]
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for mode in (not fuse_in_train, fuse_in_train, False):
+        model.train(mode), fused.train(mode)
+        torch.manual_seed(1)
+        want = model(x)
+        torch.manual_seed(1)
+        got = fused(x)
+        torch.testing.assert_close(got, want, **F64)
+        if not mode:  # no dropout, no stochastic depth, no x3 branch: deterministic
+            torch.testing.assert_close(fused(x), got, rtol=0, atol=0)
+    torch.testing.assert_close(fused.state_dict()["a.1.running_mean"], model.state_dict()["a.1.running_mean"],
+                               **F64)
+
+
+def test_googlenet_fused_in_train_returns_what_googlenet_returns_in_each_mode():
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(aux_logits=True, init_weights=True).train()
+    fused = neptune_ext.fuse_stages(model)
+    assert len(fused.fusion_report) > 50 and type(fused) is type(model)
+    x = torch.randn(2, 3, 64, 64)
+    out = fused(x)
+    assert type(out).__name__ == "GoogLeNetOutputs" and out.aux_logits1 is not None
+    model(x)  # the same running-statistics update
+    fused.eval(), model.eval()
+    with torch.no_grad():
+        got, want = fused(x), model(x)
+    assert isinstance(got, torch.Tensor)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_state_dicts_load_both_ways():
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    fused = neptune_ext.fuse_stages(model)
+    other = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    fused.load_state_dict(other.state_dict())          # original -> fused (fuse, then load)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), other(x), rtol=1e-4, atol=1e-5)
+    fresh = torchvision.models.resnet18(num_classes=10).eval()
+    fresh.load_state_dict(fused.state_dict())          # fused -> original
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), other(x), rtol=0, atol=0)
+    # A fold cached before a load_state_dict is not reused after it.
+    with torch.no_grad():
+        fused(x)
+        fused.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_with_gradients_and_inplace_relu_after_a_fused_conv():
+    model = randomize_bn(torchvision.models.resnet18()).double().eval()
+    fused = neptune_ext.fuse_stages(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    fused(x).sum().backward()
+    g, x.grad = x.grad, None
+    model(x).sum().backward()
+    torch.testing.assert_close(g, x.grad, **F64)

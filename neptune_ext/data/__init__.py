@@ -144,6 +144,8 @@ def read_image(path: str, channels: int, size: Tuple[int, int]) -> torch.Tensor:
             arr = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise DatasetError(f"image {path!r} does not exist")
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{path!r} is too large to read safely: {exc}")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path!r} is not a readable image: {exc}")
     t = torch.from_numpy(arr.copy())

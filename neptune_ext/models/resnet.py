@@ -1,4 +1,4 @@
-"""torchvision's ResNet-18 with every Conv2d->BatchNorm2d->ReLU replaced by a Stage."""
+"""torchvision's ResNet-18 with every Conv2d->BatchNorm2d(->ReLU) chain fused."""
 import torch.nn as nn
 
 from ..fuse import fuse_stages
@@ -7,9 +7,9 @@ from ..fuse import fuse_stages
 def resnet18_fused(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-18 (random init; no weights are downloaded) with its stages fused.
 
-    The model is fused in training mode, so only Conv-BN-ReLU chains become Stages
-    and it trains exactly like the eager model; call ``fuse_stages(model.eval())``
-    again for inference to also fold the Conv-BN pairs without a ReLU.
+    It trains exactly like the eager model (batch statistics, the fused BN+ReLU
+    kernel) and, after ``model.eval()``, runs with every BN folded into its conv;
+    its state dict is torchvision's.
     """
     from torchvision.models import resnet18
     model = resnet18(weights=None, num_classes=num_classes, **kwargs)

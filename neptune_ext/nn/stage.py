@@ -6,7 +6,7 @@ from torch import nn
 
 from ..ops import stage as ops
 
-__all__ = ["Stage", "FoldedConv2d"]
+__all__ = ["Stage", "FoldedConv2d", "FusedConv2d", "FusedBatchNorm2d", "FusedReLU"]
 
 
 def _explicit_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
@@ -43,9 +43,14 @@ class Stage(nn.Module):
       extra convolution), so a stack of Stages stores about half the activations
       of eager. ``memory_efficient=False`` saves the conv output instead (eager's
       memory, no recomputation).
-    - Eval (running statistics): BN folded into the conv weight and bias (cached,
-      rebuilt when any parameter or buffer changes), then one oneDNN convolution
-      with a fused ReLU for channels_last float32 input, or conv2d + in-place ReLU.
+    - Eval (running statistics): BN folded into the conv weight and bias, then one
+      oneDNN convolution with a fused ReLU for channels_last float32 input, or
+      conv2d + in-place ReLU. The fold is cached and rebuilt whenever a parameter
+      or buffer is replaced or written in place (optimizer steps, ``load_state_dict``,
+      ``torch.no_grad()`` updates: whatever bumps torch's version counter). Writes
+      that bypass the version counter (through ``.data``, ``.numpy()`` or DLPack)
+      are not seen: call :meth:`clear_cache` after them, or set
+      ``stage.cache_fold = False`` to fold on every call.
 
     Args: as ``nn.Conv2d`` (without bias / padding_mode) and ``nn.BatchNorm2d``.
 
@@ -67,6 +72,7 @@ class Stage(nn.Module):
                               d, groups, bias=False, device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         self.memory_efficient = memory_efficient
+        self.cache_fold = True
         self._fold = ops.FoldCache()
         self.register_load_state_dict_pre_hook(_load_hook)
 
@@ -105,38 +111,19 @@ class Stage(nn.Module):
             conv = new_conv
         stage.conv, stage.bn = conv, bn
         stage.memory_efficient = memory_efficient
+        stage.cache_fold = True
         stage._fold = ops.FoldCache()
         stage.register_load_state_dict_pre_hook(_load_hook)
         stage.training = bn.training
         return stage
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        conv, bn = self.conv, self.bn
-        _check_input(input, conv)
-        bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-        if not bn_training:
-            return ops.conv_bn_relu_eval(
-                input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=self._fold)
-        # Mirrors nn.BatchNorm2d.forward.
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        weight, bias = bn.weight, bn.bias
-        if weight is None:  # affine=False
-            weight = torch.ones(bn.num_features, dtype=conv.weight.dtype, device=input.device)
-        if bias is None:
-            bias = torch.zeros(bn.num_features, dtype=conv.weight.dtype, device=input.device)
-        y, mean, var = ops.conv_bn_relu_train(
-            input, conv.weight, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-            bn.eps, recompute=self.memory_efficient)
-        if not bn.training or bn.track_running_stats:
-            if conv.bias is not None:  # cancels in the output, not in the running mean
-                mean = mean + conv.bias.detach()
-            ops.update_running_stats(bn.running_mean, bn.running_var, mean, var,
-                                     y.numel() // y.shape[1], factor)
-        return y
+        cache = self._fold if getattr(self, "cache_fold", True) else None
+        return _stage_forward(self.conv, self.bn, input, self.memory_efficient, cache)
+
+    def clear_cache(self) -> None:
+        """Forget the eval-mode fold (see ``cache_fold``)."""
+        self._fold.clear()
 
     def _apply(self, fn, *args, **kwargs):
         self._fold.clear()  # do not keep the old tensors alive
@@ -153,8 +140,8 @@ class Stage(nn.Module):
 
 
 class FoldedConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` with bias that holds a folded Conv2d -> BatchNorm2d (from
-    :func:`neptune_ext.fuse_stages` in eval mode).
+    """An ``nn.Conv2d`` with bias that holds a folded Conv2d -> BatchNorm2d (for
+    inference-only models whose BN was folded once and for all).
 
     Same parameters and semantics as ``nn.Conv2d``; for channels_last float32 CPU
     input outside autograd it runs one oneDNN convolution on a weight prepacked
@@ -180,6 +167,110 @@ class FoldedConv2d(nn.Conv2d):
         state = dict(super().__getstate__())
         state["_pack"] = ops.PackCache()
         return state
+
+
+def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
+                   memory_efficient: bool, cache) -> torch.Tensor:
+    """relu(bn(conv(input))) exactly as the eager modules compute it, in the BN's mode."""
+    _check_input(input, conv)
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if not bn_training:
+        return ops.conv_bn_relu_eval(
+            input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=cache)
+    # Mirrors nn.BatchNorm2d.forward.
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    weight, bias = bn.weight, bn.bias
+    if weight is None:  # affine=False
+        weight = torch.ones(bn.num_features, dtype=conv.weight.dtype, device=input.device)
+    if bias is None:
+        bias = torch.zeros(bn.num_features, dtype=conv.weight.dtype, device=input.device)
+    y, mean, var = ops.conv_bn_relu_train(
+        input, conv.weight, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+        bn.eps, recompute=memory_efficient)
+    if not bn.training or bn.track_running_stats:
+        if conv.bias is not None:  # cancels in the output, not in the running mean
+            mean = mean + conv.bias.detach()
+        ops.update_running_stats(bn.running_mean, bn.running_var, mean, var,
+                                 y.numel() // y.shape[1], factor)
+    return y
+
+
+class FusedConv2d(nn.Conv2d):
+    """A Conv2d of a model that :func:`neptune_ext.fuse_stages` fused with the
+    BatchNorm2d after it (and the ReLU after that, when ``relu_fused``).
+
+    It is the model's own conv module, converted in place: same parameters, same
+    state-dict keys. The BN stays where it was (a :class:`FusedBatchNorm2d`, which
+    passes its input through) and keeps its parameters and buffers; this module
+    computes ``bn(conv(x))`` (``relu(bn(conv(x)))`` when ``relu_fused``) with them,
+    in whatever mode the BN is in at call time: batch statistics with the fused
+    BN+ReLU kernel in training, the folded convolution in eval. The fold cache
+    behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bn = self.fused_bn
+        cache = self._fold if self.cache_fold else None
+        if self.relu_fused:
+            return _stage_forward(self, bn, input, self.memory_efficient, cache)
+        if bn.training or (bn.running_mean is None and bn.running_var is None):
+            return nn.BatchNorm2d.forward(bn, super().forward(input))
+        _check_input(input, self)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+                input, self.weight, self.bias, bn.weight, bn.bias)):
+            w, b = ops.fold_conv_bn(self.weight, self.bias, bn.weight, bn.bias, bn.running_mean,
+                                    bn.running_var, bn.eps)
+            return ops.conv_bias(input, w, b, self.stride, self.padding, self.dilation, self.groups)
+        cache = cache if cache is not None else ops.FoldCache()
+        (w, b), _ = cache.folded(self.weight, self.bias, bn.weight, bn.bias, bn.running_mean,
+                                 bn.running_var, bn.eps)
+        return ops.conv_bias(input, w, b, self.stride, self.padding, self.dilation, self.groups,
+                             cache=cache)
+
+    @classmethod
+    def convert(cls, conv: nn.Conv2d, bn: "FusedBatchNorm2d", relu_fused: bool) -> "FusedConv2d":
+        conv.padding = _explicit_padding(conv.padding, conv.kernel_size, conv.dilation)
+        conv.__class__ = cls
+        object.__setattr__(conv, "fused_bn", bn)  # a reference, not a child: no new state-dict keys
+        conv.relu_fused = relu_fused
+        conv.memory_efficient = True
+        conv.cache_fold = True
+        conv._fold = ops.FoldCache()
+        return conv
+
+    def clear_cache(self) -> None:
+        self._fold.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_fold"] = ops.FoldCache()
+        return state
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", + BN + ReLU" if self.relu_fused else ", + BN")
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d whose work the :class:`FusedConv2d` before it does: it keeps its
+    parameters and buffers (and state-dict keys) and passes its input through."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+
+class FusedReLU(nn.ReLU):
+    """A ReLU applied by the :class:`FusedConv2d` before it: passes its input through."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
 
 
 def _check_input(input, conv: nn.Conv2d):

@@ -318,7 +318,11 @@ def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, relu:
         return torch.ops.mkldnn._convolution_pointwise(
             input, w, bias, list(p), list(s), list(d), groups, "relu" if relu else "none", [], "")
     out = F.conv2d(input, weight, bias, s, p, d, groups)
-    return out.relu_() if relu else out
+    if not relu:
+        return out
+    # Under autograd an out-of-place clamp (its backward keeps the input, not the
+    # output), so a later in-place ReLU on the result stays legal, as in eager.
+    return out.clamp_min(0) if grad else out.relu_()
 
 
 def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride=1,
@@ -423,7 +427,7 @@ def conv_bn_relu_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn
     if torch.is_grad_enabled() and (input.requires_grad or any(
             t is not None and t.requires_grad for t in params)):
         w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
-        return F.conv2d(input, w, b, s, p, d, groups).relu_()
+        return F.conv2d(input, w, b, s, p, d, groups).clamp_min(0)
     cache = cache if cache is not None else FoldCache()
     (w, b), cacheable = cache.folded(conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                      running_var, eps)
