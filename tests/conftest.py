@@ -14,6 +14,11 @@ def pytest_report_header(config):
     return f"neptune_ext test seed: NEPTUNE_TEST_SEED={_SEED}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    # Also at the end, where `pytest -q` (which hides the header) shows it.
+    terminalreporter.write_line(f"neptune_ext test seed: NEPTUNE_TEST_SEED={_SEED} (set it to replay this run)")
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything(request):
     torch.manual_seed(_SEED + zlib.crc32(request.node.nodeid.encode()))
