@@ -119,3 +119,114 @@ def test_errors_are_one_line(args, match, tmp_path, trained):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and match in err[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ trust: files and arguments
+class _Payload:
+    """Unpickling this runs open(marker, 'w'): a harmless stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _bomb_png(path, width=20000, height=20000):
+    """A tiny PNG whose header claims width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0\0"))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "resume"])
+def test_a_crafted_checkpoint_runs_nothing(command, tmp_path):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "checkpoint.pt"
+    torch.save({"model_name": "neptune", "data": _Payload(str(marker))}, ckpt)
+    digit_png(tmp_path / "d.png")
+    args = {"predict": ["predict", str(tmp_path / "d.png"), "--checkpoint", str(ckpt)],
+            "eval": ["eval", "--checkpoint", str(ckpt)],
+            "resume": ["train", "--dataset", "digits", "--out", str(run), "--resume", "--epochs", "1",
+                       "--no-progress"]}[command]
+    proc = neptune(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "not a neptune checkpoint" in err[0], proc.stderr
+    assert not marker.exists()
+
+
+def _folder_of(root, classes, n=3, size=8):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            PIL.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "--out", "{tmp}/o", "--epochs", "0"], "--epochs: expected a positive integer, got 0"),
+    (["train", "--out", "{tmp}/o", "--epochs", "-1"], "--epochs: expected a positive integer, got -1"),
+    (["train", "--out", "{tmp}/o", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["train", "--out", "{tmp}/o", "--image-size", "0"], "--image-size: expected a positive integer"),
+    (["train", "--out", "{tmp}/o", "--limit", "0"], "--limit: expected a positive integer"),
+    (["train", "--out", "{tmp}/o", "--lr", "nan"], "--lr: expected a positive finite number"),
+    (["train", "--out", "{tmp}/o", "--lr", "-1"], "--lr: expected a positive finite number"),
+    (["train", "--out", "{tmp}/afile"], "exists and is not a folder"),
+    (["train", "--out", "{tmp}/afile/sub"], "cannot be created"),
+    (["eval", "--checkpoint", "{ckpt}", "--json", "{tmp}/nodir/e.json"], "does not exist"),
+    (["eval", "--checkpoint", "{ckpt}", "--json", "{tmp}"], "is a folder"),
+    (["eval", "--checkpoint", "{ckpt}", "--dataset", "folder", "--data-dir", "{twelve}"],
+     "classes the model does not know: a, b"),
+    (["eval", "--checkpoint", "{ckpt}", "--dataset", "folder", "--data-dir", "{pets}"],
+     "classes the model does not know: cats, dogs"),
+    (["train", "--out", "{foreign_run}", "--resume"], "is not a neptune"),
+    (["eval", "--checkpoint", "{other_config}"], "another model configuration"),
+    (["predict", "{tmp}/bomb.png", "--checkpoint", "{ckpt}"], "too large to read safely"),
+    (["bogus-command"], "invalid choice"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(args, match, tmp_path, trained):
+    (tmp_path / "afile").write_text("x")
+    _bomb_png(tmp_path / "bomb.png")
+    twelve = _folder_of(tmp_path / "twelve", [str(i) for i in range(10)] + ["a", "b"])
+    pets = _folder_of(tmp_path / "pets", ["cats", "dogs"])
+    foreign_run = tmp_path / "foreign"
+    foreign_run.mkdir()
+    torch.save({"weights": torch.zeros(3)}, foreign_run / "checkpoint.pt")
+    ckpt_path = trained[0] / "checkpoint.pt"
+    ck = torch.load(ckpt_path, weights_only=True)
+    ck["model_config"] = dict(ck["model_config"], width=ck["model_config"]["width"] * 2)
+    torch.save(ck, tmp_path / "other.pt")
+    args = [a.format(tmp=tmp_path, ckpt=ckpt_path, twelve=twelve, pets=pets, foreign_run=foreign_run,
+                     other_config=tmp_path / "other.pt") for a in args]
+    proc = neptune(*args, check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and match in err[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not proc.stdout.strip()
+
+
+def test_eval_on_a_folder_with_a_subset_of_the_classes_maps_labels_by_name(tmp_path, trained):
+    from neptune_ext.data import _digits
+    _, test = _digits()
+    root = tmp_path / "subset"
+    for c in ("3", "7"):
+        (root / c).mkdir(parents=True)
+    for i in range(len(test)):
+        label = int(test.labels[i])
+        if label in (3, 7):
+            img = (test.images[i, 0].numpy().astype(np.float32) * 255 / 16).astype(np.uint8)
+            PIL.fromarray(img).save(root / str(label) / f"{i}.png")
+    proc = neptune("eval", "--checkpoint", str(trained[0] / "checkpoint.pt"), "--dataset", "folder",
+                   "--data-dir", str(root), "--json", str(tmp_path / "e.json"))
+    e = json.loads((tmp_path / "e.json").read_text())
+    support = {c: m["support"] for c, m in e["per_class"].items() if m["support"]}
+    assert set(support) == {"3", "7"}, proc.stdout
