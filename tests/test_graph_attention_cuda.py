@@ -305,7 +305,8 @@ def test_bitwise_deterministic_with_hubs(dtype):
 
 def test_bad_device_is_an_error():
     g = Graph.from_edge_index(torch.tensor([[0, 1], [1, 0]], device=DEV), (2, 2))
-    h, ss, sd, _ = (t.detach() for t in inputs(2, 2, 2, 1, 4, torch.float32, edge_logits=False))
+    h, ss, sd, _ = inputs(2, 2, 2, 1, 4, torch.float32, edge_logits=False)  # no edge logits: None
+    h, ss, sd = h.detach(), ss.detach(), sd.detach()
     with pytest.raises(RuntimeError, match="must be on"):
         torch.ops.neptune.gat_forward(h, ss.cpu(), sd, g.rowptr, g.col, g.eid, *g.csc(), None,
                                       0.2, 0.0, None)
