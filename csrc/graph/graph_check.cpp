@@ -34,8 +34,9 @@ struct Entry {
 };
 
 constexpr size_t kMaxEntries = 64;
-std::mutex registry_mutex;
-std::deque<Entry> registry;  // most recent first
+// Never destroyed: entries must not outlive torch's own state at process exit.
+std::mutex& registry_mutex = *new std::mutex();
+std::deque<Entry>& registry = *new std::deque<Entry>();  // most recent first
 
 bool trackable(const at::Tensor& t) { return t.defined() && !t.is_inference(); }
 

@@ -65,6 +65,15 @@ class GraphAttention(nn.Module):
     ``[2, E]`` tensor, a :class:`neptune_ext.Graph` (used as is: no self loops are
     added or removed) or a torch sparse COO/CSR adjacency of shape [N_dst, N_src].
 
+    ``in_channels=-1`` (or ``-1`` in the pair) sizes the projection on the first call,
+    as in PyG. Bad node ids raise ValueError on every path (also under torch.compile).
+
+    The graph built from an ``edge_index`` tensor is cached while the very same tensor
+    object comes again unchanged (shape, strides, offset, dtype, device and torch's
+    version counter, which every in-place write bumps). Writes that bypass the version
+    counter (through ``.data``, ``.numpy()`` or DLPack) are not seen: call
+    :meth:`clear_graph_cache` after them, or set ``conv.cache_graph = False``.
+
     Example::
 
         >>> conv = GraphAttention(16, 8, heads=4)
