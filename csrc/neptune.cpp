@@ -108,8 +108,13 @@ TORCH_LIBRARY(neptune, m) {
       "-> (Tensor grad_h, Tensor grad_score_src, Tensor grad_score_dst, "
       "Tensor grad_edge_logits)");
 
-  // Stage: fused BatchNorm+ReLU (training) and conv+bias+ReLU epilogue.
-  NEPTUNE_STAGE_SCHEMAS(m);
+  // Stage: fused BatchNorm+ReLU with batch statistics (see stage/stage.h).
+  m.def(
+      "bn_relu_forward(Tensor x, Tensor weight, Tensor bias, float eps) "
+      "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)");
+  m.def(
+      "bn_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, "
+      "Tensor mean, Tensor invstd) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(neptune, CPU, m) {
@@ -118,7 +123,8 @@ TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("build_csc", &neptune::build_csc);
   m.impl("gat_forward", &neptune::gat_forward_checked<&neptune::gat_forward_cpu>);
   m.impl("gat_backward", &neptune::gat_backward_checked<&neptune::gat_backward_cpu>);
-  NEPTUNE_STAGE_CPU_IMPLS(m);
+  m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);
+  m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu);
 }
 
 #ifdef NEPTUNE_WITH_CUDA
@@ -127,7 +133,8 @@ TORCH_LIBRARY_IMPL(neptune, CUDA, m) {
   m.impl("build_csc", &neptune::build_csc);
   m.impl("gat_forward", &neptune::gat_forward_checked<&neptune::gat_forward_cuda>);
   m.impl("gat_backward", &neptune::gat_backward_checked<&neptune::gat_backward_cuda>);
-  NEPTUNE_STAGE_CUDA_IMPLS(m);
+  m.impl("bn_relu_forward", &neptune::bn_relu_forward_cuda);
+  m.impl("bn_relu_backward", &neptune::bn_relu_backward_cuda);
 }
 #endif
 

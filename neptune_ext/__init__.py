@@ -12,7 +12,7 @@ from . import _ext
 from .graph import Graph
 from . import ops
 from . import nn
-from .fuse import fuse_stages
+from .nn import fuse_stages
 
 __all__ = ["__version__", "Graph", "ops", "nn", "fuse_stages", "info"]
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import _ext
+from ._util import is_compiling as _is_compiling
 
 _INT32_MAX = 2**31 - 1
 
@@ -299,13 +300,6 @@ def check_node_ids(edge_index: torch.Tensor, num_src: int, num_dst: int) -> None
     if max_dst >= num_dst:
         raise ValueError(f"edge_index[1] (destinations) contains node id {max_dst}, "
                          f"outside [0, num_dst={num_dst})")
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # torch < 2.3
-        return False
 
 
 def _check_edge_index(edge_index) -> torch.Tensor:

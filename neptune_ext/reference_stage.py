@@ -20,11 +20,9 @@ from typing import Tuple
 
 import torch
 
+from ._util import acc_dtype as _acc_dtype
+
 _DIMS = (0, 2, 3)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neptune_ext
-from neptune_ext.nn import Stage
+
 from neptune_ext.nn.stage import FoldedConv2d, FusedBatchNorm2d, FusedConv2d
 
 torchvision = pytest.importorskip("torchvision")

@@ -12,7 +12,7 @@ import torch
 import neptune_ext
 from neptune_ext import Graph, ops
 
-from gat_checks import check_results
+from graph_attention_checks import check_results
 from graphs import power_law_graph, random_graph
 
 pytestmark = pytest.mark.cuda
@@ -47,7 +47,7 @@ def run_op(g, h, ss, sd, el, slope=0.2, p=0.0, seed=None, go=None):
 
 
 def check_against_reference(g, dtype, H, C, p=0.0, edge_logits=True, scale=1.0, grad_tol=None):
-    """out vs the float64 reference, gradients vs the float64 backward (gat_checks)."""
+    """out vs the float64 reference, gradients vs the float64 backward (graph_attention_checks)."""
     h, ss, sd, el = inputs(g.num_src, g.num_dst, g.num_edges, H, C, dtype, edge_logits, scale)
     seed = torch.tensor(1234) if p > 0 else None
     out, grads, go = run_op(g, h, ss, sd, el, 0.2, p, seed)

@@ -18,7 +18,7 @@ import torch
 
 import neptune_ext
 from neptune_ext import Graph
-from gat_checks import TOL_OUT, check_results, rel_err
+from graph_attention_checks import TOL_OUT, check_results, rel_err
 from graphs import cases, hub_graph, power_law_graph, random_graph
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))

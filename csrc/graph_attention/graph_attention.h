@@ -14,6 +14,8 @@
 #include <cmath>
 #include <tuple>
 
+#include "common.h"
+
 namespace neptune {
 
 inline void check_gat_inputs(const at::Tensor& h, const at::Tensor& score_src,
@@ -69,10 +71,8 @@ inline uint64_t seed_value(const std::optional<at::Tensor>& seed, double dropout
   return static_cast<uint64_t>(seed->data_ptr<int64_t>()[0]);
 }
 
-// Accumulation (and lse) dtype: float64 for float64 inputs, else float32.
-inline at::ScalarType gat_acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+// Accumulation (and lse) dtype: the package rule (common.h).
+inline at::ScalarType gat_acc_dtype(at::ScalarType t) { return acc_dtype(t); }
 
 // Backward's saved tensors and incoming gradient, checked once for both back ends.
 inline void check_gat_backward_tensors(const at::Tensor& grad_out, const at::Tensor& out,

@@ -70,7 +70,7 @@ void forward_kernel(const at::Tensor& h_t, const at::Tensor& ss_t, const at::Ten
   const acc_t slope = static_cast<acc_t>(slope_d);
   const bool use_dropout = p_d > 0.0;
   const float p = static_cast<float>(p_d);
-  const acc_t keep_scale = use_dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p_d)) : acc_t(1);
+  const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
 
   at::parallel_for(0, n_dst, grain_for(n_dst, col_t.size(0), HC), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(HC), m(H), s(H), base(H);
@@ -152,7 +152,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
   const acc_t slope = static_cast<acc_t>(slope_d);
   const bool use_dropout = p_d > 0.0;
   const float p = static_cast<float>(p_d);
-  const acc_t keep_scale = use_dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p_d)) : acc_t(1);
+  const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
 
   // Per-edge dS and a' in CSR order: E x H scratch (backward only).
   at::Tensor ds_t = at::empty({E, H}, lse_t.options());
@@ -201,7 +201,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
 #pragma omp simd reduction(+ : g)
             for (int64_t c = 0; c < C; ++c) g += static_cast<acc_t>(gv[c]) * static_cast<acc_t>(hv[c]);
           }
-          const acc_t dS = (a_kept * g - a * D[k]) * leaky_relu_grad(raw, slope);
+          const acc_t dS = logit_grad(a_kept, g, a, D[k], raw, slope);
           g_sd[k] += dS;
           ds[e * H + k] = dS;
           ap[e * H + k] = a_kept;

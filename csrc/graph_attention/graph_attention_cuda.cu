@@ -564,7 +564,7 @@ struct Backward1 {
           if (p.dropout)
             a_kept = dropout_keep(p.seed, e[u], head, p.p) ? a * p.keep_scale : acc_t(0);
           const acc_t g = a_kept != acc_t(0) ? dot[u] : acc_t(0);
-          const acc_t dS = (a_kept * g - a * D) * leaky_relu_grad(raw, p.slope);
+          const acc_t dS = logit_grad(a_kept, g, a, D, raw, p.slope);
           st.g += dS;
           if (ln.leader[0]) {
             const int64_t pos = chunk + t + u;
@@ -922,7 +922,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
       p.slope = static_cast<acc_t>(negative_slope);
       p.dropout = dropout > 0.0;
       p.p = static_cast<float>(dropout);
-      p.keep_scale = p.dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(dropout)) : acc_t(1);
+      p.keep_scale = dropout_keep_scale<acc_t>(dropout);
       p.seed = seed_v;
       run_wide<Forward, scalar_t, index_t>(p, H, C, vec_ok, n_dst, E, lse.options(), stream);
     });
@@ -989,7 +989,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
       p1.slope = static_cast<acc_t>(negative_slope);
       p1.dropout = dropout > 0.0;
       p1.p = static_cast<float>(dropout);
-      p1.keep_scale = p1.dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(dropout)) : acc_t(1);
+      p1.keep_scale = dropout_keep_scale<acc_t>(dropout);
       p1.seed = seed_v;
       bool vec1 = false;
       if constexpr (kVec > 1) {

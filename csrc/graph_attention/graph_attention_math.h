@@ -28,6 +28,21 @@ NEPTUNE_HD T leaky_relu_grad(T x, T slope) {
   return x > T(0) ? T(1) : slope;
 }
 
+// Gradient of the logit of edge (i, j):
+//   dS_ij = (a'_ij <dOut_i, h_j> - a_ij D_i) * LeakyReLU'(raw_ij),
+// with a the softmax weight, a' the weight after dropout, g = <dOut_i, h_j> and
+// D_i = <dOut_i, out_i>.
+template <typename T>
+NEPTUNE_HD T logit_grad(T a_kept, T g, T a, T D, T raw, T slope) {
+  return (a_kept * g - a * D) * leaky_relu_grad(raw, slope);
+}
+
+// The factor applied to kept attention weights: 1 / (1 - p), or 1 without dropout.
+template <typename T>
+inline T dropout_keep_scale(double p) {
+  return p > 0.0 ? T(1) / (T(1) - static_cast<T>(p)) : T(1);
+}
+
 // MurmurHash3's 32-bit finalizer: a bijection with good avalanche.
 NEPTUNE_HD uint32_t fmix32(uint32_t x) {
   x ^= x >> 16;

@@ -1,4 +1,5 @@
-// Stage (Conv -> BatchNorm -> ReLU) kernels: declarations and schemas.
+// Stage (Conv -> BatchNorm -> ReLU) kernels: declarations and argument checks
+// (the schemas are in neptune.cpp).
 //
 // The convolution itself runs in ATen/oneDNN (F.conv2d, and oneDNN's fused
 // conv+bias+ReLU in eval); what is ours is the training-mode BatchNorm+ReLU:
@@ -22,6 +23,8 @@
 
 #include <tuple>
 
+#include "common.h"
+
 namespace neptune {
 
 inline void check_bn_relu_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
@@ -37,6 +40,18 @@ inline void check_bn_relu_inputs(const char* op, const at::Tensor& x, const at::
               "neptune::", op, ": x, weight and bias must be floating point");
   TORCH_CHECK(x.numel() > 0 && x.numel() / C > 0, "neptune::", op,
               ": x must have at least one value per channel, got ", x.sizes());
+}
+
+inline void check_bn_relu_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x,
+                                          const at::Tensor& weight, const at::Tensor& bias,
+                                          const at::Tensor& mean, const at::Tensor& invstd) {
+  check_bn_relu_inputs("bn_relu_backward", x, weight, bias);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+              "neptune::bn_relu_backward: grad_y must match x in shape and dtype, got ",
+              grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
+  const auto C = x.size(1);
+  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && invstd.dim() == 1 && invstd.size(0) == C,
+              "neptune::bn_relu_backward: mean and invstd must be [C] = [", C, "]");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cpu(
@@ -55,19 +70,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd);
 
 }  // namespace neptune
-
-// Schemas of the Stage ops, expanded inside TORCH_LIBRARY(neptune, m).
-#define NEPTUNE_STAGE_SCHEMAS(m)                                                       \
-  m.def("bn_relu_forward(Tensor x, Tensor weight, Tensor bias, float eps) "           \
-        "-> (Tensor y, Tensor mean, Tensor var, Tensor invstd)");                     \
-  m.def("bn_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, "      \
-        "Tensor mean, Tensor invstd) -> (Tensor grad_x, Tensor grad_weight, "         \
-        "Tensor grad_bias)")
-
-#define NEPTUNE_STAGE_CPU_IMPLS(m)                              \
-  m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);    \
-  m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu)
-
-#define NEPTUNE_STAGE_CUDA_IMPLS(m)                              \
-  m.impl("bn_relu_forward", &neptune::bn_relu_forward_cuda);   \
-  m.impl("bn_relu_backward", &neptune::bn_relu_backward_cuda)

@@ -64,20 +64,6 @@ struct Pieces {
   }
 };
 
-bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// x in a layout the kernels read: NCHW-contiguous or channels_last-contiguous.
-at::Tensor dense(const at::Tensor& x) {
-  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
-  return x.contiguous();
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& b_t,
                     double eps, at::Tensor& y_t, at::Tensor& mean_t, at::Tensor& var_t,
@@ -352,15 +338,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd) {
-  check_bn_relu_inputs("bn_relu_backward", x_in, weight, bias);
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes() && grad_y.scalar_type() == x_in.scalar_type(),
-              "neptune::bn_relu_backward: grad_y must match x in shape and dtype, got ",
-              grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x_in.sizes(), " ",
-              x_in.scalar_type());
+  check_bn_relu_backward_inputs(grad_y, x_in, weight, bias, mean, invstd);
   const int64_t C = x_in.size(1);
   const auto acc = acc_dtype(x_in.scalar_type());
-  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && invstd.dim() == 1 && invstd.size(0) == C,
-              "neptune::bn_relu_backward: mean and invstd must be [C] = [", C, "]");
   const at::Tensor x = dense(x_in);
   const bool cl = use_channels_last(x);
   // grad_y read in x's layout (a no-op when it already is).

@@ -70,18 +70,7 @@ struct Layout {
   __host__ __device__ int64_t channel_of(int64_t i) const { return cl ? i % C : (i / HW) % C; }
 };
 
-bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::Tensor dense(const at::Tensor& x) {
-  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
-  return x.contiguous();
-}
-
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename acc_t>
 __device__ __forceinline__ void welford_add(acc_t& n, acc_t& mu, acc_t& m2, acc_t v) {
@@ -358,13 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd) {
-  check_bn_relu_inputs("bn_relu_backward", x_in, weight, bias);
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes() && grad_y.scalar_type() == x_in.scalar_type(),
-              "neptune::bn_relu_backward: grad_y must match x in shape and dtype, got ",
-              grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x_in.sizes(), " ", x_in.scalar_type());
+  check_bn_relu_backward_inputs(grad_y, x_in, weight, bias, mean, invstd);
   const int64_t C = x_in.size(1);
-  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && invstd.dim() == 1 && invstd.size(0) == C,
-              "neptune::bn_relu_backward: mean and invstd must be [C] = [", C, "]");
   const auto dev = x_in.device();
   TORCH_CHECK(x_in.is_cuda() && grad_y.device() == dev && weight.device() == dev && bias.device() == dev &&
                   mean.device() == dev && invstd.device() == dev,

@@ -152,11 +152,7 @@ def main(argv=None):
     p.add_argument("--json", help="write the figures to this file")
     a = p.parse_args(argv)
     if a.device == "cuda":
-        try:
-            from benchmarks import gpu_graph_attention  # available in a source checkout
-        except ImportError:
-            sys.exit("the GPU graph-attention benchmark lives in benchmarks/gpu_graph_attention.py "
-                     "(run from a source checkout)")
+        from . import gpu_graph_attention
         return gpu_graph_attention.main([x for x in argv if x not in ("--device", "cuda")])
     if a.quick:
         a.nodes, a.edges, a.repeats = min(a.nodes, 20_000), min(a.edges, 200_000), min(a.repeats, 3)

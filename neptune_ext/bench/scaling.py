@@ -5,7 +5,6 @@ measured for peak memory, then timed rounds (median). A peer is skipped once its
 memory, extrapolated linearly from the previous point, would not fit in RAM.
 """
 import json
-import os
 import statistics
 import sys
 

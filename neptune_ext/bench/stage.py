@@ -18,11 +18,9 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import neptune_ext
@@ -251,7 +249,7 @@ def main(argv=None):
 
 
 def run(device: str = "cpu", quick: bool = False) -> dict:
-    """The Stage section of `neptune bench` (CPU; the GPU one is benchmarks/gpu_stage.py)."""
+    """The Stage section of `neptune bench` (CPU; the GPU one is neptune_ext/bench/gpu_stage.py)."""
     if device != "cpu":
         print("(the GPU Stage benchmark is benchmarks/gpu_stage.py, run by scripts/gpu_check.sh)")
         return {}

@@ -1,7 +1,6 @@
 """`neptune bench`: graph attention, Stage and whole models side by side with the peers
 that are installed, one table; optional JSON and a scaling plot."""
 import json
-import os
 import sys
 import time
 

@@ -2,6 +2,6 @@
 -> ReLU) and fuse_stages(model)."""
 from .graph_attention import GraphAttention
 from .stage import Stage
-from ..fuse import fuse_stages
+from .fuse import fuse_stages
 
 __all__ = ["GraphAttention", "Stage", "fuse_stages"]

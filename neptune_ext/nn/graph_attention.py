@@ -11,9 +11,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..graph import _FILL_REDUCE, GATGraph, Graph, _is_compiling, _parse_size, sparse_to_edge_index
+from .._util import is_compiling as _is_compiling
+from ..graph import _FILL_REDUCE, GATGraph, Graph, _parse_size, sparse_to_edge_index
 from ..ops.graph_attention import check_slope, sparse_graph_attention
 
 Tensor = torch.Tensor

@@ -14,15 +14,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _ext
-from ..graph import Graph, _is_compiling
+from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
+from ..graph import Graph
 from ..reference import attention_weights_reference, sparse_graph_attention_reference
 
 __all__ = ["sparse_graph_attention", "attention_weights", "check_slope"]
-
-
-def _check(cond: bool, msg: str):
-    if not cond:
-        raise ValueError(msg)
 
 
 def check_slope(negative_slope) -> None:
@@ -155,7 +151,7 @@ def _register():
     def _gat_forward_fake(h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm,
                           edge_logits, negative_slope, dropout, seed):
         n_dst = score_dst.shape[0]
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(h.dtype)
         return h.new_empty((n_dst, h.shape[1], h.shape[2])), h.new_empty((n_dst, h.shape[1]), dtype=acc)
 
     @torch.library.register_fake("neptune::gat_backward")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn.stage import (FoldedConv2d, FusedBatchNorm2d, FusedConv2d, FusedReLU, Stage,
+from .stage import (FoldedConv2d, FusedBatchNorm2d, FusedConv2d, FusedReLU, Stage,
                        _explicit_padding)
 
 __all__ = ["fuse_stages"]

@@ -1,5 +1,4 @@
 """GraphAttention vs torch_geometric.nn.GATConv with copied weights, in float64."""
-import itertools
 
 import pytest
 import torch
@@ -183,3 +182,81 @@ def test_constructor_validation():
         GraphAttention(4, 4, dropout=1.5)
     with pytest.raises(ValueError, match="fill_value"):
         GraphAttention(4, 4, fill_value="median")
+
+
+# -------------------------------------------------------------------------- caches
+def test_fresh_int32_edge_index_at_a_reused_address_is_never_served_stale():
+    torch.manual_seed(0)
+    conv = GraphAttention(6, 4, heads=2)
+    fresh = GraphAttention(6, 4, heads=2)
+    fresh.load_state_dict(conv.state_dict())
+    fresh.cache_graph = False
+    x = torch.randn(50, 6)
+    for step in range(60):
+        ei = torch.randint(0, 50, (2, 300), dtype=torch.int32)  # freed each step: addresses recur
+        torch.testing.assert_close(conv(x, ei), fresh(x, ei), rtol=0, atol=0, msg=f"step {step}")
+        del ei
+
+
+def test_views_with_the_same_address_and_other_strides_do_not_collide():
+    conv = GraphAttention(6, 4, heads=2)
+    x = torch.randn(50, 6)
+    base = torch.randint(0, 50, (2, 80))
+    a, b = base[:, :40], base[:, ::2]
+    assert a.data_ptr() == b.data_ptr()
+    out_a, out_b = conv(x, a), conv(x, b)
+    conv.clear_graph_cache()
+    torch.testing.assert_close(out_b, conv(x, b.clone()), rtol=0, atol=0)
+    torch.testing.assert_close(out_a, conv(x, a.clone()), rtol=0, atol=0)
+
+
+def test_in_place_edit_of_edge_index_rebuilds_the_graph():
+    conv = GraphAttention(6, 4, heads=2)
+    x, ei = torch.randn(20, 6), torch.randint(0, 20, (2, 60))
+    conv(x, ei)
+    ei[0, :30] = (ei[0, :30] + 3) % 20
+    want = GraphAttention(6, 4, heads=2)
+    want.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(conv(x, ei), want(x, ei.clone()), rtol=0, atol=0)
+
+
+
+
+def test_bipartite_without_destination_features_matches_gatconv():
+    torch.manual_seed(0)
+    ours = GraphAttention((8, 16), 4, heads=2).double()
+    theirs = pyg_nn.GATConv((8, 16), 4, heads=2).double()
+    theirs.load_state_dict(ours.state_dict())
+    x_src = torch.randn(4, 8, dtype=torch.float64)
+    ei = torch.tensor([[0, 1, 2, 3, 1], [0, 0, 1, 1, 1]])
+    out_o = ours((x_src, None), ei, size=(4, 2))
+    out_t = theirs((x_src, None), ei, size=(4, 2))
+    torch.testing.assert_close(out_o, out_t, rtol=1e-10, atol=1e-12)
+    out_o.sum().backward(), out_t.sum().backward()
+    for name, p in theirs.named_parameters():
+        mine = dict(ours.named_parameters())[name].grad
+        if p.grad is None:
+            assert mine is None, name
+        else:
+            torch.testing.assert_close(mine, p.grad, rtol=1e-9, atol=1e-11)
+    assert ours.att_dst.grad is None and ours.lin_dst.weight.grad is None
+
+
+@pytest.mark.parametrize("in_channels", [-1, (-1, -1)])
+def test_lazy_in_channels_like_gatconv(in_channels):
+    torch.manual_seed(0)
+    ours = GraphAttention(in_channels, 4, heads=2, residual=True).double()
+    theirs = pyg_nn.GATConv(in_channels, 4, heads=2, residual=True).double()
+    x = torch.randn(10, 7, dtype=torch.float64)
+    ei = torch.randint(0, 10, (2, 30))
+    ours(x, ei), theirs(x, ei)  # both sized by the first call
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x, ei), theirs(x, ei), rtol=1e-10, atol=1e-12)
+    assert ours.state_dict()["lin.weight" if in_channels == -1 else "lin_src.weight"].shape == (8, 7)
+
+
+def test_three_dimensional_x_dst_is_reported_as_x():
+    conv = GraphAttention((4, 4), 4)
+    with pytest.raises(ValueError, match=r"x_dst"):
+        conv((torch.randn(5, 4), torch.randn(5, 4, 1)), torch.tensor([[0, 1], [1, 0]]))

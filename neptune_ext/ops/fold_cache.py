@@ -1,0 +1,117 @@
+"""BN folded into a convolution, oneDNN weight prepacking, and the caches of both
+(rebuilt whenever a source tensor changes in a way torch's version counter sees)."""
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["fold_conv_bn", "pack_conv_weight", "FoldCache", "PackCache"]
+
+
+def fold_conv_bn(conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+                 bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                 running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                 compute_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the convolution equivalent to conv -> BN(eval):
+
+        scale = bn_weight / sqrt(running_var + eps)
+        W'    = conv_weight * scale[:, None, None, None]
+        b'    = (conv_bias - running_mean) * scale + bn_bias
+
+    Differentiable. ``compute_dtype`` (e.g. float64) computes in higher precision
+    and casts the result back to conv_weight's dtype.
+    """
+    dt = compute_dtype or conv_weight.dtype
+    C = conv_weight.shape[0]
+    rv = running_var.to(dt)
+    scale = torch.rsqrt(rv + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(dt)
+    shift = -running_mean.to(dt) if conv_bias is None else conv_bias.to(dt) - running_mean.to(dt)
+    bias = shift * scale
+    if bn_bias is not None:
+        bias = bias + bn_bias.to(dt)
+    weight = conv_weight.to(dt) * scale.reshape(C, 1, 1, 1)
+    return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)
+
+
+def pack_conv_weight(weight: torch.Tensor, stride, padding, dilation, groups: int,
+                     input_size: Sequence[int]) -> torch.Tensor:
+    """oneDNN-prepacked (opaque, inference-only) copy of a conv weight."""
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight, list(padding), list(stride), list(dilation), groups, list(input_size))
+
+
+def _stamps(tensors):
+    """(version, data_ptr, dtype, device) per tensor; None if one is an inference tensor
+    (those have no version counter)."""
+    try:
+        return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+                     for t in tensors)
+    except RuntimeError:
+        return None
+
+
+class _Memo:
+    """One value derived from some tensors, rebuilt when any of them changes.
+
+    The key holds each source tensor itself (so its memory cannot be reused by
+    another tensor while cached), its version counter (bumped by every in-place
+    write: optimizer steps, load_state_dict's copy_, ...), data_ptr, dtype and
+    device, plus hashable extras. With inference tensors nothing is cached.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        self.sources, self.key, self.value = None, None, None
+
+    def get(self, sources, extra, build):
+        stamps = _stamps(sources)
+        if stamps is None:
+            self.clear()
+            return build(), False
+        key = (stamps, extra)
+        if (self.sources is None or key != self.key
+                or not all(a is b for a, b in zip(sources, self.sources))):
+            self.value = build()
+            self.sources, self.key = tuple(sources), key
+        return self.value, True
+
+
+class PackCache:
+    """A conv weight prepacked for oneDNN, repacked when the weight or the input shape changes."""
+
+    def __init__(self):
+        self.pack = _Memo()
+
+    def clear(self):
+        self.pack.clear()
+
+    def packed(self, weight, stride, padding, dilation, groups, input):
+        shape = tuple(input.shape)
+        value, _ = self.pack.get((weight,), (shape, tuple(stride), tuple(padding), tuple(dilation), groups),
+                                 lambda: pack_conv_weight(weight, stride, padding, dilation, groups, shape))
+        return value
+
+
+class FoldCache(PackCache):
+    """The folded weight/bias (and the oneDNN-packed folded weight) of one conv + BN pair,
+    rebuilt whenever a parameter or buffer changes (see _Memo)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fold = _Memo()
+
+    def clear(self):
+        super().clear()
+        self.fold.clear()
+
+    def folded(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+        """((weight, bias), cacheable)."""
+        sources = (conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+
+        def build():
+            with torch.no_grad():
+                return fold_conv_bn(*sources, eps, compute_dtype=torch.float64)
+        return self.fold.get(sources, float(eps), build)

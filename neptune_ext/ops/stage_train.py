@@ -1,0 +1,94 @@
+"""Training Stage: conv2d -> fused BN+ReLU with a backward that recomputes the
+convolution (see ``neptune_ext.ops.stage``), and the running-statistics update."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .._util import check as _check, is_compiling as _is_compiling
+from .stage_bn_relu import _bn_relu_backward_impl, _bn_relu_forward_impl
+from .stage_checks import _pair, _validate_conv, _validate_tensor
+
+__all__ = ["conv_bn_relu_train", "update_running_stats"]
+
+
+class _ConvBnReluTrain(torch.autograd.Function):
+    """conv2d -> bn_relu with a backward that recomputes the conv output (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, input, conv_weight, bn_weight, bn_bias, stride, padding, dilation, groups,
+                eps, recompute):
+        x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups)
+        y, mean, var, invstd = _bn_relu_forward_impl(x, bn_weight, bn_bias, eps)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.recompute = recompute
+        saved = (input, conv_weight, bn_weight, bn_bias, mean, invstd)
+        ctx.save_for_backward(*(saved if recompute else saved + (x,)))
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        stride, padding, dilation, groups = ctx.conv_args
+        input, conv_weight, bn_weight, bn_bias, mean, invstd, *rest = ctx.saved_tensors
+        x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups) \
+            if ctx.recompute else rest[0]
+        grad_x, grad_bn_w, grad_bn_b = _bn_relu_backward_impl(
+            grad_y, x, bn_weight, bn_bias, mean, invstd)
+        del x
+        need_in, need_w, need_bn_w, need_bn_b = ctx.needs_input_grad[:4]
+        grad_in = grad_w = None
+        if need_in or need_w:
+            grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad_x, input, conv_weight, None, list(stride), list(padding), list(dilation),
+                False, [0, 0], groups, [need_in, need_w, False])
+        return (grad_in, grad_w, grad_bn_w if need_bn_w else None,
+                grad_bn_b if need_bn_b else None, None, None, None, None, None, None)
+
+
+def conv_bn_relu_train(input: torch.Tensor, conv_weight: torch.Tensor, bn_weight: torch.Tensor,
+                       bn_bias: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
+                       eps: float = 1e-5, recompute: bool = True
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``relu(batch_norm(conv2d(input, conv_weight)))`` with batch statistics.
+
+    Returns ``(y, mean, var)`` like :func:`bn_relu`. Gradients equal eager's. With
+    ``recompute=True`` the backward keeps only ``input`` (plus per-channel
+    vectors) and recomputes the convolution output; with ``recompute=False`` it
+    keeps the convolution output as eager does and skips the extra convolution.
+    """
+    if not _is_compiling():
+        s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups)
+        C = conv_weight.shape[0]
+        for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+            _validate_tensor(name, t, input.device)
+            _check(t.shape == (C,), f"{name} must have shape [C_out] = [{C}], got {list(t.shape)}")
+        _check(isinstance(eps, (int, float)) and eps > 0, f"eps must be a positive float, got {eps!r}")
+        H = (input.shape[2] + 2 * p[0] - d[0] * (conv_weight.shape[2] - 1) - 1) // s[0] + 1
+        W = (input.shape[3] + 2 * p[1] - d[1] * (conv_weight.shape[3] - 1) - 1) // s[1] + 1
+        _check(input.shape[0] * H * W > 1,
+               f"Expected more than 1 value per channel when training, got input size "
+               f"{list(input.shape)} (conv output {[input.shape[0], C, H, W]})")
+    else:
+        s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (input, conv_weight, bn_weight, bn_bias)):
+        return _ConvBnReluTrain.apply(input, conv_weight, bn_weight, bn_bias, s, p, d, groups,
+                                      float(eps), bool(recompute))
+    x = F.conv2d(input, conv_weight, None, s, p, d, groups)
+    y, mean, var, _ = _bn_relu_forward_impl(x, bn_weight, bn_bias, float(eps))
+    return y, mean, var
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                         mean: torch.Tensor, var: torch.Tensor, count: int, factor: float) -> None:
+    """In place, as ``nn.BatchNorm2d`` does in training:
+    ``running = (1 - factor) * running + factor * batch``, with the *unbiased*
+    batch variance ``var * count / (count - 1)`` (count = N*H*W)."""
+    if running_mean is not None:
+        running_mean.copy_(mean * factor + running_mean * (1.0 - factor))
+    if running_var is not None:
+        unbiased = var * (count / (count - 1))
+        running_var.copy_(unbiased * factor + running_var * (1.0 - factor))
