@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py
 
 .PHONY: all setup build demo test bench gpu-check clean
 

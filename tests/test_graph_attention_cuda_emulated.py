@@ -1,6 +1,6 @@
 """The CUDA graph-attention kernels, run on the CPU by tests/cuda_emulation.
 
-csrc/graph_attention/graph_attention_cuda.cu is compiled as C++ against a small
+csrc/graph_attention/graph_attention_{fwd,bwd}_cuda.cu are compiled as C++ against a small
 emulator (each warp's 32 lanes run as fibers, shuffles are real rendezvous), so
 the kernels' own code - lane layouts, vector paths, the hub-splitting record tree,
 the two backward passes - is executed and checked against the float64 reference

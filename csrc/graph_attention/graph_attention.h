@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
     const at::Tensor& out, const at::Tensor& lse, double negative_slope,
     double dropout, const std::optional<at::Tensor>& seed);
 
-// CUDA kernels (graph_attention_cuda.cu), same signatures and semantics as the
+// CUDA kernels (graph_attention_{fwd,bwd}_cuda.cu), same signatures and semantics as the
 // CPU ones; declared unconditionally, defined only in CUDA builds.
 std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
     const at::Tensor& h, const at::Tensor& score_src, const at::Tensor& score_dst,

@@ -4,7 +4,8 @@
 #ifndef NEPTUNE_CUDA_EMULATION
 #define NEPTUNE_CUDA_EMULATION 1
 #endif
-#include "graph_attention/graph_attention_cuda.cu"
+#include "graph_attention/graph_attention_fwd_cuda.cu"
+#include "graph_attention/graph_attention_bwd_cuda.cu"
 
 #include <torch/library.h>
 
