@@ -9,6 +9,7 @@ contender in its own process (peak resident memory added by one fwd+bwd).
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -110,22 +111,34 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
         f, b = common.median_ms(times[n]["forward"]), common.median_ms(times[n]["backward"])
         tot = [a + c for a, c in zip(times[n]["forward"], times[n]["backward"])]
         results[n] = {"forward_ms": f, "backward_ms": b, "total_ms": common.median_ms(tot),
+                      "total_ms_range": [1e3 * min(tot), 1e3 * max(tot)],
                       "peak_extra_bytes": mem.get(n)}
     peers = {"op:neptune": "op:reference", "layer:neptune": "layer:pyg"}
+    for n, p in peers.items():
+        if n in results and p in results:
+            # Speedup per alternated round (same round, same machine state): median and range.
+            ratios = [(tp[0] + tp[1]) / (to[0] + to[1]) for to, tp in zip(
+                zip(times[n]["forward"], times[n]["backward"]),
+                zip(times[p]["forward"], times[p]["backward"]))]
+            results[n]["speedup_vs_peer"] = {"median": statistics.median(ratios),
+                                             "min": min(ratios), "max": max(ratios)}
     rows = []
     for n in names:
         r = results[n]
         peer = results.get(peers.get(n, ""), None)
-        speed = f"{peer['total_ms'] / r['total_ms']:.2f}x" if peer else ""
+        sp = r.get("speedup_vs_peer")
+        speed = f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else ""
         memr = ""
         if peer and isinstance(r["peak_extra_bytes"], int) and isinstance(peer["peak_extra_bytes"], int) \
                 and peer["peak_extra_bytes"] > 0:
             memr = f"{r['peak_extra_bytes'] / peer['peak_extra_bytes']:.2f}"
-        rows.append([n, f"{r['forward_ms']:.1f}", f"{r['backward_ms']:.1f}", f"{r['total_ms']:.1f}",
+        lo, hi = r["total_ms_range"]
+        rows.append([n, f"{r['forward_ms']:.1f}", f"{r['backward_ms']:.1f}",
+                     f"{r['total_ms']:.1f} ({lo:.0f}-{hi:.0f})",
                      speed, common.fmt_bytes(r["peak_extra_bytes"]), memr])
-    common.print_table(rows, ["contender", "fwd ms", "bwd ms", "fwd+bwd ms", "speedup vs peer",
+    common.print_table(rows, ["contender", "fwd ms", "bwd ms", "fwd+bwd ms (range)", "speedup vs peer (range)",
                               "peak extra mem", "mem vs peer"], file=out)
-    print(f"(medians of {repeats} alternated rounds; peers: op:reference, layer:pyg; "
+    print(f"(medians of {repeats} alternated rounds, speedups per round; peers: op:reference, layer:pyg; "
           f"{time.perf_counter() - t0:.0f} s)", file=out)
     return {"benchmark": "graph_attention", "device": device, "machine": common.machine(),
             "torch": torch.__version__, "commit": common.git_commit(),
