@@ -15,7 +15,15 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    # Also at the end, where `pytest -q` (which hides the header) shows it.
+    # Skips, one line per reason (not one per test location).
+    reasons = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"skipped {n}: {reason}")
+    # The seed also at the end, where `pytest -q` (which hides the header) shows it.
     terminalreporter.write_line(f"neptune_ext test seed: NEPTUNE_TEST_SEED={_SEED} (set it to replay this run)")
 
 

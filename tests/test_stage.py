@@ -420,3 +420,11 @@ def test_stage_fold_cache_follows_in_place_writes_and_can_be_cleared_or_disabled
         stage.cache_fold = False                  # or no cache at all
         stage.conv.weight.data.mul_(0.5)
         torch.testing.assert_close(stage(x), eager(), rtol=1e-12, atol=1e-12)
+
+
+def test_padding_same_with_stride_is_refused_like_conv2d():
+    with pytest.raises(ValueError, match="strided"):
+        torch.nn.Conv2d(3, 8, 3, padding="same", stride=2)
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        Stage(3, 8, 3, padding="same", stride=2)
+    Stage(3, 8, 3, padding="same", stride=1)

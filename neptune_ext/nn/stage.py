@@ -68,6 +68,10 @@ class Stage(nn.Module):
         super().__init__()
         k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+        if padding == "same" and any(x != 1 for x in ((stride, stride) if isinstance(stride, int)
+                                                       else tuple(stride))):
+            raise ValueError("padding='same' is not supported for strided convolutions "
+                             f"(stride={stride}), as in nn.Conv2d")
         self.conv = nn.Conv2d(in_channels, out_channels, k, stride, _explicit_padding(padding, k, d),
                               d, groups, bias=False, device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
