@@ -1,10 +1,14 @@
 """Build neptune_ext._C: C++ CPU kernels always, CUDA kernels when possible.
 
 Environment:
-  NEPTUNE_CUDA=auto|0|1   build the CUDA sources (auto: when nvcc and a CUDA torch exist)
+  NEPTUNE_CUDA=auto|0|1   build the CUDA sources (auto: when a CUDA torch and a real CUDA
+                           toolkit, with bin/nvcc and lib64/libcudart, exist; 1: fail the
+                           install with the reason when they do not)
+  CUDA_HOME                the toolkit (checked, not trusted; see find_cuda_toolkit)
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0")
   NEPTUNE_REQUIRE_EXT=1    fail the install if the extension does not build
-                           (default: warn and install the pure-PyTorch package)
+                           (default: say why, record it for `neptune info`, and install
+                           the pure-PyTorch package)
 """
 import glob
 import os
@@ -13,6 +17,8 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "build_backend"))
+from cuda_toolkit import find_cuda_toolkit  # noqa: E402
 
 
 def _read_version():
@@ -22,57 +28,127 @@ def _read_version():
     return ns["__version__"]
 
 
+BUILD_NOTE = os.path.join(ROOT, "neptune_ext", "_build_note.txt")
+
+
+def _say(msg: str) -> None:
+    print(f"neptune_ext: {msg}", file=sys.stderr, flush=True)
+
+
+_NOTE_DIRS = [os.path.dirname(BUILD_NOTE)]  # + the build's package folder (see BuildExt)
+
+
+def _record(msg: str) -> None:
+    """Why the extension is missing or partial: read by `neptune info` and the import warning."""
+    _say(msg)
+    for d in _NOTE_DIRS:
+        try:
+            with open(os.path.join(d, "_build_note.txt"), "w") as f:
+                f.write(msg.strip() + "\n")
+        except OSError:
+            pass
+
+
 def _extensions():
     if os.environ.get("NEPTUNE_SKIP_EXT", "0") == "1":
         return [], {}
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except ImportError:
-        print("neptune_ext: torch is not importable at build time; installing without _C",
-              file=sys.stderr)
-        return [], {}
-
     mode = os.environ.get("NEPTUNE_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"NEPTUNE_CUDA must be auto, 0 or 1, got {mode!r}")
-    has_cuda_toolkit = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
-    if mode == "1" and not has_cuda_toolkit:
-        raise SystemExit("NEPTUNE_CUDA=1 but nvcc (CUDA_HOME) or a CUDA build of torch is missing")
-    with_cuda = has_cuda_toolkit and mode != "0"
+    require = os.environ.get("NEPTUNE_REQUIRE_EXT", "0") == "1" or mode == "1"
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        if require:
+            raise SystemExit(f"neptune_ext: torch is not importable at build time ({exc}); "
+                             "install torch first, then this package")
+        _record(f"not built: torch was not importable at build time ({exc}); install torch, then "
+                "reinstall neptune_ext")
+        return [], {}
+
+    with_cuda, why_not = False, None
+    if mode != "0":
+        if torch.version.cuda is None:
+            why_not = f"torch {torch.__version__} is a CPU-only build"
+        else:
+            home, why_not = find_cuda_toolkit(torch_guess=cpp_extension.CUDA_HOME)
+            if home is not None:
+                os.environ["CUDA_HOME"] = home
+                cpp_extension.CUDA_HOME = home  # read by CUDAExtension and the build command
+                with_cuda = True
+        if mode == "1" and not with_cuda:
+            raise SystemExit(f"neptune_ext: NEPTUNE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
 
     cpp_sources = ["csrc/neptune.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     cxx = ["-O3", "-fopenmp"]
-    define_macros = []
-    extra = {"cxx": cxx}
+    common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+
+    def make_ext(cuda: bool):
+        if cuda:
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+            archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+            macros = [("NEPTUNE_WITH_CUDA", None),
+                      # ',' not ';': build_info() is a ';'-separated key=value list
+                      ("NEPTUNE_CUDA_ARCHS", '"' + ",".join(archs.replace(";", " ").split()) + '"')]
+            return cpp_extension.CUDAExtension(
+                "neptune_ext._C", cpp_sources + sorted(glob.glob("csrc/*/*_cuda.cu")),
+                define_macros=macros,
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+                **common)
+        return cpp_extension.CppExtension("neptune_ext._C", cpp_sources, extra_compile_args={"cxx": cxx},
+                                          **common)
+
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        cuda_sources = sorted(glob.glob("csrc/*/*_cuda.cu"))
-        define_macros += [("NEPTUNE_WITH_CUDA", None),
-                          # ',' not ';': build_info() is a ';'-separated key=value list
-                          ("NEPTUNE_CUDA_ARCHS", '"' + ",".join(archs.replace(";", " ").split()) + '"')]
-        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-        ext = cpp_extension.CUDAExtension(
-            "neptune_ext._C", cpp_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define_macros, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+        _say(f"building _C (CPU + CUDA, toolkit {os.environ['CUDA_HOME']})")
     else:
-        ext = cpp_extension.CppExtension(
-            "neptune_ext._C", cpp_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define_macros, extra_compile_args=extra, extra_link_args=["-fopenmp"])
-    print(f"neptune_ext: building _C ({'CPU + CUDA' if with_cuda else 'CPU only'})", file=sys.stderr)
+        _say("building _C (CPU only" + (f": {why_not})" if why_not else ", NEPTUNE_CUDA=0)"))
+    cpu_only_note = None if with_cuda or mode == "0" else f"built for the CPU only: {why_not}"
 
     class BuildExt(cpp_extension.BuildExtension):
         def run(self):
+            if not self.inplace:
+                _NOTE_DIRS.append(os.path.join(self.build_lib, "neptune_ext"))
             try:
                 super().run()
-            except Exception as exc:  # no compiler, broken toolchain, ...
-                if os.environ.get("NEPTUNE_REQUIRE_EXT", "0") == "1":
-                    raise
-                print(f"neptune_ext: WARNING: the C++/CUDA extension did not build ({exc}); "
-                      "the package will run its pure-PyTorch reference", file=sys.stderr)
+                _finish(cpu_only_note)
+                return
+            except Exception as exc:  # noqa: BLE001 - compiler or toolkit failure
+                first = _cause(exc)
+                if require:
+                    raise SystemExit(f"neptune_ext: the extension did not build: {first}")
+                if not with_cuda:
+                    _record(f"not built: the C++ extension failed to compile ({first}); the package "
+                            "runs its pure-PyTorch reference. Fix the compiler error or set "
+                            "NEPTUNE_REQUIRE_EXT=1 to make this an install error")
+                    return
+                _say(f"the CUDA build failed ({first}); retrying for the CPU only")
+            # CUDA failed in auto mode: the CPU-only extension.
+            self.extensions = [make_ext(False)]
+            try:
+                super().run()
+                _finish("built for the CPU only: the CUDA build failed (" + first + "); set "
+                        "NEPTUNE_CUDA=1 to make that an install error")
+            except Exception as exc2:  # noqa: BLE001
+                _record(f"not built: the C++ extension failed to compile ({_cause(exc2)}); the "
+                        "package runs its pure-PyTorch reference")
 
-    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
+    return [make_ext(with_cuda)], {"build_ext": BuildExt.with_options(use_ninja=True)}
+
+
+def _cause(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _finish(note):
+    if note:
+        _record(note)
+        return
+    for d in _NOTE_DIRS:
+        path = os.path.join(d, "_build_note.txt")
+        if os.path.exists(path):
+            os.remove(path)
 
 
 ext_modules, cmdclass = _extensions()
@@ -82,7 +158,7 @@ setup(
     version=_read_version(),
     description="Fused sparse graph attention and Conv-BN-ReLU kernels for PyTorch",
     packages=find_packages(include=["neptune_ext", "neptune_ext.*"]),
-    package_data={"neptune_ext": ["data/*.npz"]},
+    package_data={"neptune_ext": ["data/*.npz", "_build_note.txt"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

@@ -16,6 +16,33 @@ except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = exc
 
 _warned = False
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_note():
+    """What the build recorded about a missing or CPU-only extension (None if nothing)."""
+    try:
+        with open(os.path.join(_HERE, "_build_note.txt")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def why_missing():
+    """Why the compiled extension is not loaded, in one sentence (None when it is)."""
+    if _C is not None:
+        return None
+    import glob
+    built = glob.glob(os.path.join(_HERE, "_C*.so")) + glob.glob(os.path.join(_HERE, "_C*.pyd"))
+    if built:
+        return (f"{os.path.basename(built[0])} exists but cannot be loaded ({LOAD_ERROR}); it was "
+                f"probably built against another torch than {torch.__version__}: reinstall neptune_ext")
+    note = build_note()
+    if note:
+        return note
+    return ("the extension was never built here (no _C library, no build record): installed with "
+            "NEPTUNE_SKIP_EXT=1 or from an unbuilt source tree; run `make build` or "
+            "`pip install --no-build-isolation .`")
 
 
 def _parse_build_info():
@@ -47,9 +74,9 @@ def use_kernels(device_type: str) -> bool:
         if not _warned:
             _warned = True
             warnings.warn(
-                f"neptune_ext: the compiled extension is not available ({LOAD_ERROR}); "
+                f"neptune_ext: the compiled extension is not available: {why_missing()} - "
                 "running the pure-PyTorch reference implementations (correct, but slower "
-                "and with more memory). Reinstall with a C++ compiler to get the kernels.",
+                "and with more memory). `neptune info` says more.",
                 RuntimeWarning, stacklevel=3)
         return False
     return device_type in _BACKENDS
