@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pr.add_argument("--topk", type=_positive_int, default=1, help="print the K most likely classes")
+    pr.add_argument("--json", help="also write the results to this file")
+    pr.add_argument("--no-preprocess", action="store_true",
+                    help="resize the whole image (digit models otherwise crop to the ink first)")
 
     b = sub.add_parser("bench", help="benchmark against the peers present and print one table")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -130,9 +134,19 @@ def main(argv=None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(r, f, indent=2)
         elif args.command == "predict":
+            if args.json:
+                _check_out_file(args.json, "--json")
             from .train import predict
-            for r in predict(args.images, args.checkpoint, args.device):
-                print(f"{r['image']}: {r['class']} ({r['probability']:.3f})")
+            results = predict(args.images, args.checkpoint, args.device, topk=args.topk,
+                              preprocess=not args.no_preprocess)
+            for r in results:
+                if r["class"] is None:
+                    print(f"{r['image']}: {r['empty']}")
+                else:
+                    print(f"{r['image']}: " + ", ".join(f"{c} ({p:.3f})" for c, p in r["topk"]))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=2)
         elif args.command == "bench":
             for flag, path in (("--json", args.json), ("--plot", args.plot)):
                 if path:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from .data import DatasetError, ImageData, load, normalize, read_image
+from .data import DatasetError, ImageData, load, normalize, read_drawn_digit, read_image
 
 try:
     from tqdm.auto import tqdm
@@ -391,23 +391,41 @@ def evaluate_checkpoint(path: str, dataset: Optional[str] = None, data_dir: Opti
 
 
 @torch.no_grad()
-def predict(paths: List[str], checkpoint: str, device: str = "cpu") -> List[dict]:
+def predict(paths: List[str], checkpoint: str, device: str = "cpu", topk: int = 1,
+            preprocess: bool = True) -> List[dict]:
+    """Classify image files. Each result: image, class (None when the image looks empty),
+    probability, topk [(class, probability), ...] and, when empty, the reason.
+
+    For models trained on digits (light strokes on dark, cropped to the ink) an image is
+    first made to look like one (:func:`neptune_ext.data.read_drawn_digit`); other models
+    see the whole image resized. ``preprocess=False`` resizes the whole image always."""
     dev = torch.device(device)
     model, ck = load_checkpoint(checkpoint, dev)
     meta = ck["data"]
     size = tuple(meta["image_size"])
+    k = max(1, min(int(topk), len(meta["classes"])))
     out = []
     for p in paths:
-        img = read_image(p, meta["channels"], size).float()
-        if meta.get("dark_background"):
-            # Trained on light strokes over a dark background: invert photos/scans
-            # of dark ink on paper (judged by the border pixels).
-            border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
-            if border.mean() > 127:
-                img = 255 - img
+        digit_like = meta.get("dark_background") and meta["channels"] == 1
+        if digit_like and preprocess:
+            img, empty = read_drawn_digit(p, size)
+            if img is None:
+                out.append({"image": p, "class": None, "probability": None, "topk": [],
+                            "empty": empty})
+                continue
+            img = img.float()
+        else:
+            img = read_image(p, meta["channels"], size).float()
+            if meta.get("dark_background"):
+                # Trained on light strokes over a dark background: invert photos/scans
+                # of dark ink on paper (judged by the border pixels).
+                border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
+                if border.mean() > 127:
+                    img = 255 - img
         img = img * (meta["scale"] / 255.0)
         x = normalize(img.unsqueeze(0), meta["scale"], meta["mean"], meta["std"]).to(dev)
         prob = model(x).softmax(-1)[0].cpu()
-        k = int(prob.argmax())
-        out.append({"image": p, "class": meta["classes"][k], "probability": float(prob[k])})
+        vals, idx = prob.topk(k)
+        top = [(meta["classes"][int(i)], float(v)) for v, i in zip(vals, idx)]
+        out.append({"image": p, "class": top[0][0], "probability": top[0][1], "topk": top})
     return out

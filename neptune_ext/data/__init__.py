@@ -131,25 +131,70 @@ def _torchvision(name: str, root: str):
     return train, test
 
 
-def read_image(path: str, channels: int, size: Tuple[int, int]) -> torch.Tensor:
-    """A PNG/JPEG/... of any size as uint8 [C, H, W] with the given channels and size."""
+def _open_image(path: str, channels: int):
+    """The image at ``path`` as a PIL image in mode L (channels=1) or RGB, fully loaded."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise DatasetError("reading images needs Pillow (pip install pillow)")
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            return im.convert("L" if channels == 1 else "RGB")
     except FileNotFoundError:
         raise DatasetError(f"image {path!r} does not exist")
     except Image.DecompressionBombError as exc:
         raise DatasetError(f"{path!r} is too large to read safely: {exc}")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path!r} is not a readable image: {exc}")
-    t = torch.from_numpy(arr.copy())
+
+
+def read_image(path: str, channels: int, size: Tuple[int, int]) -> torch.Tensor:
+    """A PNG/JPEG/... of any size as uint8 [C, H, W] with the given channels and size."""
+    from PIL import Image
+    im = _open_image(path, channels).resize((size[1], size[0]), Image.BILINEAR)
+    t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
     return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+def read_drawn_digit(path: str, size: Tuple[int, int], min_contrast: float = 40.0):
+    """A photo, scan or drawing of one digit, made to look like the training digits.
+
+    The training digits (scikit-learn's, MNIST) are light strokes on a dark background,
+    cropped to the ink and scaled to fill their frame. So: grayscale; background = the
+    median of the border pixels, inverted when it is light; ink = what stands out from
+    the background by more than 35% of the strongest stroke; cropped to the ink's bounding
+    box, padded to a square around its centre (with the training frames' margin),
+    resized (Lanczos), and stretched to the full 0-255 range.
+
+    Returns (uint8 [1, H, W], None), or (None, reason) when the image looks empty (no ink
+    stands out from the background by ``min_contrast`` grey levels).
+    """
+    from PIL import Image
+    a = np.asarray(_open_image(path, 1), dtype=np.float32)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    bg = float(np.median(border))
+    if bg > 127:
+        a, bg = 255.0 - a, 255.0 - bg
+    ink = np.clip(a - bg, 0, None)
+    peak = float(ink.max()) if ink.size else 0.0
+    if peak < min_contrast:
+        return None, f"looks empty (no ink stands out from the background; contrast {peak:.0f}/255)"
+    ys, xs = np.nonzero(ink > 0.35 * peak)
+    crop = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    h, w = crop.shape
+    frame = max(size)
+    # scikit-learn's 8x8 digits fill their frame but for about half a pixel; MNIST puts
+    # the digit in a 20x20 box of its 28x28 frame.
+    inner = frame * 7 / 8 if frame < 16 else frame * 20 / 28
+    side = max(h, w)
+    pad = int(round(side * (frame - inner) / (2 * inner)))
+    square = np.zeros((side + 2 * pad, side + 2 * pad), dtype=np.float32)
+    y0, x0 = pad + (side - h) // 2, pad + (side - w) // 2
+    square[y0:y0 + h, x0:x0 + w] = crop
+    small = np.asarray(Image.fromarray(square).resize((size[1], size[0]), Image.LANCZOS),
+                       dtype=np.float32).clip(0, None)
+    small = small * (255.0 / max(float(small.max()), 1e-6))
+    return torch.from_numpy(np.clip(np.rint(small), 0, 255).astype(np.uint8)).unsqueeze(0), None
 
 
 def _folder(root: str, image_size: int):
