@@ -77,19 +77,29 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 
 
 class EMA:
     """Exponential moving average of a model's floating-point parameters and buffers,
-    used for evaluation and the saved model (steadier than the last step's weights)."""
+    used for evaluation and the saved model (steadier than the last step's weights).
+
+    Warmed up: update n uses the decay min(decay, (1 + n) / (10 + n)), so the average
+    follows the live weights closely at first instead of dragging the random
+    initialization along for the first hundred steps of a short run."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.98):
         self.decay = decay
+        self.updates = 0
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
+        d = self.current_decay()
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+                self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
             else:
                 self.state[k].copy_(v)
+        self.updates += 1
 
 
 # ---------------------------------------------------------------- metrics
@@ -226,6 +236,7 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
             gen.set_state(ck["generator"])
             _load_weights(model, ck["train_model"], ckpt_path)
             ema.state = {k: v.clone() for k, v in ck["model"].items()}
+            ema.updates = int(ck.get("ema_updates", 10**6))  # older checkpoints: fully warm
         except DatasetError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -272,7 +283,7 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
         history.append({"epoch": epoch + 1, "train_loss": tot_loss / seen, "train_accuracy": tot_correct / seen,
                         "test_loss": ev["loss"], "test_accuracy": ev["accuracy"], "seconds": seconds})
         msg = (f"epoch {epoch + 1}/{epochs}: train loss {tot_loss / seen:.3f} acc {tot_correct / seen:.4f} | "
-               f"test loss {ev['loss']:.3f} acc {ev['accuracy']:.4f} | {seconds:.1f} s")
+               f"test (EMA weights) loss {ev['loss']:.3f} acc {ev['accuracy']:.4f} | {seconds:.1f} s")
         if progress and tqdm is not None:
             epoch_bar.set_postfix(test_acc=f"{ev['accuracy']:.4f}")
             tqdm.write(msg)
@@ -282,7 +293,7 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
                     "train_model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "epochs": epochs, "history": history, "seconds": seconds, "data": meta,
-                    "generator": gen.get_state()}, ckpt_path)
+                    "generator": gen.get_state(), "ema_updates": ema.updates}, ckpt_path)
     eval_model.load_state_dict(ema.state)
     return finish(eval_model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir)
 
