@@ -65,34 +65,52 @@ def _check_out_file(path: str, flag: str) -> None:
         raise DatasetError(f"{flag} {path!r} is not writable")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="neptune", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the descriptions' line breaks and shows every default that means something."""
 
-    t = sub.add_parser("train", help="train a model and write checkpoint, metrics and plots")
-    t.add_argument("--dataset", default="digits", choices=DATASETS)
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="neptune", description=__doc__, formatter_class=_Formatter)
+    from ._version import __version__
+    p.add_argument("--version", action="version", version=f"neptune_ext {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", formatter_class=_Formatter, description="Train a model; write checkpoint.pt, metrics.json and plots to --out.",
+                           help="train a model and write checkpoint, metrics and plots")
+    t.add_argument("--dataset", default="digits", choices=DATASETS, help="the data set")
     t.add_argument("--data-dir", help="local folder with mnist/cifar10/folder data (never downloaded)")
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--model", default="neptune", choices=["neptune", "resnet18"])
+    t.add_argument("--model", default="neptune", choices=["neptune", "resnet18"], help="the model")
     t.add_argument("--epochs", type=_positive_int, help="default: 30 for digits, 8 mnist, 30 cifar10/folder")
-    t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--lr", type=_positive_float, default=3e-3)
-    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
+    t.add_argument("--lr", type=_positive_float, default=3e-3,
+                   help="peak learning rate (AdamW, warm-up then cosine decay)")
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
+    t.add_argument("--seed", type=int, default=0, help="seeds the initialization, order and augmentation")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--image-size", type=_positive_int, help="resize folder images to this size (default 32)")
     t.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
-    t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    t.add_argument("--no-progress", action="store_true",
+                   help="plain log lines instead of progress bars (the default when not on a terminal)")
+    t.add_argument("--force", action="store_true",
+                   help="train into an --out folder that already holds a run (overwriting it)")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on a data set's test split")
+    e = sub.add_parser("eval", formatter_class=_Formatter, description="Evaluate a checkpoint on a data set's test split (per-class figures).",
+                           help="evaluate a checkpoint on a data set's test split")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's data set")
+    e.add_argument("--dataset", choices=DATASETS,
+                   help="default: the checkpoint's data set, read from where it was trained")
     e.add_argument("--data-dir")
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     e.add_argument("--json", help="also write the figures to this file")
 
-    pr = sub.add_parser("predict", help="classify image files (PNG, JPEG, ... of any size)")
+    pr = sub.add_parser("predict", formatter_class=_Formatter, description="Classify image files with a checkpoint.",
+                           help="classify image files (PNG, JPEG, ... of any size)")
     pr.add_argument("images", nargs="+")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -101,13 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-preprocess", action="store_true",
                     help="resize the whole image (digit models otherwise crop to the ink first)")
 
-    b = sub.add_parser("bench", help="benchmark against the peers present and print one table")
+    b = sub.add_parser("bench", formatter_class=_Formatter, description="Benchmark against the peers present and print one table.",
+                           help="benchmark against the peers present and print one table")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--quick", action="store_true", help="small sizes, few rounds (about a minute)")
     b.add_argument("--json", help="write the figures to this file")
     b.add_argument("--plot", help="draw graph-attention time and memory vs edge count to this PNG")
 
-    sub.add_parser("info", help="version, torch, compiled backends, threads")
+    i = sub.add_parser("info", formatter_class=_Formatter, help="version, torch, compiled backends, threads",
+                       description="What was built and what will run (and why kernels are missing).")
+    i.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p
 
 
@@ -116,6 +137,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "train":
             _check_out_dir(args.out)
+            existing = [f for f in ("checkpoint.pt", "metrics.json") if os.path.exists(os.path.join(args.out, f))]
+            if existing and not (args.resume or args.force):
+                raise DatasetError(f"--out {args.out!r} already holds a run ({', '.join(existing)}); "
+                                   "pass --resume to continue it or --force to overwrite it")
             from .train import train
             train(args.dataset, args.out, args.model, args.epochs, args.device, args.seed, args.resume,
                   args.data_dir, args.batch_size, args.lr, args.limit, args.image_size,
@@ -154,14 +179,23 @@ def main(argv=None) -> int:
             from .bench.suite import run_suite
             run_suite(args.device, args.quick, args.json, args.plot)
         elif args.command == "info":
-            from .info import info
-            info()
+            from .info import info, info_dict
+            if args.json:
+                print(json.dumps(info_dict(), indent=2))
+            else:
+                info()
     except DatasetError as exc:
         print(f"neptune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("NEPTUNE_DEBUG") == "1":
             raise

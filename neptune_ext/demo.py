@@ -26,7 +26,7 @@ def _sample_png(path: str) -> str:
 def main(out_dir: str = "runs/demo") -> int:
     steps = [
         ["info"],
-        ["train", "--dataset", "digits", "--out", out_dir],
+        ["train", "--dataset", "digits", "--out", out_dir, "--force"],
         ["eval", "--checkpoint", os.path.join(out_dir, "checkpoint.pt")],
     ]
     for args in steps:

@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
+from ._version import __version__
 from .data import DatasetError, ImageData, load, normalize, read_drawn_digit, read_image
 
 try:
@@ -102,6 +104,17 @@ class EMA:
         self.updates += 1
 
 
+def _git_commit():
+    """The source checkout's commit, when there is one (None for an installed wheel)."""
+    import subprocess
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 # ---------------------------------------------------------------- metrics
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
     return torch.bincount(target * k + pred, minlength=k * k).view(k, k)
@@ -175,10 +188,11 @@ def save_plots(out_dir: str, history: List[dict], cm: torch.Tensor, classes: Lis
 
 
 # ------------------------------------------------------------------- train
-def data_meta(train: ImageData, dataset: str) -> dict:
+def data_meta(train: ImageData, dataset: str, data_dir: Optional[str] = None) -> dict:
     return {"dataset": dataset, "classes": train.classes, "channels": train.channels,
             "image_size": list(train.image_size), "scale": train.scale, "mean": train.mean,
-            "std": train.std, "dark_background": dataset in ("digits", "mnist")}
+            "std": train.std, "dark_background": dataset in ("digits", "mnist"),
+            "data_dir": os.path.abspath(data_dir) if data_dir else None}
 
 
 def _progress(iterable, **kw):
@@ -187,10 +201,16 @@ def _progress(iterable, **kw):
     return tqdm(iterable, mininterval=0.5, dynamic_ncols=True, **kw)
 
 
+def progress_wanted(requested: bool = True) -> bool:
+    """Progress bars only on a terminal: in a log file they are escape codes."""
+    return requested and tqdm is not None and sys.stderr.isatty()
+
+
 def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optional[int] = None,
           device: str = "cpu", seed: int = 0, resume: bool = False, data_dir: Optional[str] = None,
           batch_size: int = 64, lr: float = 3e-3, limit: Optional[int] = None,
           image_size: Optional[int] = None, progress: bool = True) -> dict:
+    progress = progress_wanted(progress)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
@@ -207,7 +227,7 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
     epochs = DEFAULT_EPOCHS[dataset] if epochs is None else epochs
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    meta = data_meta(train_data, dataset)
+    meta = data_meta(train_data, dataset, data_dir)
     k = len(train_data.classes)
     model = build_model(model_name, k, train_data.channels, train_data.image_size[0]).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -295,10 +315,13 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
                     "epochs": epochs, "history": history, "seconds": seconds, "data": meta,
                     "generator": gen.get_state(), "ema_updates": ema.updates}, ckpt_path)
     eval_model.load_state_dict(ema.state)
-    return finish(eval_model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir)
+    run = {"seed": seed, "lr": lr, "batch_size": batch_size, "epochs": epochs, "limit": limit,
+           "image_size": list(train_data.image_size), "data_dir": meta["data_dir"]}
+    return finish(eval_model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir, run)
 
 
-def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir) -> dict:
+def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir,
+           run: Optional[dict] = None) -> dict:
     ev = evaluate(model, test_data, dev)
     k = len(test_data.classes)
     cm = confusion_matrix(ev["pred"], test_data.labels, k)
@@ -307,7 +330,8 @@ def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, ou
         "test_loss": ev["loss"], "per_class": per_class_metrics(cm, test_data.classes),
         "confusion_matrix": cm.tolist(), "epochs": epochs, "seconds": round(seconds, 2),
         "device": str(dev), "kernel_backend": kernel_backend(dev), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "history": history,
+        "torch": torch.__version__, "neptune_ext": __version__, "commit": _git_commit(),
+        "run": run or {}, "history": history,
     }
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -380,7 +404,9 @@ def evaluate_checkpoint(path: str, dataset: Optional[str] = None, data_dir: Opti
     dev = torch.device(device)
     model, ck = load_checkpoint(path, dev)
     meta = ck["data"]
-    dataset = dataset or meta["dataset"]
+    if dataset is None:  # the checkpoint's own data, from where it was read
+        dataset = meta["dataset"]
+        data_dir = data_dir or meta.get("data_dir")
     _, test = load(dataset, data_dir, meta["image_size"][0])
     if test.channels != meta["channels"] or list(test.image_size) != list(meta["image_size"]):
         raise DatasetError(f"{dataset} images are {test.channels}x{test.image_size}, the model expects "

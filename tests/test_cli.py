@@ -305,3 +305,47 @@ def test_a_short_run_on_a_small_folder_evaluates_warm_weights(tmp_path):
     # cold EMA (decay 0.98 from the random init over ~15 steps) scored at chance here.
     assert m["history"][-1]["train_accuracy"] == 1.0
     assert m["test_accuracy"] == 1.0, m["history"]
+
+
+# ------------------------------------------------------------------ conventions
+def test_cli_conventions(trained, tmp_path):
+    out, _ = trained
+    from neptune_ext import __version__
+    assert neptune("--version").stdout.strip() == f"neptune_ext {__version__}"
+    helptext = neptune("train", "--help").stdout
+    assert "(default: 64)" in helptext and "(default: 0.003)" in helptext and "(default: 0)" in helptext
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    mod = subprocess.run([sys.executable, "-m", "neptune_ext", "info", "--json"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
+    assert mod.returncode == 0 and json.loads(mod.stdout)["neptune_ext"] == __version__
+    # A finished run is not overwritten by accident.
+    again = neptune("train", "--out", str(out), "--epochs", "1", "--limit", "50", check=False)
+    assert again.returncode == 2 and "--force" in again.stderr and "--resume" in again.stderr
+    # metrics.json says how the run was made.
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["run"]["seed"] == 0 and m["run"]["lr"] == 0.003 and m["run"]["batch_size"] == 64
+    assert m["run"]["epochs"] == 1 and m["neptune_ext"] == __version__ and "commit" in m
+
+
+def test_non_terminal_output_has_no_escape_codes(tmp_path):
+    proc = neptune("train", "--dataset", "digits", "--out", str(tmp_path / "r"), "--epochs", "2",
+                   "--limit", "100")  # no --no-progress: stdout/stderr are pipes here
+    text = proc.stdout + proc.stderr
+    assert "\x1b[" not in text and "\r" not in text
+    assert "epoch 2/2:" in proc.stdout
+
+
+def test_eval_of_a_folder_checkpoint_finds_its_data(tmp_path):
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(1)
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            arr = rng.integers(0, 60, (12, 12, 3), dtype=np.uint8)
+            arr[..., 0 if c == "cats" else 2] = 230
+            PIL.fromarray(arr).save(root / c / f"{i}.png")
+    out = tmp_path / "run"
+    neptune("train", "--dataset", "folder", "--data-dir", str(root), "--image-size", "12", "--out",
+            str(out), "--epochs", "1", "--no-progress")
+    ev = neptune("eval", "--checkpoint", str(out / "checkpoint.pt"))  # no --dataset, no --data-dir
+    assert "folder: test accuracy" in ev.stdout
