@@ -2,6 +2,7 @@
 #   make demo    set up (venv, torch, build) and run the main job
 #   make test    set up and run the test suite
 #   make bench   set up and run the CPU benchmarks
+#   make docs    the API reference (docs/api) from the docstrings
 #   make gpu-check   on a machine with a GPU: build, CUDA tests, sanitizer, GPU benchmarks
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py
 
-.PHONY: all setup build demo test bench gpu-check clean
+.PHONY: all setup build demo test bench docs gpu-check clean
 
 all: build
 
@@ -24,13 +25,21 @@ setup: $(VENV)/.deps
 
 # The editable install gives the package metadata and the `neptune` command; the
 # extension itself is built in place with ninja (incremental between runs).
+# Tool output goes to build/*.log (shown when a step fails); the console gets one line a step.
 $(VENV)/.editable: $(VENV)/.deps pyproject.toml
-	NEPTUNE_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $@
+	@mkdir -p build
+	@echo "installing neptune_ext (editable) into $(VENV)   [log: build/editable.log]"
+	@NEPTUNE_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e . \
+		> build/editable.log 2>&1 || (cat build/editable.log; exit 1)
+	@touch $@
 
 neptune_ext/.built: $(VENV)/.editable $(SOURCES)
-	NEPTUNE_REQUIRE_EXT=1 MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace
-	touch $@
+	@mkdir -p build
+	@echo "building the C++/CUDA extension (a few minutes the first time)   [log: build/build.log]"
+	@NEPTUNE_REQUIRE_EXT=1 MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace \
+		> build/build.log 2>&1 || (tail -60 build/build.log; exit 1)
+	@grep "^neptune_ext:" build/build.log || true
+	@touch $@
 
 build: neptune_ext/.built
 
@@ -39,6 +48,13 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+
+# API reference from the docstrings (pdoc) into docs/api; `make test` checks that it builds.
+DOC_MODULES := neptune_ext neptune_ext.graph neptune_ext.models neptune_ext.reference \
+	neptune_ext.reference_stage neptune_ext.data neptune_ext.train neptune_ext.cli
+docs: build
+	$(PY) -m pdoc -o docs/api $(DOC_MODULES)
+	@echo "API reference: docs/api/index.html"
 
 bench: build
 	$(PY) benchmarks/bench_graph_attention.py

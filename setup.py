@@ -14,18 +14,11 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "build_backend"))
 from cuda_toolkit import find_cuda_toolkit  # noqa: E402
-
-
-def _read_version():
-    ns = {}
-    with open(os.path.join(ROOT, "neptune_ext", "_version.py")) as f:
-        exec(f.read(), ns)
-    return ns["__version__"]
 
 
 BUILD_NOTE = os.path.join(ROOT, "neptune_ext", "_build_note.txt")
@@ -153,19 +146,5 @@ def _finish(note):
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="neptune_ext",
-    version=_read_version(),
-    description="Fused sparse graph attention and Conv-BN-ReLU kernels for PyTorch",
-    packages=find_packages(include=["neptune_ext", "neptune_ext.*"]),
-    package_data={"neptune_ext": ["data/*.npz", "_build_note.txt"]},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "cli": ["tqdm", "matplotlib", "pillow", "torchvision"],
-        "test": ["pytest", "expecttest", "torch_geometric", "torchvision", "scikit-learn"],
-    },
-    entry_points={"console_scripts": ["neptune=neptune_ext.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Metadata (name, version, dependencies, extras, the `neptune` script) is in pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
