@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _ext
+from . import _ext, distributed
 from ._version import __version__
 from .data import DatasetError, ImageData, load, normalize, read_drawn_digit, read_image
 
@@ -210,9 +210,7 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
           device: str = "cpu", seed: int = 0, resume: bool = False, data_dir: Optional[str] = None,
           batch_size: int = 64, lr: float = 3e-3, limit: Optional[int] = None,
           image_size: Optional[int] = None, progress: bool = True) -> dict:
-    progress = progress_wanted(progress)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit),
                     ("image_size", image_size)):
@@ -220,6 +218,18 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
             raise DatasetError(f"{name} must be a positive integer, got {v!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise DatasetError(f"lr must be a positive finite number, got {lr!r}")
+    ctx = distributed.init(device)
+    try:
+        return _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr,
+                      limit, image_size, progress_wanted(progress) and ctx.is_main)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr, limit,
+           image_size, progress) -> dict:
+    dev = ctx.device
+    say = print if ctx.is_main else (lambda *a, **k: None)
     torch.manual_seed(seed)
     train_data, test_data = load(dataset, data_dir, image_size)
     if limit is not None:
@@ -230,8 +240,12 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
     meta = data_meta(train_data, dataset, data_dir)
     k = len(train_data.classes)
     model = build_model(model_name, k, train_data.channels, train_data.image_size[0]).to(dev)
+    net = model
+    if ctx.enabled:  # gradients averaged over the ranks; each rank sees its shard of an epoch
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if dev.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps_per_epoch = math.ceil(len(train_data) / batch_size)
+    steps_per_epoch = math.ceil(distributed.shard_len(len(train_data), ctx) / batch_size)
     total = epochs * steps_per_epoch
     warm = min(steps_per_epoch * 2, total // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -262,17 +276,18 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise DatasetError(f"--resume: {ckpt_path} is not a neptune training checkpoint "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-        print(f"resuming from epoch {start_epoch} ({ckpt_path})")
-    print(f"training {model_name} on {dataset}: {len(train_data)} train / {len(test_data)} test images, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, {epochs} epochs, {dev}, "
-          f"{kernel_backend(dev)}")
+        say(f"resuming from epoch {start_epoch} ({ckpt_path})")
+    say(f"training {model_name} on {dataset}: {len(train_data)} train / {len(test_data)} test images, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {epochs} epochs, {dev}, "
+        f"{kernel_backend(dev)}" + (f", {ctx.world} processes ({batch_size} images each per step)"
+                                    if ctx.enabled else ""))
     max_shift = 1 if train_data.image_size[0] <= 16 else 2
     epoch_bar = _progress(range(start_epoch, epochs), desc="epochs", initial=start_epoch, total=epochs,
                           disable=not progress) if progress else range(start_epoch, epochs)
     for epoch in epoch_bar:
         t0 = time.perf_counter()
         model.train()
-        perm = torch.randperm(len(train_data), generator=gen)
+        perm = distributed.shard(torch.randperm(len(train_data), generator=gen), ctx)
         tot_loss, tot_correct, seen = 0.0, 0, 0
         batches = range(steps_per_epoch)
         bar = _progress(batches, desc=f"epoch {epoch + 1}", leave=False) if progress else batches
@@ -285,18 +300,20 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
                 flip = torch.rand(x.shape[0], generator=gen) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             x, y = x.to(dev), y.to(dev)
-            logits = model(x)
+            logits = net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            distributed.broadcast_buffers(model, ctx)
             ema.update(model)
             tot_loss += loss.item() * y.numel()
             tot_correct += (logits.argmax(1) == y).sum().item()
             seen += y.numel()
             if progress and tqdm is not None:
                 bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_correct / seen:.3f}")
+        tot_loss, tot_correct, seen = distributed.all_sum([tot_loss, tot_correct, seen], ctx)
         eval_model.load_state_dict(ema.state)
         ev = evaluate(eval_model, test_data, dev)
         seconds += time.perf_counter() - t0
@@ -308,15 +325,26 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
             epoch_bar.set_postfix(test_acc=f"{ev['accuracy']:.4f}")
             tqdm.write(msg)
         else:
-            print(msg)
-        torch.save({"model_name": model_name, "model_config": model_config(model), "model": ema.state,
-                    "train_model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                    "epochs": epochs, "history": history, "seconds": seconds, "data": meta,
-                    "generator": gen.get_state(), "ema_updates": ema.updates}, ckpt_path)
+            say(msg)
+        if ctx.is_main:  # rank 0 alone writes
+            torch.save({"model_name": model_name, "model_config": model_config(model), "model": ema.state,
+                        "train_model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch + 1, "epochs": epochs, "history": history, "seconds": seconds,
+                        "data": meta, "generator": gen.get_state(), "ema_updates": ema.updates},
+                       ckpt_path)
+        distributed.barrier(ctx)
+    if ctx.enabled:
+        same = distributed.same_everywhere({**{"model." + k: v for k, v in model.state_dict().items()},
+                                            **{"ema." + k: v for k, v in ema.state.items()}}, ctx)
+        if not same:
+            raise RuntimeError("distributed training: the ranks' weights differ (please report this)")
+        say(f"distributed: {ctx.world} processes, weights and EMA bit-identical on every rank")
     eval_model.load_state_dict(ema.state)
     run = {"seed": seed, "lr": lr, "batch_size": batch_size, "epochs": epochs, "limit": limit,
            "image_size": list(train_data.image_size), "data_dir": meta["data_dir"]}
+    if not ctx.is_main:
+        return {}
     return finish(eval_model, model_name, test_data, meta, history, seconds, epochs, dev, out_dir, run)
 
 
