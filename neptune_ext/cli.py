@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="neptune", description=__doc__, formatter_class=_Formatter)
     from ._version import __version__
     p.add_argument("--version", action="version", version=f"neptune_ext {__version__}")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="only results and errors (no per-epoch lines or progress bars)")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also show other libraries' deprecation warnings")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", formatter_class=_Formatter, description="Train a model; write checkpoint.pt, metrics.json and plots to --out.",
@@ -134,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    import warnings
+    if not args.verbose:  # other libraries' deprecation notices are not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         if args.command == "train":
             _check_out_dir(args.out)
@@ -144,7 +153,7 @@ def main(argv=None) -> int:
             from .train import train
             train(args.dataset, args.out, args.model, args.epochs, args.device, args.seed, args.resume,
                   args.data_dir, args.batch_size, args.lr, args.limit, args.image_size,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, quiet=args.quiet)
         elif args.command == "eval":
             if args.json:
                 _check_out_file(args.json, "--json")

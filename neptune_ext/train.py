@@ -155,22 +155,27 @@ def save_plots(out_dir: str, history: List[dict], cm: torch.Tensor, classes: Lis
     except ImportError:
         print("matplotlib is not installed: skipping the plots")
         return []
+    from matplotlib.ticker import MaxNLocator
     paths = []
     ep = [h["epoch"] for h in history]
+    mark = "o" if len(ep) <= 12 else None  # a short run's points stay visible
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(ep, [h["train_loss"] for h in history], label="train")
-    a1.plot(ep, [h["test_loss"] for h in history], label="test")
+    a1.plot(ep, [h["train_loss"] for h in history], label="train", marker=mark)
+    a1.plot(ep, [h["test_loss"] for h in history], label="test (EMA weights)", marker=mark)
     a1.set_xlabel("epoch"), a1.set_ylabel("cross-entropy"), a1.legend()
     a1.set_title("loss (train: augmented, label smoothing 0.1)", fontsize=10)
-    a2.plot(ep, [h["train_accuracy"] for h in history], label="train")
-    a2.plot(ep, [h["test_accuracy"] for h in history], label="test")
+    a2.plot(ep, [h["train_accuracy"] for h in history], label="train", marker=mark)
+    a2.plot(ep, [h["test_accuracy"] for h in history], label="test (EMA weights)", marker=mark)
     a2.set_xlabel("epoch"), a2.set_ylabel("accuracy"), a2.legend(), a2.set_title("accuracy")
+    for a in (a1, a2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "training_curve.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * k, 1.0 + 0.5 * k))
+    side = max(4.0, 1.0 + 0.5 * k)  # room for the title and labels with few classes
+    fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(cm.numpy(), cmap="Blues")
     ax.set_xticks(range(k)), ax.set_yticks(range(k))
     ax.set_xticklabels(classes, rotation=90), ax.set_yticklabels(classes)
@@ -209,7 +214,7 @@ def progress_wanted(requested: bool = True) -> bool:
 def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optional[int] = None,
           device: str = "cpu", seed: int = 0, resume: bool = False, data_dir: Optional[str] = None,
           batch_size: int = 64, lr: float = 3e-3, limit: Optional[int] = None,
-          image_size: Optional[int] = None, progress: bool = True) -> dict:
+          image_size: Optional[int] = None, progress: bool = True, quiet: bool = False) -> dict:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit),
@@ -221,15 +226,15 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
     ctx = distributed.init(device)
     try:
         return _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr,
-                      limit, image_size, progress_wanted(progress) and ctx.is_main)
+                      limit, image_size, progress_wanted(progress) and ctx.is_main and not quiet, quiet)
     finally:
         distributed.shutdown(ctx)
 
 
 def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr, limit,
-           image_size, progress) -> dict:
+           image_size, progress, quiet=False) -> dict:
     dev = ctx.device
-    say = print if ctx.is_main else (lambda *a, **k: None)
+    say = print if ctx.is_main and not quiet else (lambda *a, **k: None)
     torch.manual_seed(seed)
     train_data, test_data = load(dataset, data_dir, image_size)
     if limit is not None:
@@ -364,7 +369,7 @@ def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, ou
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     plots = save_plots(out_dir, history, cm, test_data.classes)
-    print(f"test accuracy {ev['accuracy']:.4f} after {epochs} epochs in {seconds:.1f} s "
+    print(f"test accuracy {ev['accuracy']:.4f} after {epochs} epoch{'s' if epochs != 1 else ''} in {seconds:.1f} s "
           f"-> {os.path.join(out_dir, 'metrics.json')}" + (f", {', '.join(os.path.basename(p) for p in plots)}"
                                                               if plots else ""))
     return metrics

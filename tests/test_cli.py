@@ -349,3 +349,11 @@ def test_eval_of_a_folder_checkpoint_finds_its_data(tmp_path):
             str(out), "--epochs", "1", "--no-progress")
     ev = neptune("eval", "--checkpoint", str(out / "checkpoint.pt"))  # no --dataset, no --data-dir
     assert "folder: test accuracy" in ev.stdout
+
+
+def test_quiet_prints_the_result_only(tmp_path):
+    proc = neptune("-q", "train", "--dataset", "digits", "--out", str(tmp_path / "r"), "--epochs", "2",
+                   "--limit", "100")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("test accuracy") and "after 2 epochs" in lines[0]
+    assert not proc.stderr.strip()
