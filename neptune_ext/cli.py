@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
     t.add_argument("--no-progress", action="store_true",
                    help="plain log lines instead of progress bars (the default when not on a terminal)")
+    t.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"],
+                   help="mixed precision (autocast): bf16 (the default with --amp; CPU or CUDA) or fp16 "
+                        "(CUDA, with loss scaling)")
     t.add_argument("--force", action="store_true",
                    help="train into an --out folder that already holds a run (overwriting it)")
 
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
             from .train import train
             train(args.dataset, args.out, args.model, args.epochs, args.device, args.seed, args.resume,
                   args.data_dir, args.batch_size, args.lr, args.limit, args.image_size,
-                  progress=not args.no_progress, quiet=args.quiet)
+                  progress=not args.no_progress, quiet=args.quiet, amp=args.amp)
         elif args.command == "eval":
             if args.json:
                 _check_out_file(args.json, "--json")

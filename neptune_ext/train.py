@@ -214,7 +214,8 @@ def progress_wanted(requested: bool = True) -> bool:
 def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optional[int] = None,
           device: str = "cpu", seed: int = 0, resume: bool = False, data_dir: Optional[str] = None,
           batch_size: int = 64, lr: float = 3e-3, limit: Optional[int] = None,
-          image_size: Optional[int] = None, progress: bool = True, quiet: bool = False) -> dict:
+          image_size: Optional[int] = None, progress: bool = True, quiet: bool = False,
+          amp: Optional[str] = None) -> dict:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit),
@@ -223,16 +224,21 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
             raise DatasetError(f"{name} must be a positive integer, got {v!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise DatasetError(f"lr must be a positive finite number, got {lr!r}")
+    if amp not in (None, "bf16", "fp16"):
+        raise DatasetError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if amp == "fp16" and torch.device(device).type != "cuda":
+        raise DatasetError("--amp fp16 needs --device cuda (on the CPU use --amp bf16)")
     ctx = distributed.init(device)
     try:
         return _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr,
-                      limit, image_size, progress_wanted(progress) and ctx.is_main and not quiet, quiet)
+                      limit, image_size, progress_wanted(progress) and ctx.is_main and not quiet, quiet,
+                      amp)
     finally:
         distributed.shutdown(ctx)
 
 
 def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr, limit,
-           image_size, progress, quiet=False) -> dict:
+           image_size, progress, quiet=False, amp=None) -> dict:
     dev = ctx.device
     say = print if ctx.is_main and not quiet else (lambda *a, **k: None)
     torch.manual_seed(seed)
@@ -256,6 +262,8 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, ba
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     history, start_epoch, seconds = [], 0, 0.0
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     gen = torch.Generator().manual_seed(seed)
     ema = EMA(model)
     eval_model = copy.deepcopy(model)
@@ -285,7 +293,7 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, ba
     say(f"training {model_name} on {dataset}: {len(train_data)} train / {len(test_data)} test images, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, {epochs} epochs, {dev}, "
         f"{kernel_backend(dev)}" + (f", {ctx.world} processes ({batch_size} images each per step)"
-                                    if ctx.enabled else ""))
+                                    if ctx.enabled else "") + (f", autocast {amp}" if amp else ""))
     max_shift = 1 if train_data.image_size[0] <= 16 else 2
     epoch_bar = _progress(range(start_epoch, epochs), desc="epochs", initial=start_epoch, total=epochs,
                           disable=not progress) if progress else range(start_epoch, epochs)
@@ -305,11 +313,17 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, ba
                 flip = torch.rand(x.shape[0], generator=gen) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             x, y = x.to(dev), y.to(dev)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            with torch.autocast(dev.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                logits = net(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             distributed.broadcast_buffers(model, ctx)
             ema.update(model)
@@ -346,7 +360,7 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, ba
             raise RuntimeError("distributed training: the ranks' weights differ (please report this)")
         say(f"distributed: {ctx.world} processes, weights and EMA bit-identical on every rank")
     eval_model.load_state_dict(ema.state)
-    run = {"seed": seed, "lr": lr, "batch_size": batch_size, "epochs": epochs, "limit": limit,
+    run = {"seed": seed, "lr": lr, "batch_size": batch_size, "epochs": epochs, "limit": limit, "amp": amp,
            "image_size": list(train_data.image_size), "data_dir": meta["data_dir"]}
     if not ctx.is_main:
         return {}

@@ -357,3 +357,13 @@ def test_quiet_prints_the_result_only(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("test accuracy") and "after 2 epochs" in lines[0]
     assert not proc.stderr.strip()
+
+
+def test_mixed_precision_training_on_the_cpu(tmp_path):
+    proc = neptune("train", "--dataset", "digits", "--out", str(tmp_path / "r"), "--epochs", "6",
+                   "--limit", "800", "--amp")
+    assert "autocast bf16" in proc.stdout
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["run"]["amp"] == "bf16" and m["test_accuracy"] >= 0.7, m["history"][-1]
+    bad = neptune("train", "--out", str(tmp_path / "f"), "--amp", "fp16", check=False)
+    assert bad.returncode == 2 and "--amp fp16 needs --device cuda" in bad.stderr

@@ -428,3 +428,34 @@ def test_padding_same_with_stride_is_refused_like_conv2d():
     with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
         Stage(3, 8, 3, padding="same", stride=2)
     Stage(3, 8, 3, padding="same", stride=1)
+
+
+# ----------------------------------------------------------------------------
+# Autocast: the Stage behaves as the eager Conv-BN-ReLU does under autocast
+
+@pytest.mark.parametrize("train", [True, False])
+def test_stage_under_cpu_autocast_matches_eager(train):
+    torch.manual_seed(0)
+    stage = Stage(3, 8, 3, padding=1).train(train)
+    with torch.no_grad():
+        stage.bn.running_mean.normal_()
+        stage.bn.running_var.uniform_(0.5, 2)
+    eager = nn.Sequential(copy.deepcopy(stage.conv), copy.deepcopy(stage.bn), nn.ReLU()).train(train)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = stage(x), eager(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(stage.bn.running_mean, eager[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(stage.bn.running_var, eager[1].running_var, rtol=0, atol=0)
+    assert stage.bn.running_mean.dtype == torch.float32
+
+
+def test_fused_resnet_under_cpu_autocast_matches_eager():
+    torchvision = pytest.importorskip("torchvision")
+    import neptune_ext
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    fused = neptune_ext.fuse_stages(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)

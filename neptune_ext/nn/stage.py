@@ -52,6 +52,9 @@ class Stage(nn.Module):
       are not seen: call :meth:`clear_cache` after them, or set
       ``stage.cache_fold = False`` to fold on every call.
 
+    - Under ``torch.autocast``: exactly what the eager Conv-BN-ReLU computes under autocast
+      (same output dtype, statistics in float32); the fused kernels do not run there yet.
+
     Args: as ``nn.Conv2d`` (without bias / padding_mode) and ``nn.BatchNorm2d``.
 
     Example::
@@ -173,9 +176,25 @@ class FoldedConv2d(nn.Conv2d):
         return state
 
 
+def _autocast_on(t: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if t.device.type == "cpu" else torch.is_autocast_enabled()
+
+
+def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, relu: bool) -> torch.Tensor:
+    """What nn.Sequential(conv, bn[, relu]) computes (used under autocast, where the eager
+    modules' mixed-precision rules are the reference; the fused kernels do not run there yet)."""
+    y = nn.BatchNorm2d.forward(bn, nn.Conv2d.forward(conv, input))
+    return torch.relu(y) if relu else y
+
+
 def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
                    memory_efficient: bool, cache) -> torch.Tensor:
     """relu(bn(conv(input))) exactly as the eager modules compute it, in the BN's mode."""
+    if isinstance(input, torch.Tensor) and _autocast_on(input):
+        return _eager(conv, bn, input, relu=True)
     _check_input(input, conv)
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:
@@ -221,6 +240,8 @@ class FusedConv2d(nn.Conv2d):
         cache = self._fold if self.cache_fold else None
         if self.relu_fused:
             return _stage_forward(self, bn, input, self.memory_efficient, cache)
+        if isinstance(input, torch.Tensor) and _autocast_on(input):
+            return _eager(self, bn, input, relu=False)
         if bn.training or (bn.running_mean is None and bn.running_var is None):
             return nn.BatchNorm2d.forward(bn, super().forward(input))
         _check_input(input, self)
