@@ -273,6 +273,18 @@ def test_predict_topk_json_and_empty_images(digits_model, tmp_path):
 
 
 # ------------------------------------------------------------------ EMA on short runs
+def colour_folder(root, per_class, size, seed):
+    """An image folder of two classes told apart by colour alone (cats red, dogs blue)."""
+    rng = np.random.default_rng(seed)
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            arr[..., 0 if c == "cats" else 2] = 230
+            PIL.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
 def test_ema_warms_up_from_the_live_weights():
     from neptune_ext.train import EMA
     model = torch.nn.Linear(3, 2)
@@ -288,14 +300,7 @@ def test_ema_warms_up_from_the_live_weights():
 
 
 def test_a_short_run_on_a_small_folder_evaluates_warm_weights(tmp_path):
-    root = tmp_path / "imgs"
-    rng = np.random.default_rng(0)
-    for c in ("cats", "dogs"):
-        (root / c).mkdir(parents=True)
-        for i in range(15):
-            arr = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-            arr[..., 0 if c == "cats" else 2] = 230
-            PIL.fromarray(arr).save(root / c / f"{i}.png")
+    root = colour_folder(tmp_path / "imgs", per_class=15, size=16, seed=0)
     out = tmp_path / "run"
     proc = neptune("train", "--dataset", "folder", "--data-dir", str(root), "--image-size", "16", "--out",
                    str(out), "--epochs", "5", "--no-progress")
@@ -336,14 +341,7 @@ def test_non_terminal_output_has_no_escape_codes(tmp_path):
 
 
 def test_eval_of_a_folder_checkpoint_finds_its_data(tmp_path):
-    root = tmp_path / "imgs"
-    rng = np.random.default_rng(1)
-    for c in ("cats", "dogs"):
-        (root / c).mkdir(parents=True)
-        for i in range(10):
-            arr = rng.integers(0, 60, (12, 12, 3), dtype=np.uint8)
-            arr[..., 0 if c == "cats" else 2] = 230
-            PIL.fromarray(arr).save(root / c / f"{i}.png")
+    root = colour_folder(tmp_path / "imgs", per_class=10, size=12, seed=1)
     out = tmp_path / "run"
     neptune("train", "--dataset", "folder", "--data-dir", str(root), "--image-size", "12", "--out",
             str(out), "--epochs", "1", "--no-progress")
