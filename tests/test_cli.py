@@ -365,3 +365,15 @@ def test_mixed_precision_training_on_the_cpu(tmp_path):
     assert m["run"]["amp"] == "bf16" and m["test_accuracy"] >= 0.7, m["history"][-1]
     bad = neptune("train", "--out", str(tmp_path / "f"), "--amp", "fp16", check=False)
     assert bad.returncode == 2 and "--amp fp16 needs --device cuda" in bad.stderr
+
+
+def test_help_and_version_do_not_import_torch():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    code = ("import sys, neptune_cli\n"
+            "try:\n    neptune_cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    import neptune_cli
+    from neptune_ext.data import DATASETS
+    assert neptune_cli.DATASETS == DATASETS

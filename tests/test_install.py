@@ -74,7 +74,8 @@ def test_pip_install_isolated_builds_against_the_target_torch_and_says_why_cpu_o
         pytest.skip("needs a C++ compiler")
     src = tmp_path / "src"
     subprocess.run(["git", "clone", "-q", ROOT, str(src)], check=True)
-    for rel in ("setup.py", "pyproject.toml", "MANIFEST.in", "build_backend", "neptune_ext", "csrc"):
+    for rel in ("setup.py", "pyproject.toml", "MANIFEST.in", "neptune_cli.py", "build_backend", "neptune_ext",
+                "csrc"):
         # the working tree as it is (uncommitted changes included), without build outputs
         s, d = os.path.join(ROOT, rel), os.path.join(src, rel)
         if os.path.isdir(s):

@@ -1,0 +1,149 @@
+"""The `neptune` command's arguments, parsed without importing torch.
+
+This top-level module is what the `neptune` script runs: `--help`, `--version` and bad
+arguments are answered at once (importing `neptune_ext` loads torch, about 1.5 s); the
+work itself is done by :func:`neptune_ext.cli.run`.
+"""
+import argparse
+import math
+
+# The data sets `neptune train --dataset` accepts (neptune_ext.data.DATASETS; a test keeps
+# the two equal).
+DATASETS = ("digits", "mnist", "cifar10", "folder")
+
+USAGE = """The neptune command: train, eval, predict, bench, info.
+
+    neptune train --dataset digits --out runs/digits
+    neptune eval --checkpoint runs/digits/checkpoint.pt
+    neptune predict my_digit.png --checkpoint runs/digits/checkpoint.pt
+    neptune bench --quick
+    neptune info
+"""
+
+
+def _version() -> str:
+    """The installed version, read without importing the package."""
+    import os
+    import re
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "neptune_ext", "_version.py")
+    try:
+        with open(here) as f:
+            return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+    except (OSError, AttributeError):
+        from importlib.metadata import version
+        return version("neptune_ext")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return v
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the descriptions' line breaks and shows every default that means something."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="neptune", description=USAGE, formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"neptune_ext {_version()}")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="only results and errors (no per-epoch lines or progress bars)")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also show other libraries' deprecation warnings")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", formatter_class=_Formatter, description="Train a model; write checkpoint.pt, metrics.json and plots to --out.",
+                           help="train a model and write checkpoint, metrics and plots")
+    t.add_argument("--dataset", default="digits", choices=DATASETS, help="the data set")
+    t.add_argument("--data-dir", help="local folder with mnist/cifar10/folder data (never downloaded)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--model", default="neptune", choices=["neptune", "resnet18"], help="the model")
+    t.add_argument("--epochs", type=_positive_int, help="default: 30 for digits, 8 mnist, 30 cifar10/folder")
+    t.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
+    t.add_argument("--lr", type=_positive_float, default=3e-3,
+                   help="peak learning rate (AdamW, warm-up then cosine decay)")
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
+    t.add_argument("--seed", type=int, default=0, help="seeds the initialization, order and augmentation")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--image-size", type=_positive_int, help="resize folder images to this size (default 32)")
+    t.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
+    t.add_argument("--no-progress", action="store_true",
+                   help="plain log lines instead of progress bars (the default when not on a terminal)")
+    t.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"],
+                   help="mixed precision (autocast): bf16 (the default with --amp; CPU or CUDA) or fp16 "
+                        "(CUDA, with loss scaling)")
+    t.add_argument("--force", action="store_true",
+                   help="train into an --out folder that already holds a run (overwriting it)")
+
+    e = sub.add_parser("eval", formatter_class=_Formatter, description="Evaluate a checkpoint on a data set's test split (per-class figures).",
+                           help="evaluate a checkpoint on a data set's test split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--dataset", choices=DATASETS,
+                   help="default: the checkpoint's data set, read from where it was trained")
+    e.add_argument("--data-dir")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--json", help="also write the figures to this file")
+
+    pr = sub.add_parser("predict", formatter_class=_Formatter, description="Classify image files with a checkpoint.",
+                           help="classify image files (PNG, JPEG, ... of any size)")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pr.add_argument("--topk", type=_positive_int, default=1, help="print the K most likely classes")
+    pr.add_argument("--json", help="also write the results to this file")
+    pr.add_argument("--no-preprocess", action="store_true",
+                    help="resize the whole image (digit models otherwise crop to the ink first)")
+
+    b = sub.add_parser("bench", formatter_class=_Formatter, description="Benchmark against the peers present and print one table.",
+                           help="benchmark against the peers present and print one table")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--quick", action="store_true", help="small sizes, few rounds (about a minute)")
+    b.add_argument("--json", help="write the figures to this file")
+    b.add_argument("--plot", help="draw graph-attention time and memory vs edge count to this PNG")
+
+    i = sub.add_parser("info", formatter_class=_Formatter, help="version, torch, compiled backends, threads",
+                       description="What was built and what will run (and why kernels are missing).")
+    i.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return p
+
+
+
+
+def main(argv=None) -> int:
+    """The `neptune` script: parse (no torch yet), then run."""
+    args = build_parser().parse_args(argv)
+    from neptune_ext.cli import run
+    return run(args)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
