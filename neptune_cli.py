@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"],
                    help="mixed precision (autocast): bf16 (the default with --amp; CPU or CUDA) or fp16 "
                         "(CUDA, with loss scaling)")
+    t.add_argument("--workers", type=int, default=0,
+                   help="processes that read and augment batches (0: in the training process; any "
+                        "N >= 1 gives the same run)")
     t.add_argument("--force", action="store_true",
                    help="train into an --out folder that already holds a run (overwriting it)")
 

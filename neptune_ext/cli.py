@@ -58,7 +58,7 @@ def run(args) -> int:
             from .train import train
             train(args.dataset, args.out, args.model, args.epochs, args.device, args.seed, args.resume,
                   args.data_dir, args.batch_size, args.lr, args.limit, args.image_size,
-                  progress=not args.no_progress, quiet=args.quiet, amp=args.amp)
+                  progress=not args.no_progress, quiet=args.quiet, amp=args.amp, workers=args.workers)
         elif args.command == "eval":
             if args.json:
                 _check_out_file(args.json, "--json")

@@ -211,11 +211,47 @@ def progress_wanted(requested: bool = True) -> bool:
     return requested and tqdm is not None and sys.stderr.isatty()
 
 
+def _augment(x: torch.Tensor, y: torch.Tensor, dataset: str, max_shift: int,
+             generator: torch.Generator):
+    """The training augmentation of one batch: small affine maps for digits, shifts (and
+    flips for CIFAR-10) otherwise."""
+    x = random_affine(x, generator, shift=max_shift) if dataset in ("digits", "mnist") \
+        else random_shift(x, max_shift, generator)
+    if dataset == "cifar10":
+        flip = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return x, y
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """One epoch's batches for ``--workers N``: batch b is read and augmented in a worker
+    process with a generator seeded from (seed, epoch, rank, b), so a run gives the same
+    numbers for any N >= 1."""
+
+    def __init__(self, data, order, batch_size, steps, dataset, max_shift, key):
+        self.data, self.order, self.batch_size, self.steps = data, order, batch_size, steps
+        self.dataset, self.max_shift, self.key = dataset, max_shift, key
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, b):
+        seed, epoch, rank = self.key
+        g = torch.Generator().manual_seed(
+            (((seed * 1_000_003 + epoch) * 1_009 + rank) * 1_000_033 + b) % (2**63 - 1))
+        idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+        return _augment(*self.data.batch(idx), self.dataset, self.max_shift, g)
+
+
+def _one_thread(_worker_id):
+    torch.set_num_threads(1)
+
+
 def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optional[int] = None,
           device: str = "cpu", seed: int = 0, resume: bool = False, data_dir: Optional[str] = None,
           batch_size: int = 64, lr: float = 3e-3, limit: Optional[int] = None,
           image_size: Optional[int] = None, progress: bool = True, quiet: bool = False,
-          amp: Optional[str] = None) -> dict:
+          amp: Optional[str] = None, workers: int = 0) -> dict:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit),
@@ -224,6 +260,8 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
             raise DatasetError(f"{name} must be a positive integer, got {v!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise DatasetError(f"lr must be a positive finite number, got {lr!r}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise DatasetError(f"workers must be a non-negative integer, got {workers!r}")
     if amp not in (None, "bf16", "fp16"):
         raise DatasetError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if amp == "fp16" and torch.device(device).type != "cuda":
@@ -232,13 +270,13 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
     try:
         return _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr,
                       limit, image_size, progress_wanted(progress) and ctx.is_main and not quiet, quiet,
-                      amp)
+                      amp, workers)
     finally:
         distributed.shutdown(ctx)
 
 
 def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr, limit,
-           image_size, progress, quiet=False, amp=None) -> dict:
+           image_size, progress, quiet=False, amp=None, workers=0) -> dict:
     dev = ctx.device
     say = print if ctx.is_main and not quiet else (lambda *a, **k: None)
     torch.manual_seed(seed)
@@ -302,16 +340,17 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, ba
         model.train()
         perm = distributed.shard(torch.randperm(len(train_data), generator=gen), ctx)
         tot_loss, tot_correct, seen = 0.0, 0, 0
-        batches = range(steps_per_epoch)
-        bar = _progress(batches, desc=f"epoch {epoch + 1}", leave=False) if progress else batches
-        for b in bar:
-            idx = perm[b * batch_size:(b + 1) * batch_size]
-            x, y = train_data.batch(idx)
-            x = random_affine(x, gen, shift=max_shift) if dataset in ("digits", "mnist") \
-                else random_shift(x, max_shift, gen)
-            if dataset == "cifar10":
-                flip = torch.rand(x.shape[0], generator=gen) < 0.5
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if workers:
+            batches = torch.utils.data.DataLoader(
+                _EpochBatches(train_data, perm, batch_size, steps_per_epoch, dataset, max_shift,
+                              (seed, epoch, ctx.rank)),
+                batch_size=None, num_workers=workers, worker_init_fn=_one_thread)
+        else:
+            batches = (_augment(*train_data.batch(perm[b * batch_size:(b + 1) * batch_size]), dataset,
+                                max_shift, gen) for b in range(steps_per_epoch))
+        bar = _progress(batches, desc=f"epoch {epoch + 1}", leave=False, total=steps_per_epoch) \
+            if progress else batches
+        for x, y in bar:
             x, y = x.to(dev), y.to(dev)
             with torch.autocast(dev.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 logits = net(x)
@@ -361,6 +400,7 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, ba
         say(f"distributed: {ctx.world} processes, weights and EMA bit-identical on every rank")
     eval_model.load_state_dict(ema.state)
     run = {"seed": seed, "lr": lr, "batch_size": batch_size, "epochs": epochs, "limit": limit, "amp": amp,
+           "workers": workers,
            "image_size": list(train_data.image_size), "data_dir": meta["data_dir"]}
     if not ctx.is_main:
         return {}

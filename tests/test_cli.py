@@ -377,3 +377,14 @@ def test_help_and_version_do_not_import_torch():
     import neptune_cli
     from neptune_ext.data import DATASETS
     assert neptune_cli.DATASETS == DATASETS
+
+
+def test_workers_give_the_same_run_for_any_number_of_processes(tmp_path):
+    hist = []
+    for w in ("1", "2"):
+        neptune("-q", "train", "--dataset", "digits", "--out", str(tmp_path / w), "--epochs", "2",
+                "--limit", "300", "--workers", w)
+        m = json.loads((tmp_path / w / "metrics.json").read_text())
+        assert m["run"]["workers"] == int(w)
+        hist.append([(h["train_loss"], h["test_loss"]) for h in m["history"]])
+    assert hist[0] == hist[1]
