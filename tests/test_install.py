@@ -62,6 +62,21 @@ def _fresh_venv(path):
     return py
 
 
+def _copy_tree(src):
+    """A clone of this checkout with its working tree as it is (uncommitted changes included),
+    without build outputs."""
+    subprocess.run(["git", "clone", "-q", ROOT, str(src)], check=True)
+    for rel in ("setup.py", "pyproject.toml", "MANIFEST.in", "neptune_cli.py", "build_backend", "neptune_ext",
+                "csrc"):
+        s, d = os.path.join(ROOT, rel), os.path.join(src, rel)
+        if os.path.isdir(s):
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.copytree(s, d, ignore=shutil.ignore_patterns("*.so", "__pycache__", ".built",
+                                                                "_build_note.txt"))
+        else:
+            shutil.copy(s, d)
+
+
 def _env(**kw):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEPTUNE_")}
     env.update(kw)
@@ -73,17 +88,7 @@ def test_pip_install_isolated_builds_against_the_target_torch_and_says_why_cpu_o
     if shutil.which("c++") is None:
         pytest.skip("needs a C++ compiler")
     src = tmp_path / "src"
-    subprocess.run(["git", "clone", "-q", ROOT, str(src)], check=True)
-    for rel in ("setup.py", "pyproject.toml", "MANIFEST.in", "neptune_cli.py", "build_backend", "neptune_ext",
-                "csrc"):
-        # the working tree as it is (uncommitted changes included), without build outputs
-        s, d = os.path.join(ROOT, rel), os.path.join(src, rel)
-        if os.path.isdir(s):
-            shutil.rmtree(d, ignore_errors=True)
-            shutil.copytree(s, d, ignore=shutil.ignore_patterns("*.so", "__pycache__", ".built",
-                                                                "_build_note.txt"))
-        else:
-            shutil.copy(s, d)
+    _copy_tree(src)
     py = _fresh_venv(tmp_path / "venv")
     pip = [py, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "-q", str(src)]
 
@@ -109,6 +114,26 @@ def test_pip_install_isolated_builds_against_the_target_torch_and_says_why_cpu_o
     d = json.loads(info.stdout)
     assert d["extension_loaded"] and d["compiled_backends"] == ["cpu"]
     assert "built for the CPU only" in d["build_note"] and "not a CUDA toolkit" in d["build_note"]
+
+
+@pytest.mark.slow
+def test_pip_install_with_a_usable_toolkit_builds_the_cuda_kernels(tmp_path):
+    import torch
+    home, why = find_cuda_toolkit()
+    if home is None or torch.version.cuda is None or shutil.which("c++") is None:
+        pytest.skip(f"no usable CUDA toolkit or CUDA torch here ({why})")
+    src = tmp_path / "src"
+    _copy_tree(src)
+    py = _fresh_venv(tmp_path / "venv")
+    r = subprocess.run([py, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "-q", str(src)],
+                       env=_env(MAX_JOBS="2", TORCH_CUDA_ARCH_LIST="9.0"), capture_output=True, text=True,
+                       timeout=2400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    info = subprocess.run([py, "-m", "neptune_ext.info", "--json"], capture_output=True, text=True,
+                          cwd=str(tmp_path), env=_env(), timeout=300)
+    import json
+    d = json.loads(info.stdout)
+    assert d["compiled_backends"] == ["cpu", "cuda"] and d["build_note"] is None, d
 
 
 def test_info_says_why_the_extension_is_missing(tmp_path):
