@@ -87,6 +87,12 @@ def _env(**kw):
 def test_pip_install_isolated_builds_against_the_target_torch_and_says_why_cpu_only(tmp_path):
     if shutil.which("c++") is None:
         pytest.skip("needs a C++ compiler")
+    # Build isolation installs setuptools, wheel and ninja into the build environment.
+    probe = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
+                            str(tmp_path / "probe"), "setuptools>=77", "wheel", "ninja"],
+                           capture_output=True, text=True, timeout=600)
+    if probe.returncode != 0:
+        pytest.skip("no package index reachable for an isolated build: " + probe.stderr[-300:])
     src = tmp_path / "src"
     _copy_tree(src)
     py = _fresh_venv(tmp_path / "venv")
