@@ -260,3 +260,13 @@ def test_three_dimensional_x_dst_is_reported_as_x():
     conv = GraphAttention((4, 4), 4)
     with pytest.raises(ValueError, match=r"x_dst"):
         conv((torch.randn(5, 4), torch.randn(5, 4, 1)), torch.tensor([[0, 1], [1, 0]]))
+
+
+@pytest.mark.parametrize("scores_from", ["x", "h", "auto"])
+def test_attention_scores_from_x_or_h_match_gatconv(scores_from):
+    # in_channels 40 > heads * out 8: "auto" takes the h path here.
+    torch.manual_seed(0)
+    ours, theirs = make_pair(40, 4, heads=2)
+    ours.scores_from = scores_from
+    x, ei = torch.randn(12, 40, dtype=torch.float64), random_edges(12, 12, 40)
+    compare(ours, theirs, x, ei)

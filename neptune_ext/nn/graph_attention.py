@@ -184,6 +184,15 @@ class GraphAttention(nn.Module):
         self._graph_cache = (edge_index, key, prepared) if key is not None else None
         return prepared
 
+    scores_from = "auto"  # "auto" | "x" | "h": where the attention halves are computed from
+
+    def _scores_from_h(self, same: bool, x: Tensor, H: int, C: int) -> bool:
+        if not same or self.lin is None:  # h_dst would cost a second projection
+            return False
+        if self.scores_from != "auto":
+            return self.scores_from == "h"
+        return x.shape[1] > H * C
+
     def clear_graph_cache(self) -> None:
         """Forget the cached graph (see :meth:`_prepare`)."""
         self._graph_cache = None
@@ -212,21 +221,25 @@ class GraphAttention(nn.Module):
             _materialize(lin, inp)
         res = self.res(x_dst) if (self.res is not None and x_dst is not None) else None
         h_src = lin_src(x_src).view(-1, H, C)
-        # The attention halves are computed from x, not from h:
-        #   <a, W x>_head = x . (W_head^T a_head)
-        # so one skinny GEMM [N, F] x [F, 2H] replaces two passes over h (and their
-        # backward); no [N, H, C] temporary is created. Without x_dst, att_dst and
-        # lin_dst take no part (their gradients stay None, as in GATConv).
-        w_src = torch.einsum("hc,hcf->hf", self.att_src[0], lin_src.weight.view(H, C, -1))
-        if x_dst is None:
-            score_src, score_dst = x_src @ w_src.t(), None
+        # The attention halves <a, W x> per head. From x as x . (W_head^T a_head): one skinny
+        # GEMM [N, F] x [F, 2H], no [N, H, C] temporary - cheaper while x is narrower than h.
+        # From h (sum over C of h * a) when x is wider than h (Cora: F = 1433 against
+        # H*C = 64), so the wide input is not read a second time (nor in backward). Without
+        # x_dst, att_dst and lin_dst take no part (their gradients stay None, as in GATConv).
+        if self._scores_from_h(same, x_src, H, C):
+            score_src = (h_src * self.att_src).sum(-1)
+            score_dst = (h_src * self.att_dst).sum(-1)
         else:
-            w_dst = torch.einsum("hc,hcf->hf", self.att_dst[0], lin_dst.weight.view(H, C, -1))
-            if same:
-                scores = x_src @ torch.cat([w_src, w_dst]).t()
-                score_src, score_dst = scores[:, :H], scores[:, H:]
+            w_src = torch.einsum("hc,hcf->hf", self.att_src[0], lin_src.weight.view(H, C, -1))
+            if x_dst is None:
+                score_src, score_dst = x_src @ w_src.t(), None
             else:
-                score_src, score_dst = x_src @ w_src.t(), x_dst @ w_dst.t()
+                w_dst = torch.einsum("hc,hcf->hf", self.att_dst[0], lin_dst.weight.view(H, C, -1))
+                if same:
+                    scores = x_src @ torch.cat([w_src, w_dst]).t()
+                    score_src, score_dst = scores[:, :H], scores[:, H:]
+                else:
+                    score_src, score_dst = x_src @ w_src.t(), x_dst @ w_dst.t()
 
         num_src, num_dst = x_src.shape[0], None
         if size is not None:
