@@ -32,47 +32,6 @@ std::string build_info() {
   return s;
 }
 
-// Every graph-attention kernel entry checks its graph first (see graph/graph.h):
-// whatever reaches a kernel is a valid graph, on every path.
-using GatForwardFn = std::tuple<at::Tensor, at::Tensor> (*)(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, double, double, const std::optional<at::Tensor>&);
-using GatBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, double,
-    const std::optional<at::Tensor>&);
-
-template <GatForwardFn kernel>
-std::tuple<at::Tensor, at::Tensor> gat_forward_checked(
-    const at::Tensor& h, const at::Tensor& score_src, const at::Tensor& score_dst,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
-  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
-  check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
-  return kernel(h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits,
-                negative_slope, dropout, seed);
-}
-
-template <GatBackwardFn kernel>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_checked(
-    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
-    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
-    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
-    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
-    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
-  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
-  const int64_t n_src = h.size(0), n_dst = score_dst.size(0);
-  check_csr(rowptr, col, eid, n_src, n_dst, "neptune::gat_backward");
-  check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, n_src, n_dst, "neptune::gat_backward");
-  return kernel(grad_out, h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm,
-                edge_logits, out, lse, negative_slope, dropout, seed);
-}
-
 }  // namespace
 }  // namespace neptune
 
@@ -121,8 +80,8 @@ TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("csr_from_index", &neptune::csr_from_index_cpu);
   m.impl("build_csr", &neptune::build_csr);
   m.impl("build_csc", &neptune::build_csc);
-  m.impl("gat_forward", &neptune::gat_forward_checked<&neptune::gat_forward_cpu>);
-  m.impl("gat_backward", &neptune::gat_backward_checked<&neptune::gat_backward_cpu>);
+  m.impl("gat_forward", &neptune::gat_forward_cpu);
+  m.impl("gat_backward", &neptune::gat_backward_cpu);
   m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);
   m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu);
 }
@@ -131,8 +90,8 @@ TORCH_LIBRARY_IMPL(neptune, CPU, m) {
 TORCH_LIBRARY_IMPL(neptune, CUDA, m) {
   m.impl("build_csr", &neptune::build_csr);
   m.impl("build_csc", &neptune::build_csc);
-  m.impl("gat_forward", &neptune::gat_forward_checked<&neptune::gat_forward_cuda>);
-  m.impl("gat_backward", &neptune::gat_backward_checked<&neptune::gat_backward_cuda>);
+  m.impl("gat_forward", &neptune::gat_forward_cuda);
+  m.impl("gat_backward", &neptune::gat_backward_cuda);
   m.impl("bn_relu_forward", &neptune::bn_relu_forward_cuda);
   m.impl("bn_relu_backward", &neptune::bn_relu_backward_cuda);
 }

@@ -1,4 +1,7 @@
 """Small helpers every part of the package uses (no imports from the package)."""
+import os
+import subprocess
+
 import torch
 
 
@@ -20,3 +23,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation (and saved-statistics) dtype: float64 stays float64, else float32
     (the kernels' rule, csrc/common.h)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def git_commit() -> str:
+    """The commit measured: NEPTUNE_GIT_COMMIT if set (a copied tree has no .git), else HEAD."""
+    env = os.environ.get("NEPTUNE_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"

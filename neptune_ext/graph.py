@@ -200,12 +200,11 @@ class GATGraph:
     """
 
     def __init__(self, graph: Graph, num_dst: int, is_loop: Optional[torch.Tensor] = None,
-                 orig_dst: Optional[torch.Tensor] = None, num_loops: int = 0):
+                 num_loops: int = 0):
         self.graph = graph
         self.num_dst = num_dst
         self.add_loops = is_loop is not None
         self.is_loop = is_loop
-        self.orig_dst = orig_dst
         self.num_loops = num_loops
 
     @classmethod
@@ -231,7 +230,7 @@ class GATGraph:
             if not _is_compiling():
                 check_node_ids(ei, num_src, num_dst)
             graph = Graph._build(prepared_edge_index(), num_src, num_dst + 1)
-        return cls(graph, num_dst, is_loop, ei[1], n)
+        return cls(graph, num_dst, is_loop, n)
 
     def edge_attr(self, edge_attr: torch.Tensor, fill_value) -> torch.Tensor:
         """Edge attributes for the prepared edges: the input ones plus the loop fill."""
@@ -242,7 +241,7 @@ class GATGraph:
             # Reduce the attributes of the (non-loop) edges entering each node; input
             # self loops go to the phantom slot num_dst and are dropped.
             reduce = _FILL_REDUCE[fill_value]
-            dst = torch.where(self.is_loop, torch.full_like(self.orig_dst, self.num_dst), self.orig_dst)
+            dst = self.graph.edge_index[1, :self.is_loop.numel()]  # input edges, loops -> num_dst
             idx = dst.view(-1, *([1] * (edge_attr.dim() - 1))).expand_as(edge_attr)
             shape = (self.num_dst + 1,) + tuple(edge_attr.shape[1:])
             if reduce == "mean":

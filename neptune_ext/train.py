@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext, distributed
+from ._util import git_commit
 from ._version import __version__
 from .data import DatasetError, ImageData, load, normalize, read_drawn_digit, read_image
 
@@ -102,17 +103,6 @@ class EMA:
             else:
                 self.state[k].copy_(v)
         self.updates += 1
-
-
-def _git_commit():
-    """The source checkout's commit, when there is one (None for an installed wheel)."""
-    import subprocess
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ---------------------------------------------------------------- metrics
@@ -417,7 +407,7 @@ def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, ou
         "test_loss": ev["loss"], "per_class": per_class_metrics(cm, test_data.classes),
         "confusion_matrix": cm.tolist(), "epochs": epochs, "seconds": round(seconds, 2),
         "device": str(dev), "kernel_backend": kernel_backend(dev), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "neptune_ext": __version__, "commit": _git_commit(),
+        "torch": torch.__version__, "neptune_ext": __version__, "commit": git_commit(),
         "run": run or {}, "history": history,
     }
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:

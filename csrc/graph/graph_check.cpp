@@ -183,9 +183,7 @@ void check_csc(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
     const at::Tensor k = at::arange(E, cp.options());
     const at::Tensor column_of_k = at::searchsorted(cp, k, /*out_int32=*/false, /*right=*/true) - 1;
     stats.push_back(col.to(at::kLong).index_select(0, p).ne(column_of_k).any().to(at::kLong));
-    const at::Tensor rp = rowptr.to(at::kLong);
-    const at::Tensor row_of_pos = at::searchsorted(rp, k, false, true) - 1;
-    stats.push_back(row_of_pos.index_select(0, p).ne(r).any().to(at::kLong));
+    stats.push_back(row_of_positions(rowptr, E).index_select(0, p).ne(r).any().to(at::kLong));
   }
   const std::vector<int64_t> v = read_back(stats);
   check_ptr(v, 0, E, op, "colptr");

@@ -2,7 +2,7 @@
 // kernels. Python (neptune_ext/ops/graph_attention.py) validates inputs with
 // friendly messages first; these TORCH_CHECKs (shapes, dtypes) and the graph
 // checks of graph/graph.h (ids, pointers, permutations), which every kernel entry
-// runs before its kernel (see neptune.cpp), are the line of defence for callers
+// runs before its kernel, are the line of defence for callers
 // that reach torch.ops.neptune.* directly: a bad call is an exception, never an
 // out-of-bounds read.
 #pragma once
@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "graph/graph.h"  // check_csr / check_csc: every kernel entry runs them
 
 namespace neptune {
 
@@ -124,24 +125,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
     const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
     const at::Tensor& out, const at::Tensor& lse, double negative_slope,
     double dropout, const std::optional<at::Tensor>& seed);
-
-inline void check_gat_backward_graph(const at::Tensor& col, const at::Tensor& colptr,
-                                     const at::Tensor& csc_row,
-                                     const at::Tensor& csc_perm, int64_t n_src) {
-  TORCH_CHECK(colptr.dim() == 1 && colptr.size(0) == n_src + 1,
-              "neptune::gat_backward: colptr must be [N_src + 1] = [", n_src + 1,
-              "], got ", colptr.sizes(),
-              " (pass the transposed graph to gat_forward when gradients are needed)");
-  TORCH_CHECK(csc_row.dim() == 1 && csc_row.size(0) == col.size(0) &&
-                  csc_perm.dim() == 1 && csc_perm.size(0) == col.size(0),
-              "neptune::gat_backward: csc_row and csc_perm must be [E]");
-  TORCH_CHECK(colptr.scalar_type() == col.scalar_type() &&
-                  csc_row.scalar_type() == col.scalar_type() &&
-                  csc_perm.scalar_type() == col.scalar_type(),
-              "neptune::gat_backward: transposed graph must use the index dtype of col");
-  TORCH_CHECK(colptr.is_contiguous() && csc_row.is_contiguous() &&
-                  csc_perm.is_contiguous(),
-              "neptune::gat_backward: transposed graph must be contiguous");
-}
 
 }  // namespace neptune

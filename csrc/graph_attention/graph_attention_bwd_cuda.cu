@@ -266,7 +266,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
     const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
-  check_gat_backward_graph(col, colptr, csc_row, csc_perm, h.size(0));
   const int64_t n_src = h.size(0), n_dst = score_dst.size(0), H = h.size(1), C = h.size(2),
                 E = col.size(0);
   check_gat_backward_tensors(grad_out, out, lse, h, n_dst);
@@ -277,6 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
         {out, "out"}, {lse, "lse"}})
     check_cuda(t, h, name);
   if (edge_logits.has_value()) check_cuda(*edge_logits, h, "edge_logits");
+  check_csr(rowptr, col, eid, n_src, n_dst, "neptune::gat_backward");
+  check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, n_src, n_dst, "neptune::gat_backward");
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(h.device());
 

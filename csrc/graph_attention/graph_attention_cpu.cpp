@@ -254,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
     const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
+  check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2);
   at::Tensor out = at::empty({n_dst, H, C}, h.options());
   at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(gat_acc_dtype(h.scalar_type())));
@@ -275,7 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
     const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
-  check_gat_backward_graph(col, colptr, csc_row, csc_perm, h.size(0));
+  check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_backward");
+  check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, h.size(0), score_dst.size(0),
+            "neptune::gat_backward");
   check_gat_backward_tensors(grad_out, out, lse, h, score_dst.size(0));
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gh = at::empty_like(h);

@@ -168,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
   check_cuda(col, h, "col");
   check_cuda(eid, h, "eid");
   if (edge_logits.has_value()) check_cuda(*edge_logits, h, "edge_logits");
+  check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(h.device());
 

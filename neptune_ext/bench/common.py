@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from .._util import git_commit  # noqa: F401  (re-exported for the benchmarks)
+
 
 def cpu_name() -> str:
     try:
@@ -27,19 +29,6 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def git_commit() -> str:
-    """The commit measured: NEPTUNE_GIT_COMMIT if set (a copied tree has no .git), else HEAD."""
-    env = os.environ.get("NEPTUNE_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> float:

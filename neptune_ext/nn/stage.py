@@ -191,16 +191,19 @@ def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, relu: bool)
 
 
 def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
-                   memory_efficient: bool, cache) -> torch.Tensor:
-    """relu(bn(conv(input))) exactly as the eager modules compute it, in the BN's mode."""
+                   memory_efficient: bool, cache, relu: bool = True) -> torch.Tensor:
+    """relu(bn(conv(input))) (bn(conv(input)) without ``relu``) exactly as the eager
+    modules compute it, in the BN's mode."""
     if isinstance(input, torch.Tensor) and _autocast_on(input):
-        return _eager(conv, bn, input, relu=True)
+        return _eager(conv, bn, input, relu)
     _check_input(input, conv)
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:
         return ops.conv_bn_relu_eval(
             input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-            bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=cache)
+            bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=cache, relu=relu)
+    if not relu:  # batch statistics without a ReLU: the eager BN (no fused kernel for it)
+        return _eager(conv, bn, input, relu=False)
     # Mirrors nn.BatchNorm2d.forward.
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -236,25 +239,8 @@ class FusedConv2d(nn.Conv2d):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bn = self.fused_bn
-        cache = self._fold if self.cache_fold else None
-        if self.relu_fused:
-            return _stage_forward(self, bn, input, self.memory_efficient, cache)
-        if isinstance(input, torch.Tensor) and _autocast_on(input):
-            return _eager(self, bn, input, relu=False)
-        if bn.training or (bn.running_mean is None and bn.running_var is None):
-            return nn.BatchNorm2d.forward(bn, super().forward(input))
-        _check_input(input, self)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-                input, self.weight, self.bias, bn.weight, bn.bias)):
-            w, b = ops.fold_conv_bn(self.weight, self.bias, bn.weight, bn.bias, bn.running_mean,
-                                    bn.running_var, bn.eps)
-            return ops.conv_bias(input, w, b, self.stride, self.padding, self.dilation, self.groups)
-        cache = cache if cache is not None else ops.FoldCache()
-        (w, b), _ = cache.folded(self.weight, self.bias, bn.weight, bn.bias, bn.running_mean,
-                                 bn.running_var, bn.eps)
-        return ops.conv_bias(input, w, b, self.stride, self.padding, self.dilation, self.groups,
-                             cache=cache)
+        return _stage_forward(self, self.fused_bn, input, self.memory_efficient,
+                              self._fold if self.cache_fold else None, relu=self.relu_fused)
 
     @classmethod
     def convert(cls, conv: nn.Conv2d, bn: "FusedBatchNorm2d", relu_fused: bool) -> "FusedConv2d":

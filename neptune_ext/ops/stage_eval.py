@@ -81,8 +81,10 @@ def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def conv_bn_relu_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_bias,
                       running_mean, running_var, eps: float, stride=1, padding=0, dilation=1,
-                      groups: int = 1, cache: Optional[FoldCache] = None) -> torch.Tensor:
-    """``relu(batch_norm_eval(conv2d(input, conv_weight, conv_bias)))`` with BN folded.
+                      groups: int = 1, cache: Optional[FoldCache] = None,
+                      relu: bool = True) -> torch.Tensor:
+    """``relu(batch_norm_eval(conv2d(input, conv_weight, conv_bias)))`` with BN folded
+    (without the ReLU when ``relu=False``).
 
     Under autograd (grad mode on and any input requiring grad) the fold is
     recomputed differentiably on every call; otherwise it comes from ``cache``.
@@ -92,14 +94,15 @@ def conv_bn_relu_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn
     if torch.is_grad_enabled() and (input.requires_grad or any(
             t is not None and t.requires_grad for t in params)):
         w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
-        return F.conv2d(input, w, b, s, p, d, groups).clamp_min(0)
+        out = F.conv2d(input, w, b, s, p, d, groups)
+        return out.clamp_min(0) if relu else out
     cache = cache if cache is not None else FoldCache()
     (w, b), cacheable = cache.folded(conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                      running_var, eps)
     packed = None
     if cacheable and _onednn_eligible(input):
         packed = cache.packed(w, s, p, d, groups, input)
-    return conv_bias_relu(input, w, b, s, p, d, groups, packed_weight=packed)
+    return _conv_bias_act(input, w, b, s, p, d, groups, relu, packed)
 
 
 def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride=1,
