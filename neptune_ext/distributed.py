@@ -109,7 +109,18 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def shutdown(ctx: Context) -> None:
-    if ctx.enabled and ctx.owns_group:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+def shutdown(ctx: Context, ok: bool = True) -> None:
+    """Leave the process group. On success every rank first meets the others (so no rank
+    tears its connections down while a peer is still finishing, e.g. rank 0 writing the
+    metrics) and frees what still holds the group (DistributedDataParallel's reducer sits
+    in reference cycles): a group torn down by the interpreter's finalization instead
+    aborts the process ("terminate called without an active exception"). After a failure
+    there is no barrier: the other ranks may never reach it."""
+    if not (ctx.enabled and ctx.owns_group):
+        return
+    import gc
+    import torch.distributed as dist
+    if ok:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()

@@ -257,12 +257,15 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
     if amp == "fp16" and torch.device(device).type != "cuda":
         raise DatasetError("--amp fp16 needs --device cuda (on the CPU use --amp bf16)")
     ctx = distributed.init(device)
+    ok = False
     try:
-        return _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr,
-                      limit, image_size, progress_wanted(progress) and ctx.is_main and not quiet, quiet,
-                      amp, workers)
+        result = _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr,
+                        limit, image_size, progress_wanted(progress) and ctx.is_main and not quiet, quiet,
+                        amp, workers)
+        ok = True
+        return result
     finally:
-        distributed.shutdown(ctx)
+        distributed.shutdown(ctx, ok)
 
 
 def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr, limit,
