@@ -7,6 +7,7 @@
 #include <string>
 
 #include "graph/graph.h"
+#include "graph_attention/gatv2.h"
 #include "graph_attention/graph_attention.h"
 #include "stage/stage.h"
 
@@ -67,6 +68,21 @@ TORCH_LIBRARY(neptune, m) {
       "-> (Tensor grad_h, Tensor grad_score_src, Tensor grad_score_dst, "
       "Tensor grad_edge_logits)");
 
+  // GATv2 attention (see graph_attention/gatv2.h): x_l [N_src, H, C] gathered per
+  // edge for both the logit and the sum, x_r [N_dst, H, C], att [H, C], optional
+  // edge_feat [E, H, C] in the caller's edge order. rowptr may have more rows than
+  // x_r: those rows are ignored.
+  m.def(
+      "gatv2_forward(Tensor x_l, Tensor x_r, Tensor att, Tensor rowptr, Tensor col, "
+      "Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, Tensor? edge_feat, "
+      "float negative_slope, float dropout, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "gatv2_backward(Tensor grad_out, Tensor x_l, Tensor x_r, Tensor att, Tensor rowptr, "
+      "Tensor col, Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, "
+      "Tensor? edge_feat, Tensor out, Tensor lse, float negative_slope, float dropout, "
+      "Tensor? seed) -> (Tensor grad_x_l, Tensor grad_x_r, Tensor grad_att, "
+      "Tensor grad_edge_feat)");
+
   // Stage: fused BatchNorm+ReLU with batch statistics (see stage/stage.h).
   m.def(
       "bn_relu_forward(Tensor x, Tensor weight, Tensor bias, float eps) "
@@ -82,6 +98,8 @@ TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("build_csc", &neptune::build_csc);
   m.impl("gat_forward", &neptune::gat_forward_cpu);
   m.impl("gat_backward", &neptune::gat_backward_cpu);
+  m.impl("gatv2_forward", &neptune::gatv2_forward_cpu);
+  m.impl("gatv2_backward", &neptune::gatv2_backward_cpu);
   m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);
   m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu);
 }

@@ -90,3 +90,31 @@ def sparse_graph_attention_reference(h, score_src, score_dst, src, dst, num_dst,
     msg = alpha.unsqueeze(-1) * h[src]
     out = h.new_zeros((num_dst,) + tuple(h.shape[1:])).index_add(0, dst, msg)
     return (out, alpha) if return_attention else out
+
+
+def gatv2_attention_weights_reference(x_l, x_r, att, src, dst, num_dst, negative_slope=0.2,
+                                      edge_feat=None, dropout=0.0, seed=None):
+    """GATv2 attention weights [E, H] (after dropout when dropout > 0), caller's edge order:
+    softmax over each destination's in-edges of sum_c att[h, c] LeakyReLU(x_l[j] + x_r[i] + e_ij)."""
+    z = x_l[src] + x_r[dst]
+    if edge_feat is not None:
+        z = z + edge_feat
+    logits = (F.leaky_relu(z, negative_slope) * att.reshape(1, *x_l.shape[1:])).sum(-1)
+    alpha = segment_softmax(logits, dst, num_dst)
+    if dropout > 0.0:
+        keep = dropout_keep_mask(seed, torch.arange(src.numel(), device=src.device),
+                                 alpha.shape[1], dropout)
+        alpha = alpha * keep.to(alpha.dtype) / (1.0 - dropout)
+    return alpha
+
+
+def gatv2_attention_reference(x_l, x_r, att, src, dst, num_dst, negative_slope=0.2,
+                              edge_feat=None, dropout=0.0, seed=None, return_attention=False):
+    """out_i = sum_j a_ij x_l[j] with GATv2's dynamic attention (see
+    gatv2_attention_weights_reference). x_l [N_src, H, C], x_r [N_dst, H, C], att [H, C],
+    src/dst [E] in the caller's order, edge_feat [E, H, C]."""
+    alpha = gatv2_attention_weights_reference(x_l, x_r, att, src, dst, num_dst, negative_slope,
+                                              edge_feat, dropout, seed)
+    msg = alpha.unsqueeze(-1) * x_l[src]
+    out = x_l.new_zeros((num_dst,) + tuple(x_l.shape[1:])).index_add(0, dst, msg)
+    return (out, alpha) if return_attention else out

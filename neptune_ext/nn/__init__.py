@@ -1,7 +1,8 @@
-"""Drop-in layers: GraphAttention (for PyG's GATConv), Stage (fused Conv2d -> BatchNorm2d
--> ReLU) and fuse_stages(model)."""
+"""Drop-in layers: GraphAttention (for PyG's GATConv), GraphAttentionV2 (for GATv2Conv),
+Stage (fused Conv2d -> BatchNorm2d -> ReLU) and fuse_stages(model)."""
+from .gatv2 import GraphAttentionV2
 from .graph_attention import GraphAttention
 from .stage import Stage
 from .fuse import fuse_stages
 
-__all__ = ["GraphAttention", "Stage", "fuse_stages"]
+__all__ = ["GraphAttention", "GraphAttentionV2", "Stage", "fuse_stages"]

@@ -6,47 +6,18 @@ in the fused op (:func:`neptune_ext.ops.sparse_graph_attention`), so no per-edge
 feature tensor is built; the CSR graph (and its transpose, for backward) is
 cached while the same ``edge_index`` tensor is passed again.
 """
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .._util import is_compiling as _is_compiling
-from ..graph import _FILL_REDUCE, GATGraph, Graph, _parse_size, sparse_to_edge_index
-from ..ops.graph_attention import check_slope, sparse_graph_attention
+from ..ops.graph_attention import attention_weights, sparse_graph_attention
+from ._attention import AttentionBase, glorot, linear, materialize, reset_linear
 
 Tensor = torch.Tensor
 
 
-def _linear(in_features: int, out_features: int, name: str) -> nn.Module:
-    """A bias-free Linear; ``in_features=-1`` makes it lazy (sized on first use, as in PyG)."""
-    if in_features == -1:
-        return nn.LazyLinear(out_features, bias=False)
-    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features <= 0:
-        raise ValueError(f"{name} must be a positive int or -1 (lazy), got {in_features!r}")
-    return nn.Linear(in_features, out_features, bias=False)
-
-
-def _is_lazy(lin: nn.Module) -> bool:
-    return isinstance(lin, nn.modules.lazy.LazyModuleMixin) and lin.has_uninitialized_params()
-
-
-def _materialize(lin: Optional[nn.Module], x: Optional[Tensor]) -> None:
-    """Size a lazy Linear from its input (glorot-initialized, as PyG does)."""
-    if lin is not None and x is not None and _is_lazy(lin):
-        lin(x[:0])
-        _glorot(lin.weight)
-
-
-def _glorot(t: Optional[Tensor]):
-    if t is not None:
-        a = math.sqrt(6.0 / (t.size(-2) + t.size(-1)))
-        with torch.no_grad():
-            t.uniform_(-a, a)
-
-
-class GraphAttention(nn.Module):
+class GraphAttention(AttentionBase):
     r"""Graph attention layer (GAT v1), a drop-in for ``torch_geometric.nn.GATConv``.
 
     .. math::
@@ -87,102 +58,35 @@ class GraphAttention(nn.Module):
                  add_self_loops: bool = True, edge_dim: Optional[int] = None,
                  fill_value: Union[float, Tensor, str] = "mean", bias: bool = True,
                  residual: bool = False):
-        super().__init__()
-        if not isinstance(out_channels, int) or out_channels <= 0:
-            raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
-        if not isinstance(heads, int) or heads <= 0:
-            raise ValueError(f"heads must be a positive int, got {heads!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        check_slope(negative_slope)
-        if isinstance(fill_value, str) and fill_value not in _FILL_REDUCE:
-            raise ValueError(f"fill_value must be a number, a tensor or one of {sorted(_FILL_REDUCE)}, "
-                             f"got {fill_value!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.heads = heads
-        self.concat = concat
-        self.negative_slope = negative_slope
-        self.dropout = dropout
-        self.add_self_loops = add_self_loops
-        self.edge_dim = edge_dim
-        self.fill_value = fill_value
-        self.residual = residual
+        super().__init__(in_channels, out_channels, heads, concat, negative_slope, dropout,
+                         add_self_loops, edge_dim, fill_value, residual)
         HC = heads * out_channels
 
         self.lin = self.lin_src = self.lin_dst = None
         if isinstance(in_channels, int):
-            self.lin = _linear(in_channels, HC, "in_channels")
+            self.lin = linear(in_channels, HC, "in_channels")
         else:
-            if not (isinstance(in_channels, (tuple, list)) and len(in_channels) == 2):
-                raise ValueError(f"in_channels must be an int or a (src, dst) pair, got {in_channels!r}")
-            self.lin_src = _linear(in_channels[0], HC, "in_channels[0]")
-            self.lin_dst = _linear(in_channels[1], HC, "in_channels[1]")
+            self.lin_src = linear(in_channels[0], HC, "in_channels[0]")
+            self.lin_dst = linear(in_channels[1], HC, "in_channels[1]")
         self.att_src = nn.Parameter(torch.empty(1, heads, out_channels))
         self.att_dst = nn.Parameter(torch.empty(1, heads, out_channels))
         if edge_dim is not None:
-            self.lin_edge = _linear(edge_dim, HC, "edge_dim")
+            self.lin_edge = linear(edge_dim, HC, "edge_dim")
             self.att_edge = nn.Parameter(torch.empty(1, heads, out_channels))
         else:
             self.lin_edge = None
             self.register_parameter("att_edge", None)
-        total_out = out_channels * (heads if concat else 1)
-        if residual:
-            res_in = in_channels if isinstance(in_channels, int) else in_channels[1]
-            self.res = _linear(res_in, total_out, "in_channels")
-        else:
-            self.register_parameter("res", None)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(total_out))
-        else:
-            self.register_parameter("bias", None)
-        self.cache_graph = True
-        self._graph_cache = None
+        self._residual_and_bias(bias)
         self.reset_parameters()
 
     def reset_parameters(self):
         for lin in (self.lin, self.lin_src, self.lin_dst, self.lin_edge, self.res):
-            if lin is not None and not _is_lazy(lin):
-                _glorot(lin.weight)
-        _glorot(self.att_src)
-        _glorot(self.att_dst)
-        _glorot(self.att_edge)
+            reset_linear(lin)
+        glorot(self.att_src)
+        glorot(self.att_dst)
+        glorot(self.att_edge)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-
-    # ------------------------------------------------------------------ graph
-    def _prepare(self, edge_index, num_src: int, num_dst: int) -> GATGraph:
-        """The kernels' graph for ``edge_index``, cached while the same tensor comes again.
-
-        The cache holds the caller's tensor and hits only for that very tensor object,
-        unchanged in shape, strides, offset, dtype, device and version counter, with the
-        same sizes and self-loop setting. It cannot see writes that bypass the version
-        counter (through ``.data``, ``.numpy()`` or DLPack): after such a write call
-        :meth:`clear_graph_cache`, or set ``cache_graph = False`` to build every call.
-        """
-        if isinstance(edge_index, Graph):
-            if (edge_index.num_src, edge_index.num_dst) != (num_src, num_dst):
-                raise ValueError(f"edge_index (a Graph) has (num_src, num_dst) = "
-                                 f"({edge_index.num_src}, {edge_index.num_dst}), but the inputs give "
-                                 f"({num_src}, {num_dst})")
-            return GATGraph(edge_index, num_dst)
-        if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
-            return GATGraph.from_edge_index(sparse_to_edge_index(edge_index), num_src, num_dst,
-                                            self.add_self_loops)
-        if not isinstance(edge_index, Tensor):
-            raise ValueError("edge_index must be a [2, E] tensor, a neptune_ext.Graph or a torch "
-                             f"sparse adjacency, got {type(edge_index).__name__}")
-        key = None
-        if self.cache_graph and not _is_compiling() and not edge_index.is_inference():
-            key = (edge_index.dtype, edge_index.device, tuple(edge_index.shape), edge_index.stride(),
-                   edge_index.storage_offset(), edge_index.data_ptr(), edge_index._version,
-                   num_src, num_dst, self.add_self_loops)
-            cached = self._graph_cache
-            if cached is not None and cached[0] is edge_index and cached[1] == key:
-                return cached[2]
-        prepared = GATGraph.from_edge_index(edge_index, num_src, num_dst, self.add_self_loops)
-        self._graph_cache = (edge_index, key, prepared) if key is not None else None
-        return prepared
 
     scores_from = "auto"  # "auto" | "x" | "h": where the attention halves are computed from
 
@@ -193,32 +97,15 @@ class GraphAttention(nn.Module):
             return self.scores_from == "h"
         return x.shape[1] > H * C
 
-    def clear_graph_cache(self) -> None:
-        """Forget the cached graph (see :meth:`_prepare`)."""
-        self._graph_cache = None
-
     # ---------------------------------------------------------------- forward
     def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, size=None,
                 return_attention_weights: Optional[bool] = None):
         H, C = self.heads, self.out_channels
-        same = isinstance(x, Tensor)
-        if same:
-            x_src = x_dst = x
-        elif isinstance(x, (tuple, list)) and len(x) == 2:
-            x_src, x_dst = x
-        else:
-            raise ValueError(f"x must be a [N, F] tensor or a (x_src, x_dst) pair, got {type(x).__name__}")
-        if not isinstance(x_src, Tensor) or x_src.dim() != 2:
-            raise ValueError(f"x must be a [N, F] tensor or a (x_src, x_dst) pair of them; x_src is "
-                             f"{list(x_src.shape) if isinstance(x_src, Tensor) else type(x_src).__name__}")
-        if x_dst is not None and (not isinstance(x_dst, Tensor) or x_dst.dim() != 2):
-            raise ValueError(f"x must be a [N, F] tensor or a (x_src, x_dst) pair of them; x_dst "
-                             "(destination features) must be a [N_dst, F] tensor or None, got "
-                             f"{list(x_dst.shape) if isinstance(x_dst, Tensor) else type(x_dst).__name__}")
+        x_src, x_dst, same = self._split_x(x)
         lin_src = self.lin if self.lin is not None else self.lin_src
         lin_dst = self.lin if self.lin is not None else self.lin_dst
-        for lin, inp in ((lin_src, x_src), (lin_dst, x_dst), (self.res, x_dst)):
-            _materialize(lin, inp)
+        for lin, inp, name in ((lin_src, x_src, "x_src"), (lin_dst, x_dst, "x_dst"), (self.res, x_dst, "x_dst")):
+            materialize(lin, inp, "x" if same else name)
         res = self.res(x_dst) if (self.res is not None and x_dst is not None) else None
         h_src = lin_src(x_src).view(-1, H, C)
         # The attention halves <a, W x> per head. From x as x . (W_head^T a_head): one skinny
@@ -241,22 +128,7 @@ class GraphAttention(nn.Module):
                 else:
                     score_src, score_dst = x_src @ w_src.t(), x_dst @ w_dst.t()
 
-        num_src, num_dst = x_src.shape[0], None
-        if size is not None:
-            if not (isinstance(size, (tuple, list)) and len(size) == 2):
-                raise ValueError(f"size must be None or a (num_src, num_dst) pair, got {size!r}")
-            size_src, num_dst = _parse_size(size)
-            if size_src is not None and size_src != num_src:
-                raise ValueError(f"size[0] = {size_src} but x_src has {num_src} nodes")
-        if num_dst is None:
-            if x_dst is not None:
-                num_dst = x_dst.shape[0]
-            elif isinstance(edge_index, Graph):
-                num_dst = edge_index.num_dst
-            else:
-                num_dst = num_src
-        if x_dst is not None and x_dst.shape[0] != num_dst:
-            raise ValueError(f"x_dst has {x_dst.shape[0]} nodes but size gives num_dst = {num_dst}")
+        num_src, num_dst = self._sizes(x_src, x_dst, edge_index, size)
         prepared = self._prepare(edge_index, num_src, num_dst)
         graph = prepared.graph
 
@@ -269,7 +141,7 @@ class GraphAttention(nn.Module):
         if edge_attr is not None and self.lin_edge is not None:
             if edge_attr.dim() == 1:
                 edge_attr = edge_attr.view(-1, 1)
-            _materialize(self.lin_edge, edge_attr)
+            materialize(self.lin_edge, edge_attr, "edge_attr")
             edge_attr = prepared.edge_attr(edge_attr, self.fill_value)
             # a_e^T W_e e = (W_e^T a_e)^T e: project the attention vector, not the edges,
             # so no [E, H, C] tensor is built.
@@ -278,27 +150,19 @@ class GraphAttention(nn.Module):
             edge_logits = edge_attr @ w_att.t()
 
         want_alpha = return_attention_weights is not None and bool(return_attention_weights)
-        result = sparse_graph_attention(
-            h_src, score_src, score_dst, graph, self.negative_slope, edge_logits,
-            self.dropout, self.training, return_attention=want_alpha)
-        out, alpha = result if want_alpha else (result, None)
-        if prepared.add_loops:
-            out = out[:num_dst]
-
-        out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
-        if res is not None:
-            out = out + res
-        if self.bias is not None:
-            out = out + self.bias
+        if self._explaining():
+            alpha = attention_weights(score_src, score_dst, graph, self.negative_slope, edge_logits,
+                                      self.dropout if self.training else 0.0,
+                                      torch.randint(0, 2**62, ()) if self.training else None)
+            out = self._explain_aggregate(h_src, alpha[prepared.kept_edges()], prepared, num_src, num_dst)
+        else:
+            result = sparse_graph_attention(
+                h_src, score_src, score_dst, graph, self.negative_slope, edge_logits,
+                self.dropout, self.training, return_attention=want_alpha)
+            out, alpha = result if want_alpha else (result, None)
+            if prepared.add_loops:
+                out = out[:num_dst]
+        out = self._head(out, res)
         if not want_alpha:
             return out
-        alpha = alpha[prepared.kept_edges()]
-        ei_out = prepared.output_edge_index()
-        if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
-            adj = torch.sparse_coo_tensor(torch.stack([ei_out[1], ei_out[0]]), alpha,
-                                          (num_dst, num_src, H))
-            return out, (adj, alpha)
-        return out, (ei_out, alpha)
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads})"
+        return self._with_attention(out, alpha, prepared, edge_index, num_src, num_dst)

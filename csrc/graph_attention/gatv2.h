@@ -1,0 +1,104 @@
+// GATv2 (dynamic attention, Brody et al. 2022; the semantics of PyG's GATv2Conv):
+//
+//   z_ij  = x_l[j] + x_r[i] (+ edge_feat[e(i,j)])             [H, C]
+//   s_ij  = sum_c att[h, c] * LeakyReLU(z_ij[h, c])           per head h
+//   a_ij  = softmax over j in N(i) of s_ij
+//   out_i = sum_j a_ij x_l[j]                                  (no in-edges: 0)
+//
+// Same kernel shape as GAT v1: the row x_l[j] gathered for the sum also gives the
+// logit, one pass per destination with an online softmax; only out and the
+// log-sum-exp are saved. The CSR may have more rows than x_r: the extra rows
+// (GATConv's phantom row of removed self loops) are ignored - their edges get no
+// weight, no output and no gradient.
+//
+// Backward, with D_i = <dOut_i, out_i> and dS_ij = a'_ij <dOut_i, x_l[j]> - a_ij D_i:
+//   dz_ij           = dS_ij * att * LeakyReLU'(z_ij)
+//   grad x_r[i]     = sum_j dz_ij                       (pass 1, destinations)
+//   grad edge_feat  = dz_ij                             (pass 1)
+//   grad att        = sum_ij dS_ij * LeakyReLU(z_ij)    (pass 1: fixed blocks of
+//                     destinations, then the blocks in order: no atomics)
+//   grad x_l[j]     = sum_i a'_ij dOut_i + dz_ij         (pass 2, sources, CSC)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "graph_attention.h"
+
+namespace neptune {
+
+// Destinations per block of the fixed-order grad-att reduction (a constant, so the
+// summation order does not depend on the thread count or the device).
+constexpr int64_t kGatv2AttBlock = 64;
+
+inline void check_gatv2_inputs(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
+                               const at::Tensor& rowptr, const at::Tensor& col,
+                               const at::Tensor& eid,
+                               const std::optional<at::Tensor>& edge_feat,
+                               double negative_slope, double dropout) {
+  TORCH_CHECK(xl.dim() == 3, "neptune::gatv2: x_l must be [N_src, H, C], got ", xl.sizes());
+  const auto H = xl.size(1), C = xl.size(2);
+  TORCH_CHECK(xr.dim() == 3 && xr.size(1) == H && xr.size(2) == C,
+              "neptune::gatv2: x_r must be [N_dst, H, C] with H = ", H, ", C = ", C, ", got ",
+              xr.sizes());
+  TORCH_CHECK(att.dim() == 2 && att.size(0) == H && att.size(1) == C,
+              "neptune::gatv2: att must be [H, C] = [", H, ", ", C, "], got ", att.sizes());
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) >= xr.size(0) + 1,
+              "neptune::gatv2: rowptr must be [R + 1] with R >= N_dst = ", xr.size(0), ", got ",
+              rowptr.sizes());
+  TORCH_CHECK(col.dim() == 1 && eid.dim() == 1 && eid.size(0) == col.size(0),
+              "neptune::gatv2: col and eid must be [E] vectors of the same length");
+  TORCH_CHECK(rowptr.scalar_type() == col.scalar_type() &&
+                  eid.scalar_type() == col.scalar_type(),
+              "neptune::gatv2: rowptr, col and eid must share one integer dtype");
+  TORCH_CHECK(xr.scalar_type() == xl.scalar_type() && att.scalar_type() == xl.scalar_type(),
+              "neptune::gatv2: x_l, x_r and att must share one dtype");
+  TORCH_CHECK(xl.is_contiguous() && xr.is_contiguous() && att.is_contiguous() &&
+                  rowptr.is_contiguous() && col.is_contiguous() && eid.is_contiguous(),
+              "neptune::gatv2: inputs must be contiguous");
+  if (edge_feat.has_value()) {
+    const auto& ef = *edge_feat;
+    TORCH_CHECK(ef.dim() == 3 && ef.size(0) == col.size(0) && ef.size(1) == H && ef.size(2) == C,
+                "neptune::gatv2: edge_feat must be [E, H, C] = [", col.size(0), ", ", H, ", ", C,
+                "], got ", ef.sizes());
+    TORCH_CHECK(ef.scalar_type() == xl.scalar_type() && ef.is_contiguous(),
+                "neptune::gatv2: edge_feat must be contiguous with the dtype of x_l");
+  }
+  TORCH_CHECK(dropout >= 0.0 && dropout < 1.0,
+              "neptune::gatv2: dropout must be in [0, 1), got ", dropout);
+  TORCH_CHECK(std::isfinite(negative_slope),
+              "neptune::gatv2: negative_slope must be finite, got ", negative_slope);
+}
+
+inline void check_gatv2_backward_tensors(const at::Tensor& grad_out, const at::Tensor& out,
+                                         const at::Tensor& lse, const at::Tensor& xr) {
+  TORCH_CHECK(out.sizes() == xr.sizes() && out.scalar_type() == xr.scalar_type(),
+              "neptune::gatv2_backward: out must be [N_dst, H, C] like x_r, got ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == out.scalar_type(),
+              "neptune::gatv2_backward: grad_out must match out in shape and dtype");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == xr.size(0) && lse.size(1) == xr.size(1) &&
+                  lse.scalar_type() == acc_dtype(xr.scalar_type()),
+              "neptune::gatv2_backward: lse must be [N_dst, H] in ", acc_dtype(xr.scalar_type()),
+              ", got ", lse.sizes(), " ", lse.scalar_type());
+}
+
+// Forward: (out [N_dst, H, C], lse [N_dst, H] in float32/float64).
+std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
+    const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att, const at::Tensor& rowptr,
+    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
+    const at::Tensor& csc_row, const at::Tensor& csc_perm,
+    const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
+    const std::optional<at::Tensor>& seed);
+
+// Backward: (grad_x_l, grad_x_r, grad_att, grad_edge_feat).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
+    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
+    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
+    double negative_slope, double dropout, const std::optional<at::Tensor>& seed);
+
+}  // namespace neptune

@@ -1,0 +1,251 @@
+"""What GraphAttention (GATConv) and GraphAttentionV2 (GATv2Conv) share: the base class
+PyG's tools recognize, input parsing, the cached kernel graph, the output head, and the
+exact message-passing path PyG's explainers need.
+
+When PyG is installed the layers are ``torch_geometric.nn.MessagePassing`` subclasses, so
+``to_hetero`` groups their outputs by destination node type and ``torch_geometric.explain``
+can mask their messages; ``import neptune_ext`` works without PyG (the base is then
+``nn.Module``).
+"""
+import importlib.util
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .._util import is_compiling as _is_compiling
+from ..graph import _FILL_REDUCE, GATGraph, Graph, _parse_size, sparse_to_edge_index
+from ..ops.graph_attention import check_slope
+
+Tensor = torch.Tensor
+
+
+def _pyg_message_passing():
+    if importlib.util.find_spec("torch_geometric") is None:
+        return None
+    try:
+        with warnings.catch_warnings():  # PyG's own deprecation notices on import
+            warnings.simplefilter("ignore")
+            from torch_geometric.nn.conv import MessagePassing
+        return MessagePassing
+    except Exception:  # a broken PyG install must not break neptune_ext
+        return None
+
+
+MessagePassing = _pyg_message_passing()
+HAS_PYG = MessagePassing is not None
+_Base = MessagePassing if HAS_PYG else nn.Module
+
+
+def linear(in_features: int, out_features: int, name: str, bias: bool = False) -> nn.Module:
+    """A Linear; ``in_features=-1`` makes it lazy (sized on first use, as in PyG)."""
+    if in_features == -1:
+        return nn.LazyLinear(out_features, bias=bias)
+    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features <= 0:
+        raise ValueError(f"{name} must be a positive int or -1 (lazy), got {in_features!r}")
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def is_lazy(lin: nn.Module) -> bool:
+    return isinstance(lin, nn.modules.lazy.LazyModuleMixin) and lin.has_uninitialized_params()
+
+
+def materialize(lin: Optional[nn.Module], x: Optional[Tensor], name: str = "x") -> None:
+    """Size a lazy Linear from its input (glorot-initialized weight, as PyG does), and
+    check the input's width against it."""
+    if lin is None or x is None:
+        return
+    if is_lazy(lin):
+        lin(x[:0])
+        glorot(lin.weight)
+    if x.shape[-1] != lin.weight.shape[1]:
+        raise ValueError(f"{name} has {x.shape[-1]} features per row but the layer was built for "
+                         f"{lin.weight.shape[1]} (in_channels / edge_dim)")
+
+
+def glorot(t: Optional[Tensor]):
+    if t is not None:
+        a = math.sqrt(6.0 / (t.size(-2) + t.size(-1)))
+        with torch.no_grad():
+            t.uniform_(-a, a)
+
+
+def reset_linear(lin: Optional[nn.Module]) -> None:
+    """Glorot weight and (PyG's rule) a bias uniform in +-1/sqrt(fan_in)."""
+    if lin is None or is_lazy(lin):
+        return
+    glorot(lin.weight)
+    if getattr(lin, "bias", None) is not None:
+        bound = 1.0 / math.sqrt(lin.weight.size(1)) if lin.weight.size(1) > 0 else 0.0
+        with torch.no_grad():
+            lin.bias.uniform_(-bound, bound)
+
+
+class AttentionBase(_Base):
+    """Constructor checks, graph preparation and output head of both attention layers."""
+
+    scores_from = "auto"
+
+    def __init__(self, in_channels, out_channels: int, heads: int, concat: bool,
+                 negative_slope: float, dropout: float, add_self_loops: bool,
+                 edge_dim: Optional[int], fill_value, residual: bool):
+        if HAS_PYG:
+            _Base.__init__(self, aggr="add", node_dim=0)
+        else:
+            _Base.__init__(self)
+        if not isinstance(out_channels, int) or isinstance(out_channels, bool) or out_channels <= 0:
+            raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:
+            raise ValueError(f"heads must be a positive int, got {heads!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_slope(negative_slope)
+        if isinstance(fill_value, str) and fill_value not in _FILL_REDUCE:
+            raise ValueError(f"fill_value must be a number, a tensor or one of {sorted(_FILL_REDUCE)}, "
+                             f"got {fill_value!r}")
+        if not (isinstance(in_channels, int) or (isinstance(in_channels, (tuple, list))
+                                                 and len(in_channels) == 2)):
+            raise ValueError(f"in_channels must be an int or a (src, dst) pair, got {in_channels!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.heads = heads
+        self.concat = concat
+        self.negative_slope = negative_slope
+        self.dropout = dropout
+        self.add_self_loops = add_self_loops
+        self.edge_dim = edge_dim
+        self.fill_value = fill_value
+        self.residual = residual
+        self.cache_graph = True
+        self._graph_cache = None
+
+    def _residual_and_bias(self, bias: bool):
+        total_out = self.out_channels * (self.heads if self.concat else 1)
+        if self.residual:
+            res_in = self.in_channels if isinstance(self.in_channels, int) else self.in_channels[1]
+            self.res = linear(res_in, total_out, "in_channels")
+        else:
+            self.register_parameter("res", None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(total_out))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def _split_x(x) -> Tuple[Tensor, Optional[Tensor], bool]:
+        same = isinstance(x, Tensor)
+        if same:
+            x_src = x_dst = x
+        elif isinstance(x, (tuple, list)) and len(x) == 2:
+            x_src, x_dst = x
+        else:
+            raise ValueError(f"x must be a [N, F] tensor or a (x_src, x_dst) pair, got {type(x).__name__}")
+        if not isinstance(x_src, Tensor) or x_src.dim() != 2:
+            raise ValueError(f"x must be a [N, F] tensor or a (x_src, x_dst) pair of them; x_src is "
+                             f"{list(x_src.shape) if isinstance(x_src, Tensor) else type(x_src).__name__}")
+        if x_dst is not None and (not isinstance(x_dst, Tensor) or x_dst.dim() != 2):
+            raise ValueError(f"x must be a [N, F] tensor or a (x_src, x_dst) pair of them; x_dst "
+                             "(destination features) must be a [N_dst, F] tensor or None, got "
+                             f"{list(x_dst.shape) if isinstance(x_dst, Tensor) else type(x_dst).__name__}")
+        return x_src, x_dst, same
+
+    @staticmethod
+    def _sizes(x_src: Tensor, x_dst: Optional[Tensor], edge_index, size) -> Tuple[int, int]:
+        num_src, num_dst = x_src.shape[0], None
+        if size is not None:
+            if not (isinstance(size, (tuple, list)) and len(size) == 2):
+                raise ValueError(f"size must be None or a (num_src, num_dst) pair, got {size!r}")
+            size_src, num_dst = _parse_size(size)
+            if size_src is not None and size_src != num_src:
+                raise ValueError(f"size[0] = {size_src} but x_src has {num_src} nodes")
+        if num_dst is None:
+            if x_dst is not None:
+                num_dst = x_dst.shape[0]
+            elif isinstance(edge_index, Graph):
+                num_dst = edge_index.num_dst
+            else:
+                num_dst = num_src
+        if x_dst is not None and x_dst.shape[0] != num_dst:
+            raise ValueError(f"x_dst has {x_dst.shape[0]} nodes but size gives num_dst = {num_dst}")
+        return num_src, num_dst
+
+    # ------------------------------------------------------------------ graph
+    def _prepare(self, edge_index, num_src: int, num_dst: int) -> GATGraph:
+        """The kernels' graph for ``edge_index``, cached while the same tensor comes again.
+
+        The cache holds the caller's tensor and hits only for that very tensor object,
+        unchanged in shape, strides, offset, dtype, device and version counter, with the
+        same sizes and self-loop setting. It cannot see writes that bypass the version
+        counter (through ``.data``, ``.numpy()`` or DLPack): after such a write call
+        :meth:`clear_graph_cache`, or set ``cache_graph = False`` to build every call.
+        """
+        if isinstance(edge_index, Graph):
+            if (edge_index.num_src, edge_index.num_dst) != (num_src, num_dst):
+                raise ValueError(f"edge_index (a Graph) has (num_src, num_dst) = "
+                                 f"({edge_index.num_src}, {edge_index.num_dst}), but the inputs give "
+                                 f"({num_src}, {num_dst})")
+            return GATGraph(edge_index, num_dst)
+        if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
+            return GATGraph.from_edge_index(sparse_to_edge_index(edge_index), num_src, num_dst,
+                                            self.add_self_loops)
+        if not isinstance(edge_index, Tensor):
+            raise ValueError("edge_index must be a [2, E] tensor, a neptune_ext.Graph or a torch "
+                             f"sparse adjacency, got {type(edge_index).__name__}")
+        if type(edge_index) is not Tensor and hasattr(edge_index, "as_tensor"):
+            edge_index = edge_index.as_tensor()  # PyG's EdgeIndex: its plain [2, E] data
+        key = None
+        if self.cache_graph and not _is_compiling() and not edge_index.is_inference():
+            key = (edge_index.dtype, edge_index.device, tuple(edge_index.shape), edge_index.stride(),
+                   edge_index.storage_offset(), edge_index.data_ptr(), edge_index._version,
+                   num_src, num_dst, self.add_self_loops)
+            cached = self._graph_cache
+            if cached is not None and cached[0] is edge_index and cached[1] == key:
+                return cached[2]
+        prepared = GATGraph.from_edge_index(edge_index, num_src, num_dst, self.add_self_loops)
+        self._graph_cache = (edge_index, key, prepared) if key is not None else None
+        return prepared
+
+    def clear_graph_cache(self) -> None:
+        """Forget the cached graph (see :meth:`_prepare`)."""
+        self._graph_cache = None
+
+    # ------------------------------------------------------------------ output
+    def _head(self, out: Tensor, res: Optional[Tensor]) -> Tensor:
+        out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
+        if res is not None:
+            out = out + res
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    @staticmethod
+    def _with_attention(out: Tensor, alpha: Tensor, prepared: GATGraph, edge_index,
+                        num_src: int, num_dst: int):
+        alpha = alpha[prepared.kept_edges()]
+        ei_out = prepared.output_edge_index()
+        if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
+            adj = torch.sparse_coo_tensor(torch.stack([ei_out[1], ei_out[0]]), alpha,
+                                          (num_dst, num_src, alpha.shape[1]))
+            return out, (adj, alpha)
+        return out, (ei_out, alpha)
+
+    # --------------------------------------------------- PyG's explain path
+    def _explaining(self) -> bool:
+        return HAS_PYG and bool(getattr(self, "_explain", False))
+
+    def _explain_aggregate(self, x_j_src: Tensor, alpha_kept: Tensor, prepared: GATGraph,
+                           num_src: int, num_dst: int) -> Tensor:
+        """out = sum_j alpha_ij x_j through MessagePassing.propagate over the output edges
+        (input edges without self loops, then the added loops: GATConv's order), so an
+        explainer's edge mask multiplies each message exactly as in PyG's layer."""
+        return self.propagate(prepared.output_edge_index(), x=(x_j_src, None), alpha=alpha_kept,
+                              size=(num_src, num_dst))
+
+    def message(self, x_j: Tensor, alpha: Tensor) -> Tensor:
+        return x_j * alpha.unsqueeze(-1)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads})"

@@ -1,0 +1,201 @@
+"""GATv2 attention (dynamic attention): validation, autograd, fake kernels, dispatch.
+
+    z_ij  = x_l[j] + x_r[i] (+ edge_feat[e(i,j)])        [H, C]
+    s_ij  = sum_c att[h, c] * LeakyReLU(z_ij[h, c])      (per head h)
+    a_ij  = softmax over j in N(i) of s_ij
+    out_i = sum_j a_ij * x_l[j]                           (no in-edges: 0)
+
+The compiled kernels (torch.ops.neptune.gatv2_forward / gatv2_backward) are fused like
+the GAT v1 op: one pass per destination with an online softmax, nothing of size
+E x H x C allocated in forward, a deterministic backward without atomics (grad att is
+a fixed-order reduction). Without them the pure-PyTorch reference runs.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import _ext
+from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
+from ..graph import Graph
+from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
+from .graph_attention import _new_seed, check_slope
+
+__all__ = ["gatv2_attention", "gatv2_attention_weights"]
+
+
+def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
+    _check(isinstance(graph, Graph), f"graph must be a neptune_ext.Graph, got {type(graph).__name__} "
+           "(build one with Graph.from_edge_index(edge_index))")
+    for name, t in (("x_l", x_l), ("x_r", x_r), ("att", att)):
+        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
+    _check(x_l.dim() == 3, f"x_l must have shape [N_src, H, C], got {list(x_l.shape)}")
+    n_src, H, C = x_l.shape
+    _check(x_r.dim() == 3 and tuple(x_r.shape[1:]) == (H, C),
+           f"x_r must have shape [N_dst, H, C] with H, C = {H}, {C}, got {list(x_r.shape)}")
+    _check(att.numel() == H * C and att.dim() in (2, 3) and tuple(att.shape[-2:]) == (H, C),
+           f"att must have shape [H, C] or [1, H, C] with H, C = {H}, {C}, got {list(att.shape)}")
+    _check(n_src == graph.num_src, f"x_l has {n_src} source nodes but the graph has num_src = {graph.num_src}")
+    _check(x_r.shape[0] <= graph.num_dst,
+           f"x_r has {x_r.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
+    _check(x_r.dtype == x_l.dtype and att.dtype == x_l.dtype,
+           f"x_l, x_r and att must share one dtype, got {x_l.dtype}, {x_r.dtype}, {att.dtype}")
+    for name, t in (("x_r", x_r), ("att", att)):
+        _check(t.device == x_l.device, f"{name} is on {t.device} but x_l is on {x_l.device}")
+    _check(graph.device == x_l.device,
+           f"graph is on {graph.device} but x_l is on {x_l.device} (use graph.to({str(x_l.device)!r}))")
+    if edge_feat is not None:
+        _check(isinstance(edge_feat, torch.Tensor) and edge_feat.is_floating_point(),
+               "edge_feat must be a floating-point tensor of shape [E, H, C]")
+        _check(tuple(edge_feat.shape) == (graph.num_edges, H, C),
+               f"edge_feat must have shape [E, H, C] = [{graph.num_edges}, {H}, {C}], "
+               f"got {list(edge_feat.shape)}")
+        _check(edge_feat.dtype == x_l.dtype, f"edge_feat must have the dtype of x_l ({x_l.dtype}), "
+               f"got {edge_feat.dtype}")
+        _check(edge_feat.device == x_l.device, f"edge_feat is on {edge_feat.device} but x_l is on {x_l.device}")
+    check_slope(negative_slope)
+    _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
+           f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def _has_kernel(device_type: str) -> bool:
+    if not _ext.use_kernels(device_type):
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    try:
+        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("neptune::gatv2_forward", key)
+    except (AttributeError, RuntimeError):
+        return device_type == "cpu"
+
+
+def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, graph: Graph,
+                    negative_slope: float = 0.2, edge_feat: Optional[torch.Tensor] = None,
+                    dropout: float = 0.0, training: bool = False, return_attention: bool = False,
+                    seed: Optional[torch.Tensor] = None
+                    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Fused GATv2 attention + aggregation.
+
+    Args:
+        x_l: [N_src, H, C] source features (gathered per edge, summed into the output).
+        x_r: [N_dst, H, C] destination features. The graph may have more destination
+            rows than ``x_r``: edges into those rows are ignored (zero weight, no output).
+        att: [H, C] (or [1, H, C]) attention vector per head.
+        graph: a :class:`neptune_ext.Graph` with ``num_src = N_src``, ``num_dst >= N_dst``.
+        negative_slope: LeakyReLU slope.
+        edge_feat: optional [E, H, C] edge features added to ``z``, caller's edge order.
+        dropout: attention dropout probability, applied when ``training``.
+        return_attention: also return the attention weights [E, H] (after dropout).
+        seed: optional CPU int64 scalar tensor fixing the dropout mask.
+
+    Returns:
+        out [N_dst, H, C], or (out, alpha) with ``return_attention=True``.
+
+    Example::
+
+        >>> g = Graph.from_edge_index(torch.tensor([[0, 1, 2], [1, 2, 1]]))
+        >>> x = torch.randn(3, 2, 8)
+        >>> gatv2_attention(x, x, torch.randn(2, 8), g).shape
+        torch.Size([3, 2, 8])
+    """
+    if not _is_compiling():
+        _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout)
+    p = float(dropout) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = _new_seed()
+    if p > 0.0:
+        _check(isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
+               and seed.device.type == "cpu", "seed must be a CPU int64 tensor with one element")
+    H, C = x_l.shape[1], x_l.shape[2]
+    att2 = att.reshape(H, C)
+
+    if _has_kernel(x_l.device.type):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x_l, x_r, att, edge_feat))
+        if needs_grad:
+            colptr, csc_row, csc_perm = graph.csc()
+        else:
+            colptr = csc_row = csc_perm = graph.col.new_empty(0)
+        out, lse = torch.ops.neptune.gatv2_forward(
+            x_l.contiguous(), x_r.contiguous(), att2.contiguous(), graph.rowptr, graph.col, graph.eid,
+            colptr, csc_row, csc_perm, None if edge_feat is None else edge_feat.contiguous(),
+            float(negative_slope), p, seed if p > 0.0 else None)
+        if not return_attention:
+            return out
+        return out, gatv2_attention_weights(x_l, x_r, att2, graph, negative_slope, edge_feat, p, seed)
+
+    n_dst = x_r.shape[0]
+    x_r_all = _pad_rows(x_r, graph.num_dst)
+    res = gatv2_attention_reference(
+        x_l, x_r_all, att2, graph.edge_index[0], graph.edge_index[1], graph.num_dst,
+        float(negative_slope), edge_feat, p, None if seed is None else int(seed), return_attention)
+    if return_attention:
+        return res[0][:n_dst], res[1]
+    return res[:n_dst]
+
+
+def _pad_rows(x_r: torch.Tensor, rows: int) -> torch.Tensor:
+    if x_r.shape[0] == rows:
+        return x_r
+    return torch.cat([x_r, x_r.new_zeros((rows - x_r.shape[0],) + tuple(x_r.shape[1:]))])
+
+
+def gatv2_attention_weights(x_l, x_r, att, graph: Graph, negative_slope: float = 0.2,
+                            edge_feat=None, dropout: float = 0.0, seed=None) -> torch.Tensor:
+    """GATv2 attention weights [E, H] in the caller's edge order (differentiable).
+
+    Materializes E x H x C values: call it when the weights are wanted, not in the hot path.
+    Edges into destination rows beyond ``x_r`` (ignored by the op) get the weights of a
+    softmax among themselves; callers drop them.
+    """
+    H, C = x_l.shape[1], x_l.shape[2]
+    return gatv2_attention_weights_reference(
+        x_l, _pad_rows(x_r, graph.num_dst), att.reshape(H, C), graph.edge_index[0],
+        graph.edge_index[1], graph.num_dst, float(negative_slope), edge_feat, dropout,
+        None if seed is None else int(seed))
+
+
+# ----------------------------------------------------------------------------
+# torch.library registrations (fake kernels + autograd) for the compiled ops.
+
+def _register():
+    lib = "neptune::gatv2_forward"
+
+    @torch.library.register_fake(lib)
+    def _fwd_fake(x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat,
+                  negative_slope, dropout, seed):
+        return torch.empty_like(x_r), x_r.new_empty(x_r.shape[:2], dtype=acc_dtype(x_r.dtype))
+
+    @torch.library.register_fake("neptune::gatv2_backward")
+    def _bwd_fake(grad_out, x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat,
+                  out, lse, negative_slope, dropout, seed):
+        gef = torch.empty_like(edge_feat) if edge_feat is not None else x_l.new_empty((0,))
+        return torch.empty_like(x_l), torch.empty_like(x_r), torch.empty_like(att), gef
+
+    def setup_context(ctx, inputs, output):
+        (x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat,
+         negative_slope, dropout, seed) = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.has_edge_feat = edge_feat is not None
+        ctx.negative_slope, ctx.dropout = negative_slope, dropout
+        ctx.save_for_backward(x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm,
+                              edge_feat, out, lse, seed)
+
+    def backward(ctx, grad_out, grad_lse):
+        (x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat, out, lse,
+         seed) = ctx.saved_tensors
+        if colptr.numel() != x_l.shape[0] + 1:
+            raise RuntimeError("neptune::gatv2_forward was called without the transposed graph, "
+                               "so it cannot be differentiated; call it through "
+                               "neptune_ext.ops.gatv2_attention")
+        gxl, gxr, gatt, gef = torch.ops.neptune.gatv2_backward(
+            grad_out.contiguous(), x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm,
+            edge_feat, out, lse, ctx.negative_slope, ctx.dropout, seed)
+        return (gxl, gxr, gatt, None, None, None, None, None, None,
+                gef if ctx.has_edge_feat else None, None, None, None)
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
+
+
+if _ext._C is not None and hasattr(torch.ops.neptune, "gatv2_forward"):
+    _register()
