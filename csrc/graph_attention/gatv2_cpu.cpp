@@ -12,6 +12,8 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "gatv2.h"
@@ -34,25 +36,136 @@ int64_t grain(int64_t rows, int64_t edges, int64_t HC) {
   return std::max<int64_t>(1, 16384 / per_row);
 }
 
-// z = x_l[j] + x_r[i] (+ ef), in the accumulation type.
+// float32 inner loops in explicit 4-wide vectors (GCC/Clang vector extensions; SSE
+// on any x86-64): the auto-vectorizer leaves LeakyReLU's select as a branch. The
+// reductions' order depends on nothing but the code, so results do not change with the
+// run or the thread count. Other dtypes take the scalar loops.
+#pragma GCC diagnostic ignored "-Wpsabi"  // the helpers below are internal: no ABI to keep
+typedef float v4f __attribute__((vector_size(16)));
+
+inline v4f load4(const float* p) {
+  v4f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store4(float* p, v4f v) { std::memcpy(p, &v, sizeof(v)); }
+inline float hsum4(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+inline v4f leaky4(v4f z, v4f slope) {
+  const v4f neg = z * slope;
+  const v4f zero = {};
+  return z > zero ? z : neg;
+}
+inline v4f leaky_grad4(v4f z, v4f one, v4f slope) {
+  const v4f zero = {};
+  return z > zero ? one : slope;
+}
+inline v4f splat4(float x) { return v4f{x, x, x, x}; }
+
+// The logit of one head: sum_c att[c] * LeakyReLU(x_l[c] + x_r[c] (+ ef[c])). With
+// STORE_Z (backward), z is also written to z_out and its signs (z > 0) are OR-ed into
+// the edge's sign words at bits c0 + c (the words start zeroed).
+template <bool STORE_Z, typename scalar_t, typename acc_t>
+inline acc_t head_logit(const scalar_t* xl, const acc_t* xr, const scalar_t* ef, const acc_t* att,
+                        int64_t C, acc_t slope, acc_t* z_out, uint32_t* signs, int64_t c0) {
+  acc_t s = 0;
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (!STORE_Z || c0 % 4 == 0) {
+      typedef int v4i __attribute__((vector_size(16)));
+      const v4f sl = splat4(slope), zero = {};
+      const v4i lane_bit = {1, 2, 4, 8};
+      v4f acc = {};
+      for (; c + 4 <= C; c += 4) {
+        v4f z = load4(xl + c) + load4(xr + c);
+        if (ef) z += load4(ef + c);
+        if constexpr (STORE_Z) {
+          store4(z_out + c, z);
+          const v4i m = (z > zero) & lane_bit;
+          const int64_t g = c0 + c;
+          signs[g >> 5] |= static_cast<uint32_t>((m[0] | m[1]) | (m[2] | m[3])) << (g & 31);
+        }
+        acc += load4(att + c) * leaky4(z, sl);
+      }
+      s = hsum4(acc);
+    }
+  }
+  for (; c < C; ++c) {
+    acc_t z = static_cast<acc_t>(xl[c]) + xr[c];
+    if (ef) z += static_cast<acc_t>(ef[c]);
+    if constexpr (STORE_Z) {
+      z_out[c] = z;
+      const int64_t g = c0 + c;
+      signs[g >> 5] |= static_cast<uint32_t>(z > acc_t(0)) << (g & 31);
+    }
+    s += att[c] * leaky_relu(z, slope);
+  }
+  return s;
+}
+
 template <typename scalar_t, typename acc_t>
-inline void edge_z(acc_t* z, const scalar_t* xlj, const acc_t* xri, const scalar_t* ef, int64_t HC) {
-  if (ef) {
-#pragma omp simd
-    for (int64_t c = 0; c < HC; ++c)
-      z[c] = static_cast<acc_t>(xlj[c]) + xri[c] + static_cast<acc_t>(ef[c]);
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < HC; ++c) z[c] = static_cast<acc_t>(xlj[c]) + xri[c];
+inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t C) {
+  acc_t s = 0;
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    v4f acc = {};
+    for (; c + 4 <= C; c += 4) acc += load4(a + c) * load4(b + c);
+    s = hsum4(acc);
+  }
+  for (; c < C; ++c) s += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+  return s;
+}
+
+// Backward pass 1, one head of one edge: gx += d att LeakyReLU'(z), ga += d LeakyReLU(z),
+// gef = d att LeakyReLU'(z) (when gef is given).
+template <typename scalar_t, typename acc_t>
+inline void dst_update(acc_t* gx, acc_t* ga, scalar_t* gef, const acc_t* z, const acc_t* att, acc_t d,
+                       int64_t C, acc_t slope) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const v4f sl = splat4(slope), one = splat4(1.0f), dv = splat4(d);
+    for (; c + 4 <= C; c += 4) {
+      const v4f zc = load4(z + c);
+      const v4f gz = load4(att + c) * leaky_grad4(zc, one, sl) * dv;
+      store4(gx + c, load4(gx + c) + gz);
+      store4(ga + c, load4(ga + c) + leaky4(zc, sl) * dv);
+      if (gef) store4(gef + c, gz);
+    }
+  }
+  for (; c < C; ++c) {
+    const acc_t gz = att[c] * leaky_relu_grad(z[c], slope) * d;
+    gx[c] += gz;
+    ga[c] += leaky_relu(z[c], slope) * d;
+    if (gef) gef[c] = static_cast<scalar_t>(gz);
   }
 }
 
-template <typename acc_t>
-inline acc_t head_logit(const acc_t* z, const acc_t* att, int64_t C, acc_t slope) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < C; ++c) s += att[c] * leaky_relu(z[c], slope);
-  return s;
+// The signs of z (bit c of an edge's words: z[c] > 0) are saved by pass 1 (see
+// head_logit), so that pass 2 gets LeakyReLU'(z) without gathering x_r[i] and
+// edge_feat again: E x H x C bits.
+inline bool sign_bit(const uint32_t* words, int64_t c) { return (words[c >> 5] >> (c & 31)) & 1u; }
+
+// Backward pass 2, one head of one edge (channels c0 .. c0 + C of the row):
+// acc += w dOut_i + d att LeakyReLU'(z), LeakyReLU'(z) from the saved signs.
+template <typename scalar_t, typename acc_t>
+inline void src_update(acc_t* acc, const uint32_t* signs, int64_t c0, const scalar_t* go,
+                       const acc_t* att, acc_t w, acc_t d, int64_t C, acc_t slope) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (c0 % 4 == 0) {
+      // LeakyReLU' of 4 channels from their 4 sign bits: a 16-entry table.
+      v4f table[16];
+      for (int n = 0; n < 16; ++n)
+        for (int l = 0; l < 4; ++l) table[n][l] = (n >> l & 1) ? 1.0f : slope;
+      const v4f wv = splat4(w), dv = splat4(d);
+      for (; c + 4 <= C; c += 4) {
+        const int64_t g = c0 + c;
+        const uint32_t nib = (signs[g >> 5] >> (g & 31)) & 0xFu;
+        store4(acc + c, load4(acc + c) + load4(go + c) * wv + load4(att + c) * table[nib] * dv);
+      }
+    }
+  }
+  for (; c < C; ++c)
+    acc[c] += static_cast<acc_t>(go[c]) * w + att[c] * (sign_bit(signs, c0 + c) ? acc_t(1) : slope) * d;
 }
 
 template <typename scalar_t, typename index_t>
@@ -79,7 +192,7 @@ void forward_kernel(const at::Tensor& xl_t, const at::Tensor& xr_t, const at::Te
   for (int64_t c = 0; c < HC; ++c) att[c] = static_cast<acc_t>(att_t.data_ptr<scalar_t>()[c]);
 
   at::parallel_for(0, n_dst, grain(n_dst, E, HC), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(HC), z(HC), xri(HC), m(H), s(H);
+    std::vector<acc_t> acc(HC), xri(HC), m(H), s(H);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
@@ -93,9 +206,11 @@ void forward_kernel(const at::Tensor& xl_t, const at::Tensor& xr_t, const at::Te
         }
         const int64_t j = col[e], edge = eid[e];
         const scalar_t* xlj = xl + j * HC;
-        edge_z(z.data(), xlj, xri.data(), ef ? ef + edge * HC : nullptr, HC);
+        const scalar_t* efe = ef ? ef + edge * HC : nullptr;
         for (int64_t k = 0; k < H; ++k) {
-          const acc_t x = head_logit(z.data() + k * C, att.data() + k * C, C, slope);
+          const acc_t x = head_logit<false, scalar_t, acc_t>(
+              xlj + k * C, xri.data() + k * C, efe ? efe + k * C : nullptr, att.data() + k * C, C,
+              slope, nullptr, nullptr, 0);
           acc_t rescale, w;
           online_softmax_step(x, m[k], s[k], rescale, w);
           if (use_dropout) w = dropout_keep(seed, edge, k, p) ? w * keep_scale : acc_t(0);
@@ -160,6 +275,9 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
   at::Tensor ap_t = at::empty({E, H}, lse_t.options());
   acc_t* ds = ds_t.data_ptr<acc_t>();
   acc_t* ap = ap_t.data_ptr<acc_t>();
+  const int64_t W = (HC + 31) / 32;  // sign words per edge
+  at::Tensor signs_t = at::empty({E * W}, lse_t.options().dtype(at::kInt));
+  uint32_t* signs = reinterpret_cast<uint32_t*>(signs_t.data_ptr<int32_t>());
   const int64_t n_blocks = (n_dst + kGatv2AttBlock - 1) / kGatv2AttBlock;
   at::Tensor part_t = at::zeros({std::max<int64_t>(n_blocks, 1), HC}, lse_t.options());
   acc_t* part = part_t.data_ptr<acc_t>();
@@ -191,10 +309,14 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
           }
           const int64_t j = col[e], edge = eid[e];
           const scalar_t* xlj = xl + j * HC;
-          edge_z(z.data(), xlj, xri.data(), ef ? ef + edge * HC : nullptr, HC);
+          const scalar_t* efe = ef ? ef + edge * HC : nullptr;
           bool any = false;
+          uint32_t* sg = signs + e * W;
+          std::fill(sg, sg + W, 0u);
           for (int64_t k = 0; k < H; ++k) {
-            const acc_t x = head_logit(z.data() + k * C, att.data() + k * C, C, slope);
+            const acc_t x = head_logit<true, scalar_t, acc_t>(
+                xlj + k * C, xri.data() + k * C, efe ? efe + k * C : nullptr, att.data() + k * C, C,
+                slope, z.data() + k * C, sg, k * C);
             const acc_t a = std::exp(x - lse[i * H + k]);
             acc_t a_kept = a;
             if (use_dropout) a_kept = dropout_keep(seed, edge, k, p) ? a * keep_scale : acc_t(0);
@@ -202,8 +324,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
             if (a_kept != acc_t(0)) {
               const scalar_t* hv = xlj + k * C;
               const scalar_t* gv = goi + k * C;
-#pragma omp simd reduction(+ : gk)
-              for (int64_t c = 0; c < C; ++c) gk += static_cast<acc_t>(gv[c]) * static_cast<acc_t>(hv[c]);
+              gk = dot<scalar_t, acc_t>(gv, hv, C);
             }
             dS[k] = a_kept * gk - a * D[k];
             ds[e * H + k] = dS[k];
@@ -216,20 +337,8 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
             continue;
           }
           for (int64_t k = 0; k < H; ++k) {
-            const acc_t d = dS[k];
-            const acc_t* zk = z.data() + k * C;
-            const acc_t* ak = att.data() + k * C;
-            acc_t* gxk = gxri.data() + k * C;
-            acc_t* gak = ga + k * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              gxk[c] += d * ak[c] * leaky_relu_grad(zk[c], slope);
-              gak[c] += d * leaky_relu(zk[c], slope);
-            }
-            if (gefe) {
-              for (int64_t c = 0; c < C; ++c)
-                gefe[k * C + c] = static_cast<scalar_t>(d * ak[c] * leaky_relu_grad(zk[c], slope));
-            }
+            dst_update<scalar_t, acc_t>(gxri.data() + k * C, ga + k * C, gefe ? gefe + k * C : nullptr,
+                                        z.data() + k * C, att.data() + k * C, dS[k], C, slope);
           }
         }
         for (int64_t c = 0; c < HC; ++c) gxr[i * HC + c] = static_cast<scalar_t>(gxri[c]);
@@ -251,53 +360,32 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
     for (int64_t c = 0; c < HC; ++c) gatt[c] = static_cast<scalar_t>(total[c]);
   }
 
-  // Pass 2: sources, over the transposed graph.
+  // Pass 2: sources, over the transposed graph. Only dOut_i (and the saved signs)
+  // are gathered per edge.
   at::parallel_for(0, n_src, grain(n_src, E, HC), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(HC), xlj(HC), z(HC);
+    std::vector<acc_t> acc(HC);
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t c = 0; c < HC; ++c) xlj[c] = static_cast<acc_t>(xl[j * HC + c]);
       for (int64_t t = colptr[j]; t < colptr[j + 1]; ++t) {
         if (t + kPrefetch < E) {
           const int64_t in = csc_row[t + kPrefetch];
           if (in < n_dst) {
+            const int64_t en = csc_perm[t + kPrefetch];
             prefetch(go + in * HC, HC);
-            prefetch(xr + in * HC, HC);
+            __builtin_prefetch(ds + en * H, 0, 1);
+            __builtin_prefetch(ap + en * H, 0, 1);
+            __builtin_prefetch(signs + en * W, 0, 1);
           }
         }
         const int64_t i = csc_row[t];
         if (i >= n_dst) continue;
         const int64_t e = csc_perm[t];
         const scalar_t* goi = go + i * HC;
-        const scalar_t* xri = xr + i * HC;
-        const scalar_t* efe = ef ? ef + static_cast<int64_t>(eid[e]) * HC : nullptr;
         for (int64_t k = 0; k < H; ++k) {
           const acc_t w = ap[e * H + k], d = ds[e * H + k];
-          acc_t* a = acc.data() + k * C;
-          if (w != acc_t(0)) {
-            const scalar_t* gv = goi + k * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<acc_t>(gv[c]);
-          }
-          if (d != acc_t(0)) {
-            const acc_t* ak = att.data() + k * C;
-            const acc_t* xk = xlj.data() + k * C;
-            const scalar_t* rk = xri + k * C;
-            if (efe) {
-              const scalar_t* fk = efe + k * C;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t zc = xk[c] + static_cast<acc_t>(rk[c]) + static_cast<acc_t>(fk[c]);
-                a[c] += d * ak[c] * leaky_relu_grad(zc, slope);
-              }
-            } else {
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t zc = xk[c] + static_cast<acc_t>(rk[c]);
-                a[c] += d * ak[c] * leaky_relu_grad(zc, slope);
-              }
-            }
-          }
+          if (w == acc_t(0) && d == acc_t(0)) continue;
+          src_update<scalar_t, acc_t>(acc.data() + k * C, signs + e * W, k * C, goi + k * C,
+                                      att.data() + k * C, w, d, C, slope);
         }
       }
       for (int64_t c = 0; c < HC; ++c) gxl[j * HC + c] = static_cast<scalar_t>(acc[c]);

@@ -17,9 +17,12 @@
 
 namespace neptune {
 
+// Both branches are computed, then one is selected: a select the CPU compiler turns
+// into a vector blend (a conditional multiply is a branch it cannot vectorize).
 template <typename T>
 NEPTUNE_HD T leaky_relu(T x, T slope) {
-  return x > T(0) ? x : x * slope;
+  const T neg = x * slope;
+  return x > T(0) ? x : neg;
 }
 
 // d LeakyReLU(x) / dx, with torch's convention at 0 (the negative branch).

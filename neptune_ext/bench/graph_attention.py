@@ -1,5 +1,6 @@
-"""Graph attention benchmark: the fused op vs the PyTorch reference, and the
-GraphAttention layer vs PyG's GATConv, forward + backward, on a power-law graph.
+"""Graph attention benchmark: the fused op vs the PyTorch reference, the
+GraphAttention layer vs PyG's GATConv and the GraphAttentionV2 layer vs PyG's
+GATv2Conv, forward + backward, on a power-law graph.
 
     python -m neptune_ext.bench.graph_attention [--quick] [--json FILE]
 
@@ -19,6 +20,7 @@ from . import common
 
 OP_CONTENDERS = ("op:neptune", "op:reference")
 LAYER_CONTENDERS = ("layer:neptune", "layer:pyg")
+GATV2_CONTENDERS = ("gatv2:neptune", "gatv2:pyg")
 
 
 def has_pyg() -> bool:
@@ -58,9 +60,17 @@ def make_case(name: str, n: int, n_edges: int, heads: int, channels: int, in_cha
     if name == "layer:neptune":
         from neptune_ext.nn import GraphAttention
         layer = GraphAttention(in_channels, channels, heads=heads, add_self_loops=False)
-    else:
+    elif name == "layer:pyg":
         from torch_geometric.nn import GATConv
         layer = GATConv(in_channels, channels, heads=heads, add_self_loops=False)
+    elif name == "gatv2:neptune":
+        from neptune_ext.nn import GraphAttentionV2
+        layer = GraphAttentionV2(in_channels, channels, heads=heads, add_self_loops=False)
+    elif name == "gatv2:pyg":
+        from torch_geometric.nn import GATv2Conv
+        layer = GATv2Conv(in_channels, channels, heads=heads, add_self_loops=False)
+    else:
+        raise ValueError(f"unknown contender {name!r}")
     layer = layer.to(device=device, dtype=dtype)
     grad = torch.randn(n, heads * channels, device=device, dtype=dtype)
     params = [x] + list(layer.parameters())
@@ -95,6 +105,8 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
         names += list(OP_CONTENDERS)
     if "layer" in what:
         names += ["layer:neptune"] + (["layer:pyg"] if has_pyg() else [])
+    if "gatv2" in what:
+        names += ["gatv2:neptune"] + (["gatv2:pyg"] if has_pyg() else [])
     print(f"graph attention: power-law graph N={nodes:,} E={edges:,}, H={heads}, C={channels}, "
           f"in_channels={in_channels} (layer), {device}: {common.machine()}", file=out)
     t0 = time.perf_counter()
@@ -117,7 +129,7 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
         results[n] = {"forward_ms": f, "backward_ms": b, "total_ms": common.median_ms(tot),
                       "total_ms_range": [1e3 * min(tot), 1e3 * max(tot)],
                       "peak_extra_bytes": mem.get(n)}
-    peers = {"op:neptune": "op:reference", "layer:neptune": "layer:pyg"}
+    peers = {"op:neptune": "op:reference", "layer:neptune": "layer:pyg", "gatv2:neptune": "gatv2:pyg"}
     for n, p in peers.items():
         if n in results and p in results:
             # Speedup per alternated round (same round, same machine state): median and range.
@@ -142,7 +154,8 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
                      speed, common.fmt_bytes(r["peak_extra_bytes"]), memr])
     common.print_table(rows, ["contender", "fwd ms", "bwd ms", "fwd+bwd ms (range)", "speedup vs peer (range)",
                               "peak extra mem", "mem vs peer"], file=out)
-    print(f"(medians of {repeats} alternated rounds, speedups per round; peers: op:reference, layer:pyg; "
+    print(f"(medians of {repeats} alternated rounds, speedups per round; peers: op:reference, layer:pyg, "
+          f"gatv2:pyg; "
           f"{time.perf_counter() - t0:.0f} s)", file=out)
     return {"benchmark": "graph_attention", "device": device, "machine": common.machine(),
             "torch": torch.__version__, "commit": common.git_commit(),
@@ -164,7 +177,7 @@ def main(argv=None):
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--in-channels", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--what", default="op,layer", help="comma list of: op, layer")
+    p.add_argument("--what", default="op,layer", help="comma list of: op, layer, gatv2")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
     p.add_argument("--json", help="write the figures to this file")
     a = p.parse_args(argv)
