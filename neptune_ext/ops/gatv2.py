@@ -58,9 +58,14 @@ def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
            f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
-def _has_kernel(device_type: str) -> bool:
+_CUDA_MAX_HC = 1024  # the CUDA kernels hold a row's H * C features in one warp's registers
+
+
+def _has_kernel(device_type: str, H: int, C: int) -> bool:
     if not _ext.use_kernels(device_type):
         return False
+    if device_type == "cuda" and not 0 < H * C <= _CUDA_MAX_HC:
+        return False  # the reference runs these shapes
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     try:
         return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("neptune::gatv2_forward", key)
@@ -108,7 +113,7 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
     H, C = x_l.shape[1], x_l.shape[2]
     att2 = att.reshape(H, C)
 
-    if _has_kernel(x_l.device.type):
+    if _has_kernel(x_l.device.type, H, C):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x_l, x_r, att, edge_feat))
         if needs_grad:

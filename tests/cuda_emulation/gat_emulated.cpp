@@ -6,6 +6,7 @@
 #endif
 #include "graph_attention/graph_attention_fwd_cuda.cu"
 #include "graph_attention/graph_attention_bwd_cuda.cu"
+#include "graph_attention/gatv2_cuda.cu"
 // The graph checks every kernel entry runs (and the counting sort build_csr uses).
 #include "graph/graph_check.cpp"
 #include "graph/graph_cpu.cpp"
@@ -15,4 +16,6 @@
 TORCH_LIBRARY(NEPTUNE_EMU_NS, m) {
   m.def("gat_forward", &neptune::gat_forward_cuda);
   m.def("gat_backward", &neptune::gat_backward_cuda);
+  m.def("gatv2_forward", &neptune::gatv2_forward_cuda);
+  m.def("gatv2_backward", &neptune::gatv2_backward_cuda);
 }
