@@ -154,6 +154,14 @@ def neptune_layer_class():
 def make_layer(name, ei, n, in_ch, H, C, dtype):
     """Returns (forward closure, leaves whose .grad to clear, output gradient)."""
     x = torch.randn(n, in_ch, device="cuda", dtype=dtype, requires_grad=True)
+    if name in ("gatv2:neptune", "gatv2:pyg"):
+        if name == "gatv2:pyg":
+            from torch_geometric.nn import GATv2Conv as cls
+        else:
+            from neptune_ext.nn import GraphAttentionV2 as cls
+        layer = cls(in_ch, C, heads=H, add_self_loops=False).to("cuda", dtype)
+        grad = torch.randn(n, H * C, device="cuda", dtype=dtype)
+        return (lambda: layer(x, ei)), [x] + list(layer.parameters()), grad
     if name == "layer:pyg":
         from torch_geometric.nn import GATConv
         layer = GATConv(in_ch, C, heads=H, add_self_loops=False).to("cuda", dtype)
@@ -213,7 +221,7 @@ def forward_bytes(g, n, H, C, dtype):
 def run_contender(name, ei, n, in_ch, H, C, dtype, warmup, repeats, copy_bw):
     rec = {}
     try:
-        if name.startswith("layer:"):
+        if name.startswith(("layer:", "gatv2:")):
             fwd, leaves, grad = make_layer(name, ei, n, in_ch, H, C, dtype)
             g = None
         else:
@@ -253,7 +261,7 @@ def print_table(results):
     head = ["graph", "dtype", "contender", "fwd ms", "bwd ms", "fwd+bwd ms", "vs peer", "peak GiB",
             "mem vs peer", "fwd % copy bw"]
     rows = []
-    peers = {"layer:neptune": "layer:pyg", "op:neptune": "op:reference"}
+    peers = {"layer:neptune": "layer:pyg", "op:neptune": "op:reference", "gatv2:neptune": "gatv2:pyg"}
     for key, res in results.items():
         graph, dt = key.split("/")
         for name, r in res["contenders"].items():
@@ -284,7 +292,7 @@ def main(argv=None):
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--in-channels", type=int, default=128)
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--what", default="op,layer", help="comma list of: op, layer")
+    p.add_argument("--what", default="op,layer,gatv2", help="comma list of: op, layer, gatv2")
     p.add_argument("--alpha-dst", type=float, default=0.6, help="Zipf exponent of the in-degrees")
     p.add_argument("--alpha-src", type=float, default=0.5, help="Zipf exponent of the out-degrees")
     p.add_argument("--warmup", type=int, default=3)
@@ -313,8 +321,10 @@ def main(argv=None):
     names = []
     if "op" in a.what:
         names += ["op:neptune", "op:reference"]
-    if "layer" in a.what:
+    if "layer" in a.what.split(","):
         names += ["layer:neptune", "layer:pyg"]
+    if "gatv2" in a.what.split(","):
+        names += ["gatv2:neptune", "gatv2:pyg"]
     try:
         import torch_geometric  # noqa: F401
         has_pyg = True
@@ -348,7 +358,7 @@ def main(argv=None):
             dtype = DTYPES[dname]
             res = {"nodes": n, "edges": E, **stats, "contenders": {}}
             for name in names:
-                if name == "layer:pyg" and not has_pyg:
+                if name in ("layer:pyg", "gatv2:pyg") and not has_pyg:
                     res["contenders"][name] = {"result": "torch_geometric not installed"}
                     continue
                 r = run_contender(name, ei, n, a.in_channels, H, C, dtype, a.warmup, a.repeats, copy_bw)
