@@ -74,3 +74,14 @@ def test_two_gloo_processes_stay_identical(tmp_path):
     h = m["history"]
     assert [r["steps"] for r in h] == [8, 8]
     assert h[-1]["loss"] < h[0]["first_step_loss"]  # the loss falls
+
+
+def test_user_graphs_benchmark_runs(tmp_path):
+    """The user-sized benchmark's machinery (one round of the Cora-sized case, no compile)."""
+    import pytest
+    pytest.importorskip("torch_geometric")
+    from neptune_ext.bench import user_graphs
+    rep = user_graphs.main(["--cases", "cora", "--rounds", "1", "--no-compile", "--json", str(tmp_path / "u.json")])
+    r = rep["results"][0]
+    assert r["case"] == "cora" and r["median_ms"]["neptune_ext"] > 0 and r["median_ms"]["pyg"] > 0
+    assert json.loads((tmp_path / "u.json").read_text())["results"][0]["speedup_vs_pyg"]["median"] > 0
