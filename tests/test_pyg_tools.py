@@ -133,3 +133,18 @@ def test_import_without_pyg():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "'Module'" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("theirs, ours", PAIRS, ids=IDS)
+def test_edge_index_and_sparse_inputs_match_coo(theirs, ours):
+    n = 30
+    ei = torch.randint(0, n, (2, 120))
+    x = torch.randn(n, 6, dtype=torch.float64)
+    model = ours(6, 4, heads=2).double()
+    exp = model(x, ei)
+    idx = pyg.EdgeIndex(ei, sparse_size=(n, n))
+    torch.testing.assert_close(model(x, idx), exp)
+    torch.testing.assert_close(model(x, idx.sort_by("col")[0]), model(x, ei[:, torch.argsort(ei[1], stable=True)]))
+    ref = theirs(6, 4, heads=2).double()
+    ref.load_state_dict(model.state_dict())
+    torch.testing.assert_close(ref(x, idx), exp)
