@@ -24,7 +24,15 @@ def info_dict() -> dict:
         "num_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "stage_eval_paths": _stage_paths(),
     }
+
+
+def _stage_paths() -> dict:
+    """How many evaluation convolutions of Stages ran on each path so far (see
+    neptune_ext.ops.stage_eval): which one a model's Stages take on this machine."""
+    from .ops.stage_eval import stage_paths
+    return stage_paths()
 
 
 def info(file=None) -> dict:
@@ -35,6 +43,8 @@ def info(file=None) -> dict:
     for k, v in d.items():
         if isinstance(v, list):
             v = ", ".join(v) if v else "-"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{p}: {n}" for p, n in v.items()) if v else "-"
         print(f"{k:<{width}}  {v}", file=out)
     return d
 

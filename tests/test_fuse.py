@@ -296,3 +296,46 @@ def test_eval_with_gradients_and_inplace_relu_after_a_fused_conv():
     g, x.grad = x.grad, None
     model(x).sum().backward()
     torch.testing.assert_close(g, x.grad, **F64)
+
+
+def _paths_of(fn):
+    from neptune_ext.ops.stage_eval import reset_stage_paths, stage_paths
+    reset_stage_paths()
+    fn()
+    return stage_paths()
+
+
+def test_stage_eval_paths_are_reported():
+    """neptune_ext.info() tells which path the Stages' evaluation convolutions took."""
+    fused = neptune_ext.fuse_stages(randomize_bn(torchvision.models.resnet18()).eval())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        nchw = _paths_of(lambda: fused(x))
+        assert nchw == {"conv+bias": 20}  # NCHW: conv2d with its bias (+ in-place ReLU)
+        from neptune_ext.ops.stage_eval import onednn_fused_available
+        if onednn_fused_available():
+            m = fused.to(memory_format=torch.channels_last)
+            cl = _paths_of(lambda: m(x.contiguous(memory_format=torch.channels_last)))
+            assert cl == {"onednn-fused": 20}
+    x.requires_grad_()
+    assert _paths_of(lambda: fused(x)) == {"autograd": 20}
+    assert "stage_eval_paths" in neptune_ext.info.info_dict()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_resnet18_eval_on_cuda_takes_cudnn_fused_path(dtype, memory_format):
+    model = randomize_bn(torchvision.models.resnet18()).eval().cuda().to(memory_format=memory_format)
+    fused = neptune_ext.fuse_stages(copy.deepcopy(model))
+    x = torch.randn(4, 3, 96, 96, device="cuda").contiguous(memory_format=memory_format)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        expected = model(x).float()
+    with torch.no_grad():
+        got = fused.to(dtype)(x.to(dtype)) if dtype != torch.float32 else fused(x)
+        paths = _paths_of(lambda: fused(x.to(dtype)))
+    err = ((got.float() - expected).norm() / expected.norm()).item()
+    assert err < (1e-2 if dtype != torch.float32 else 1e-3), err
+    assert paths.get("cudnn-fused", 0) + paths.get("conv+bias", 0) == 20
+    if dtype == torch.float32:
+        assert paths.get("cudnn-fused", 0) == 9, paths  # the 9 conv+BN+ReLU stages

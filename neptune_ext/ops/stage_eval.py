@@ -10,7 +10,46 @@ from .fold_cache import FoldCache, PackCache, _stamps, fold_conv_bn, pack_conv_w
 from .stage_checks import _pair, _validate_conv
 
 __all__ = ["fold_conv_bn", "conv_bn_relu_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
-           "onednn_fused_available"]
+           "onednn_fused_available", "stage_paths", "reset_stage_paths"]
+
+# How many evaluation convolutions ran on each path (neptune_ext.info() shows them):
+#   onednn-fused   CPU: one oneDNN primitive, conv + bias (+ ReLU post-op)
+#   cudnn-fused    CUDA: torch.cudnn_convolution_relu, conv + bias + ReLU in one cuDNN call
+#   conv+bias      conv2d with its bias (+ an in-place ReLU): every other case
+#   autograd       under autograd (differentiable fold, conv2d, out-of-place ReLU)
+_PATHS = {}
+
+
+def _count(path: str) -> None:
+    _PATHS[path] = _PATHS.get(path, 0) + 1
+
+
+def stage_paths() -> dict:
+    """{path: calls} of the evaluation convolutions run so far in this process."""
+    return dict(_PATHS)
+
+
+def reset_stage_paths() -> None:
+    _PATHS.clear()
+
+
+# cuDNN's fused conv + bias + ReLU, per (dtype, memory format): None = not tried yet,
+# False = cuDNN refused it once (that combination then takes conv2d + relu_).
+_CUDNN_OK = {}
+
+
+def _cudnn_conv_relu(input, weight, bias, s, p, d, groups):
+    key = (input.dtype, input.is_contiguous())
+    if not (torch.backends.cudnn.enabled and _CUDNN_OK.get(key, True)
+            and hasattr(torch, "cudnn_convolution_relu")):
+        return None
+    try:  # (cuDNN picks the memory format as conv2d does: channels_last if either is)
+        out = torch.cudnn_convolution_relu(input, weight, bias, list(s), list(p), list(d), groups)
+    except RuntimeError:
+        _CUDNN_OK[key] = False
+        return None
+    _CUDNN_OK[key] = True
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -56,8 +95,15 @@ def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, relu:
                                         or bias.requires_grad)
     if not grad and _onednn_eligible(input):
         w = packed_weight if packed_weight is not None else weight
+        _count("onednn-fused")
         return torch.ops.mkldnn._convolution_pointwise(
             input, w, bias, list(p), list(s), list(d), groups, "relu" if relu else "none", [], "")
+    if not grad and relu and input.is_cuda:
+        out = _cudnn_conv_relu(input, weight, bias, s, p, d, groups)
+        if out is not None:
+            _count("cudnn-fused")
+            return out
+    _count("autograd" if grad else "conv+bias")
     out = F.conv2d(input, weight, bias, s, p, d, groups)
     if not relu:
         return out
@@ -94,6 +140,7 @@ def conv_bn_relu_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn
     if torch.is_grad_enabled() and (input.requires_grad or any(
             t is not None and t.requires_grad for t in params)):
         w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        _count("autograd")
         out = F.conv2d(input, w, b, s, p, d, groups)
         return out.clamp_min(0) if relu else out
     cache = cache if cache is not None else FoldCache()
@@ -112,6 +159,7 @@ def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     autograd, one oneDNN primitive on a weight prepacked once (in ``cache``)."""
     s, p, d = _validate_conv(input, weight, stride, padding, dilation, groups)
     if bias is None:
+        _count("conv+bias")
         return F.conv2d(input, weight, None, s, p, d, groups)
     packed = None
     grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
