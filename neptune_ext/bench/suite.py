@@ -54,11 +54,20 @@ def run_suite(device="cpu", quick=False, json_path=None, plot_path=None):
     report = {"machine": common.machine(), "torch": torch.__version__, "commit": common.git_commit(),
               "device": device, "quick": quick}
     print("== graph attention ==")
+    what = ("op", "layer", "gatv2")
     if quick:
-        ga = run_benchmark(20_000, 200_000, repeats=3, device=device, memory=device == "cpu")
+        ga = run_benchmark(20_000, 200_000, repeats=3, what=what, device=device, memory=device == "cpu")
     else:
-        ga = run_benchmark(device=device, memory=device == "cpu")
+        ga = run_benchmark(what=what, device=device, memory=device == "cpu")
     report["graph_attention"] = ga
+
+    print("\n== graph attention where users train (per step; vs PyG GATConv) ==")
+    try:
+        from . import user_graphs
+        report["user_graphs"] = [user_graphs.run_case(c, device, rounds=3 if quick else 7, compiled=not quick)
+                                 for c in (("cora", "pubmed") if quick else tuple(user_graphs.CASES))]
+    except ImportError as exc:
+        print(f"(skipped: {exc})")
 
     print("\n== Stage (Conv-BN-ReLU) ==")
     try:
