@@ -10,7 +10,7 @@
 #   QUICK=1 bash scripts/gpu_check.sh          (benchmark on 10x smaller graphs)
 #
 # Environment: PYTHON (default python3), OUT, STEPS (default "build test sanitizer
-# bench stagebench"), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
+# bench stagebench usergraphs"), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
 # for the benchmark), NEPTUNE_GIT_COMMIT (recorded in the JSON when the checkout
 # has no .git).
 set -uo pipefail
@@ -24,7 +24,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
-STEPS=" ${STEPS-build test sanitizer bench stagebench} "  # set but empty: none
+STEPS=" ${STEPS-build test sanitizer bench stagebench usergraphs} "  # set but empty: none
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
 step() {  # step NAME LOG CMD...: runs CMD, output to LOG, records pass/fail
@@ -69,7 +69,8 @@ if want test; then
   step "pytest -m cuda tests" "$OUT/pytest.log" \
     "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
   step "pytest CPU emulation of the CUDA kernels" "$OUT/pytest.log" \
-    "$PY" -m pytest -q tests/test_graph_attention_cuda_emulated.py -p no:cacheprovider
+    "$PY" -m pytest -q tests/test_graph_attention_cuda_emulated.py tests/test_gatv2_cuda_emulated.py \
+      -p no:cacheprovider
 fi
 
 # 3. compute-sanitizer on a small case with hubs (every kernel family, every dtype).
@@ -100,6 +101,16 @@ fi
 if want stagebench; then
   step "benchmark (benchmarks/gpu_stage.py)" "$OUT/stage_bench.log" \
     "$PY" benchmarks/gpu_stage.py --json "$OUT/stage_bench.json"
+fi
+
+# 6. GraphAttention where users train: Cora-/PubMed-sized graphs and fresh-edge_index
+#    mini-batches against GATConv eager and torch.compile(GATConv), fp32 and bf16 autocast.
+if want usergraphs; then
+  for amp in none bf16; do
+    AMP=(); [ "$amp" = bf16 ] && AMP=(--amp bf16)
+    step "benchmark (neptune_ext.bench.user_graphs --device cuda ${AMP[*]})" "$OUT/user_graphs.log" \
+      "$PY" -m neptune_ext.bench.user_graphs --device cuda "${AMP[@]}" --json "$OUT/user_graphs_$amp.json"
+  done
 fi
 
 note "---- steps:${STEPS% }: $([ $FAILED = 0 ] && echo 'all passed' || echo 'SOME FAILED'); logs in $OUT"

@@ -1,4 +1,4 @@
-"""One small forward + backward of every CUDA graph-attention kernel family, for
+"""One small forward + backward of every CUDA graph-attention kernel family (GAT and GATv2), for
 compute-sanitizer (scripts/gpu_check.sh runs it under memcheck, racecheck,
 initcheck and synccheck).
 
@@ -43,6 +43,24 @@ def run(g, H, C, dtype, p):
         assert torch.isfinite(t).all()
 
 
+def run_v2(g, H, C, dtype, p, rows=None):
+    """The GATv2 kernels; `rows` < num_dst leaves the last graph rows ignored."""
+    dev = g.device
+    n, E = g.num_src, g.num_edges
+    rows = g.num_dst if rows is None else rows
+    xl, xr = torch.randn(n, H, C, device=dev).to(dtype), torch.randn(rows, H, C, device=dev).to(dtype)
+    att = (torch.randn(H, C, device=dev) / C**0.5).to(dtype)
+    ef = torch.randn(E, H, C, device=dev).to(dtype)
+    seed = torch.tensor(3) if p > 0 else None
+    out, lse = torch.ops.neptune.gatv2_forward(xl, xr, att, g.rowptr, g.col, g.eid, *g.csc(), ef, 0.2,
+                                               p, seed)
+    grads = torch.ops.neptune.gatv2_backward(torch.randn_like(out), xl, xr, att, g.rowptr, g.col, g.eid,
+                                             *g.csc(), ef, out, lse, 0.2, p, seed)
+    torch.cuda.synchronize()
+    for t in (out, lse) + tuple(grads):
+        assert torch.isfinite(t).all()
+
+
 def main():
     if "cuda" not in _ext.compiled_backends():
         sys.exit("neptune_ext was built without CUDA kernels")
@@ -61,6 +79,15 @@ def main():
     for g, H, C, dtype, p in cases:
         run(g, H, C, dtype, p)
         print(f"ok: index={g.index_dtype} H={H} C={C} {dtype} dropout={p}", flush=True)
+    v2_cases = [
+        (g32, 4, 32, torch.float32, 0.0, None),   # C = 32: one slot per lane and head
+        (g64, 2, 64, torch.bfloat16, 0.1, 590),   # C > 32, ignored rows, dropout
+        (g32, 3, 5, torch.float16, 0.0, None),    # C not a power of two
+        (g32, 8, 4, torch.float64, 0.2, None),    # heads inside one lane group
+    ]
+    for g, H, C, dtype, p, rows in v2_cases:
+        run_v2(g, H, C, dtype, p, rows)
+        print(f"ok (GATv2): index={g.index_dtype} H={H} C={C} {dtype} dropout={p} rows={rows}", flush=True)
 
 
 if __name__ == "__main__":
