@@ -14,6 +14,7 @@ kernel entry checks any graph it was not handed that way (a hand-built
 ``torch.ops.neptune`` call) before reading it. See ``csrc/graph/graph.h``.
 """
 import operator
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -115,6 +116,36 @@ class Graph:
         ei = _check_edge_index(edge_index)
         num_src, num_dst = _complete_size(ei, _parse_size(size))
         return cls._build(ei, num_src, num_dst)
+
+    @classmethod
+    def from_csr(cls, rowptr: torch.Tensor, col: torch.Tensor, num_src: int) -> "Graph":
+        """A graph already sorted by destination: ``rowptr`` [num_dst + 1], ``col`` [E]
+        (source ids), e.g. a torch sparse CSR adjacency's ``crow_indices()`` /
+        ``col_indices()`` or the CSC of PyG's ``EdgeIndex`` sorted by destination. The
+        caller's edge order is the CSR order; nothing is sorted. The kernels check the
+        graph on first use (ValueError if it is not a valid CSR graph); without them it is
+        checked here."""
+        for name, t in (("rowptr", rowptr), ("col", col)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex():
+                raise ValueError(f"{name} must be a 1-D integer tensor")
+        num_dst, E = rowptr.shape[0] - 1, col.shape[0]
+        if num_dst < 0:
+            raise ValueError("rowptr must have num_dst + 1 >= 1 entries")
+        itype = _index_dtype(E, max(int(num_src), num_dst))
+        rowptr, col = rowptr.to(itype).contiguous(), col.to(itype).contiguous()
+        kernels_check = _use_graph_ops(col.device) and os.environ.get("NEPTUNE_FORCE_REFERENCE", "0") != "1"
+        if not kernels_check and not _is_compiling():  # the reference will index with these ids
+            r64 = rowptr.long()
+            ok = bool(r64[0] == 0) and bool(r64[-1] == E) and bool((r64[1:] >= r64[:-1]).all())
+            if not ok or (E and (int(col.min()) < 0 or int(col.max()) >= num_src)):
+                raise ValueError(f"rowptr/col are not a CSR graph over {num_src} sources "
+                                 "(rowptr must rise from 0 to E, col must hold ids in [0, num_src))")
+        eid = torch.arange(E, dtype=itype, device=col.device)
+
+        def coo():
+            dst = torch.repeat_interleave(torch.arange(num_dst, device=col.device), rowptr.long().diff())
+            return torch.stack([col.long(), dst])
+        return cls(rowptr, col, eid, coo, num_src, num_dst)
 
     @classmethod
     def _build(cls, ei: torch.Tensor, num_src: int, num_dst: int) -> "Graph":

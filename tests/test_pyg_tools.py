@@ -148,3 +148,46 @@ def test_edge_index_and_sparse_inputs_match_coo(theirs, ours):
     ref = theirs(6, 4, heads=2).double()
     ref.load_state_dict(model.state_dict())
     torch.testing.assert_close(ref(x, idx), exp)
+
+
+@pytest.mark.parametrize("theirs, ours", PAIRS, ids=IDS)
+def test_sorted_inputs_are_used_without_sorting(theirs, ours, monkeypatch):
+    """A torch sparse CSR adjacency and an EdgeIndex sorted by destination go to the
+    kernels as they are (no COO -> CSR sort), with the same results as COO."""
+    import neptune_ext.graph as graph_mod
+    n = 40
+    ei = torch.randint(0, n, (2, 200))
+    ei = ei[:, torch.argsort(ei[1], stable=True)]  # the caller's order = destination order
+    x = torch.randn(n, 6, dtype=torch.float64)
+    model = ours(6, 4, heads=2, add_self_loops=False).double()
+    exp, (_, a_exp) = model(x, ei, return_attention_weights=True)
+    adj = torch.sparse_csr_tensor(*_csr(ei, n), torch.ones(ei.shape[1]), (n, n))
+    idx = pyg.EdgeIndex(ei, sparse_size=(n, n), sort_order="col")
+    calls = []
+    monkeypatch.setattr(graph_mod.Graph, "_build", classmethod(lambda *a: calls.append(1)))
+    for inp in (adj, idx):
+        out, (_, alpha) = model(x, inp, return_attention_weights=True)
+        torch.testing.assert_close(out, exp)
+        torch.testing.assert_close(alpha, a_exp)
+    assert not calls  # nothing was sorted
+    bad = torch.sparse_csr_tensor(*_csr(ei, n), torch.ones(ei.shape[1]), (n, n))
+    bad.col_indices()[3] = 10**6
+    with pytest.raises(ValueError):
+        model(x, bad)
+
+
+def _csr(ei, n):
+    rowptr = torch.zeros(n + 1, dtype=torch.long)
+    rowptr[1:] = torch.cumsum(torch.bincount(ei[1], minlength=n), 0)
+    return rowptr, ei[0].clone()
+
+
+def test_bad_csr_is_a_value_error_also_on_the_reference_path(monkeypatch):
+    monkeypatch.setenv("NEPTUNE_FORCE_REFERENCE", "1")
+    from neptune_ext import Graph
+    with pytest.raises(ValueError, match="not a CSR graph"):
+        Graph.from_csr(torch.tensor([0, 2, 3]), torch.tensor([0, 7, 1]), 5)
+    with pytest.raises(ValueError, match="not a CSR graph"):
+        Graph.from_csr(torch.tensor([0, 3, 2]), torch.tensor([0, 1, 1]), 5)
+    g = Graph.from_csr(torch.tensor([0, 2, 3]), torch.tensor([4, 0, 1]), 5)
+    assert g.edge_index.tolist() == [[4, 0, 1], [0, 0, 1]] and g.num_dst == 2

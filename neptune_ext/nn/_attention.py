@@ -83,6 +83,27 @@ def reset_linear(lin: Optional[nn.Module]) -> None:
             lin.bias.uniform_(-bound, bound)
 
 
+def _sorted_by_destination(edge_index, num_src: int, num_dst: int):
+    """(rowptr, col) when ``edge_index`` already is a CSR by destination of the right size:
+    a torch sparse CSR adjacency [num_dst, num_src], or PyG's EdgeIndex sorted by
+    destination with sparse size (num_src, num_dst). None otherwise."""
+    if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_csr:
+        if tuple(edge_index.shape[:2]) == (num_dst, num_src):
+            return edge_index.crow_indices(), edge_index.col_indices()
+        return None
+    if (type(edge_index) is not Tensor and isinstance(edge_index, Tensor)
+            and getattr(edge_index, "is_sorted_by_col", False) and hasattr(edge_index, "get_csc")):
+        try:
+            if tuple(edge_index.sparse_size()) != (num_src, num_dst):
+                return None
+            (colptr, row), perm = edge_index.get_csc()
+        except Exception:  # an EdgeIndex this code does not know: take the general path
+            return None
+        if perm is None:
+            return colptr.as_subclass(Tensor), row.as_subclass(Tensor)
+    return None
+
+
 class AttentionBase(_Base):
     """Constructor checks, graph preparation and output head of both attention layers."""
 
@@ -188,6 +209,10 @@ class AttentionBase(_Base):
                                  f"({edge_index.num_src}, {edge_index.num_dst}), but the inputs give "
                                  f"({num_src}, {num_dst})")
             return GATGraph(edge_index, num_dst)
+        ready = None if (self.add_self_loops or _is_compiling()) else _sorted_by_destination(
+            edge_index, num_src, num_dst)
+        if ready is not None:  # already CSR by destination: used as is, nothing sorted
+            return GATGraph(Graph.from_csr(ready[0], ready[1], num_src), num_dst)
         if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
             return GATGraph.from_edge_index(sparse_to_edge_index(edge_index), num_src, num_dst,
                                             self.add_self_loops)
