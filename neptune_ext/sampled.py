@@ -324,15 +324,17 @@ def _train(ctx, graph, out_dir, epochs, batch_size, fanout, hidden, heads, lr, a
             edges_seen += ei.shape[1]
             step += 1
         seconds = time.perf_counter() - t0
-        tot_loss, tot_correct, seen, edges_seen, seconds_max = distributed.all_sum(
+        tot_loss, tot_correct, seen, edges_seen, seconds_sum = distributed.all_sum(
             [tot_loss, tot_correct, seen, edges_seen, seconds], ctx)
-        seconds = seconds_max / ctx.world
-        val_acc = _evaluate(model, graph, val_nodes[:4 * batch_size], fanout, batch_size, dev, amp,
+        seconds = seconds_sum / ctx.world  # the ranks' mean
+        val_eval = val_nodes[:4 * batch_size]  # a fixed sample of validation nodes, each epoch
+        val_acc = _evaluate(model, graph, val_eval, fanout, batch_size, dev, amp,
                             torch.Generator().manual_seed(seed + 1), seed + 1) if ctx.is_main else float("nan")
         rec = {"epoch": epoch + 1, "steps": len(losses), "loss": tot_loss / max(seen, 1),
                "first_step_loss": losses[0] if losses else float("nan"),
                "last_step_loss": losses[-1] if losses else float("nan"),
                "train_accuracy": tot_correct / max(seen, 1), "val_accuracy": val_acc,
+               "val_nodes": int(val_eval.numel()),
                "seeds_per_s": seen / max(seconds, 1e-9), "sampled_edges_per_s": edges_seen / max(seconds, 1e-9),
                "seconds": seconds}
         history.append(rec)
