@@ -57,7 +57,7 @@ docs: build
 	@echo "API reference: docs/api/index.html"
 
 bench: build
-	$(PY) benchmarks/bench_graph_attention.py
+	$(PY) benchmarks/bench_graph_attention.py --what op,layer,gatv2
 	$(PY) benchmarks/bench_stage.py
 
 gpu-check:
