@@ -73,6 +73,16 @@ inline void check_gatv2_inputs(const at::Tensor& xl, const at::Tensor& xr, const
               "neptune::gatv2: negative_slope must be finite, got ", negative_slope);
 }
 
+// What every GATv2 kernel entry (CPU and CUDA, forward and backward) checks first:
+// shapes and dtypes, then the graph (graph/graph.h; rows beyond x_r are allowed).
+inline void check_gatv2_entry(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
+                              const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+                              const std::optional<at::Tensor>& edge_feat, double negative_slope,
+                              double dropout, const char* op) {
+  check_gatv2_inputs(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout);
+  check_csr(rowptr, col, eid, xl.size(0), rowptr.size(0) - 1, op);
+}
+
 inline void check_gatv2_backward_tensors(const at::Tensor& grad_out, const at::Tensor& out,
                                          const at::Tensor& lse, const at::Tensor& xr) {
   TORCH_CHECK(out.sizes() == xr.sizes() && out.scalar_type() == xr.scalar_type(),

@@ -16,25 +16,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_gather.h"
 #include "gatv2.h"
 #include "graph_attention_math.h"
 
 namespace neptune {
 namespace {
-
-constexpr int64_t kPrefetch = 6;
-
-template <typename T>
-inline void prefetch(const T* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
-}
-
-int64_t grain(int64_t rows, int64_t edges, int64_t HC) {
-  const int64_t per_row = std::max<int64_t>(1, (edges / std::max<int64_t>(rows, 1) + 1) * HC);
-  return std::max<int64_t>(1, 16384 / per_row);
-}
 
 // float32 inner loops in explicit 4-wide vectors (GCC/Clang vector extensions; SSE
 // on any x86-64): the auto-vectorizer leaves LeakyReLU's select as a branch. The
@@ -191,7 +178,7 @@ void forward_kernel(const at::Tensor& xl_t, const at::Tensor& xr_t, const at::Te
   std::vector<acc_t> att(HC);
   for (int64_t c = 0; c < HC; ++c) att[c] = static_cast<acc_t>(att_t.data_ptr<scalar_t>()[c]);
 
-  at::parallel_for(0, n_dst, grain(n_dst, E, HC), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_dst, grain_for(n_dst, E, HC, 16384), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(HC), xri(HC), m(H), s(H);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -200,9 +187,9 @@ void forward_kernel(const at::Tensor& xl_t, const at::Tensor& xr_t, const at::Te
       for (int64_t c = 0; c < HC; ++c) xri[c] = static_cast<acc_t>(xr[i * HC + c]);
       const int64_t e_end = rowptr[i + 1];
       for (int64_t e = rowptr[i]; e < e_end; ++e) {
-        if (e + kPrefetch < E) {
-          prefetch(xl + static_cast<int64_t>(col[e + kPrefetch]) * HC, HC);
-          if (ef) prefetch(ef + static_cast<int64_t>(eid[e + kPrefetch]) * HC, HC);
+        if (e + kPrefetchDistance < E) {
+          prefetch_row(xl + static_cast<int64_t>(col[e + kPrefetchDistance]) * HC, HC);
+          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
         }
         const int64_t j = col[e], edge = eid[e];
         const scalar_t* xlj = xl + j * HC;
@@ -283,7 +270,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
   acc_t* part = part_t.data_ptr<acc_t>();
 
   // Pass 1: destinations, in fixed blocks.
-  const int64_t block_grain = std::max<int64_t>(1, grain(n_dst, E, HC) / kGatv2AttBlock);
+  const int64_t block_grain = std::max<int64_t>(1, grain_for(n_dst, E, HC, 16384) / kGatv2AttBlock);
   at::parallel_for(0, n_blocks, block_grain, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> z(HC), xri(HC), gxri(HC), D(H), g(H), dS(H);
     for (int64_t b = b0; b < b1; ++b) {
@@ -303,9 +290,9 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
           D[k] = d;
         }
         for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
-          if (e + kPrefetch < E) {
-            prefetch(xl + static_cast<int64_t>(col[e + kPrefetch]) * HC, HC);
-            if (ef) prefetch(ef + static_cast<int64_t>(eid[e + kPrefetch]) * HC, HC);
+          if (e + kPrefetchDistance < E) {
+            prefetch_row(xl + static_cast<int64_t>(col[e + kPrefetchDistance]) * HC, HC);
+            if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
           }
           const int64_t j = col[e], edge = eid[e];
           const scalar_t* xlj = xl + j * HC;
@@ -362,16 +349,16 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
 
   // Pass 2: sources, over the transposed graph. Only dOut_i (and the saved signs)
   // are gathered per edge.
-  at::parallel_for(0, n_src, grain(n_src, E, HC), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_src, grain_for(n_src, E, HC, 16384), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(HC);
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t t = colptr[j]; t < colptr[j + 1]; ++t) {
-        if (t + kPrefetch < E) {
-          const int64_t in = csc_row[t + kPrefetch];
+        if (t + kPrefetchDistance < E) {
+          const int64_t in = csc_row[t + kPrefetchDistance];
           if (in < n_dst) {
-            const int64_t en = csc_perm[t + kPrefetch];
-            prefetch(go + in * HC, HC);
+            const int64_t en = csc_perm[t + kPrefetchDistance];
+            prefetch_row(go + in * HC, HC);
             __builtin_prefetch(ds + en * H, 0, 1);
             __builtin_prefetch(ap + en * H, 0, 1);
             __builtin_prefetch(signs + en * W, 0, 1);
@@ -393,14 +380,6 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
   });
 }
 
-void check_all(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
-               const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-               const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
-               const char* op) {
-  check_gatv2_inputs(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout);
-  check_csr(rowptr, col, eid, xl.size(0), rowptr.size(0) - 1, op);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
@@ -409,8 +388,8 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
     const at::Tensor& csc_row, const at::Tensor& csc_perm,
     const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
-  check_all(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
-            "neptune::gatv2_forward");
+  check_gatv2_entry(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
+                    "neptune::gatv2_forward");
   const int64_t n_dst = xr.size(0), H = xl.size(1), C = xl.size(2);
   at::Tensor out = at::empty({n_dst, H, C}, xl.options());
   at::Tensor lse = at::empty({n_dst, H}, xl.options().dtype(acc_dtype(xl.scalar_type())));
@@ -429,8 +408,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
     const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
     const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
     double negative_slope, double dropout, const std::optional<at::Tensor>& seed) {
-  check_all(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
-            "neptune::gatv2_backward");
+  check_gatv2_entry(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
+                    "neptune::gatv2_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, xl.size(0), rowptr.size(0) - 1,
             "neptune::gatv2_backward");
   check_gatv2_backward_tensors(grad_out, out, lse, xr);

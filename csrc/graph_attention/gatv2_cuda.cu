@@ -327,9 +327,12 @@ void with_layout(int64_t HC, int64_t C, F&& f) {
   else go(std::integral_constant<int, 32>{});
 }
 
+// The entry checks of gatv2.h, plus: every tensor on x_l's GPU, rows a warp can hold.
 void check_v2_cuda(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
                    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-                   const std::optional<at::Tensor>& edge_feat) {
+                   const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
+                   const char* op) {
+  check_gatv2_inputs(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout);
   check_cuda(xl, xl, "x_l");
   check_cuda(xr, xl, "x_r");
   check_cuda(att, xl, "att");
@@ -340,6 +343,35 @@ void check_v2_cuda(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor&
   TORCH_CHECK(xl.size(2) > 0 && xl.size(1) * xl.size(2) <= kGatv2MaxHC,
               "neptune::gatv2 (CUDA): H * C must be in [1, ", kGatv2MaxHC, "], got H = ", xl.size(1),
               ", C = ", xl.size(2));
+  check_csr(rowptr, col, eid, xl.size(0), rowptr.size(0) - 1, op);
+}
+
+// The fields forward and backward share.
+template <typename scalar_t, typename index_t>
+V2Params<scalar_t, index_t> common_params(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
+                                          const std::optional<at::Tensor>& edge_feat,
+                                          const at::Tensor& rowptr, const at::Tensor& col,
+                                          const at::Tensor& eid, double negative_slope, double dropout,
+                                          uint64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  V2Params<scalar_t, index_t> p{};
+  p.xl = xl.data_ptr<scalar_t>();
+  p.xr = xr.data_ptr<scalar_t>();
+  p.att = att.data_ptr<scalar_t>();
+  p.ef = edge_feat.has_value() ? edge_feat->data_ptr<scalar_t>() : nullptr;
+  p.rowptr = rowptr.data_ptr<index_t>();
+  p.col = col.data_ptr<index_t>();
+  p.eid = eid.data_ptr<index_t>();
+  p.n_dst = xr.size(0);
+  p.H = xl.size(1);
+  p.C = xl.size(2);
+  p.HC = p.H * p.C;
+  p.slope = static_cast<acc_t>(negative_slope);
+  p.dropout = dropout > 0.0;
+  p.p = static_cast<float>(dropout);
+  p.keep_scale = dropout_keep_scale<acc_t>(dropout);
+  p.seed = seed;
+  return p;
 }
 
 }  // namespace
@@ -350,9 +382,8 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cuda(
     const at::Tensor& csc_row, const at::Tensor& csc_perm,
     const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
-  check_gatv2_inputs(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout);
-  check_v2_cuda(xl, xr, att, rowptr, col, eid, edge_feat);
-  check_csr(rowptr, col, eid, xl.size(0), rowptr.size(0) - 1, "neptune::gatv2_forward");
+  check_v2_cuda(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
+                "neptune::gatv2_forward");
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(xl.device());
   const int64_t n_dst = xr.size(0), H = xl.size(1), C = xl.size(2);
@@ -363,25 +394,10 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xl.scalar_type(), "gatv2_forward_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gatv2_forward_cuda_index", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      V2Params<scalar_t, index_t> p{};
-      p.xl = xl.data_ptr<scalar_t>();
-      p.xr = xr.data_ptr<scalar_t>();
-      p.att = att.data_ptr<scalar_t>();
-      p.ef = edge_feat.has_value() ? edge_feat->data_ptr<scalar_t>() : nullptr;
-      p.rowptr = rowptr.data_ptr<index_t>();
-      p.col = col.data_ptr<index_t>();
-      p.eid = eid.data_ptr<index_t>();
+      auto p = common_params<scalar_t, index_t>(xl, xr, att, edge_feat, rowptr, col, eid,
+                                                negative_slope, dropout, seed_v);
       p.out_w = out.data_ptr<scalar_t>();
       p.lse = lse.data_ptr<acc_t>();
-      p.n_dst = n_dst;
-      p.H = H;
-      p.C = C;
-      p.HC = H * C;
-      p.slope = static_cast<acc_t>(negative_slope);
-      p.dropout = dropout > 0.0;
-      p.p = static_cast<float>(dropout);
-      p.keep_scale = dropout_keep_scale<acc_t>(dropout);
-      p.seed = seed_v;
       with_layout(H * C, C, [&](auto nf, auto pow2) {
         auto kernel = gatv2_forward_kernel<scalar_t, index_t, decltype(nf)::value, decltype(pow2)::value>;
         NEPTUNE_LAUNCH(kernel, warp_blocks(n_dst), stream, p);
@@ -397,15 +413,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
     const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
     const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
     double negative_slope, double dropout, const std::optional<at::Tensor>& seed) {
-  check_gatv2_inputs(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout);
-  check_v2_cuda(xl, xr, att, rowptr, col, eid, edge_feat);
+  check_v2_cuda(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
+                "neptune::gatv2_backward");
   check_cuda(grad_out, xl, "grad_out");
   check_cuda(out, xl, "out");
   check_cuda(lse, xl, "lse");
   check_cuda(colptr, xl, "colptr");
   check_cuda(csc_row, xl, "csc_row");
   check_cuda(csc_perm, xl, "csc_perm");
-  check_csr(rowptr, col, eid, xl.size(0), rowptr.size(0) - 1, "neptune::gatv2_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, xl.size(0), rowptr.size(0) - 1,
             "neptune::gatv2_backward");
   check_gatv2_backward_tensors(grad_out, out, lse, xr);
@@ -428,17 +443,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xl.scalar_type(), "gatv2_backward_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gatv2_backward_cuda_index", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      V2Params<scalar_t, index_t> p{};
-      p.xl = xl.data_ptr<scalar_t>();
-      p.xr = xr.data_ptr<scalar_t>();
-      p.att = att.data_ptr<scalar_t>();
-      p.ef = edge_feat.has_value() ? edge_feat->data_ptr<scalar_t>() : nullptr;
+      auto p = common_params<scalar_t, index_t>(xl, xr, att, edge_feat, rowptr, col, eid,
+                                                negative_slope, dropout, seed_v);
       p.go = go.data_ptr<scalar_t>();
       p.out = out_c.data_ptr<scalar_t>();
       p.lse_in = lse_c.data_ptr<acc_t>();
-      p.rowptr = rowptr.data_ptr<index_t>();
-      p.col = col.data_ptr<index_t>();
-      p.eid = eid.data_ptr<index_t>();
       p.colptr = colptr.data_ptr<index_t>();
       p.csc_row = csc_row.data_ptr<index_t>();
       p.csc_perm = csc_perm.data_ptr<index_t>();
@@ -448,15 +457,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
       p.gxl = gxl.data_ptr<scalar_t>();
       p.gxr = gxr.data_ptr<scalar_t>();
       p.gef = edge_feat.has_value() ? gef.data_ptr<scalar_t>() : nullptr;
-      p.n_dst = n_dst;
-      p.H = H;
-      p.C = C;
-      p.HC = HC;
-      p.slope = static_cast<acc_t>(negative_slope);
-      p.dropout = dropout > 0.0;
-      p.p = static_cast<float>(dropout);
-      p.keep_scale = dropout_keep_scale<acc_t>(dropout);
-      p.seed = seed_v;
       with_layout(HC, C, [&](auto nf, auto pow2) {
         constexpr int NF = decltype(nf)::value;
         auto pass1 = gatv2_pass1_kernel<scalar_t, index_t, NF, decltype(pow2)::value>;

@@ -26,28 +26,11 @@
 #include <vector>
 
 #include "graph_attention.h"
+#include "cpu_gather.h"
 #include "graph_attention_math.h"
 
 namespace neptune {
 namespace {
-
-// Software prefetch of the rows an upcoming edge will gather: the gathers are
-// random, so the hardware prefetcher cannot help and each row would otherwise
-// cost a full memory latency.
-constexpr int64_t kPrefetchDistance = 6;
-
-template <typename T>
-inline void prefetch_row(const T* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
-}
-
-// Destinations per parallel task: enough work per task to amortize scheduling.
-int64_t grain_for(int64_t n_rows, int64_t n_edges, int64_t HC) {
-  const int64_t work_per_row = std::max<int64_t>(1, (n_edges / std::max<int64_t>(n_rows, 1) + 1) * HC);
-  return std::max<int64_t>(1, 32768 / work_per_row);
-}
 
 template <typename scalar_t, typename index_t>
 void forward_kernel(const at::Tensor& h_t, const at::Tensor& ss_t, const at::Tensor& sd_t,

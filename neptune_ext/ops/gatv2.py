@@ -10,6 +10,7 @@ the GAT v1 op: one pass per destination with an online softmax, nothing of size
 E x H x C allocated in forward, a deterministic backward without atomics (grad att is
 a fixed-order reduction). Without them the pure-PyTorch reference runs.
 """
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -18,7 +19,7 @@ from .. import _ext
 from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
 from ..graph import Graph
 from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
-from .graph_attention import _new_seed, check_slope
+from .graph_attention import check_slope, dropout_and_seed, kernel_csc
 
 __all__ = ["gatv2_attention", "gatv2_attention_weights"]
 
@@ -66,6 +67,12 @@ def _has_kernel(device_type: str, H: int, C: int) -> bool:
         return False
     if device_type == "cuda" and not 0 < H * C <= _CUDA_MAX_HC:
         return False  # the reference runs these shapes
+    return _registered(device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(device_type: str) -> bool:
+    """Whether the loaded extension has GATv2 kernels for this device (asked once)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     try:
         return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("neptune::gatv2_forward", key)
@@ -104,26 +111,16 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
     """
     if not _is_compiling():
         _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout)
-    p = float(dropout) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = _new_seed()
-    if p > 0.0:
-        _check(isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
-               and seed.device.type == "cpu", "seed must be a CPU int64 tensor with one element")
+    p, seed = dropout_and_seed(dropout, training, seed)
     H, C = x_l.shape[1], x_l.shape[2]
     att2 = att.reshape(H, C)
 
     if _has_kernel(x_l.device.type, H, C):
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x_l, x_r, att, edge_feat))
-        if needs_grad:
-            colptr, csc_row, csc_perm = graph.csc()
-        else:
-            colptr = csc_row = csc_perm = graph.col.new_empty(0)
+        colptr, csc_row, csc_perm = kernel_csc(graph, x_l, x_r, att, edge_feat)
         out, lse = torch.ops.neptune.gatv2_forward(
             x_l.contiguous(), x_r.contiguous(), att2.contiguous(), graph.rowptr, graph.col, graph.eid,
             colptr, csc_row, csc_perm, None if edge_feat is None else edge_feat.contiguous(),
-            float(negative_slope), p, seed if p > 0.0 else None)
+            float(negative_slope), p, seed)
         if not return_attention:
             return out
         return out, gatv2_attention_weights(x_l, x_r, att2, graph, negative_slope, edge_feat, p, seed)

@@ -67,6 +67,28 @@ def _new_seed() -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
+def dropout_and_seed(dropout, training: bool, seed):
+    """(p, seed) for an attention op: p = dropout when training, else 0; with p > 0 a seed
+    (drawn when none is given, checked otherwise); without dropout no seed."""
+    p = float(dropout) if training else 0.0
+    if p == 0.0:
+        return 0.0, None
+    if seed is None:
+        seed = _new_seed()
+    _check(isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
+           and seed.device.type == "cpu", "seed must be a CPU int64 tensor with one element")
+    return p, seed
+
+
+def kernel_csc(graph: Graph, *inputs) -> tuple:
+    """The transposed graph when backward will need it (grad mode on and an input that
+    requires grad), else three empty tensors: inference never builds the CSC."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return graph.csc()
+    empty = graph.col.new_empty(0)
+    return empty, empty, empty
+
+
 def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: torch.Tensor,
                            graph: Graph, negative_slope: float = 0.2,
                            edge_logits: Optional[torch.Tensor] = None, dropout: float = 0.0,
@@ -99,20 +121,10 @@ def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: 
     """
     if not _is_compiling():
         _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout)
-    p = float(dropout) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = _new_seed()
-    if p > 0.0:
-        _check(isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
-               and seed.device.type == "cpu", "seed must be a CPU int64 tensor with one element")
+    p, seed = dropout_and_seed(dropout, training, seed)
 
     if _ext.use_kernels(h.device.type):
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (h, score_src, score_dst, edge_logits))
-        if needs_grad:
-            colptr, csc_row, csc_perm = graph.csc()
-        else:
-            colptr = csc_row = csc_perm = graph.col.new_empty(0)
+        colptr, csc_row, csc_perm = kernel_csc(graph, h, score_src, score_dst, edge_logits)
         out, lse = torch.ops.neptune.gat_forward(
             h.contiguous(), score_src.contiguous(), score_dst.contiguous(), graph.rowptr,
             graph.col, graph.eid, colptr, csc_row, csc_perm,
