@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.gatv2 import gatv2_attention, gatv2_attention_weights
+from ..ops.graph_attention import dropout_and_seed
 from ._attention import AttentionBase, glorot, linear, materialize, reset_linear
 
 Tensor = torch.Tensor
@@ -104,9 +105,8 @@ class GraphAttentionV2(AttentionBase):
 
         want_alpha = return_attention_weights is not None and bool(return_attention_weights)
         if self._explaining():
-            p = self.dropout if self.training else 0.0
             alpha = gatv2_attention_weights(x_l, x_r, self.att, graph, self.negative_slope, edge_feat,
-                                            p, torch.randint(0, 2**62, ()) if p > 0 else None)
+                                            *dropout_and_seed(self.dropout, self.training, None))
             out = self._explain_aggregate(x_l, alpha[prepared.kept_edges()], prepared, num_src, num_dst)
         else:
             result = gatv2_attention(x_l, x_r, self.att, graph, self.negative_slope, edge_feat,

@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..ops.graph_attention import attention_weights, sparse_graph_attention
+from ..ops.graph_attention import attention_weights, dropout_and_seed, sparse_graph_attention
 from ._attention import AttentionBase, glorot, linear, materialize, reset_linear
 
 Tensor = torch.Tensor
@@ -152,8 +152,7 @@ class GraphAttention(AttentionBase):
         want_alpha = return_attention_weights is not None and bool(return_attention_weights)
         if self._explaining():
             alpha = attention_weights(score_src, score_dst, graph, self.negative_slope, edge_logits,
-                                      self.dropout if self.training else 0.0,
-                                      torch.randint(0, 2**62, ()) if self.training else None)
+                                      *dropout_and_seed(self.dropout, self.training, None))
             out = self._explain_aggregate(h_src, alpha[prepared.kept_edges()], prepared, num_src, num_dst)
         else:
             result = sparse_graph_attention(
