@@ -101,6 +101,7 @@ def test_gnn_explainer_masks_match_pyg(theirs, ours):
     x = torch.randn(n, 6, dtype=torch.float64)
     ei = torch.randint(0, n, (2, 90))
     ei[:, :3] = torch.arange(3).repeat(2, 1)  # input self loops (removed, then re-added)
+    ei[:, 3:9] = torch.stack([torch.arange(10, 16), torch.full((6,), 3)])  # node 3 has in-edges
     ref = NodeNet(theirs).double()
     model = NodeNet(ours).double()
     model.load_state_dict(ref.state_dict())
