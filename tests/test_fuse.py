@@ -28,8 +28,14 @@ def count_stages(model):
 
 RESNET18_STAGES = ["conv1+bn1+relu -> Stage"] + [
     f"layer{i}.{j}.conv1+bn1+relu -> Stage" for i in range(1, 5) for j in range(2)]
-RESNET18_FOLDS = [f"layer{i}.{j}.conv2+bn2 -> Conv+BN" for i in range(1, 5) for j in range(2)] + [
-    f"layer{i}.0.downsample.0+1 -> Conv+BN" for i in range(2, 5)]
+RESNET18_TAILS = [f"layer{i}.{j}.conv2+bn2+add+relu -> Stage+residual"
+                  for i in range(1, 5) for j in range(2)]
+RESNET18_FOLDS = RESNET18_TAILS + [f"layer{i}.0.downsample.0+1 -> Conv+BN" for i in range(2, 5)]
+
+
+def count_tails(model):
+    return sum(1 for m in model.modules()
+               if isinstance(m, FusedConv2d) and m.residual_activation is not None)
 
 
 def test_resnet18_eval_matches_eager(capsys):
@@ -39,7 +45,7 @@ def test_resnet18_eval_matches_eager(capsys):
     printed = capsys.readouterr().out
     assert "layer1.0.conv1+bn1+relu -> Stage" in printed and "20 fusion(s)" in printed
     assert type(fused) is type(model) and set(fused.state_dict()) == set(model.state_dict())
-    assert count_stages(fused) == 9 and count(fused, FusedConv2d) == 20
+    assert count_stages(fused) == 9 and count(fused, FusedConv2d) == 20 and count_tails(fused) == 8
     assert count(fused, FusedBatchNorm2d) == 20
     assert isinstance(fused.get_submodule("layer1.0.conv2"), FusedConv2d)
     x = torch.randn(2, 3, 64, 64)
@@ -76,6 +82,8 @@ def test_other_torchvision_resnets_fuse():
         fused = neptune_ext.fuse_stages(model)
         assert sum(r.endswith("-> Stage") for r in fused.fusion_report) == stages
         assert count_stages(fused) == stages
+        assert sum(r.endswith("+add+relu -> Stage+residual") for r in fused.fusion_report) == 16
+        assert count_tails(fused) == 16
 
 
 def test_resnet18_training_tracks_eager():
@@ -316,7 +324,7 @@ def test_stage_eval_paths_are_reported():
         if onednn_fused_available():
             m = fused.to(memory_format=torch.channels_last)
             cl = _paths_of(lambda: m(x.contiguous(memory_format=torch.channels_last)))
-            assert cl == {"onednn-fused": 20}
+            assert cl == {"onednn-fused": 20}  # the 8 residual tails too (add + ReLU post-ops)
     x.requires_grad_()
     assert _paths_of(lambda: fused(x)) == {"autograd": 20}
     assert "stage_eval_paths" in neptune_ext.info.info_dict()
@@ -338,4 +346,5 @@ def test_resnet18_eval_on_cuda_takes_cudnn_fused_path(dtype, memory_format):
     assert err < (1e-2 if dtype != torch.float32 else 1e-3), err
     assert paths.get("cudnn-fused", 0) + paths.get("conv+bias", 0) == 20
     if dtype == torch.float32:
-        assert paths.get("cudnn-fused", 0) == 9, paths  # the 9 conv+BN+ReLU stages
+        # the 9 conv+BN+ReLU stages and the 8 residual tails (cudnn_convolution_add_relu)
+        assert paths.get("cudnn-fused", 0) == 17, paths

@@ -1,25 +1,40 @@
-"""fuse_stages(model): Conv2d -> BatchNorm2d (-> ReLU) chains run as one fused layer.
+"""fuse_stages(model): Conv2d -> BatchNorm2d (-> activation) chains, and the residual
+tails Conv2d -> BatchNorm2d -> + identity (-> activation), run as one fused layer.
 
 Patterns are found on the torch.fx graph (data flow), not in module order, so
 torchvision's ResNet blocks, which call one shared ``relu`` module several times,
 are handled: a conv node whose only user is a BatchNorm2d node (whose only user
-is a ReLU: ``nn.ReLU`` module, ``F.relu``, ``torch.relu``, ``x.relu()``, in place
-or not) is fused.
+is an activation: ReLU, ReLU6, SiLU or Hardswish, as a module, a function or a
+method, in place or not) is fused.
 
 The trace is used for analysis only. The model keeps its own code and its own
 module tree: each fused conv module becomes a :class:`~neptune_ext.nn.stage.FusedConv2d`
 in place (same parameters), its BN a pass-through
 :class:`~neptune_ext.nn.stage.FusedBatchNorm2d` that keeps its parameters and
-buffers, and a ReLU module used only there a pass-through
-:class:`~neptune_ext.nn.stage.FusedReLU`; a ReLU that is shared or a function call
-stays and reapplies ReLU to a non-negative tensor (a no-op). So the fused model
-has the original's type, attributes, methods and state-dict keys, and
-``if self.training:`` branches, dropout and stochastic depth keep following
-``train()``/``eval()``. Code that the trace would bake a mode into (the graph
-differs between train and eval) and code torch.fx cannot trace are not analysed
-as a whole: their children are fused one by one.
+buffers, and an activation module used only there a pass-through
+(:class:`~neptune_ext.nn.stage.FusedReLU`, ...). A ReLU or ReLU6 that is shared or a
+function call stays and reapplies itself to its own output (a no-op); a shared or
+functional SiLU/Hardswish (not idempotent) is left out of the fusion (Conv+BN only).
+So the fused model has the original's type, attributes, methods and state-dict
+keys, and ``if self.training:`` branches, dropout and stochastic depth keep
+following ``train()``/``eval()``. Code that the trace would bake a mode into (the
+graph differs between train and eval) and code torch.fx cannot trace are not
+analysed as a whole: their children are fused one by one.
+
+Residual tails: the add happens in the block's code after its own calls, so the
+conv cannot see the identity from inside. For a module whose forward contains
+``act(bn(conv(x)) + identity)`` (ResNet's BasicBlock and Bottleneck, RegNet's
+blocks), that module instance runs its traced graph with the three nodes replaced
+by ``conv(x, identity)``: its ``forward`` becomes the generated code of that graph
+(an instance attribute; the class, attributes and state dict stay), which calls
+the module's own children. The conv called with one input still returns
+``bn(conv(x))``, so the class's own ``forward`` stays correct too.
 """
+import ast
 import copy
+import functools
+import inspect
+import sys
 from collections import Counter
 from typing import Dict, List, Optional
 
@@ -27,18 +42,28 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .stage import (FoldedConv2d, FusedBatchNorm2d, FusedConv2d, FusedReLU, Stage,
-                       _explicit_padding)
+import operator
+
+from .stage import (FoldedConv2d, FusedBatchNorm2d, FusedConv2d, FusedHardswish, FusedReLU,
+                    FusedReLU6, FusedSiLU, Stage, _explicit_padding)
 
 __all__ = ["fuse_stages"]
 
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
-_RELU_METHODS = {"relu", "relu_"}
+# Activation modules (exact types) -> (name, pass-through class); functions and methods -> name.
+_ACT_MODULES = {nn.ReLU: ("relu", FusedReLU), nn.ReLU6: ("relu6", FusedReLU6),
+                nn.SiLU: ("silu", FusedSiLU), nn.Hardswish: ("hardswish", FusedHardswish)}
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
+                  F.relu6: "relu6", F.silu: "silu", F.hardswish: "hardswish"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_IDEMPOTENT = {"relu", "relu6"}  # act(act(x)) == act(x): a shared module may stay and reapply
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_INPLACE_ADDS = {operator.iadd, "add_"}  # write into their first argument
 
 
 def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
-    """Fuse every Conv2d -> BatchNorm2d -> ReLU chain of ``model`` (and every
-    Conv2d -> BatchNorm2d chain without the ReLU).
+    """Fuse every Conv2d -> BatchNorm2d -> activation chain of ``model`` (ReLU, ReLU6,
+    SiLU, Hardswish, or none), and every residual tail Conv2d -> BatchNorm2d -> + identity
+    (-> activation).
 
     Args:
         model: any module, in train or eval mode; the fused model follows later
@@ -50,7 +75,8 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False) 
     Returns:
         The fused model: the same class as ``model`` with the same state-dict keys
         (a state dict of either loads into the other), with ``fusion_report``: a
-        list like ``["layer1.0.conv1+bn1+relu -> Stage", "layer1.0.conv2+bn2 -> Conv+BN"]``.
+        list like ``["layer1.0.conv1+bn1+relu -> Stage", "layer1.0.conv2+bn2+add+relu ->
+        Stage+residual", "features.0.0+1 -> Conv+BN"]``.
         Its outputs equal the original's up to floating-point rounding.
     """
     if not isinstance(model, nn.Module):
@@ -59,6 +85,7 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False) 
         model = copy.deepcopy(model)
     report: List[str] = []
     registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    _fuse_residual_tails(model, "", report, registrations)
     _fuse(model, "", report, registrations)
     model.fusion_report = report
     if verbose:
@@ -111,16 +138,22 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
-def _relu_of(node: Optional[fx.Node], arg: fx.Node, modules: Dict[str, nn.Module]):
-    """(name for the report, the nn.ReLU module or None) if ``node`` is relu(arg), else None."""
+def _act_of(node: Optional[fx.Node], arg: fx.Node, modules: Dict[str, nn.Module]):
+    """(name for the report, activation, its module or None) if ``node`` is act(arg), else None."""
     if node is None or not node.args or node.args[0] is not arg:
         return None
-    if node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU:
-        return node.target, modules[node.target]
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        return node.target.__name__, None
-    if node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1:
-        return node.target, None
+    if node.op == "call_module" and type(modules.get(node.target)) in _ACT_MODULES:
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        return node.target, _ACT_MODULES[type(modules[node.target])][0], modules[node.target]
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        # Only act(x) and act(x, inplace=...): other arguments could change what it computes.
+        if len(node.args) != 1 or set(node.kwargs) - {"inplace"}:
+            return None
+        return node.target.__name__, _ACT_FUNCTIONS[node.target], None
+    if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1 \
+            and not node.kwargs:
+        return node.target, _ACT_METHODS[node.target], None
     return None
 
 
@@ -164,14 +197,158 @@ def _rewrite(root: nn.Module, graph: fx.Graph, prefix: str, report: List[str],
         # A module called twice shares its weights between two places: leave it.
         if not _fusable(conv, bn) or not used_once(conv) or not used_once(bn):
             continue
-        relu = _relu_of(_only_user(bn_node), bn_node, modules)
+        act = _act_of(_only_user(bn_node), bn_node, modules)
         names = f"{prefix}{conv_node.target}+{_short(bn_node.target, conv_node.target)}"
+        if act is not None:
+            act_name, act_kind, act_module = act
+            alone = act_module is not None and used_once(act_module)
+            if not alone and act_kind not in _IDEMPOTENT:
+                act = None  # it would run a second time on the fused output
         bn.__class__ = FusedBatchNorm2d
-        FusedConv2d.convert(conv, bn, relu_fused=relu is not None)
-        if relu is None:
+        FusedConv2d.convert(conv, bn, activation=None if act is None else act_kind)
+        if act is None:
             report.append(f"{names} -> Conv+BN")
             continue
-        relu_name, relu_module = relu
-        if relu_module is not None and used_once(relu_module):
-            relu_module.__class__ = FusedReLU
-        report.append(f"{names}+{_short(relu_name, conv_node.target)} -> Stage")
+        if alone:
+            act_module.__class__ = _ACT_MODULES[type(act_module)][1]
+        report.append(f"{names}+{_short(act_name, conv_node.target)} -> Stage")
+
+
+# ----------------------------------------------------------------------------
+# Residual tails: act(bn(conv(x)) + identity) -> conv(x, identity)
+
+def _added_to(bn_node: fx.Node) -> Optional[fx.Node]:
+    """The other operand if bn_node's only user adds it to bn_node (and writes, if in place,
+    into bn_node's output only), else None."""
+    add = _only_user(bn_node)
+    if add is None or add.kwargs or len(add.args) != 2:
+        return None
+    if add.op == "call_function" and add.target in _ADD_FUNCTIONS:
+        target = add.target
+    elif add.op == "call_method" and add.target in ("add", "add_"):
+        target = add.target
+    else:
+        return None
+    a, b = add.args
+    if target in _INPLACE_ADDS or add.op == "call_method":
+        other = b if a is bn_node else None  # x.add(y) / x += y: bn must be x
+    else:
+        other = b if a is bn_node else a if b is bn_node else None
+    if not isinstance(other, fx.Node) or other is bn_node:
+        return None
+    return other
+
+
+def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
+                         registrations: Counter) -> None:
+    """Post-order: the innermost module whose graph holds a residual tail takes it."""
+    if isinstance(module, (Stage, FusedConv2d)):
+        return
+    for name, child in module.named_children():
+        _fuse_residual_tails(child, f"{prefix}{name}.", report, registrations)
+    if not any(True for _ in module.children()) or "forward" in vars(module):
+        return
+    graph = _trace(module)
+    if graph is None or any(n.op == "get_attr" for n in graph.nodes):
+        # (a graph reading the module's own tensors would hold them by reference: a
+        # later module.to() that replaces them would leave it stale)
+        return
+    modules = dict(module.named_modules())
+    calls = Counter(id(modules[n.target]) for n in graph.nodes
+                    if n.op == "call_module" and n.target in modules)
+
+    def used_once(m: nn.Module) -> bool:
+        return calls[id(m)] == 1 and registrations[id(m)] == 1
+
+    tails = []  # (conv node, bn node, add node, activation or None)
+    for conv_node in graph.nodes:
+        if (conv_node.op != "call_module" or len(conv_node.args) != 1 or conv_node.kwargs
+                or not isinstance(modules.get(conv_node.target), nn.Conv2d)):
+            continue
+        bn_node = _only_user(conv_node)
+        if (bn_node is None or bn_node.op != "call_module" or bn_node.args != (conv_node,)
+                or bn_node.kwargs):
+            continue
+        conv, bn = modules[conv_node.target], modules.get(bn_node.target)
+        if not _fusable(conv, bn) or not used_once(conv) or not used_once(bn):
+            continue
+        add_node = _only_user(bn_node)
+        if _added_to(bn_node) is None or any(t[2] is add_node for t in tails):
+            continue  # (an add of two conv+BN branches is one tail: the first one's)
+        tails.append((conv_node, bn_node, add_node, _act_of(_only_user(add_node), add_node, modules)))
+    if not tails or not _inplace_safe(graph, _augmented_ops(module)):
+        return
+    fused = []
+    for conv_node, bn_node, add_node, act in tails:
+        conv, bn = modules[conv_node.target], modules[bn_node.target]
+        identity = _added_to(bn_node)  # now: an earlier rewrite may have replaced the node
+        last = add_node if act is None else next(iter(add_node.users))
+        with graph.inserting_before(last):
+            tail = graph.call_module(conv_node.target, (conv_node.args[0], identity))
+        last.replace_all_uses_with(tail)
+        for node in ([last, add_node] if act is not None else [add_node]) + [bn_node, conv_node]:
+            graph.erase_node(node)
+        bn.__class__ = FusedBatchNorm2d
+        FusedConv2d.convert(conv, bn, activation=None,
+                            residual_activation="none" if act is None else act[1])
+        names = f"{prefix}{conv_node.target}+{_short(bn_node.target, conv_node.target)}+add"
+        fused.append(names + ("" if act is None else f"+{_short(act[0], conv_node.target)}")
+                     + " -> Stage+residual")
+    graph.lint()
+    code = fx.GraphModule(module, graph, class_name=type(module).__name__ + "Fused")
+    # Instance attributes, not children: no new state-dict keys or submodules.
+    object.__setattr__(module, "_fused_graph_module", code)
+    object.__setattr__(module, "forward", code.forward)
+    report.extend(fused)
+
+
+# ----------------------------------------------------------------------------
+# torch.fx records ``a += b`` as ``a + b``: the generated forward would not write into
+# ``a``. That is the same computation unless ``a`` (or something derived from it) is read
+# after the add. A module whose forward a residual fusion replaces must pass this check.
+
+_AUGMENTED = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+              ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+              ast.Pow: operator.pow, ast.MatMult: operator.matmul, ast.BitAnd: operator.and_,
+              ast.BitOr: operator.or_, ast.BitXor: operator.xor, ast.LShift: operator.lshift,
+              ast.RShift: operator.rshift}
+
+
+@functools.lru_cache(maxsize=None)
+def _augmented_in_source(module_name: str) -> frozenset:
+    """The operators of every ``a op= b`` in a Python module's source (all, if unreadable)."""
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[module_name]))
+    except Exception:  # noqa: BLE001 - no source: assume the worst
+        return frozenset(_AUGMENTED.values())
+    return frozenset(_AUGMENTED[type(n.op)] for n in ast.walk(tree)
+                     if isinstance(n, ast.AugAssign) and type(n.op) in _AUGMENTED)
+
+
+def _augmented_ops(module: nn.Module) -> set:
+    """Operators that an augmented assignment in the code traced for ``module`` (its classes'
+    source files, torch.nn's own modules aside) may have been."""
+    ops = set()
+    for m in module.modules():
+        name = type(m).__module__
+        if not name.startswith("torch.nn.modules."):
+            ops |= _augmented_in_source(name)
+    return ops
+
+
+def _inplace_safe(graph: fx.Graph, ops: set) -> bool:
+    """No ``a op b`` (op in ``ops``) whose ``a``, or a node computed from it, is used after it."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in ops and node.args \
+                and isinstance(node.args[0], fx.Node):
+            stack, seen = [node.args[0]], set()
+            while stack:
+                for user in stack.pop().users:
+                    if user is node or user in seen:
+                        continue
+                    if order[user] > order[node]:
+                        return False
+                    seen.add(user)
+                    stack.append(user)
+    return True

@@ -1,4 +1,5 @@
-"""Stage: Conv2d -> BatchNorm2d -> ReLU as one layer (see neptune_ext.ops.stage for the math)."""
+"""Stage: Conv2d -> BatchNorm2d (-> + residual) -> activation as one layer (see
+neptune_ext.ops.stage for the math)."""
 from typing import Optional, Tuple, Union
 
 import torch
@@ -6,7 +7,8 @@ from torch import nn
 
 from ..ops import stage as ops
 
-__all__ = ["Stage", "FoldedConv2d", "FusedConv2d", "FusedBatchNorm2d", "FusedReLU"]
+__all__ = ["Stage", "FoldedConv2d", "FusedConv2d", "FusedBatchNorm2d", "FusedReLU", "FusedReLU6",
+           "FusedSiLU", "FusedHardswish"]
 
 
 def _explicit_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
@@ -30,6 +32,10 @@ def _explicit_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
 class Stage(nn.Module):
     """``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...), nn.ReLU())``, fused.
 
+    ``activation`` picks the last module: ``"relu"`` (default), ``"relu6"``, ``"silu"``,
+    ``"hardswish"`` or ``None``. ``stage(x, residual)`` computes
+    ``activation(bn(conv(x)) + residual)``: the tail of a ResNet block.
+
     Holds the two modules as ``conv`` and ``bn`` (so the parameters, buffers and
     state-dict keys are theirs; a state dict of ``nn.Sequential(conv, bn, relu)``
     with keys ``0.*``/``1.*`` loads too) and computes exactly what the Sequential
@@ -52,6 +58,9 @@ class Stage(nn.Module):
       are not seen: call :meth:`clear_cache` after them, or set
       ``stage.cache_fold = False`` to fold on every call.
 
+    - Other activations and the residual add: eval as above (oneDNN fuses every
+      activation, and ReLU after the add; cuDNN ReLU with or without the add);
+      training runs the eager modules' computation (the fused BN kernel is BN+ReLU only).
     - Under ``torch.autocast``: exactly what the eager Conv-BN-ReLU computes under autocast
       (same output dtype, statistics in float32); the fused kernels do not run there yet.
 
@@ -62,13 +71,18 @@ class Stage(nn.Module):
         >>> stage = Stage(3, 16, 3, padding=1)
         >>> stage(torch.randn(2, 3, 8, 8)).shape
         torch.Size([2, 16, 8, 8])
+        >>> tail = Stage(16, 16, 3, padding=1)       # relu(bn(conv(x)) + identity)
+        >>> tail(torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 16, 8, 8])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
                  padding: Union[int, Tuple[int, int], str] = 0, dilation=1, groups: int = 1,
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, *,
-                 memory_efficient: bool = True, device=None, dtype=None):
+                 activation: Optional[str] = "relu", memory_efficient: bool = True,
+                 device=None, dtype=None):
         super().__init__()
+        self.activation = ops.check_activation(activation)
         k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
         if padding == "same" and any(x != 1 for x in ((stride, stride) if isinstance(stride, int)
@@ -84,9 +98,10 @@ class Stage(nn.Module):
         self.register_load_state_dict_pre_hook(_load_hook)
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, memory_efficient: bool = True
-                     ) -> "Stage":
-        """A Stage computing ``relu(bn(conv(x)))`` that shares ``conv`` and ``bn``'s parameters.
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, activation: Optional[str] = "relu",
+                     memory_efficient: bool = True) -> "Stage":
+        """A Stage computing ``activation(bn(conv(x)))`` that shares ``conv`` and ``bn``'s
+        parameters.
 
         A conv bias is folded into the BN: it cancels under batch statistics, and
         ``running_mean - bias`` gives the same eval output and the same running
@@ -117,6 +132,7 @@ class Stage(nn.Module):
                 bn = _bn_with_shifted_mean(bn, conv.bias.detach())
             conv = new_conv
         stage.conv, stage.bn = conv, bn
+        stage.activation = ops.check_activation(activation)
         stage.memory_efficient = memory_efficient
         stage.cache_fold = True
         stage._fold = ops.FoldCache()
@@ -124,9 +140,10 @@ class Stage(nn.Module):
         stage.training = bn.training
         return stage
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = self._fold if getattr(self, "cache_fold", True) else None
-        return _stage_forward(self.conv, self.bn, input, self.memory_efficient, cache)
+        return _stage_forward(self.conv, self.bn, input, self.memory_efficient, cache,
+                              getattr(self, "activation", "relu"), residual)
 
     def clear_cache(self) -> None:
         """Forget the eval-mode fold (see ``cache_fold``)."""
@@ -143,7 +160,8 @@ class Stage(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return "" if self.memory_efficient else "memory_efficient=False"
+        parts = [] if getattr(self, "activation", "relu") == "relu" else [f"activation={self.activation!r}"]
+        return ", ".join(parts + ([] if self.memory_efficient else ["memory_efficient=False"]))
 
 
 class FoldedConv2d(nn.Conv2d):
@@ -183,27 +201,40 @@ def _autocast_on(t: torch.Tensor) -> bool:
         return torch.is_autocast_cpu_enabled() if t.device.type == "cpu" else torch.is_autocast_enabled()
 
 
-def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, relu: bool) -> torch.Tensor:
-    """What nn.Sequential(conv, bn[, relu]) computes (used under autocast, where the eager
-    modules' mixed-precision rules are the reference; the fused kernels do not run there yet)."""
+def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activation: str,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What the eager modules compute: activation(bn(conv(input)) (+ residual)). Used where
+    their rules are the reference (autocast) or no fused kernel exists (batch statistics
+    with an activation other than ReLU, or a residual add)."""
     y = nn.BatchNorm2d.forward(bn, nn.Conv2d.forward(conv, input))
-    return torch.relu(y) if relu else y
+    if residual is not None:
+        y = y + residual
+    return ops.apply_activation(y, activation, inplace=False)
 
 
 def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
-                   memory_efficient: bool, cache, relu: bool = True) -> torch.Tensor:
-    """relu(bn(conv(input))) (bn(conv(input)) without ``relu``) exactly as the eager
-    modules compute it, in the BN's mode."""
+                   memory_efficient: bool, cache, activation: str = "relu",
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """activation(bn(conv(input)) (+ residual)) exactly as the eager modules compute it, in
+    the BN's mode."""
     if isinstance(input, torch.Tensor) and _autocast_on(input):
-        return _eager(conv, bn, input, relu)
+        return _eager(conv, bn, input, activation, residual)
     _check_input(input, conv)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise ValueError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if residual.device != input.device:
+            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:
-        return ops.conv_bn_relu_eval(
+        return ops.conv_bn_act_eval(
             input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-            bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=cache, relu=relu)
-    if not relu:  # batch statistics without a ReLU: the eager BN (no fused kernel for it)
-        return _eager(conv, bn, input, relu=False)
+            bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=cache,
+            activation=activation, residual=residual)
+    if activation != "relu" or residual is not None:
+        # Batch statistics with another activation or an add: the eager BN (the fused
+        # kernel is BN+ReLU).
+        return _eager(conv, bn, input, activation, residual)
     # Mirrors nn.BatchNorm2d.forward.
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -216,7 +247,7 @@ def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
         bias = torch.zeros(bn.num_features, dtype=conv.weight.dtype, device=input.device)
     y, mean, var = ops.conv_bn_relu_train(
         input, conv.weight, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-        bn.eps, recompute=memory_efficient)
+        bn.eps, recompute=memory_efficient, conv_bias=conv.bias)
     if not bn.training or bn.track_running_stats:
         if conv.bias is not None:  # cancels in the output, not in the running mean
             mean = mean + conv.bias.detach()
@@ -227,31 +258,51 @@ def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
 
 class FusedConv2d(nn.Conv2d):
     """A Conv2d of a model that :func:`neptune_ext.fuse_stages` fused with the
-    BatchNorm2d after it (and the ReLU after that, when ``relu_fused``).
+    BatchNorm2d after it (and the activation after that, ``activation``; or, for the
+    tail of a residual block, the add and the activation after it).
 
     It is the model's own conv module, converted in place: same parameters, same
     state-dict keys. The BN stays where it was (a :class:`FusedBatchNorm2d`, which
     passes its input through) and keeps its parameters and buffers; this module
-    computes ``bn(conv(x))`` (``relu(bn(conv(x)))`` when ``relu_fused``) with them,
-    in whatever mode the BN is in at call time: batch statistics with the fused
-    BN+ReLU kernel in training, the folded convolution in eval. The fold cache
-    behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`).
+    computes ``activation(bn(conv(x)))`` with them, in whatever mode the BN is in at
+    call time: batch statistics (the fused BN+ReLU kernel for ReLU) in training, the
+    folded convolution in eval. A residual tail's conv also takes the identity:
+    ``conv(x, identity)`` is ``residual_activation(bn(conv(x)) + identity)`` (one
+    argument: ``bn(conv(x))``, which the block's own code then adds and activates).
+    The fold cache behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`).
     """
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if residual is None:
+            activation = self.activation
+        elif self.residual_activation is None:
+            raise ValueError("this FusedConv2d was not fused with a residual add: call it with "
+                             "one input")
+        else:
+            activation = self.residual_activation
         return _stage_forward(self, self.fused_bn, input, self.memory_efficient,
-                              self._fold if self.cache_fold else None, relu=self.relu_fused)
+                              self._fold if self.cache_fold else None, activation, residual)
 
     @classmethod
-    def convert(cls, conv: nn.Conv2d, bn: "FusedBatchNorm2d", relu_fused: bool) -> "FusedConv2d":
+    def convert(cls, conv: nn.Conv2d, bn: "FusedBatchNorm2d", activation: Optional[str],
+                residual_activation: Optional[str] = None) -> "FusedConv2d":
+        """Make ``conv`` (in place) compute ``activation(bn(conv(x)))``, and with
+        ``residual_activation`` (an activation name or ``"none"``) also take a residual."""
         conv.padding = _explicit_padding(conv.padding, conv.kernel_size, conv.dilation)
         conv.__class__ = cls
         object.__setattr__(conv, "fused_bn", bn)  # a reference, not a child: no new state-dict keys
-        conv.relu_fused = relu_fused
+        conv.activation = ops.check_activation(activation)
+        conv.residual_activation = (None if residual_activation is None
+                                    else ops.check_activation(residual_activation))
         conv.memory_efficient = True
         conv.cache_fold = True
         conv._fold = ops.FoldCache()
         return conv
+
+    @property
+    def relu_fused(self) -> bool:
+        """Whether a one-input call ends with a ReLU (a Conv->BN->ReLU Stage)."""
+        return self.activation == "relu"
 
     def clear_cache(self) -> None:
         self._fold.clear()
@@ -266,7 +317,11 @@ class FusedConv2d(nn.Conv2d):
         return state
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", + BN + ReLU" if self.relu_fused else ", + BN")
+        tail = " + BN" if self.activation == "none" else f" + BN + {self.activation}"
+        if self.residual_activation is not None:
+            tail += " (with a residual: + BN + residual"
+            tail += ")" if self.residual_activation == "none" else f" + {self.residual_activation})"
+        return super().extra_repr() + "," + tail
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -279,6 +334,27 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
 class FusedReLU(nn.ReLU):
     """A ReLU applied by the :class:`FusedConv2d` before it: passes its input through."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+
+class FusedReLU6(nn.ReLU6):
+    """A ReLU6 applied by the :class:`FusedConv2d` before it: passes its input through."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+
+class FusedSiLU(nn.SiLU):
+    """A SiLU applied by the :class:`FusedConv2d` before it: passes its input through."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+
+class FusedHardswish(nn.Hardswish):
+    """A Hardswish applied by the :class:`FusedConv2d` before it: passes its input through."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return input

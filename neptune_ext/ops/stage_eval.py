@@ -7,16 +7,21 @@ import torch
 import torch.nn.functional as F
 
 from .fold_cache import FoldCache, PackCache, _stamps, fold_conv_bn, pack_conv_weight
+from .._util import check as _check, is_compiling as _is_compiling
 from .stage_checks import _pair, _validate_conv
 
-__all__ = ["fold_conv_bn", "conv_bn_relu_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
-           "onednn_fused_available", "stage_paths", "reset_stage_paths"]
+__all__ = ["fold_conv_bn", "conv_bn_act_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
+           "onednn_fused_available", "stage_paths", "reset_stage_paths", "ACTIVATIONS",
+           "check_activation", "apply_activation"]
 
 # How many evaluation convolutions ran on each path (neptune_ext.info() shows them):
-#   onednn-fused   CPU: one oneDNN primitive, conv + bias (+ ReLU post-op)
-#   cudnn-fused    CUDA: torch.cudnn_convolution_relu, conv + bias + ReLU in one cuDNN call
-#   conv+bias      conv2d with its bias (+ an in-place ReLU): every other case
-#   autograd       under autograd (differentiable fold, conv2d, out-of-place ReLU)
+#   onednn-fused       CPU: one oneDNN primitive, conv + bias (+ residual) (+ activation)
+#   onednn+activation  CPU: one oneDNN primitive for conv + bias + residual, then the
+#                      activation in place (oneDNN fuses only ReLU after an add)
+#   cudnn-fused        CUDA: conv + bias (+ residual) + ReLU in one cuDNN call
+#                      (torch.cudnn_convolution_relu / torch.cudnn_convolution_add_relu)
+#   conv+bias          conv2d with its bias (+ an in-place add and activation): every other case
+#   autograd           under autograd (differentiable fold, conv2d, out-of-place add/activation)
 _PATHS = {}
 
 
@@ -33,23 +38,67 @@ def reset_stage_paths() -> None:
     _PATHS.clear()
 
 
-# cuDNN's fused conv + bias + ReLU, per (dtype, memory format): None = not tried yet,
-# False = cuDNN refused it once (that combination then takes conv2d + relu_).
+# The activations a Stage can end with, and how each is applied.
+ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "none")
+# oneDNN's name and scalars for each (its post-op after a convolution).
+_ONEDNN_UNARY = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", []),
+                 "hardswish": ("hardswish", []), "none": ("none", [])}
+
+
+def check_activation(activation) -> str:
+    """``activation`` as one of ACTIVATIONS (None means "none"); a ValueError otherwise."""
+    if activation is None:
+        return "none"
+    if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(repr(a) for a in ACTIVATIONS)} "
+                         f"or None, got {activation!r}")
+    return activation.lower()
+
+
+def apply_activation(out: torch.Tensor, activation: str, inplace: bool) -> torch.Tensor:
+    """``activation(out)``, written into ``out`` when ``inplace``."""
+    if activation == "relu":
+        # Out of place a clamp (its backward keeps the input, not the output), so a later
+        # in-place ReLU on the result stays legal under autograd, as in eager.
+        return out.relu_() if inplace else out.clamp_min(0)
+    if activation == "relu6":
+        return F.hardtanh(out, 0.0, 6.0, inplace=inplace)
+    if activation == "silu":
+        return F.silu(out, inplace=inplace)
+    if activation == "hardswish":
+        return F.hardswish(out, inplace=inplace)
+    return out
+
+
+# cuDNN's fused convolutions, per (op, dtype, memory format): None = not tried yet,
+# False = cuDNN refused it once (that combination then takes conv2d + in-place ops).
 _CUDNN_OK = {}
 
 
-def _cudnn_conv_relu(input, weight, bias, s, p, d, groups):
-    key = (input.dtype, input.is_contiguous())
-    if not (torch.backends.cudnn.enabled and _CUDNN_OK.get(key, True)
-            and hasattr(torch, "cudnn_convolution_relu")):
+def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
+    """conv + bias (+ residual) + ReLU as one cuDNN call, or None where cuDNN refuses it."""
+    name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
+    key = (name, input.dtype, input.is_contiguous())
+    if not (torch.backends.cudnn.enabled and _CUDNN_OK.get(key, True) and hasattr(torch, name)):
         return None
     try:  # (cuDNN picks the memory format as conv2d does: channels_last if either is)
-        out = torch.cudnn_convolution_relu(input, weight, bias, list(s), list(p), list(d), groups)
+        if residual is None:
+            out = torch.cudnn_convolution_relu(input, weight, bias, list(s), list(p), list(d), groups)
+        else:
+            out = torch.cudnn_convolution_add_relu(input, weight, residual, 1.0, bias, list(s),
+                                                   list(p), list(d), groups)
     except RuntimeError:
         _CUDNN_OK[key] = False
         return None
     _CUDNN_OK[key] = True
     return out
+
+
+def conv_output_shape(input: torch.Tensor, weight: torch.Tensor, s, p, d):
+    """[N, C_out, H_out, W_out] of conv2d(input, weight) with stride s, padding p, dilation d."""
+    hw = [(input.shape[i] + 2 * p[i - 2] - d[i - 2] * (weight.shape[i] - 1) - 1) // s[i - 2] + 1
+          for i in (2, 3)]
+    return [input.shape[0], weight.shape[0]] + hw
 
 
 # ----------------------------------------------------------------------------
@@ -88,28 +137,47 @@ def _onednn_eligible(input: torch.Tensor) -> bool:
             and input.is_contiguous(memory_format=torch.channels_last))
 
 
-def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, relu: bool,
-                   packed_weight=None):
+def _residual_fusable(residual: torch.Tensor, input: torch.Tensor, out_shape) -> bool:
+    """Whether ``conv_out + residual`` is a plain elementwise add into conv_out (same shape,
+    dtype and device: no broadcast, no type promotion)."""
+    return (list(residual.shape) == list(out_shape) and residual.dtype == input.dtype
+            and residual.device == input.device)
+
+
+def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activation: str,
+                   packed_weight=None, residual: Optional[torch.Tensor] = None):
+    """``activation(conv2d(input, weight, bias) (+ residual))`` on the fastest path there is."""
     s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                        or bias.requires_grad)
-    if not grad and _onednn_eligible(input):
+    grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or bias.requires_grad
+        or (residual is not None and residual.requires_grad))
+    fusable = residual is None or _residual_fusable(
+        residual, input, conv_output_shape(input, weight, s, p, d))
+    if not grad and fusable and _onednn_eligible(input) and (
+            residual is None or residual.is_contiguous(memory_format=torch.channels_last)):
         w = packed_weight if packed_weight is not None else weight
-        _count("onednn-fused")
-        return torch.ops.mkldnn._convolution_pointwise(
-            input, w, bias, list(p), list(s), list(d), groups, "relu" if relu else "none", [], "")
-    if not grad and relu and input.is_cuda:
-        out = _cudnn_conv_relu(input, weight, bias, s, p, d, groups)
+        op = torch.ops.mkldnn._convolution_pointwise
+        if residual is None:
+            unary, scalars = _ONEDNN_UNARY[activation]
+            _count("onednn-fused")
+            return op(input, w, bias, list(p), list(s), list(d), groups, unary, scalars, "")
+        # After an add oneDNN fuses only a ReLU: other activations follow in place.
+        fused_act = activation in ("relu", "none")
+        out = op.binary(input, residual, w, bias, list(p), list(s), list(d), groups, "add", 1.0,
+                        "relu" if activation == "relu" else None, [], "")
+        _count("onednn-fused" if fused_act else "onednn+activation")
+        return out if fused_act else apply_activation(out, activation, inplace=True)
+    if not grad and fusable and activation == "relu" and input.is_cuda:
+        out = _cudnn_fused(input, weight, bias, residual, s, p, d, groups)
         if out is not None:
             _count("cudnn-fused")
             return out
     _count("autograd" if grad else "conv+bias")
     out = F.conv2d(input, weight, bias, s, p, d, groups)
-    if not relu:
-        return out
-    # Under autograd an out-of-place clamp (its backward keeps the input, not the
-    # output), so a later in-place ReLU on the result stays legal, as in eager.
-    return out.clamp_min(0) if grad else out.relu_()
+    if residual is not None:
+        # In place only where that is the same elementwise add (no broadcast or promotion).
+        out = out.add_(residual) if not grad and fusable else out + residual
+    return apply_activation(out, activation, inplace=not grad)
 
 
 def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride=1,
@@ -122,34 +190,55 @@ def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     :func:`pack_conv_weight`); otherwise conv2d with bias and an in-place ReLU.
     The output has the memory format eager conv2d would give.
     """
-    return _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, True, packed_weight)
+    return _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, "relu",
+                          packed_weight)
 
 
-def conv_bn_relu_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_bias,
-                      running_mean, running_var, eps: float, stride=1, padding=0, dilation=1,
-                      groups: int = 1, cache: Optional[FoldCache] = None,
-                      relu: bool = True) -> torch.Tensor:
-    """``relu(batch_norm_eval(conv2d(input, conv_weight, conv_bias)))`` with BN folded
-    (without the ReLU when ``relu=False``).
+def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_bias,
+                     running_mean, running_var, eps: float, stride=1, padding=0, dilation=1,
+                     groups: int = 1, cache: Optional[FoldCache] = None,
+                     activation: Optional[str] = "relu",
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``activation(batch_norm_eval(conv2d(input, conv_weight, conv_bias)) + residual)``
+    with BN folded into the convolution (``residual`` None: no add; ``activation`` one
+    of ``ACTIVATIONS`` or None).
 
-    Under autograd (grad mode on and any input requiring grad) the fold is
-    recomputed differentiably on every call; otherwise it comes from ``cache``.
+    Without autograd: one oneDNN primitive (CPU, channels_last) or one cuDNN call
+    (CUDA, ReLU) where the library fuses the whole expression, else conv2d with the
+    folded bias and in-place add/activation. Under autograd (grad mode on and any
+    input requiring grad) the fold is recomputed differentiably on every call;
+    otherwise it comes from ``cache``.
     """
+    activation = check_activation(activation)
+    if _is_compiling():
+        # Under torch.compile: the plain expression (no caches, no library calls the
+        # compiler cannot trace); the compiler fuses the fold and the epilogue itself.
+        s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+        w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        out = F.conv2d(input, w, b, s, p, d, groups)
+        return apply_activation(out if residual is None else out + residual, activation, inplace=False)
     s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups)
+    if residual is not None:
+        _check(isinstance(residual, torch.Tensor),
+               f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        _check(residual.device == input.device,
+               f"residual is on {residual.device} but input is on {input.device}")
     params = (conv_weight, conv_bias, bn_weight, bn_bias)
     if torch.is_grad_enabled() and (input.requires_grad or any(
-            t is not None and t.requires_grad for t in params)):
+            t is not None and t.requires_grad for t in params + (residual,))):
         w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
         _count("autograd")
         out = F.conv2d(input, w, b, s, p, d, groups)
-        return out.clamp_min(0) if relu else out
+        if residual is not None:
+            out = out + residual
+        return apply_activation(out, activation, inplace=False)
     cache = cache if cache is not None else FoldCache()
     (w, b), cacheable = cache.folded(conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                      running_var, eps)
     packed = None
     if cacheable and _onednn_eligible(input):
         packed = cache.packed(w, s, p, d, groups, input)
-    return _conv_bias_act(input, w, b, s, p, d, groups, relu, packed)
+    return _conv_bias_act(input, w, b, s, p, d, groups, activation, packed, residual)
 
 
 def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride=1,
@@ -166,4 +255,4 @@ def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                         or bias.requires_grad)
     if cache is not None and not grad and _onednn_eligible(input) and _stamps((weight,)) is not None:
         packed = cache.packed(weight, s, p, d, groups, input)
-    return _conv_bias_act(input, weight, bias, s, p, d, groups, False, packed)
+    return _conv_bias_act(input, weight, bias, s, p, d, groups, "none", packed)

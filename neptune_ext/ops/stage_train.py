@@ -18,11 +18,12 @@ class _ConvBnReluTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, conv_weight, bn_weight, bn_bias, stride, padding, dilation, groups,
-                eps, recompute):
+                eps, recompute, conv_bias):
         x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups)
         y, mean, var, invstd = _bn_relu_forward_impl(x, bn_weight, bn_bias, eps)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.recompute = recompute
+        ctx.bias_like = None if conv_bias is None else (conv_bias.shape, conv_bias.dtype)
         saved = (input, conv_weight, bn_weight, bn_bias, mean, invstd)
         ctx.save_for_backward(*(saved if recompute else saved + (x,)))
         ctx.mark_non_differentiable(mean, var)
@@ -44,13 +45,20 @@ class _ConvBnReluTrain(torch.autograd.Function):
             grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad_x, input, conv_weight, None, list(stride), list(padding), list(dilation),
                 False, [0, 0], groups, [need_in, need_w, False])
+        # A conv bias cancels in the batch mean: its gradient is zero (eager computes it as
+        # a sum that rounds to about zero); a tensor, not None, so optimizers treat it alike.
+        grad_bias = None
+        if ctx.needs_input_grad[10]:
+            shape, dtype = ctx.bias_like
+            grad_bias = grad_y.new_zeros(shape, dtype=dtype)
         return (grad_in, grad_w, grad_bn_w if need_bn_w else None,
-                grad_bn_b if need_bn_b else None, None, None, None, None, None, None)
+                grad_bn_b if need_bn_b else None, None, None, None, None, None, None, grad_bias)
 
 
 def conv_bn_relu_train(input: torch.Tensor, conv_weight: torch.Tensor, bn_weight: torch.Tensor,
                        bn_bias: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
-                       eps: float = 1e-5, recompute: bool = True
+                       eps: float = 1e-5, recompute: bool = True,
+                       conv_bias: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``relu(batch_norm(conv2d(input, conv_weight)))`` with batch statistics.
 
@@ -58,6 +66,8 @@ def conv_bn_relu_train(input: torch.Tensor, conv_weight: torch.Tensor, bn_weight
     ``recompute=True`` the backward keeps only ``input`` (plus per-channel
     vectors) and recomputes the convolution output; with ``recompute=False`` it
     keeps the convolution output as eager does and skips the extra convolution.
+    A ``conv_bias`` cancels in the output (batch statistics): it is not added, and
+    gets a zero gradient (the caller adds it to ``mean`` for the running statistics).
     """
     if not _is_compiling():
         s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups)
@@ -73,9 +83,10 @@ def conv_bn_relu_train(input: torch.Tensor, conv_weight: torch.Tensor, bn_weight
                f"{list(input.shape)} (conv output {[input.shape[0], C, H, W]})")
     else:
         s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (input, conv_weight, bn_weight, bn_bias)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            input, conv_weight, bn_weight, bn_bias, conv_bias)):
         return _ConvBnReluTrain.apply(input, conv_weight, bn_weight, bn_bias, s, p, d, groups,
-                                      float(eps), bool(recompute))
+                                      float(eps), bool(recompute), conv_bias)
     x = F.conv2d(input, conv_weight, None, s, p, d, groups)
     y, mean, var, _ = _bn_relu_forward_impl(x, bn_weight, bn_bias, float(eps))
     return y, mean, var
