@@ -348,3 +348,37 @@ def test_resnet18_eval_on_cuda_takes_cudnn_fused_path(dtype, memory_format):
     if dtype == torch.float32:
         # the 9 conv+BN+ReLU stages and the 8 residual tails (cudnn_convolution_add_relu)
         assert paths.get("cudnn-fused", 0) == 17, paths
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_resnet18_under_cuda_autocast_eval_and_train(memory_format):
+    """bf16 autocast on CUDA: eval without autograd takes cuDNN's fused calls in bfloat16
+    (as close to float32 as eager under autocast); training runs the fused BN+ReLU kernel on
+    the bfloat16 conv and matches eager's running statistics and gradients closely."""
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18()).cuda().to(memory_format=memory_format).eval()
+    fused = neptune_ext.fuse_stages(model)
+    x = torch.randn(4, 3, 96, 96, device="cuda").contiguous(memory_format=memory_format)
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            want = model(x)
+            paths = _paths_of(lambda: fused(x))
+            got = fused(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert rel(got, ref) <= 2 * rel(want, ref) + 5e-3
+    assert paths.get("cudnn-fused", 0) == 17, paths
+    eager = copy.deepcopy(model).train()
+    fused.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, ye = fused(x), eager(x)
+    assert y.dtype == ye.dtype
+    assert rel(y, ye.float()) < 2e-2
+    y.float().square().mean().backward(), ye.float().square().mean().backward()
+    for (name, p), pe in zip(fused.named_parameters(), eager.parameters()):
+        assert rel(p.grad, pe.grad) < 5e-2, name
+    for (name, b), be in zip(fused.named_buffers(), eager.buffers()):
+        if b.is_floating_point():
+            torch.testing.assert_close(b, be, rtol=1e-3, atol=1e-4, msg=name)

@@ -170,3 +170,33 @@ def test_from_modules_takes_the_activation():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(stage(x), F.silu(bn(conv(x))), **F64)
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_stage_eval_under_cpu_autocast_runs_fused_in_bfloat16(kind):
+    """No autograd, eval, autocast: the folded convolution in bfloat16 (fold in float64 from
+    the float32 parameters), as close to the float32 result as eager under autocast is."""
+    stage, eager = make("relu6", dtype=torch.float32)
+    stage.eval(), eager.eval()
+    fmt = torch.channels_last if kind == "channels_last" else torch.contiguous_format
+    x = torch.randn(4, 6, 12, 12).contiguous(memory_format=fmt)
+    r = torch.randn(4, 8, 12, 12).to(torch.bfloat16).contiguous(memory_format=fmt)
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        ref = eager_tail(eager, x, r.float())
+        reset_stage_paths()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = stage(x, r), eager_tail(eager, x, r)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert "autograd" not in stage_paths()
+    assert rel(got, ref) <= 2 * rel(want, ref) + 5e-3
+    # A float32 residual promotes the sum to float32, as in eager.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = stage(x, r.float()), eager_tail(eager, x, r.float())
+    assert got.dtype == want.dtype == torch.float32
+    # float64 parameters are not autocast's business: eager runs, bit for bit.
+    stage64, eager64 = make("relu")
+    stage64.eval(), eager64.eval()
+    x64 = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(stage64(x64), eager64(x64), rtol=0, atol=0)

@@ -69,12 +69,17 @@ def randomize_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def bench_resnet18(args) -> dict:
+CNNS = ("resnet18", "resnet50", "mobilenet_v2")
+
+
+def bench_resnet18(args, name: str = "resnet18") -> dict:
+    """A torchvision CNN in eval, batch 8, 224x224: eager, torch.fx's BN folding and
+    fuse_stages, NCHW and channels_last, alternated."""
     import torchvision
     from torch.fx.experimental.optimization import fuse as fx_fuse
 
     torch.manual_seed(0)
-    model = randomize_bn(torchvision.models.resnet18()).eval()
+    model = randomize_bn(getattr(torchvision.models, name)()).eval()
     x = torch.randn(8, 3, 224, 224)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     fx = fx_fuse(model)
@@ -96,7 +101,12 @@ def bench_resnet18(args) -> dict:
         res[k]["rel_err_vs_eager"] = errors[k]
         res[k]["speedup_vs_fx_fold"] = res["fx_fold"]["median_ms"] / res[k]["median_ms"]
         res[k]["speedup_vs_eager"] = res["eager"]["median_ms"] / res[k]["median_ms"]
-    return {"shape": [8, 3, 224, 224], "fusion_report_len": len(ours.fusion_report), "results": res}
+    kinds = {}
+    for line in ours.fusion_report:
+        kind = line.split("-> ")[1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"model": name, "shape": [8, 3, 224, 224], "fusion_report_len": len(ours.fusion_report),
+            "fusions": kinds, "results": res}
 
 
 def bench_single_stage(args) -> dict:
@@ -195,7 +205,8 @@ def main(argv=None):
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--only", default="resnet18,single,train",
-                   help="comma-separated sections to run: resnet18, single, train")
+                   help="comma-separated sections to run: resnet18, resnet50, mobilenet_v2 "
+                        "(whole models in eval), single, train")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,14 +224,16 @@ def main(argv=None):
           f"oneDNN fused conv: {machine['onednn_fused']}, load average {machine['loadavg_start']}\n")
 
     sections = set(args.only.split(","))
-    unknown = sections - {"resnet18", "single", "train"}
+    unknown = sections - set(CNNS) - {"single", "train"}
     if unknown:
         p.error(f"--only: unknown section(s) {sorted(unknown)}")
     results = {"machine": machine}
     t_cols = [("median ms", "median_ms", ".1f"), ("min ms", "min_ms", ".1f")]
-    if "resnet18" in sections:
-        results["resnet18_eval"] = r = bench_resnet18(args)
-        print(table("ResNet-18 eval, batch 8, 224x224 (float32)", r["results"],
+    for name in CNNS:
+        if name not in sections:
+            continue
+        results[f"{name}_eval"] = r = bench_resnet18(args, name)
+        print(table(f"{name} eval, batch 8, 224x224 (float32); fused: {r['fusions']}", r["results"],
                     t_cols + [("vs fx_fold", "speedup_vs_fx_fold", ".2f"),
                               ("vs eager", "speedup_vs_eager", ".2f"),
                               ("rel err", "rel_err_vs_eager", ".1e")]))

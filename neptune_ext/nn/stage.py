@@ -61,8 +61,10 @@ class Stage(nn.Module):
     - Other activations and the residual add: eval as above (oneDNN fuses every
       activation, and ReLU after the add; cuDNN ReLU with or without the add);
       training runs the eager modules' computation (the fused BN kernel is BN+ReLU only).
-    - Under ``torch.autocast``: exactly what the eager Conv-BN-ReLU computes under autocast
-      (same output dtype, statistics in float32); the fused kernels do not run there yet.
+    - Under ``torch.autocast``: what the eager Conv-BN-ReLU computes under autocast (same
+      output dtype, statistics in float32). Training and autograd run the eager modules'
+      computation; eval without autograd folds the BN in float32 and runs the fused
+      convolution in autocast's dtype (equal to eager within that dtype's rounding).
 
     Args: as ``nn.Conv2d`` (without bias / padding_mode) and ``nn.BatchNorm2d``.
 
@@ -201,6 +203,49 @@ def _autocast_on(t: torch.Tensor) -> bool:
         return torch.is_autocast_cpu_enabled() if t.device.type == "cpu" else torch.is_autocast_enabled()
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def _autocast_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, memory_efficient: bool,
+                    cache, activation: str, residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The fused paths under autocast, with the convolution in autocast's dtype as autocast
+    runs eager's conv (statistics and folds in float32), or None where eager must run.
+
+    - eval without autograd: the BN folded in float32 (cached), one fused convolution;
+    - batch statistics with ReLU and no residual: conv in autocast's dtype, then the fused
+      BN+ReLU kernel (float32 parameters and statistics, output in autocast's dtype) with
+      the recomputing backward;
+    - anything else (or parameters autocast would not cast): None.
+    """
+    device = input.device.type
+    if device not in ("cpu", "cuda") or conv.weight.dtype != torch.float32:
+        return None
+    dtype = _autocast_dtype(device)
+    if input.dtype not in (torch.float32, dtype):
+        return None
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if bn_training:
+        if activation != "relu" or residual is not None:
+            return None
+        _check_input(input, conv, check_dtype=False)
+        with torch.autocast(device, enabled=False):
+            # (casts autograd differentiates: gradients reach the float32 weight as in eager)
+            return _train_bn_relu(conv, bn, input.to(dtype), conv.weight.to(dtype), memory_efficient)
+    params = (input, residual, conv.weight, conv.bias, bn.weight, bn.bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+        return None
+    _check_input(input, conv, check_dtype=False)
+    with torch.autocast(device, enabled=False):
+        return ops.conv_bn_act_eval(
+            input.to(dtype), conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+            bn.running_var, bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups,
+            cache=cache, activation=activation, residual=residual, dtype=dtype)
+
+
 def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activation: str,
            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """What the eager modules compute: activation(bn(conv(input)) (+ residual)). Used where
@@ -218,7 +263,8 @@ def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
     """activation(bn(conv(input)) (+ residual)) exactly as the eager modules compute it, in
     the BN's mode."""
     if isinstance(input, torch.Tensor) and _autocast_on(input):
-        return _eager(conv, bn, input, activation, residual)
+        out = _autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)
+        return _eager(conv, bn, input, activation, residual) if out is None else out
     _check_input(input, conv)
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
@@ -235,18 +281,25 @@ def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
         # Batch statistics with another activation or an add: the eager BN (the fused
         # kernel is BN+ReLU).
         return _eager(conv, bn, input, activation, residual)
+    return _train_bn_relu(conv, bn, input, conv.weight, memory_efficient)
+
+
+def _train_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
+                   weight: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
+    """relu(bn(conv(input))) with batch statistics (conv with ``weight``: conv.weight or its
+    autocast copy), the running statistics updated as nn.BatchNorm2d.forward does."""
     # Mirrors nn.BatchNorm2d.forward.
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    weight, bias = bn.weight, bn.bias
-    if weight is None:  # affine=False
-        weight = torch.ones(bn.num_features, dtype=conv.weight.dtype, device=input.device)
-    if bias is None:
-        bias = torch.zeros(bn.num_features, dtype=conv.weight.dtype, device=input.device)
+    bn_w, bn_b = bn.weight, bn.bias
+    if bn_w is None:  # affine=False
+        bn_w = torch.ones(bn.num_features, dtype=conv.weight.dtype, device=input.device)
+    if bn_b is None:
+        bn_b = torch.zeros(bn.num_features, dtype=conv.weight.dtype, device=input.device)
     y, mean, var = ops.conv_bn_relu_train(
-        input, conv.weight, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+        input, weight, bn_w, bn_b, conv.stride, conv.padding, conv.dilation, conv.groups,
         bn.eps, recompute=memory_efficient, conv_bias=conv.bias)
     if not bn.training or bn.track_running_stats:
         if conv.bias is not None:  # cancels in the output, not in the running mean
@@ -360,7 +413,7 @@ class FusedHardswish(nn.Hardswish):
         return input
 
 
-def _check_input(input, conv: nn.Conv2d):
+def _check_input(input, conv: nn.Conv2d, check_dtype: bool = True):
     if not isinstance(input, torch.Tensor):
         raise ValueError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
@@ -368,7 +421,7 @@ def _check_input(input, conv: nn.Conv2d):
     if input.shape[1] != conv.in_channels:
         raise ValueError(f"input has {input.shape[1]} channels but the Stage has "
                          f"in_channels = {conv.in_channels}")
-    if input.dtype != conv.weight.dtype:
+    if check_dtype and input.dtype != conv.weight.dtype:
         raise ValueError(f"input dtype {input.dtype} does not match the Stage's parameters "
                          f"({conv.weight.dtype})")
     if input.device != conv.weight.device:

@@ -107,11 +107,13 @@ class FoldCache(PackCache):
         super().clear()
         self.fold.clear()
 
-    def folded(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
-        """((weight, bias), cacheable)."""
+    def folded(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+               dtype: Optional[torch.dtype] = None):
+        """((weight, bias), cacheable): folded in float64, in ``dtype`` (default conv_weight's)."""
         sources = (conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
 
         def build():
             with torch.no_grad():
-                return fold_conv_bn(*sources, eps, compute_dtype=torch.float64)
-        return self.fold.get(sources, float(eps), build)
+                w, b = fold_conv_bn(*sources, eps, compute_dtype=torch.float64)
+                return (w, b) if dtype is None else (w.to(dtype), b.to(dtype))
+        return self.fold.get(sources, (float(eps), dtype), build)

@@ -34,7 +34,9 @@ def _pair(v, name: str) -> Tuple[int, int]:
     return tuple(v)
 
 
-def _validate_conv(input, conv_weight, stride, padding, dilation, groups):
+def _validate_conv(input, conv_weight, stride, padding, dilation, groups, weight_dtype=None):
+    """Checks of a convolution's arguments; ``weight_dtype``: the dtype the weight is used in
+    (default: its own)."""
     _validate_tensor("input", input)
     _check(input.dim() == 4, f"input must have shape [N, C_in, H, W], got {list(input.shape)}")
     _validate_tensor("conv_weight", conv_weight, input.device)
@@ -46,8 +48,12 @@ def _validate_conv(input, conv_weight, stride, padding, dilation, groups):
            f"{conv_weight.shape[1] * groups} (conv_weight.shape[1] * groups)")
     _check(conv_weight.shape[0] % groups == 0,
            f"conv_weight has {conv_weight.shape[0]} output channels, not divisible by groups = {groups}")
-    _check(input.dtype == conv_weight.dtype,
-           f"input ({input.dtype}) and conv_weight ({conv_weight.dtype}) must share one dtype")
+    if weight_dtype is None:
+        _check(input.dtype == conv_weight.dtype,
+               f"input ({input.dtype}) and conv_weight ({conv_weight.dtype}) must share one dtype")
+    else:
+        _check(input.dtype == weight_dtype,
+               f"input ({input.dtype}) must have the compute dtype {weight_dtype}")
     s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     _check(all(v > 0 for v in s), f"stride must be positive, got {stride!r}")
     _check(all(v >= 0 for v in p), f"padding must be non-negative, got {padding!r}")

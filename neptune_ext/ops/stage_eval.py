@@ -198,7 +198,8 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
                      running_mean, running_var, eps: float, stride=1, padding=0, dilation=1,
                      groups: int = 1, cache: Optional[FoldCache] = None,
                      activation: Optional[str] = "relu",
-                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     residual: Optional[torch.Tensor] = None,
+                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``activation(batch_norm_eval(conv2d(input, conv_weight, conv_bias)) + residual)``
     with BN folded into the convolution (``residual`` None: no add; ``activation`` one
     of ``ACTIVATIONS`` or None).
@@ -207,7 +208,9 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
     (CUDA, ReLU) where the library fuses the whole expression, else conv2d with the
     folded bias and in-place add/activation. Under autograd (grad mode on and any
     input requiring grad) the fold is recomputed differentiably on every call;
-    otherwise it comes from ``cache``.
+    otherwise it comes from ``cache``. ``dtype``: compute the convolution in this dtype
+    (``input`` must have it) with the fold made in float64 from the parameters' dtype
+    (what autocast needs); default the parameters' dtype.
     """
     activation = check_activation(activation)
     if _is_compiling():
@@ -215,9 +218,11 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
         # compiler cannot trace); the compiler fuses the fold and the epilogue itself.
         s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
         w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        if dtype is not None:
+            w, b = w.to(dtype), b.to(dtype)
         out = F.conv2d(input, w, b, s, p, d, groups)
         return apply_activation(out if residual is None else out + residual, activation, inplace=False)
-    s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups)
+    s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups, dtype)
     if residual is not None:
         _check(isinstance(residual, torch.Tensor),
                f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -227,6 +232,8 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
     if torch.is_grad_enabled() and (input.requires_grad or any(
             t is not None and t.requires_grad for t in params + (residual,))):
         w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        if dtype is not None:
+            w, b = w.to(dtype), b.to(dtype)
         _count("autograd")
         out = F.conv2d(input, w, b, s, p, d, groups)
         if residual is not None:
@@ -234,7 +241,7 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
         return apply_activation(out, activation, inplace=False)
     cache = cache if cache is not None else FoldCache()
     (w, b), cacheable = cache.folded(conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                     running_var, eps)
+                                     running_var, eps, dtype)
     packed = None
     if cacheable and _onednn_eligible(input):
         packed = cache.packed(w, s, p, d, groups, input)

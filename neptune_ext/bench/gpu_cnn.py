@@ -1,0 +1,247 @@
+"""Whole CNNs with fuse_stages against eager, torch.fx BN folding and torch.compile.
+
+    python -m neptune_ext.bench.gpu_cnn [--device cuda] [--models resnet18,resnet50]
+        [--batch 64] [--size 224] [--rounds 7] [--reps 10] [--no-compile] [--json FILE]
+
+Inference (eval, no autograd, channels_last), for each model and each precision —
+``fp32``, ``bf16`` (the model and input in bfloat16) and ``bf16-autocast`` (float32 model
+under ``torch.autocast``):
+  * eager          the torchvision model;
+  * fx_fold        ``torch.fx.experimental.optimization.fuse`` (BN folded into the convs);
+  * fuse_stages    ``neptune_ext.fuse_stages`` (one fused call per conv: cuDNN's
+                   conv+bias+ReLU / conv+bias+add+ReLU on CUDA, oneDNN post-ops on the CPU);
+  * compile        ``torch.compile(model)`` (default mode) of the eager model.
+Contenders alternate round by round (A B C D A B C D ...); each round times ``--reps``
+calls (CUDA events on CUDA) and the medians over rounds are reported, with the
+relative error of each output against eager float32 and the Stage paths taken.
+
+Training (one step: forward, backward; no optimizer), fp32 and bf16 autocast:
+  * a stack of 4 Conv3x3-BN-ReLU (C=64, batch 64, 56x56): eager vs ``Stage``;
+  * the model: eager vs ``fuse_stages``;
+time per step and peak memory above the model and input (the activations autograd keeps).
+"""
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+import neptune_ext
+from .common import git_commit, machine
+from .stage import randomize_bn
+
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, reps: int) -> float:
+    """Milliseconds per call of fn over reps calls (CUDA events on CUDA)."""
+    if device == "cuda":
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(reps):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+        return e0.elapsed_time(e1) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def alternate_ms(contenders: Dict[str, Callable[[], object]], device: str, rounds: int,
+                 reps: int, warmup: int = 3) -> Dict[str, dict]:
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times = {k: [] for k in contenders}
+    for r in range(rounds):
+        for name, fn in contenders.items():
+            times[name].append(time_ms(fn, device, reps))
+        print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
+            for k, v in times.items()}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def bench_inference(name: str, args) -> dict:
+    import torchvision
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+    from ..ops.stage_eval import reset_stage_paths, stage_paths
+
+    dev = args.device
+    torch.manual_seed(0)
+    base = randomize_bn(getattr(torchvision.models, name)()).eval().to(dev)
+    base = base.to(memory_format=torch.channels_last)
+    x32 = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    x32 = x32.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = base(x32)
+    out = {}
+    for prec in args.precisions:
+        dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+        model = copy.deepcopy(base).to(dtype)
+        x = x32.to(dtype)
+        models = {"eager": model, "fx_fold": fx_fuse(copy.deepcopy(model)),
+                  "fuse_stages": neptune_ext.fuse_stages(model)}
+        if args.compile:
+            models["compile"] = torch.compile(copy.deepcopy(model))
+        autocast = prec == "bf16-autocast"
+
+        def runner(m):
+            def run():
+                with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+                    return m(x)
+            return run
+        contenders = {k: runner(m) for k, m in models.items()}
+        errors = {k: rel_err(fn(), ref) for k, fn in contenders.items()}
+        reset_stage_paths()
+        contenders["fuse_stages"]()
+        paths = stage_paths()
+        print(f"{name} {prec}: timing {', '.join(contenders)}", file=sys.stderr, flush=True)
+        res = alternate_ms(contenders, dev, args.rounds, args.reps)
+        for k, r in res.items():
+            r["rel_err_vs_eager_fp32"] = errors[k]
+            r["speedup_vs_eager"] = res["eager"]["median_ms"] / r["median_ms"]
+            if "compile" in res:
+                r["speedup_vs_compile"] = res["compile"]["median_ms"] / r["median_ms"]
+        out[prec] = {"results": res, "stage_paths_per_forward": paths,
+                     "fusions": len(models["fuse_stages"].fusion_report)}
+        print_table(f"{name} inference, batch {args.batch}, {args.size}x{args.size}, channels_last, "
+                    f"{prec}; Stage paths per forward {paths}", res)
+    return out
+
+
+def _peak_step(forward: Callable[[], torch.Tensor], device: str) -> float:
+    """Peak bytes allocated during a forward + backward above what was allocated before it
+    (CUDA); the bytes autograd saves in the forward (CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward().float().square().mean().backward()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    from .stage import saved_bytes
+    return float(saved_bytes(forward))
+
+
+def bench_training(label: str, make_model: Callable[[], nn.Module], shape, args) -> dict:
+    dev = args.device
+    torch.manual_seed(0)
+    eager = make_model().to(dev).train().to(memory_format=torch.channels_last)
+    fused = neptune_ext.fuse_stages(eager)
+    x = torch.randn(*shape, device=dev).contiguous(memory_format=torch.channels_last)
+    out = {}
+    for prec in ("fp32", "bf16-autocast"):
+        autocast = prec == "bf16-autocast"
+
+        def forward(m):
+            def run():
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+                    return m(x)
+            return run
+
+        def stepper(m):
+            def step():
+                forward(m)().float().square().mean().backward()
+                m.zero_grad(set_to_none=True)
+            return step
+        contenders = {"eager": stepper(eager), "fuse_stages": stepper(fused)}
+        memory = {}
+        for k, m in (("eager", eager), ("fuse_stages", fused)):
+            memory[k] = _peak_step(forward(m), dev)
+            m.zero_grad(set_to_none=True)
+        res = alternate_ms(contenders, dev, args.rounds, max(1, args.reps // 2))
+        for k, r in res.items():
+            r["peak_extra_MiB"] = memory[k] / 2**20
+            r["memory_vs_eager"] = memory[k] / memory["eager"] if memory["eager"] else None
+            r["speedup_vs_eager"] = res["eager"]["median_ms"] / r["median_ms"]
+        out[prec] = {"results": res}
+        print_table(f"training step, {label}, {prec}", res)
+    return out
+
+
+def print_table(title: str, res: Dict[str, dict]):
+    print(f"\n{title}")
+    keys = [k for k in ("median_ms", "min_ms", "speedup_vs_eager", "speedup_vs_compile",
+                        "rel_err_vs_eager_fp32", "peak_extra_MiB", "memory_vs_eager")
+            if any(k in r for r in res.values())]
+    print("  " + f"{'contender':<14}" + "".join(f"{k:>24}" for k in keys))
+    for name, r in res.items():
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append(f"{'-' if v is None else (f'{v:.2e}' if 'err' in k else f'{v:.3f}'):>24}")
+        print("  " + f"{name:<14}" + "".join(cells), flush=True)
+
+
+class StageStack(nn.Sequential):
+    def __init__(self, depth: int = 4, channels: int = 64):
+        layers = []
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        super().__init__(*layers)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="resnet18,resnet50")
+    p.add_argument("--precisions", default=",".join(PRECISIONS))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="leave torch.compile out (it takes minutes on a CPU)")
+    p.add_argument("--no-training", dest="training", action="store_false")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    args.precisions = args.precisions.split(",")
+    bad = set(args.precisions) - set(PRECISIONS)
+    if bad:
+        p.error(f"--precisions: unknown {sorted(bad)} (choose from {', '.join(PRECISIONS)})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    import torchvision
+    report = {"device": machine() if args.device == "cuda" else f"cpu: {machine()}",
+              "torch": torch.__version__, "torchvision": torchvision.__version__,
+              "cuda": torch.version.cuda, "commit": git_commit(), "args": vars(args),
+              "inference": {}, "training": {}}
+    print(f"{report['device']}, torch {report['torch']}, commit {report['commit']}", flush=True)
+    for name in args.models.split(","):
+        report["inference"][name] = bench_inference(name, args)
+    if args.training:
+        report["training"]["stage_stack_4x3x3_c64"] = bench_training(
+            "4 x Conv3x3-BN-ReLU, C=64", StageStack, (args.batch, 64, 56 * args.size // 224,
+                                                     56 * args.size // 224), args)
+        first = args.models.split(",")[0]
+        report["training"][first] = bench_training(
+            first, lambda: randomize_bn(getattr(torchvision.models, first)()),
+            (args.batch, 3, args.size, args.size), args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
