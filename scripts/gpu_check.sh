@@ -10,7 +10,7 @@
 #   QUICK=1 bash scripts/gpu_check.sh          (benchmark on 10x smaller graphs)
 #
 # Environment: PYTHON (default python3), OUT, STEPS (default "build test sanitizer
-# bench stagebench usergraphs"), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
+# bench stagebench usergraphs cnnbench"), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
 # for the benchmark), NEPTUNE_GIT_COMMIT (recorded in the JSON when the checkout
 # has no .git).
 set -uo pipefail
@@ -24,7 +24,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
-STEPS=" ${STEPS-build test sanitizer bench stagebench usergraphs} "  # set but empty: none
+STEPS=" ${STEPS-build test sanitizer bench stagebench usergraphs cnnbench} "  # set but empty: none
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
 step() {  # step NAME LOG CMD...: runs CMD, output to LOG, records pass/fail
@@ -111,6 +111,15 @@ if want usergraphs; then
     step "benchmark (neptune_ext.bench.user_graphs --device cuda ${AMP[*]})" "$OUT/user_graphs.log" \
       "$PY" -m neptune_ext.bench.user_graphs --device cuda "${AMP[@]}" --json "$OUT/user_graphs_$amp.json"
   done
+fi
+
+# 7. Whole CNNs: fuse_stages vs eager, torch.fx folding and torch.compile (ResNet-18/50,
+#    batch 64, 224², channels_last; fp32, bf16, bf16 autocast), and training steps with
+#    their memory (a Stage stack and ResNet-18; fp32 and bf16 autocast).
+if want cnnbench; then
+  step "benchmark (neptune_ext.bench.gpu_cnn --device cuda)" "$OUT/cnn_bench.log" \
+    "$PY" -m neptune_ext.bench.gpu_cnn --device cuda --json "$OUT/cnn_bench.json"
+  grep -A6 "^resnet\|^training" "$OUT/cnn_bench.log" >>"$SUMMARY"
 fi
 
 note "---- steps:${STEPS% }: $([ $FAILED = 0 ] && echo 'all passed' || echo 'SOME FAILED'); logs in $OUT"

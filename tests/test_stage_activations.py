@@ -200,3 +200,60 @@ def test_stage_eval_under_cpu_autocast_runs_fused_in_bfloat16(kind):
     x64 = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(stage64(x64), eager64(x64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "none"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_bn_act_train_gradcheck(activation, residual):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bw = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    bb = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True) if residual else None
+    inputs = (x, w, bw, bb) + ((r,) if residual else ())
+
+    def f(x, w, bw, bb, r=None):
+        return ops.conv_bn_act_train(x, w, bw, bb, r, 1, 1, activation=activation)[0]
+    # (ReLU's kink: random inputs land on it with probability 0)
+    torch.autograd.gradcheck(f, inputs)
+
+
+def test_conv_bn_act_train_checks_its_arguments():
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="activation must be 'relu', 'relu6' or 'none' here"):
+        ops.conv_bn_act_train(x, w, None, None, activation="silu")
+    with pytest.raises(ValueError, match=r"residual must be a tensor of the output's shape \[2, 4, 3, 3\]"):
+        ops.conv_bn_act_train(x, w, None, None, torch.randn(2, 4, 5, 5))
+
+
+def test_residual_block_training_saves_less_than_eager():
+    """A BasicBlock's tail in training keeps the conv input and the identity (both kept
+    anyway), not the conv output: the fused block saves less than eager's."""
+    torchvision = pytest.importorskip("torchvision")
+    import neptune_ext
+    from neptune_ext.bench.stage import saved_bytes
+    torch.manual_seed(0)
+    block = torchvision.models.resnet.BasicBlock(16, 16).train()
+    fused = neptune_ext.fuse_stages(block)
+    assert "conv2+bn2+add+relu -> Stage+residual" in fused.fusion_report
+    x = torch.randn(4, 16, 20, 20)
+    ours = saved_bytes(lambda: fused(x), exclude=list(fused.parameters()))
+    theirs = saved_bytes(lambda: block(x), exclude=list(block.parameters()))
+    assert ours <= 0.6 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", None])
+def test_residual_stage_training_under_cpu_autocast_is_close_to_eager(activation):
+    stage, eager = make(activation, dtype=torch.float32)
+    stage.train(), eager.train()
+    x, r = torch.randn(3, 6, 9, 9), torch.randn(3, 8, 9, 9).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = stage(x, r), eager_tail(eager, x, r)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(stage.bn.running_var, eager[1].running_var, rtol=1e-5, atol=1e-6)
+    g = torch.randn(got.shape)
+    got.float().backward(g), want.float().backward(g)
+    rel = ((stage.conv.weight.grad - eager[0].weight.grad).norm() / eager[0].weight.grad.norm()).item()
+    assert rel < 2e-2

@@ -127,9 +127,9 @@ def bench_inference(name: str, args) -> dict:
     return out
 
 
-def _peak_step(forward: Callable[[], torch.Tensor], device: str) -> float:
+def _peak_step(forward: Callable[[], torch.Tensor], device: str, model: nn.Module) -> float:
     """Peak bytes allocated during a forward + backward above what was allocated before it
-    (CUDA); the bytes autograd saves in the forward (CPU)."""
+    (CUDA); the bytes autograd saves in the forward, parameters aside (CPU)."""
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -138,7 +138,7 @@ def _peak_step(forward: Callable[[], torch.Tensor], device: str) -> float:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
     from .stage import saved_bytes
-    return float(saved_bytes(forward))
+    return float(saved_bytes(forward, exclude=list(model.parameters())))
 
 
 def bench_training(label: str, make_model: Callable[[], nn.Module], shape, args) -> dict:
@@ -165,7 +165,7 @@ def bench_training(label: str, make_model: Callable[[], nn.Module], shape, args)
         contenders = {"eager": stepper(eager), "fuse_stages": stepper(fused)}
         memory = {}
         for k, m in (("eager", eager), ("fuse_stages", fused)):
-            memory[k] = _peak_step(forward(m), dev)
+            memory[k] = _peak_step(forward(m), dev, m)
             m.zero_grad(set_to_none=True)
         res = alternate_ms(contenders, dev, args.rounds, max(1, args.reps // 2))
         for k, r in res.items():

@@ -140,13 +140,24 @@ def bench_single_stage(args) -> dict:
     return out
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of all tensors autograd saves while fn runs, counted once per storage."""
+def saved_bytes(fn, exclude=()) -> int:
+    """Bytes of all tensors autograd saves while fn runs, counted once per storage, leaving
+    out the tensors in ``exclude`` (a model's parameters: the activations are what differs)
+    and their dtype casts (autocast's copies of the weights)."""
     storages = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def cast_of_excluded(t) -> bool:
+        fn = t.grad_fn
+        if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
+            return False
+        src = fn.next_functions[0][0]
+        return hasattr(src, "variable") and src.variable.untyped_storage().data_ptr() in skip
 
     def pack(t):
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in skip and not (skip and cast_of_excluded(t)):
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -216,9 +216,9 @@ def _autocast_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, me
     runs eager's conv (statistics and folds in float32), or None where eager must run.
 
     - eval without autograd: the BN folded in float32 (cached), one fused convolution;
-    - batch statistics with ReLU and no residual: conv in autocast's dtype, then the fused
-      BN+ReLU kernel (float32 parameters and statistics, output in autocast's dtype) with
-      the recomputing backward;
+    - batch statistics with ReLU, ReLU6 or none (and a residual or not): conv in autocast's
+      dtype, then the fused BN+ReLU kernel or ATen's BN (float32 parameters and statistics,
+      output in autocast's dtype) with the recomputing backward;
     - anything else (or parameters autocast would not cast): None.
     """
     device = input.device.type
@@ -229,12 +229,15 @@ def _autocast_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, me
         return None
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if bn_training:
-        if activation != "relu" or residual is not None:
+        if activation not in ("relu", "relu6", "none"):
             return None
         _check_input(input, conv, check_dtype=False)
         with torch.autocast(device, enabled=False):
             # (casts autograd differentiates: gradients reach the float32 weight as in eager)
-            return _train_bn_relu(conv, bn, input.to(dtype), conv.weight.to(dtype), memory_efficient)
+            x, w = input.to(dtype), conv.weight.to(dtype)
+            if activation == "relu" and residual is None:
+                return _train_bn_relu(conv, bn, x, w, memory_efficient)
+            return _train_other(conv, bn, x, w, memory_efficient, activation, residual)
     params = (input, residual, conv.weight, conv.bias, bn.weight, bn.bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
         return None
@@ -278,29 +281,49 @@ def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
             bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=cache,
             activation=activation, residual=residual)
     if activation != "relu" or residual is not None:
-        # Batch statistics with another activation or an add: the eager BN (the fused
-        # kernel is BN+ReLU).
-        return _eager(conv, bn, input, activation, residual)
+        return _train_other(conv, bn, input, conv.weight, memory_efficient, activation, residual)
     return _train_bn_relu(conv, bn, input, conv.weight, memory_efficient)
+
+
+def _train_other(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, weight: torch.Tensor,
+                 memory_efficient: bool, activation: str, residual: Optional[torch.Tensor]):
+    """Batch statistics with ReLU6 / no activation / a residual add: the recomputing
+    conv_bn_act_train where it applies (ReLU, ReLU6 or none; a residual of the output's
+    shape), else the eager modules' computation."""
+    s, p, d = conv.stride, conv.padding, conv.dilation
+    if (not memory_efficient or activation not in ("relu", "relu6", "none") or (
+            residual is not None and list(residual.shape) != ops.conv_output_shape(input, weight, s, p, d))):
+        return _eager(conv, bn, input, activation, residual)  # (a broadcasting add, SiLU, ...)
+
+    def run(bn_w, bn_b):
+        return ops.conv_bn_act_train(input, weight, bn_w, bn_b, residual, s, p, d, conv.groups,
+                                     bn.eps, activation, conv_bias=conv.bias)
+    return _with_running_stats(conv, bn, run)
 
 
 def _train_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
                    weight: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
     """relu(bn(conv(input))) with batch statistics (conv with ``weight``: conv.weight or its
     autocast copy), the running statistics updated as nn.BatchNorm2d.forward does."""
-    # Mirrors nn.BatchNorm2d.forward.
+    def run(bn_w, bn_b):
+        if bn_w is None:  # affine=False
+            bn_w = torch.ones(bn.num_features, dtype=conv.weight.dtype, device=input.device)
+        if bn_b is None:
+            bn_b = torch.zeros(bn.num_features, dtype=conv.weight.dtype, device=input.device)
+        return ops.conv_bn_relu_train(input, weight, bn_w, bn_b, conv.stride, conv.padding,
+                                      conv.dilation, conv.groups, bn.eps, recompute=memory_efficient,
+                                      conv_bias=conv.bias)
+    return _with_running_stats(conv, bn, run)
+
+
+def _with_running_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, run) -> torch.Tensor:
+    """``run(bn.weight, bn.bias) -> (y, mean, var)``, then the running statistics updated as
+    nn.BatchNorm2d.forward updates them."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    bn_w, bn_b = bn.weight, bn.bias
-    if bn_w is None:  # affine=False
-        bn_w = torch.ones(bn.num_features, dtype=conv.weight.dtype, device=input.device)
-    if bn_b is None:
-        bn_b = torch.zeros(bn.num_features, dtype=conv.weight.dtype, device=input.device)
-    y, mean, var = ops.conv_bn_relu_train(
-        input, weight, bn_w, bn_b, conv.stride, conv.padding, conv.dilation, conv.groups,
-        bn.eps, recompute=memory_efficient, conv_bias=conv.bias)
+    y, mean, var = run(bn.weight, bn.bias)
     if not bn.training or bn.track_running_stats:
         if conv.bias is not None:  # cancels in the output, not in the running mean
             mean = mean + conv.bias.detach()

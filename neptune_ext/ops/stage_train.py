@@ -10,7 +10,7 @@ from .._util import check as _check, is_compiling as _is_compiling
 from .stage_bn_relu import _bn_relu_backward_impl, _bn_relu_forward_impl
 from .stage_checks import _pair, _validate_conv, _validate_tensor
 
-__all__ = ["conv_bn_relu_train", "update_running_stats"]
+__all__ = ["conv_bn_relu_train", "conv_bn_act_train", "update_running_stats"]
 
 
 class _ConvBnReluTrain(torch.autograd.Function):
@@ -90,6 +90,118 @@ def conv_bn_relu_train(input: torch.Tensor, conv_weight: torch.Tensor, bn_weight
     x = F.conv2d(input, conv_weight, None, s, p, d, groups)
     y, mean, var, _ = _bn_relu_forward_impl(x, bn_weight, bn_bias, float(eps))
     return y, mean, var
+
+
+def _activation_mask(z: torch.Tensor, activation: str):
+    """Where activation(z) passes its gradient (as eager's backward decides), or None (all)."""
+    if activation == "relu":
+        return z > 0
+    if activation == "relu6":
+        return (z > 0) & (z < 6)
+    return None
+
+
+class _ConvBnActTrain(torch.autograd.Function):
+    """conv2d -> BN with batch statistics (+ residual) -> ReLU / ReLU6 / nothing.
+
+    Saves the convolution's input and weight, the BN parameters and statistics, and the
+    residual (a tensor the block keeps anyway: its input, which its first conv saves), but
+    neither the convolution's output nor the block's output: the backward recomputes the
+    convolution and the BN (bit-identical to the forward's: the same deterministic ops), takes
+    the activation's mask from that, and BN's input gradient from ATen's own batch-norm
+    backward, so gradients are eager's. Nothing saved aliases the output, so in-place ops
+    on it later (a shared ReLU module reapplied) stay legal.
+    """
+
+    @staticmethod
+    def forward(ctx, input, conv_weight, bn_weight, bn_bias, residual, stride, padding, dilation,
+                groups, eps, activation, conv_bias):
+        from .stage_eval import apply_activation
+        x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups)
+        z, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, None, None, True, 0.0, eps)
+        del x
+        if residual is not None:
+            z = z.add_(residual) if residual.dtype == z.dtype else z + residual
+        y = apply_activation(z, activation, inplace=True)
+        ctx.conv_args = (stride, padding, dilation, groups, eps, activation)
+        ctx.bias_like = None if conv_bias is None else (conv_bias.shape, conv_bias.dtype)
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.save_for_backward(input, conv_weight, bn_weight, bn_bias, mean, invstd, residual)
+        var = invstd.double().pow(-2).sub(eps).clamp_min(0).to(mean.dtype)  # biased batch variance
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        stride, padding, dilation, groups, eps, activation = ctx.conv_args
+        input, conv_weight, bn_weight, bn_bias, mean, invstd, residual = ctx.saved_tensors
+        x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups)
+        dz = grad_y
+        if activation != "none":
+            z, _, _ = torch.native_batch_norm(x, bn_weight, bn_bias, None, None, True, 0.0, eps)
+            if residual is not None:
+                z = z.add_(residual) if residual.dtype == z.dtype else z + residual
+            dz = grad_y * _activation_mask(z, activation)
+            del z
+        need_in, need_w, need_bn_w, need_bn_b, need_res = ctx.needs_input_grad[:5]
+        grad_res = dz.to(ctx.residual_dtype) if need_res else None
+        dx, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
+            dz.to(x.dtype), x, bn_weight, None, None, mean, invstd, True, eps,
+            [need_in or need_w, need_bn_w and bn_weight is not None, need_bn_b and bn_bias is not None])
+        del x
+        grad_in = grad_w = None
+        if need_in or need_w:
+            grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+                dx, input, conv_weight, None, list(stride), list(padding), list(dilation),
+                False, [0, 0], groups, [need_in, need_w, False])
+        grad_bias = None
+        if ctx.needs_input_grad[11]:
+            shape, dtype = ctx.bias_like
+            grad_bias = grad_y.new_zeros(shape, dtype=dtype)
+        return (grad_in, grad_w, grad_bn_w if need_bn_w else None, grad_bn_b if need_bn_b else None,
+                grad_res, None, None, None, None, None, None, grad_bias)
+
+
+def conv_bn_act_train(input: torch.Tensor, conv_weight: torch.Tensor,
+                      bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                      residual: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1,
+                      groups: int = 1, eps: float = 1e-5, activation: str = "relu",
+                      conv_bias: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``activation(batch_norm(conv2d(input, conv_weight)) + residual)`` with batch
+    statistics, for ``activation`` in relu, relu6, none and a ``residual`` of the output's
+    shape (or None), keeping only the convolution's input and the residual for backward.
+
+    Returns ``(y, mean, var)`` (biased batch variance; float32 statistics for half
+    inputs). Gradients are eager's. A ``conv_bias`` cancels, as in
+    :func:`conv_bn_relu_train`.
+    """
+    _check(activation in ("relu", "relu6", "none"),
+           f"activation must be 'relu', 'relu6' or 'none' here, got {activation!r}")
+    s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups)
+    if residual is not None:
+        from .stage_eval import conv_output_shape
+        shape = conv_output_shape(input, conv_weight, s, p, d)
+        _check(isinstance(residual, torch.Tensor) and list(residual.shape) == shape,
+               f"residual must be a tensor of the output's shape {shape}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            input, conv_weight, bn_weight, bn_bias, residual, conv_bias)):
+        return _ConvBnActTrain.apply(input, conv_weight, bn_weight, bn_bias, residual, s, p, d,
+                                     groups, float(eps), activation, conv_bias)
+    with torch.no_grad():
+        return _ConvBnActTrain.forward(_NoCtx(), input, conv_weight, bn_weight, bn_bias, residual,
+                                       s, p, d, groups, float(eps), activation, conv_bias)
+
+
+class _NoCtx:
+    """A stand-in ctx for running an autograd Function's forward outside autograd."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
+        pass
 
 
 @torch.no_grad()
