@@ -12,9 +12,9 @@ from . import _ext
 from .graph import Graph
 from . import ops
 from . import nn
-from .nn import fuse_stages
+from .nn import fuse_stages, stage_paths
 
-__all__ = ["__version__", "Graph", "ops", "nn", "fuse_stages", "info"]
+__all__ = ["__version__", "Graph", "ops", "nn", "fuse_stages", "stage_paths", "info"]
 
 
 def __getattr__(name):

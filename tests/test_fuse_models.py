@@ -277,3 +277,23 @@ def test_compiled_fused_residual_block_matches_eager():
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_stage_paths_tell_how_each_fused_conv_ran():
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10))
+    fused = neptune_ext.fuse_stages(model).train()
+    assert set(neptune_ext.stage_paths(fused).values()) == {None}
+    x = torch.randn(2, 3, 32, 32)
+    fused(x).sum().backward()
+    paths = neptune_ext.stage_paths(fused)
+    assert len(paths) == 20
+    assert paths["conv1"] == paths["layer1.0.conv1"] == "bn-relu-kernel"
+    assert paths["layer1.0.conv2"] == "conv-bn-recompute"          # a residual tail
+    assert paths["layer2.0.downsample.0"] == "conv-bn-recompute"   # conv + BN
+    fused.eval()
+    with torch.no_grad():
+        fused(x)
+    assert set(neptune_ext.stage_paths(fused).values()) == {"conv+bias"}  # NCHW
+    stage = neptune_ext.nn.Stage(3, 4, 3, activation="silu").train()
+    stage(torch.randn(2, 3, 5, 5))
+    assert neptune_ext.stage_paths(stage) == {"": "eager"}

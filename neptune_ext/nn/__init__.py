@@ -2,7 +2,7 @@
 Stage (fused Conv2d -> BatchNorm2d -> ReLU) and fuse_stages(model)."""
 from .gatv2 import GraphAttentionV2
 from .graph_attention import GraphAttention
-from .stage import Stage
+from .stage import Stage, stage_paths
 from .fuse import fuse_stages
 
-__all__ = ["GraphAttention", "GraphAttentionV2", "Stage", "fuse_stages"]
+__all__ = ["GraphAttention", "GraphAttentionV2", "Stage", "fuse_stages", "stage_paths"]

@@ -5,10 +5,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .._util import is_compiling
 from ..ops import stage as ops
+from ..ops.stage_eval import last_path, note_path
 
 __all__ = ["Stage", "FoldedConv2d", "FusedConv2d", "FusedBatchNorm2d", "FusedReLU", "FusedReLU6",
-           "FusedSiLU", "FusedHardswish"]
+           "FusedSiLU", "FusedHardswish", "stage_paths"]
 
 
 def _explicit_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
@@ -252,8 +254,10 @@ def _autocast_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, me
 def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activation: str,
            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """What the eager modules compute: activation(bn(conv(input)) (+ residual)). Used where
-    their rules are the reference (autocast) or no fused kernel exists (batch statistics
-    with an activation other than ReLU, or a residual add)."""
+    their rules are the reference (autocast with autograd in eval, parameters autocast does
+    not cast) or no fused path exists (batch statistics with SiLU/Hardswish, a broadcasting
+    residual, ``memory_efficient=False`` with anything but ReLU)."""
+    note_path("eager")
     y = nn.BatchNorm2d.forward(bn, nn.Conv2d.forward(conv, input))
     if residual is not None:
         y = y + residual
@@ -264,7 +268,34 @@ def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
                    memory_efficient: bool, cache, activation: str = "relu",
                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """activation(bn(conv(input)) (+ residual)) exactly as the eager modules compute it, in
-    the BN's mode."""
+    the BN's mode; the path taken is left in ``conv.last_path`` (see :func:`stage_paths`)."""
+    if is_compiling():
+        return _stage_forward_impl(conv, bn, input, memory_efficient, cache, activation, residual)
+    note_path(None)
+    out = _stage_forward_impl(conv, bn, input, memory_efficient, cache, activation, residual)
+    conv.__dict__["last_path"] = last_path()
+    return out
+
+
+def stage_paths(model: nn.Module) -> dict:
+    """{module name: path} of every Stage and fused conv of ``model``: how its latest call
+    was computed (None before the first). Evaluation: ``onednn-fused``,
+    ``onednn+activation``, ``cudnn-fused``, ``conv+bias``, ``autograd`` (see
+    ``neptune_ext.ops.stage_eval``); training: ``bn-relu-kernel`` (conv, then the fused
+    BN+ReLU kernel), ``conv-bn-recompute`` (ATen's BN, recomputing backward), ``eager`` (the
+    eager modules' computation: autocast rules, SiLU/Hardswish, broadcasting residuals)."""
+    paths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Stage):
+            paths[name] = m.conv.__dict__.get("last_path")
+        elif isinstance(m, FusedConv2d):
+            paths[name] = m.__dict__.get("last_path")
+    return paths
+
+
+def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
+                        memory_efficient: bool, cache, activation: str,
+                        residual: Optional[torch.Tensor]) -> torch.Tensor:
     if isinstance(input, torch.Tensor) and _autocast_on(input):
         out = _autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)
         return _eager(conv, bn, input, activation, residual) if out is None else out
@@ -295,6 +326,8 @@ def _train_other(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, weigh
             residual is not None and list(residual.shape) != ops.conv_output_shape(input, weight, s, p, d))):
         return _eager(conv, bn, input, activation, residual)  # (a broadcasting add, SiLU, ...)
 
+    note_path("conv-bn-recompute")
+
     def run(bn_w, bn_b):
         return ops.conv_bn_act_train(input, weight, bn_w, bn_b, residual, s, p, d, conv.groups,
                                      bn.eps, activation, conv_bias=conv.bias)
@@ -305,6 +338,8 @@ def _train_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
                    weight: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
     """relu(bn(conv(input))) with batch statistics (conv with ``weight``: conv.weight or its
     autocast copy), the running statistics updated as nn.BatchNorm2d.forward does."""
+    note_path("bn-relu-kernel")
+
     def run(bn_w, bn_b):
         if bn_w is None:  # affine=False
             bn_w = torch.ones(bn.num_features, dtype=conv.weight.dtype, device=input.device)

@@ -25,8 +25,22 @@ __all__ = ["fold_conv_bn", "conv_bn_act_eval", "conv_bias_relu", "conv_bias", "p
 _PATHS = {}
 
 
+_LAST = [None]  # the path the latest Stage computation took (eval or training)
+
+
 def _count(path: str) -> None:
     _PATHS[path] = _PATHS.get(path, 0) + 1
+    _LAST[0] = path
+
+
+def note_path(path) -> None:
+    """Record the path of a Stage computation that is not an evaluation convolution
+    (training paths, eager): what ``last_path`` reports."""
+    _LAST[0] = path
+
+
+def last_path():
+    return _LAST[0]
 
 
 def stage_paths() -> dict:
