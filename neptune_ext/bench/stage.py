@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import neptune_ext
+from .._util import git_commit
 import neptune_ext.info
 from neptune_ext.bench.common import cpu_name
 from neptune_ext.nn import Stage
@@ -229,7 +230,7 @@ def main(argv=None):
                "torch": torch.__version__, "neptune_ext": info["neptune_ext"],
                "extension_loaded": info["extension_loaded"],
                "onednn_fused": neptune_ext.ops.stage.onednn_fused_available(),
-               "quick": args.quick, "loadavg_start": loadavg()}
+               "quick": args.quick, "loadavg_start": loadavg(), "commit": git_commit()}
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
           f"torch {machine['torch']}, extension loaded: {machine['extension_loaded']}, "
           f"oneDNN fused conv: {machine['onednn_fused']}, load average {machine['loadavg_start']}\n")
