@@ -297,3 +297,17 @@ def test_stage_paths_tell_how_each_fused_conv_ran():
     stage = neptune_ext.nn.Stage(3, 4, 3, activation="silu").train()
     stage(torch.randn(2, 3, 5, 5))
     assert neptune_ext.stage_paths(stage) == {"": "eager"}
+
+
+def test_memory_efficient_false_keeps_conv_outputs_and_matches_eager():
+    from neptune_ext.bench.stage import saved_bytes
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).double().train()
+    lean = neptune_ext.fuse_stages(model)
+    fast = neptune_ext.fuse_stages(model, memory_efficient=False)
+    assert all(m.memory_efficient is False for m in fast.modules() if isinstance(m, FusedConv2d))
+    check_same(model, fast, (2, 3, 32, 32), steps=1)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    lean_mem = saved_bytes(lambda: lean(x), exclude=list(lean.parameters()))
+    fast_mem = saved_bytes(lambda: fast(x), exclude=list(fast.parameters()))
+    eager_mem = saved_bytes(lambda: model(x), exclude=list(model.parameters()))
+    assert lean_mem < fast_mem <= 1.05 * eager_mem

@@ -60,7 +60,8 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _INPLACE_ADDS = {operator.iadd, "add_"}  # write into their first argument
 
 
-def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
+                memory_efficient: bool = True) -> nn.Module:
     """Fuse every Conv2d -> BatchNorm2d -> activation chain of ``model`` (ReLU, ReLU6,
     SiLU, Hardswish, or none), and every residual tail Conv2d -> BatchNorm2d -> + identity
     (-> activation).
@@ -71,6 +72,11 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False) 
             statistics, the fused BN+ReLU kernel; eval: the BN folded into the conv).
         inplace: convert ``model``'s own modules instead of a deep copy's.
         verbose: print what was fused.
+        memory_efficient: training keeps each fused conv's input only and recomputes the
+            convolution in backward (about half eager's activation memory, one extra
+            convolution per step); ``False`` keeps the convolution's output as eager does
+            (eager's memory, no recomputation). Each fused conv's ``memory_efficient``
+            attribute can be changed later.
 
     Returns:
         The fused model: the same class as ``model`` with the same state-dict keys
@@ -87,6 +93,9 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False) 
     registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     _fuse_residual_tails(model, "", report, registrations)
     _fuse(model, "", report, registrations)
+    for m in model.modules():
+        if isinstance(m, FusedConv2d):
+            m.memory_efficient = bool(memory_efficient)
     model.fusion_report = report
     if verbose:
         print(f"fuse_stages: {len(report)} fusion(s)")

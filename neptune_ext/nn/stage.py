@@ -259,9 +259,12 @@ def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activation:
     residual, ``memory_efficient=False`` with anything but ReLU)."""
     note_path("eager")
     y = nn.BatchNorm2d.forward(bn, nn.Conv2d.forward(conv, input))
-    if residual is not None:
-        y = y + residual
-    return ops.apply_activation(y, activation, inplace=False)
+    if residual is None:
+        # Out of place: a model may reapply a shared in-place ReLU to the result.
+        return ops.apply_activation(y, activation, inplace=False)
+    # The sum is a fresh tensor: activate it in place, as the residual blocks' own
+    # ReLU(inplace=True) does (autograd keeps one tensor, not two).
+    return ops.apply_activation(y + residual, activation, inplace=activation in ("relu", "relu6"))
 
 
 def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,

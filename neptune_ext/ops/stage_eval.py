@@ -84,15 +84,20 @@ def apply_activation(out: torch.Tensor, activation: str, inplace: bool) -> torch
     return out
 
 
-# cuDNN's fused convolutions, per (op, dtype, memory format): None = not tried yet,
-# False = cuDNN refused it once (that combination then takes conv2d + in-place ops).
+# cuDNN's fused convolutions, per (op, dtype, memory format, kind of convolution): None =
+# not tried yet, False = cuDNN refused it once (that combination then takes conv2d +
+# in-place ops).
 _CUDNN_OK = {}
 
 
 def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
     """conv + bias (+ residual) + ReLU as one cuDNN call, or None where cuDNN refuses it."""
     name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
-    key = (name, input.dtype, input.is_contiguous())
+    # What cuDNN may refuse for one convolution and not another: dtype, layout, grouping,
+    # kernel size, stride, dilation. (A refusal of a depthwise conv must not turn the
+    # fused path off for every other conv.)
+    key = (name, input.dtype, input.is_contiguous(), groups == 1, tuple(weight.shape[2:]),
+           tuple(s), tuple(d))
     if not (torch.backends.cudnn.enabled and _CUDNN_OK.get(key, True) and hasattr(torch, name)):
         return None
     try:  # (cuDNN picks the memory format as conv2d does: channels_last if either is)
