@@ -19,6 +19,8 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# NVIDIA's CUTLASS/CuTe headers for the CUDA convolution (headers only: no dependencies)
+	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 	touch $@
 
 setup: $(VENV)/.deps

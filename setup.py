@@ -42,6 +42,29 @@ def _record(msg: str) -> None:
             pass
 
 
+def find_cutlass():
+    """(include dir, None) of NVIDIA's CUTLASS/CuTe headers, or (None, why not).
+
+    NEPTUNE_CUTLASS_DIR names an include dir (the one holding cutlass/cutlass.h); otherwise
+    the headers the nvidia-cutlass package ships (cutlass_library/source/include), found
+    without importing it. NEPTUNE_CUTLASS=0 leaves the CUTLASS kernels out."""
+    if os.environ.get("NEPTUNE_CUTLASS", "auto").lower() == "0":
+        return None, "NEPTUNE_CUTLASS=0"
+    candidates = []
+    if os.environ.get("NEPTUNE_CUTLASS_DIR"):
+        candidates.append(os.environ["NEPTUNE_CUTLASS_DIR"])
+    import importlib.util
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(os.path.join(loc, "source", "include"))
+    for inc in candidates:
+        if os.path.isfile(os.path.join(inc, "cutlass", "conv", "kernel", "default_conv2d_fprop_with_broadcast.h")):
+            return inc, None
+    return None, ("the CUTLASS headers were not found (pip install nvidia-cutlass, or set "
+                  "NEPTUNE_CUTLASS_DIR)")
+
+
 def _extensions():
     if os.environ.get("NEPTUNE_SKIP_EXT", "0") == "1":
         return [], {}
@@ -84,11 +107,21 @@ def _extensions():
             macros = [("NEPTUNE_WITH_CUDA", None),
                       # ',' not ';': build_info() is a ';'-separated key=value list
                       ("NEPTUNE_CUDA_ARCHS", '"' + ",".join(archs.replace(";", " ").split()) + '"')]
+            cuda_sources = sorted(glob.glob("csrc/*/*_cuda.cu"))
+            include_dirs = list(common["include_dirs"])
+            cutlass_inc, why_no_cutlass = find_cutlass()
+            if cutlass_inc is None:
+                cuda_sources = [f for f in cuda_sources if "cutlass" not in os.path.basename(f)]
+                _say(f"without the CUTLASS convolution: {why_no_cutlass}")
+            else:
+                macros.append(("NEPTUNE_WITH_CUTLASS", None))
+                include_dirs.append(cutlass_inc)
+                _say(f"with the CUTLASS convolution (headers: {cutlass_inc})")
             return cpp_extension.CUDAExtension(
-                "neptune_ext._C", cpp_sources + sorted(glob.glob("csrc/*/*_cuda.cu")),
-                define_macros=macros,
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
-                **common)
+                "neptune_ext._C", cpp_sources + cuda_sources,
+                define_macros=macros, include_dirs=include_dirs,
+                extra_link_args=common["extra_link_args"],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]})
         return cpp_extension.CppExtension("neptune_ext._C", cpp_sources, extra_compile_args={"cxx": cxx},
                                           **common)
 

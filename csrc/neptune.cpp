@@ -22,6 +22,11 @@ std::string build_info() {
   std::string s = "cpu=1";
 #ifdef NEPTUNE_WITH_CUDA
   s += ";cuda=1;cuda_archs=" NEPTUNE_CUDA_ARCHS;
+#ifdef NEPTUNE_WITH_CUTLASS
+  s += ";cutlass=1";
+#else
+  s += ";cutlass=0";
+#endif
 #else
   s += ";cuda=0";
 #endif
@@ -90,7 +95,26 @@ TORCH_LIBRARY(neptune, m) {
   m.def(
       "bn_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, "
       "Tensor mean, Tensor invstd) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // Stage evaluation: activation(conv + bias (+ residual)) in one CUTLASS kernel (CUDA).
+  m.def(
+      "conv_bias_act(Tensor input, Tensor weight, Tensor bias, Tensor? residual, int[] stride, "
+      "int[] padding, int[] dilation, int activation) -> Tensor");
 }
+
+namespace neptune {
+at::Tensor conv_bias_act_unavailable(const at::Tensor& input, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, at::IntArrayRef,
+                                     at::IntArrayRef, at::IntArrayRef, int64_t) {
+  TORCH_CHECK(false, "neptune::conv_bias_act runs on CUDA devices in builds with CUTLASS; got a ",
+              input.device().type(), " tensor",
+#ifdef NEPTUNE_WITH_CUTLASS
+              ""
+#else
+              " (this build has no CUTLASS kernels)"
+#endif
+  );
+}
+}  // namespace neptune
 
 TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("csr_from_index", &neptune::csr_from_index_cpu);
@@ -102,6 +126,7 @@ TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("gatv2_backward", &neptune::gatv2_backward_cpu);
   m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);
   m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu);
+  m.impl("conv_bias_act", &neptune::conv_bias_act_unavailable);
 }
 
 #ifdef NEPTUNE_WITH_CUDA
@@ -114,6 +139,11 @@ TORCH_LIBRARY_IMPL(neptune, CUDA, m) {
   m.impl("gatv2_backward", &neptune::gatv2_backward_cuda);
   m.impl("bn_relu_forward", &neptune::bn_relu_forward_cuda);
   m.impl("bn_relu_backward", &neptune::bn_relu_backward_cuda);
+#ifdef NEPTUNE_WITH_CUTLASS
+  m.impl("conv_bias_act", &neptune::conv_bias_act_cuda);
+#else
+  m.impl("conv_bias_act", &neptune::conv_bias_act_unavailable);
+#endif
 }
 #endif
 

@@ -21,11 +21,21 @@ def info_dict() -> dict:
         "compiled_backends": sorted(_ext.compiled_backends()),
         "cuda_archs": build.get("cuda_archs", "").split(",") if build.get("cuda") == "1" else [],
         "openmp": build.get("openmp") == "1",
+        "cutlass_conv": _cutlass_state(build),
         "num_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "stage_eval_paths": _stage_paths(),
     }
+
+
+def _cutlass_state(build: dict) -> str:
+    """The CUTLASS convolution: not built / built, off (NEPTUNE_STAGE_CUTLASS=1 turns it on)
+    / on."""
+    if build.get("cutlass") != "1":
+        return "not built"
+    import os
+    return "on" if os.environ.get("NEPTUNE_STAGE_CUTLASS", "0") == "1" else "built, off (NEPTUNE_STAGE_CUTLASS=1)"
 
 
 def _stage_paths() -> dict:

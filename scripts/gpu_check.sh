@@ -21,6 +21,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
+# The CUTLASS headers: the GPU image has no nvidia-cutlass and no network, so carry the
+# local venv's copy along (device tool: carry .venv/lib/python3.11/site-packages/cutlass_library/source/include).
+if [ -z "${NEPTUNE_CUTLASS_DIR:-}" ]; then
+  for d in .venv/lib/python3*/site-packages/cutlass_library/source/include; do
+    [ -f "$d/cutlass/cutlass.h" ] && export NEPTUNE_CUTLASS_DIR="$PWD/$d" && break
+  done
+fi
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
@@ -118,7 +125,7 @@ fi
 #    their memory (a Stage stack and ResNet-18; fp32 and bf16 autocast).
 if want cnnbench; then
   step "benchmark (neptune_ext.bench.gpu_cnn --device cuda)" "$OUT/cnn_bench.log" \
-    "$PY" -m neptune_ext.bench.gpu_cnn --device cuda --json "$OUT/cnn_bench.json"
+    "$PY" -m neptune_ext.bench.gpu_cnn --device cuda --layers --json "$OUT/cnn_bench.json"
   grep -A6 "^resnet\|^training" "$OUT/cnn_bench.log" >>"$SUMMARY"
 fi
 

@@ -32,3 +32,15 @@ def test_gpu_cnn_benchmark_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         gpu_cnn.main(["--device", "cpu", "--precisions", "fp8"])
     assert "--precisions: unknown ['fp8']" in capsys.readouterr().err
+
+
+def test_gpu_cnn_layer_benchmark_smoke_run_on_cpu(tmp_path):
+    from neptune_ext.bench import gpu_cnn
+    out = tmp_path / "layers.json"
+    gpu_cnn.main(["--device", "cpu", "--models", "resnet18", "--batch", "1", "--size", "32",
+                  "--rounds", "1", "--reps", "1", "--no-compile", "--no-training",
+                  "--precisions", "fp32", "--layers", "--json", str(out)])
+    layers = json.loads(out.read_text())["layers"]
+    assert layers["model"] == "resnet18" and len(layers["layers"]) == 11  # distinct convs
+    row = layers["layers"][0]
+    assert row["in"] == 3 and row["kernel"] == [7, 7] and row["ours_conv_bias_relu_ms"] > 0

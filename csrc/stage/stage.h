@@ -69,4 +69,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd);
 
+// Evaluation convolution with the Stage's epilogue: activation(conv(input, weight) + bias
+// (+ residual)), activation 0 = none, 1 = ReLU (conv_cutlass_cuda.cu, CUTLASS kernels;
+// NEPTUNE_WITH_CUTLASS builds only). float16/bfloat16, channels_last, groups 1.
+at::Tensor conv_bias_act_cuda(const at::Tensor& input, const at::Tensor& weight,
+                              const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t activation);
+
+// Elsewhere: a clear error instead of the dispatcher's "no kernel" (CPU, or CUDA builds
+// without CUTLASS).
+at::Tensor conv_bias_act_unavailable(const at::Tensor& input, const at::Tensor& weight,
+                                     const at::Tensor& bias,
+                                     const std::optional<at::Tensor>& residual,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t activation);
+
 }  // namespace neptune

@@ -15,6 +15,10 @@ Contenders alternate round by round (A B C D A B C D ...); each round times ``--
 calls (CUDA events on CUDA) and the medians over rounds are reported, with the
 relative error of each output against eager float32 and the Stage paths taken.
 
+With ``--layers``: every distinct convolution of the first model in bfloat16, as our one
+fused call (cuDNN's; CUTLASS's where built) against eager's conv + BN + ReLU (+ add), with
+TFLOP/s and the fraction of the device's measured bfloat16 matmul rate.
+
 Training (one step: forward, backward; no optimizer), fp32 and bf16 autocast:
   * a stack of 4 Conv3x3-BN-ReLU (C=64, batch 64, 56x56): eager vs ``Stage``;
   * the model: eager vs ``fuse_stages``;
@@ -23,6 +27,7 @@ time per step and peak memory above the model and input (the activations autogra
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,6 +39,7 @@ from torch import nn
 import neptune_ext
 from .common import git_commit, machine
 from .stage import randomize_bn
+from ..ops.stage_eval import cutlass_built
 
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 
@@ -102,17 +108,26 @@ def bench_inference(name: str, args) -> dict:
         if args.compile:
             models["compile"] = torch.compile(copy.deepcopy(model))
         autocast = prec == "bf16-autocast"
+        # The CUTLASS convolution (opt-in) where built: float16/bfloat16 convolutions only.
+        cutlass = dev == "cuda" and prec != "fp32" and cutlass_built()
+        if cutlass:
+            models["fuse_stages_cutlass"] = models["fuse_stages"]
 
-        def runner(m):
+        def runner(m, use_cutlass=False):
             def run():
-                with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+                with _cutlass_env(use_cutlass), torch.no_grad(), \
+                        torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
                     return m(x)
             return run
-        contenders = {k: runner(m) for k, m in models.items()}
+        contenders = {k: runner(m, k == "fuse_stages_cutlass") for k, m in models.items()}
         errors = {k: rel_err(fn(), ref) for k, fn in contenders.items()}
         reset_stage_paths()
         contenders["fuse_stages"]()
         paths = stage_paths()
+        if cutlass:
+            reset_stage_paths()
+            contenders["fuse_stages_cutlass"]()
+            paths = {"default": paths, "cutlass": stage_paths()}
         print(f"{name} {prec}: timing {', '.join(contenders)}", file=sys.stderr, flush=True)
         res = alternate_ms(contenders, dev, args.rounds, args.reps)
         for k, r in res.items():
@@ -125,6 +140,100 @@ def bench_inference(name: str, args) -> dict:
         print_table(f"{name} inference, batch {args.batch}, {args.size}x{args.size}, channels_last, "
                     f"{prec}; Stage paths per forward {paths}", res)
     return out
+
+
+class _cutlass_env:
+    """NEPTUNE_STAGE_CUTLASS=1 inside the block when ``on`` (the previous value restored)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.old = os.environ.get("NEPTUNE_STAGE_CUTLASS")
+        if self.on:
+            os.environ["NEPTUNE_STAGE_CUTLASS"] = "1"
+
+    def __exit__(self, *exc):
+        if self.on:
+            if self.old is None:
+                os.environ.pop("NEPTUNE_STAGE_CUTLASS", None)
+            else:
+                os.environ["NEPTUNE_STAGE_CUTLASS"] = self.old
+
+
+def tensor_core_tflops(device: str, dtype=torch.bfloat16, n: int = 8192) -> float:
+    """The device's measured dense matmul rate (TFLOP/s) in ``dtype``: the ceiling a
+    convolution's implicit GEMM is held against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = statistics.median(time_ms(lambda: a @ b, device, 5) for _ in range(5))
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def bench_layers(name: str, args) -> dict:
+    """Each distinct convolution of the model (eval, channels_last, ``--layer-dtype``) as one
+    fused call of ours (cuDNN's, and CUTLASS's where built) against eager's conv + BN + ReLU
+    (+ add), with TFLOP/s against the device's measured matmul rate."""
+    import torchvision
+    from ..ops import stage_eval
+    dev, dtype = args.device, torch.bfloat16
+    model = getattr(torchvision.models, name)()
+    peak = tensor_core_tflops(dev, dtype) if dev == "cuda" else None
+    size, shapes, seen = args.size, [], set()
+    x = torch.randn(1, 3, size, size)
+    hooks = []
+
+    def record(m, inp, out):
+        key = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.groups,
+               tuple(inp[0].shape[2:]))
+        if key not in seen:
+            seen.add(key)
+            shapes.append(key)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(record))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    rows = []
+    cl = torch.channels_last
+    for c_in, c_out, k, s, p, g, hw in shapes:
+        inp = torch.randn(args.batch, c_in, *hw, device=dev, dtype=dtype).contiguous(memory_format=cl)
+        w = torch.randn(c_out, c_in // g, *k, device=dev, dtype=dtype).contiguous(memory_format=cl)
+        bias = torch.randn(c_out, device=dev, dtype=dtype)
+        bn = nn.BatchNorm2d(c_out).to(dev, dtype).eval()
+        out_shape = stage_eval.conv_output_shape(inp, w, s, p, (1, 1))
+        res = torch.randn(out_shape, device=dev, dtype=dtype).contiguous(memory_format=cl)
+        flops = 2 * out_shape[0] * out_shape[2] * out_shape[3] * c_out * (c_in // g) * k[0] * k[1]
+        contenders = {
+            "eager_conv_bn_relu": lambda: torch.relu(bn(torch.nn.functional.conv2d(inp, w, None, s, p, 1, g))),
+            "ours_conv_bias_relu": lambda: stage_eval._conv_bias_act(inp, w, bias, s, p, (1, 1), g, "relu"),
+            "eager_conv_bn_add_relu": lambda: torch.relu(bn(torch.nn.functional.conv2d(inp, w, None, s, p, 1, g)) + res),
+            "ours_conv_bias_add_relu": lambda: stage_eval._conv_bias_act(inp, w, bias, s, p, (1, 1), g, "relu",
+                                                                      residual=res),
+        }
+        if dev == "cuda" and cutlass_built():
+            def with_cutlass(fn):
+                def run():
+                    with _cutlass_env(True):
+                        return fn()
+                return run
+            contenders["cutlass_conv_bias_relu"] = with_cutlass(contenders["ours_conv_bias_relu"])
+            contenders["cutlass_conv_bias_add_relu"] = with_cutlass(contenders["ours_conv_bias_add_relu"])
+        with torch.no_grad():
+            res_ms = alternate_ms(contenders, dev, args.rounds, args.reps)
+        row = {"in": c_in, "out": c_out, "kernel": list(k), "stride": list(s), "groups": g,
+               "input_hw": list(hw), "gflop": flops / 1e9}
+        for k_, r in res_ms.items():
+            row[k_ + "_ms"] = r["median_ms"]
+            row[k_ + "_tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
+            if peak:
+                row[k_ + "_of_peak"] = row[k_ + "_tflops"] / peak
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"model": name, "dtype": "bf16", "batch": args.batch, "size": size,
+            "matmul_peak_tflops": peak, "layers": rows}
 
 
 def _peak_step(forward: Callable[[], torch.Tensor], device: str, model: nn.Module) -> float:
@@ -212,6 +321,8 @@ def main(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave torch.compile out (it takes minutes on a CPU)")
     p.add_argument("--no-training", dest="training", action="store_false")
+    p.add_argument("--layers", action="store_true",
+                   help="also time each distinct conv of the first model, fused, against eager")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     args.precisions = args.precisions.split(",")
@@ -228,6 +339,8 @@ def main(argv=None):
     print(f"{report['device']}, torch {report['torch']}, commit {report['commit']}", flush=True)
     for name in args.models.split(","):
         report["inference"][name] = bench_inference(name, args)
+    if args.layers:
+        report["layers"] = bench_layers(args.models.split(",")[0], args)
     if args.training:
         report["training"]["stage_stack_4x3x3_c64"] = bench_training(
             "4 x Conv3x3-BN-ReLU, C=64", StageStack, (args.batch, 64, 56 * args.size // 224,

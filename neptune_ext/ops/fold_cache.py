@@ -108,12 +108,17 @@ class FoldCache(PackCache):
         self.fold.clear()
 
     def folded(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
-               dtype: Optional[torch.dtype] = None):
-        """((weight, bias), cacheable): folded in float64, in ``dtype`` (default conv_weight's)."""
+               dtype: Optional[torch.dtype] = None, channels_last: bool = False):
+        """((weight, bias), cacheable): folded in float64, in ``dtype`` (default conv_weight's),
+        the weight channels_last-contiguous if asked."""
         sources = (conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
 
         def build():
             with torch.no_grad():
                 w, b = fold_conv_bn(*sources, eps, compute_dtype=torch.float64)
-                return (w, b) if dtype is None else (w.to(dtype), b.to(dtype))
-        return self.fold.get(sources, (float(eps), dtype), build)
+                if dtype is not None:
+                    w, b = w.to(dtype), b.to(dtype)
+                if channels_last:
+                    w = w.contiguous(memory_format=torch.channels_last)
+                return w, b
+        return self.fold.get(sources, (float(eps), dtype, channels_last), build)

@@ -1,6 +1,7 @@
 """Evaluation Stage: BN folded into the convolution, conv + bias (+ ReLU) in one
 oneDNN primitive on prepacked weights where the installed torch exposes it."""
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -18,6 +19,8 @@ __all__ = ["fold_conv_bn", "conv_bn_act_eval", "conv_bias_relu", "conv_bias", "p
 #   onednn-fused       CPU: one oneDNN primitive, conv + bias (+ residual) (+ activation)
 #   onednn+activation  CPU: one oneDNN primitive for conv + bias + residual, then the
 #                      activation in place (oneDNN fuses only ReLU after an add)
+#   cutlass-fused      CUDA: conv + bias (+ residual) (+ ReLU) in one CUTLASS kernel
+#                      (NEPTUNE_STAGE_CUTLASS=1; float16/bfloat16 channels_last)
 #   cudnn-fused        CUDA: conv + bias (+ residual) + ReLU in one cuDNN call
 #                      (torch.cudnn_convolution_relu / torch.cudnn_convolution_add_relu)
 #   conv+bias          conv2d with its bias (+ an in-place add and activation): every other case
@@ -113,6 +116,51 @@ def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
     return out
 
 
+# The CUTLASS implicit-GEMM convolution (csrc/stage/conv_cutlass*.cu), opt-in with
+# NEPTUNE_STAGE_CUTLASS=1 until a GPU run has measured it against cuDNN's fused calls.
+_CUTLASS_OK = {}
+
+
+@functools.lru_cache(maxsize=None)
+def cutlass_built() -> bool:
+    """Whether this build has the CUTLASS convolution kernels."""
+    try:
+        return "cutlass=1" in torch.ops.neptune.build_info()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cutlass_enabled() -> bool:
+    return os.environ.get("NEPTUNE_STAGE_CUTLASS", "0") == "1" and cutlass_built()
+
+
+def _cutlass_eligible(input, weight, residual, activation, groups, d) -> bool:
+    """What the instantiated kernels take: float16/bfloat16 channels_last input, groups 1,
+    no dilation, channel counts that are multiples of 8 (128-bit accesses), ReLU or no
+    activation (a residual only with ReLU)."""
+    return (input.dtype in (torch.float16, torch.bfloat16) and groups == 1 and tuple(d) == (1, 1)
+            and input.is_contiguous(memory_format=torch.channels_last)
+            and input.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
+            and (activation == "relu" or (activation == "none" and residual is None)))
+
+
+def _cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation):
+    """conv + bias (+ residual) (+ ReLU) as one CUTLASS kernel, or None where not taken."""
+    if not (cutlass_enabled() and _cutlass_eligible(input, weight, residual, activation, groups, d)):
+        return None
+    key = (input.dtype, tuple(weight.shape[1:]), tuple(s), residual is None, activation)
+    if _CUTLASS_OK.get(key) is False:
+        return None
+    try:
+        out = torch.ops.neptune.conv_bias_act(input, weight, bias, residual, list(s), list(p),
+                                              list(d), 1 if activation == "relu" else 0)
+    except RuntimeError:
+        _CUTLASS_OK[key] = False
+        return None
+    _CUTLASS_OK[key] = True
+    return out
+
+
 def conv_output_shape(input: torch.Tensor, weight: torch.Tensor, s, p, d):
     """[N, C_out, H_out, W_out] of conv2d(input, weight) with stride s, padding p, dilation d."""
     hw = [(input.shape[i] + 2 * p[i - 2] - d[i - 2] * (weight.shape[i] - 1) - 1) // s[i - 2] + 1
@@ -186,6 +234,11 @@ def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activ
                         "relu" if activation == "relu" else None, [], "")
         _count("onednn-fused" if fused_act else "onednn+activation")
         return out if fused_act else apply_activation(out, activation, inplace=True)
+    if not grad and fusable and input.is_cuda:
+        out = _cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation)
+        if out is not None:
+            _count("cutlass-fused")
+            return out
     if not grad and fusable and activation == "relu" and input.is_cuda:
         out = _cudnn_fused(input, weight, bias, residual, s, p, d, groups)
         if out is not None:
@@ -259,8 +312,12 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
             out = out + residual
         return apply_activation(out, activation, inplace=False)
     cache = cache if cache is not None else FoldCache()
+    # On CUDA a channels_last input gets a channels_last folded weight (cached), which the
+    # library calls would otherwise copy into that layout on every call.
+    cl = (input.is_cuda and not input.is_contiguous()
+          and input.is_contiguous(memory_format=torch.channels_last))
     (w, b), cacheable = cache.folded(conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                     running_var, eps, dtype)
+                                     running_var, eps, dtype, channels_last=cl)
     packed = None
     if cacheable and _onednn_eligible(input):
         packed = cache.packed(w, s, p, d, groups, input)
