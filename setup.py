@@ -18,7 +18,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "build_backend"))
-from cuda_toolkit import find_cuda_toolkit  # noqa: E402
+from cuda_toolkit import find_cuda_toolkit, find_cutlass  # noqa: E402
 
 
 BUILD_NOTE = os.path.join(ROOT, "neptune_ext", "_build_note.txt")
@@ -40,29 +40,6 @@ def _record(msg: str) -> None:
                 f.write(msg.strip() + "\n")
         except OSError:
             pass
-
-
-def find_cutlass():
-    """(include dir, None) of NVIDIA's CUTLASS/CuTe headers, or (None, why not).
-
-    NEPTUNE_CUTLASS_DIR names an include dir (the one holding cutlass/cutlass.h); otherwise
-    the headers the nvidia-cutlass package ships (cutlass_library/source/include), found
-    without importing it. NEPTUNE_CUTLASS=0 leaves the CUTLASS kernels out."""
-    if os.environ.get("NEPTUNE_CUTLASS", "auto").lower() == "0":
-        return None, "NEPTUNE_CUTLASS=0"
-    candidates = []
-    if os.environ.get("NEPTUNE_CUTLASS_DIR"):
-        candidates.append(os.environ["NEPTUNE_CUTLASS_DIR"])
-    import importlib.util
-    spec = importlib.util.find_spec("cutlass_library")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            candidates.append(os.path.join(loc, "source", "include"))
-    for inc in candidates:
-        if os.path.isfile(os.path.join(inc, "cutlass", "conv", "kernel", "default_conv2d_fprop_with_broadcast.h")):
-            return inc, None
-    return None, ("the CUTLASS headers were not found (pip install nvidia-cutlass, or set "
-                  "NEPTUNE_CUTLASS_DIR)")
 
 
 def _extensions():

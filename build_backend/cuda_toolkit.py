@@ -67,3 +67,29 @@ def find_cuda_toolkit(environ=None, torch_guess=None, defaults=("/usr/local/cuda
         rejected.append(f"{home} ({why})")
     return None, ("no CUDA toolkit found" + (" (tried " + ", ".join(rejected) + ")" if rejected else "")
                   + "; set CUDA_HOME to a toolkit with bin/nvcc and lib64/libcudart.so")
+
+
+def find_cutlass(environ=None):
+    """(include dir, None) of NVIDIA's CUTLASS/CuTe headers, or (None, why not).
+
+    NEPTUNE_CUTLASS_DIR names an include dir (the one holding cutlass/cutlass.h); otherwise
+    the headers the nvidia-cutlass package ships (cutlass_library/source/include), found
+    without importing it. NEPTUNE_CUTLASS=0 leaves the CUTLASS kernels out."""
+    env = os.environ if environ is None else environ
+    if env.get("NEPTUNE_CUTLASS", "auto").lower() == "0":
+        return None, "NEPTUNE_CUTLASS=0"
+    candidates = []
+    if env.get("NEPTUNE_CUTLASS_DIR"):
+        candidates.append(env["NEPTUNE_CUTLASS_DIR"])
+        if not os.path.isfile(os.path.join(env["NEPTUNE_CUTLASS_DIR"], "cutlass", "cutlass.h")):
+            return None, f"NEPTUNE_CUTLASS_DIR={env['NEPTUNE_CUTLASS_DIR']} holds no cutlass/cutlass.h"
+    import importlib.util
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(os.path.join(loc, "source", "include"))
+    for inc in candidates:
+        if os.path.isfile(os.path.join(inc, "cutlass", "conv", "kernel", "default_conv2d_fprop_with_broadcast.h")):
+            return inc, None
+    return None, ("the CUTLASS headers were not found (pip install nvidia-cutlass, or set "
+                  "NEPTUNE_CUTLASS_DIR)")

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build_backend"))
-from cuda_toolkit import find_cuda_toolkit, is_toolkit  # noqa: E402
+from cuda_toolkit import find_cuda_toolkit, find_cutlass, is_toolkit  # noqa: E402
 
 
 def _toolkit(root, nvcc=True, cudart=True):
@@ -163,3 +163,18 @@ def test_info_says_why_the_extension_is_missing(tmp_path):
     (pkg / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))).write_text("not a library")
     out = why()
     assert "exists but cannot be loaded" in out and "circular import" not in out, out
+
+
+def test_cutlass_headers_are_found_or_the_reason_is_said(tmp_path):
+    assert find_cutlass({"NEPTUNE_CUTLASS": "0"}) == (None, "NEPTUNE_CUTLASS=0")
+    inc, why = find_cutlass({"NEPTUNE_CUTLASS_DIR": str(tmp_path)})
+    assert inc is None and "holds no cutlass/cutlass.h" in why
+    fake = tmp_path / "include"
+    (fake / "cutlass" / "conv" / "kernel").mkdir(parents=True)
+    (fake / "cutlass" / "cutlass.h").write_text("")
+    (fake / "cutlass" / "conv" / "kernel" / "default_conv2d_fprop_with_broadcast.h").write_text("")
+    assert find_cutlass({"NEPTUNE_CUTLASS_DIR": str(fake)}) == (str(fake), None)
+    inc, why = find_cutlass({})  # the pinned package `make` installs, or the reason
+    assert (inc is None) != (why is None)
+    if inc is not None:
+        assert os.path.isfile(os.path.join(inc, "cutlass", "conv", "device", "implicit_gemm_convolution.h"))
