@@ -28,7 +28,11 @@ blocks), that module instance runs its traced graph with the three nodes replace
 by ``conv(x, identity)``: its ``forward`` becomes the generated code of that graph
 (an instance attribute; the class, attributes and state dict stay), which calls
 the module's own children. The conv called with one input still returns
-``bn(conv(x))``, so the class's own ``forward`` stays correct too.
+``bn(conv(x))``, so the class's own ``forward`` stays correct too. Copies
+(``copy.deepcopy``), pickling, ``.to()``/``.half()``, ``load_state_dict``, DDP and
+``torch.compile`` see the same modules; ``nn.DataParallel``'s per-device replicas
+would call the original device's modules from that instance ``forward`` (an error
+about devices, not a wrong result): use DistributedDataParallel.
 """
 import ast
 import copy

@@ -282,7 +282,8 @@ def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
 
 def stage_paths(model: nn.Module) -> dict:
     """{module name: path} of every Stage and fused conv of ``model``: how its latest call
-    was computed (None before the first). Evaluation: ``onednn-fused``,
+    was computed (None before the first, and not recorded under torch.compile). Evaluation:
+    ``onednn-fused``, ``cutlass-fused``,
     ``onednn+activation``, ``cudnn-fused``, ``conv+bias``, ``autograd`` (see
     ``neptune_ext.ops.stage_eval``); training: ``bn-relu-kernel`` (conv, then the fused
     BN+ReLU kernel), ``conv-bn-recompute`` (ATen's BN, recomputing backward), ``eager`` (the
