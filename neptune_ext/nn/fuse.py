@@ -183,6 +183,22 @@ def _fusable(conv, bn) -> bool:
     return conv.weight.device == (bn.weight if bn.weight is not None else conv.weight).device
 
 
+def _conv_bn_pairs(graph: fx.Graph, modules: Dict[str, nn.Module], used_once):
+    """(conv node, bn node, conv, bn) for every fusable Conv2d whose only user is a
+    BatchNorm2d call on it alone, both modules called and registered once."""
+    for conv_node in list(graph.nodes):
+        if conv_node.op != "call_module" or not isinstance(modules.get(conv_node.target), nn.Conv2d):
+            continue
+        bn_node = _only_user(conv_node)
+        if (bn_node is None or bn_node.op != "call_module" or bn_node.args != (conv_node,)
+                or bn_node.kwargs):
+            continue
+        conv, bn = modules[conv_node.target], modules.get(bn_node.target)
+        # A module called twice shares its weights between two places: leave it.
+        if _fusable(conv, bn) and used_once(conv) and used_once(bn):
+            yield conv_node, bn_node, conv, bn
+
+
 def _short(name: str, base: str) -> str:
     """``name`` relative to the parent of ``base`` when they share it."""
     parent = base.rpartition(".")[0]
@@ -199,17 +215,7 @@ def _rewrite(root: nn.Module, graph: fx.Graph, prefix: str, report: List[str],
         # Called once in this graph and registered once in the whole model.
         return calls[id(m)] == 1 and registrations[id(m)] == 1
 
-    for conv_node in graph.nodes:
-        if conv_node.op != "call_module" or not isinstance(modules.get(conv_node.target), nn.Conv2d):
-            continue
-        bn_node = _only_user(conv_node)
-        if (bn_node is None or bn_node.op != "call_module" or bn_node.args != (conv_node,)
-                or bn_node.kwargs):
-            continue
-        conv, bn = modules[conv_node.target], modules.get(bn_node.target)
-        # A module called twice shares its weights between two places: leave it.
-        if not _fusable(conv, bn) or not used_once(conv) or not used_once(bn):
-            continue
+    for conv_node, bn_node, conv, bn in _conv_bn_pairs(graph, modules, used_once):
         act = _act_of(_only_user(bn_node), bn_node, modules)
         names = f"{prefix}{conv_node.target}+{_short(bn_node.target, conv_node.target)}"
         if act is not None:
@@ -274,17 +280,9 @@ def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
         return calls[id(m)] == 1 and registrations[id(m)] == 1
 
     tails = []  # (conv node, bn node, add node, activation or None)
-    for conv_node in graph.nodes:
-        if (conv_node.op != "call_module" or len(conv_node.args) != 1 or conv_node.kwargs
-                or not isinstance(modules.get(conv_node.target), nn.Conv2d)):
-            continue
-        bn_node = _only_user(conv_node)
-        if (bn_node is None or bn_node.op != "call_module" or bn_node.args != (conv_node,)
-                or bn_node.kwargs):
-            continue
-        conv, bn = modules[conv_node.target], modules.get(bn_node.target)
-        if not _fusable(conv, bn) or not used_once(conv) or not used_once(bn):
-            continue
+    for conv_node, bn_node, conv, bn in _conv_bn_pairs(graph, modules, used_once):
+        if len(conv_node.args) != 1 or conv_node.kwargs:
+            continue  # (the tail's call passes the conv's input on: one positional argument)
         add_node = _only_user(bn_node)
         if _added_to(bn_node) is None or any(t[2] is add_node for t in tails):
             continue  # (an add of two conv+BN branches is one tail: the first one's)

@@ -13,6 +13,27 @@ from .stage_checks import _pair, _validate_conv, _validate_tensor
 __all__ = ["conv_bn_relu_train", "conv_bn_act_train", "update_running_stats"]
 
 
+def _conv_grads(ctx, grad_x, input, conv_weight, bias_index: int):
+    """(grad input, grad weight, grad conv bias) of the convolution whose output's gradient is
+    grad_x (None where not needed). ``ctx.conv_args`` starts with stride, padding, dilation,
+    groups; ``ctx.bias_like`` is the conv bias's (shape, dtype) or None, and
+    ``bias_index`` its position among the Function's inputs.
+
+    A conv bias cancels in the batch mean: its gradient is zero (eager computes it as a
+    sum that rounds to about zero); a tensor, not None, so optimizers treat it alike."""
+    stride, padding, dilation, groups = ctx.conv_args[:4]
+    need_in, need_w = ctx.needs_input_grad[:2]
+    grad_in = grad_w = grad_bias = None
+    if need_in or need_w:
+        grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_x, input, conv_weight, None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [need_in, need_w, False])
+    if ctx.needs_input_grad[bias_index]:
+        shape, dtype = ctx.bias_like
+        grad_bias = grad_x.new_zeros(shape, dtype=dtype)
+    return grad_in, grad_w, grad_bias
+
+
 class _ConvBnReluTrain(torch.autograd.Function):
     """conv2d -> bn_relu with a backward that recomputes the conv output (see module doc)."""
 
@@ -39,18 +60,8 @@ class _ConvBnReluTrain(torch.autograd.Function):
         grad_x, grad_bn_w, grad_bn_b = _bn_relu_backward_impl(
             grad_y, x, bn_weight, bn_bias, mean, invstd)
         del x
-        need_in, need_w, need_bn_w, need_bn_b = ctx.needs_input_grad[:4]
-        grad_in = grad_w = None
-        if need_in or need_w:
-            grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad_x, input, conv_weight, None, list(stride), list(padding), list(dilation),
-                False, [0, 0], groups, [need_in, need_w, False])
-        # A conv bias cancels in the batch mean: its gradient is zero (eager computes it as
-        # a sum that rounds to about zero); a tensor, not None, so optimizers treat it alike.
-        grad_bias = None
-        if ctx.needs_input_grad[10]:
-            shape, dtype = ctx.bias_like
-            grad_bias = grad_y.new_zeros(shape, dtype=dtype)
+        need_bn_w, need_bn_b = ctx.needs_input_grad[2:4]
+        grad_in, grad_w, grad_bias = _conv_grads(ctx, grad_x, input, conv_weight, bias_index=10)
         return (grad_in, grad_w, grad_bn_w if need_bn_w else None,
                 grad_bn_b if need_bn_b else None, None, None, None, None, None, None, grad_bias)
 
@@ -150,15 +161,7 @@ class _ConvBnActTrain(torch.autograd.Function):
             dz.to(x.dtype), x, bn_weight, None, None, mean, invstd, True, eps,
             [need_in or need_w, need_bn_w and bn_weight is not None, need_bn_b and bn_bias is not None])
         del x
-        grad_in = grad_w = None
-        if need_in or need_w:
-            grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-                dx, input, conv_weight, None, list(stride), list(padding), list(dilation),
-                False, [0, 0], groups, [need_in, need_w, False])
-        grad_bias = None
-        if ctx.needs_input_grad[11]:
-            shape, dtype = ctx.bias_like
-            grad_bias = grad_y.new_zeros(shape, dtype=dtype)
+        grad_in, grad_w, grad_bias = _conv_grads(ctx, dx, input, conv_weight, bias_index=11)
         return (grad_in, grad_w, grad_bn_w if need_bn_w else None, grad_bn_b if need_bn_b else None,
                 grad_res, None, None, None, None, None, None, grad_bias)
 
