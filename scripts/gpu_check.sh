@@ -10,7 +10,7 @@
 #   QUICK=1 bash scripts/gpu_check.sh          (benchmark on 10x smaller graphs)
 #
 # Environment: PYTHON (default python3), OUT, STEPS (default "build test sanitizer
-# bench stagebench usergraphs cnnbench"), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
+# bench stagebench usergraphs"; also "cnnbench cnnbench50": whole CNNs, a second call), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=1, BENCH_ARGS (extra arguments
 # for the benchmark), NEPTUNE_GIT_COMMIT (recorded in the JSON when the checkout
 # has no .git).
 set -uo pipefail
@@ -31,7 +31,7 @@ fi
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
-STEPS=" ${STEPS-build test sanitizer bench stagebench usergraphs cnnbench} "  # set but empty: none
+STEPS=" ${STEPS-build test sanitizer bench stagebench usergraphs} "  # set but empty: none
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
 step() {  # step NAME LOG CMD...: runs CMD, output to LOG, records pass/fail
@@ -120,13 +120,21 @@ if want usergraphs; then
   done
 fi
 
-# 7. Whole CNNs: fuse_stages vs eager, torch.fx folding and torch.compile (ResNet-18/50,
-#    batch 64, 224², channels_last; fp32, bf16, bf16 autocast), and training steps with
-#    their memory (a Stage stack and ResNet-18; fp32 and bf16 autocast).
+# 7. Whole CNNs (not in the default steps: torch.compile of each model and precision takes
+#    minutes; run them in a second call, STEPS="cnnbench cnnbench50"): fuse_stages vs eager,
+#    torch.fx folding and torch.compile (batch 64, 224², channels_last; fp32, bf16, bf16
+#    autocast; with CUTLASS where built). cnnbench: ResNet-18, each of its convolutions
+#    fused vs eager (--layers), training steps with memory (a Stage stack, ResNet-18);
+#    cnnbench50: ResNet-50 inference.
 if want cnnbench; then
-  step "benchmark (neptune_ext.bench.gpu_cnn --device cuda)" "$OUT/cnn_bench.log" \
-    "$PY" -m neptune_ext.bench.gpu_cnn --device cuda --layers --json "$OUT/cnn_bench.json"
-  grep -A6 "^resnet\|^training" "$OUT/cnn_bench.log" >>"$SUMMARY"
+  step "benchmark (neptune_ext.bench.gpu_cnn --device cuda --models resnet18 --layers)" "$OUT/cnn_bench.log" \
+    "$PY" -m neptune_ext.bench.gpu_cnn --device cuda --models resnet18 --layers --json "$OUT/cnn_bench_resnet18.json"
+  grep -A7 "^resnet\|^training" "$OUT/cnn_bench.log" >>"$SUMMARY"
+fi
+if want cnnbench50; then
+  step "benchmark (neptune_ext.bench.gpu_cnn --device cuda --models resnet50 --no-training)" "$OUT/cnn_bench50.log" \
+    "$PY" -m neptune_ext.bench.gpu_cnn --device cuda --models resnet50 --no-training --json "$OUT/cnn_bench_resnet50.json"
+  grep -A7 "^resnet" "$OUT/cnn_bench50.log" >>"$SUMMARY"
 fi
 
 note "---- steps:${STEPS% }: $([ $FAILED = 0 ] && echo 'all passed' || echo 'SOME FAILED'); logs in $OUT"
