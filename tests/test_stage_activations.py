@@ -257,3 +257,15 @@ def test_residual_stage_training_under_cpu_autocast_is_close_to_eager(activation
     got.float().backward(g), want.float().backward(g)
     rel = ((stage.conv.weight.grad - eager[0].weight.grad).norm() / eager[0].weight.grad.norm()).item()
     assert rel < 2e-2
+
+
+def test_bad_residual_under_autocast_is_a_clear_error():
+    stage = Stage(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    for train in (True, False):
+        stage.train(train)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(ValueError, match="residual must be a torch.Tensor or None, got list"):
+                stage(x, [1.0])
+            with pytest.raises(ValueError, match="residual is on meta but input is on cpu"):
+                stage(x, torch.empty(2, 4, 5, 5, device="meta"))

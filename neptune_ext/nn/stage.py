@@ -300,15 +300,15 @@ def stage_paths(model: nn.Module) -> dict:
 def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
                         memory_efficient: bool, cache, activation: str,
                         residual: Optional[torch.Tensor]) -> torch.Tensor:
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise ValueError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if isinstance(input, torch.Tensor) and residual.device != input.device:
+            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
     if isinstance(input, torch.Tensor) and _autocast_on(input):
         out = _autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)
         return _eager(conv, bn, input, activation, residual) if out is None else out
     _check_input(input, conv)
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise ValueError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        if residual.device != input.device:
-            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:
         return ops.conv_bn_act_eval(
