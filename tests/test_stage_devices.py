@@ -13,6 +13,8 @@ from torch import nn
 from neptune_ext.nn import Stage
 from neptune_ext.ops.stage_eval import reset_stage_paths, stage_paths
 
+from stage_helpers import layout as arrange
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish,
                None: nn.Identity}
@@ -26,15 +28,7 @@ SHAPES = {
     "depthwise3x3": (16, 16, 3, 1, 16, 9, 7),
     "stem7x7_s2": (3, 16, 7, 2, 1, 15, 13),
 }
-LAYOUTS = ["nchw", "channels_last", "strided"]
-
-
-def arrange(t: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":  # neither NCHW- nor channels_last-contiguous
-        return torch.cat([t, t], dim=3)[..., ::2]
-    return t.contiguous()
+LAYOUTS = ["nchw", "channels_last", "strided"]  # (stage_helpers.layout)
 
 
 def build(shape, activation, device, dtype):
