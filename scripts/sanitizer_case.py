@@ -27,6 +27,12 @@ def graph(device):
     return Graph.from_edge_index(ei.to(device), (n, n))
 
 
+def _all_finite(*tensors):
+    torch.cuda.synchronize()
+    for t in tensors:
+        assert torch.isfinite(t).all()
+
+
 def run(g, H, C, dtype, p):
     dev = g.device
     n, E = g.num_src, g.num_edges
@@ -38,9 +44,7 @@ def run(g, H, C, dtype, p):
                                              p, seed)
     grads = torch.ops.neptune.gat_backward(torch.randn_like(out), h, ss, sd, g.rowptr, g.col, g.eid,
                                            *g.csc(), el, out, lse, 0.2, p, seed)
-    torch.cuda.synchronize()
-    for t in (out, lse) + tuple(grads):
-        assert torch.isfinite(t).all()
+    _all_finite(out, lse, *grads)
 
 
 def run_v2(g, H, C, dtype, p, rows=None):
@@ -56,9 +60,7 @@ def run_v2(g, H, C, dtype, p, rows=None):
                                                p, seed)
     grads = torch.ops.neptune.gatv2_backward(torch.randn_like(out), xl, xr, att, g.rowptr, g.col, g.eid,
                                              *g.csc(), ef, out, lse, 0.2, p, seed)
-    torch.cuda.synchronize()
-    for t in (out, lse) + tuple(grads):
-        assert torch.isfinite(t).all()
+    _all_finite(out, lse, *grads)
 
 
 def main():

@@ -34,7 +34,9 @@ def test_eligibility_rules():
     assert not ok(x.float(), w.float(), None, "relu", 1, (1, 1))   # 16-bit types only
     assert not ok(x.contiguous(), w, None, "relu", 1, (1, 1))     # channels_last only
     assert not ok(x, w, None, "relu", 2, (1, 1)) and not ok(x, w, None, "relu", 1, (2, 2))
-    assert not ok(x[:, :12], w[:, :12], None, "relu", 1, (1, 1))  # channels % 8
+    x12 = x[:, :12].contiguous(memory_format=cl)                  # channels_last, 12 channels
+    assert not ok(x12, w[:, :12], None, "relu", 1, (1, 1))        # channels % 8
+    assert not ok(x, w[:12], None, "relu", 1, (1, 1))             # output channels % 8
 
 
 def test_off_unless_asked_for(monkeypatch):

@@ -31,6 +31,14 @@ def machine() -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
+def write_json(path, report) -> None:
+    """``report`` as indented JSON at ``path`` (when a path is given), and say so."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {path}")
+
+
 def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> float:
     """Median milliseconds of fn on the current CUDA stream, timed with CUDA events."""
     for _ in range(warmup):

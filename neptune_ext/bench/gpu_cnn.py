@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import neptune_ext
-from .common import git_commit, machine
+from .common import git_commit, machine, write_json
 from .stage import randomize_bn
 from ..ops.stage_eval import cutlass_built
 
@@ -349,10 +349,7 @@ def main(argv=None):
         report["training"][first] = bench_training(
             first, lambda: randomize_bn(getattr(torchvision.models, first)()),
             (args.batch, 3, args.size, args.size), args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"\nwrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

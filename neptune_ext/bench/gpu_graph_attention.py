@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from .common import cuda_median_ms, force_reference, git_commit
+from .common import cuda_median_ms, force_reference, git_commit, write_json
 
 GRAPHS = {  # name: (nodes, edges), the sizes of the OGB node-property graphs
     "arxiv": (169_343, 1_166_243),
@@ -372,10 +372,7 @@ def main(argv=None):
     print_table(report["results"])
     print(f"(medians of {a.repeats} runs after {a.warmup} warm-up; peak = max_memory_allocated "
           "growth over one fwd+bwd; fwd % copy bw: bare op, no autograd)")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {a.json}")
+    write_json(a.json, report)
     return report
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import neptune_ext  # noqa: F401  (loads the ops)
-from .common import cuda_median_ms, git_commit
+from .common import cuda_median_ms, git_commit, write_json
 
 # (C, H, W) of the BN inputs of ResNet-18 (224x224): stem, then the four stages.
 RESNET18 = [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
@@ -68,10 +68,7 @@ def main(argv=None):
                 r = bench_shape(a.batch, C, H, W, dtype, cl)
                 report["results"].append(r)
                 print(json.dumps(r), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {a.json}")
+    write_json(a.json, report)
 
 
 if __name__ == "__main__":

@@ -188,10 +188,7 @@ def main(argv=None):
         a.nodes, a.edges, a.repeats = min(a.nodes, 20_000), min(a.edges, 200_000), min(a.repeats, 3)
     res = run_benchmark(a.nodes, a.edges, a.heads, a.channels, a.in_channels, a.repeats,
                         tuple(a.what.split(",")), a.device, not a.no_memory)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"wrote {a.json}")
+    common.write_json(a.json, res)
     return res
 
 

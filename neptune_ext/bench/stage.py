@@ -15,7 +15,6 @@ them alike; we report medians and ratios. Not a test: nothing here asserts speed
 """
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
@@ -26,7 +25,7 @@ from torch import nn
 import neptune_ext
 from .._util import git_commit
 import neptune_ext.info
-from neptune_ext.bench.common import cpu_name
+from neptune_ext.bench.common import cpu_name, write_json
 from neptune_ext.nn import Stage
 
 
@@ -266,10 +265,7 @@ def main(argv=None):
     machine["loadavg_end"] = loadavg()
     print(f"\nload average at the end: {machine['loadavg_end']} (medians are only meaningful "
           "when nothing else ran)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results)
     return results
 
 

@@ -16,7 +16,6 @@ before timing). Times are medians; speedups are taken per round. GraphAttention 
 self-loop handling (add_self_loops=True) like GATConv's default.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -116,10 +115,7 @@ def main(argv=None):
               "commit": common.git_commit(), "threads": torch.get_num_threads(), "results": []}
     for c in a.cases.split(","):
         report["results"].append(run_case(c, a.device, a.amp, a.rounds, not a.no_compile))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {a.json}")
+    common.write_json(a.json, report)
     return report
 
 

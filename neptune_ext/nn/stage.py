@@ -205,6 +205,11 @@ def _autocast_on(t: torch.Tensor) -> bool:
         return torch.is_autocast_cpu_enabled() if t.device.type == "cpu" else torch.is_autocast_enabled()
 
 
+def _batch_statistics(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn`` normalizes with the batch's statistics (as nn.BatchNorm2d decides)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype:
     try:
         return torch.get_autocast_dtype(device_type)
@@ -229,7 +234,7 @@ def _autocast_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, me
     dtype = _autocast_dtype(device)
     if input.dtype not in (torch.float32, dtype):
         return None
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    bn_training = _batch_statistics(bn)
     if bn_training:
         if activation not in ("relu", "relu6", "none"):
             return None
@@ -309,7 +314,7 @@ def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor
         out = _autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)
         return _eager(conv, bn, input, activation, residual) if out is None else out
     _check_input(input, conv)
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    bn_training = _batch_statistics(bn)
     if not bn_training:
         return ops.conv_bn_act_eval(
             input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
@@ -447,32 +452,29 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return input
 
 
-class FusedReLU(nn.ReLU):
+class _PassThrough:
+    """An activation module whose work the :class:`FusedConv2d` before it does: it keeps its
+    type's attributes and passes its input through. (One named subclass per activation type,
+    so fused models pickle.)"""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+
+class FusedReLU(_PassThrough, nn.ReLU):
     """A ReLU applied by the :class:`FusedConv2d` before it: passes its input through."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
 
-
-class FusedReLU6(nn.ReLU6):
+class FusedReLU6(_PassThrough, nn.ReLU6):
     """A ReLU6 applied by the :class:`FusedConv2d` before it: passes its input through."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
 
-
-class FusedSiLU(nn.SiLU):
+class FusedSiLU(_PassThrough, nn.SiLU):
     """A SiLU applied by the :class:`FusedConv2d` before it: passes its input through."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
 
-
-class FusedHardswish(nn.Hardswish):
+class FusedHardswish(_PassThrough, nn.Hardswish):
     """A Hardswish applied by the :class:`FusedConv2d` before it: passes its input through."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
 
 
 def _check_input(input, conv: nn.Conv2d, check_dtype: bool = True):

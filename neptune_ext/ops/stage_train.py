@@ -9,6 +9,7 @@ from torch.autograd.function import once_differentiable
 from .._util import check as _check, is_compiling as _is_compiling
 from .stage_bn_relu import _bn_relu_backward_impl, _bn_relu_forward_impl
 from .stage_checks import _pair, _validate_conv, _validate_tensor
+from .stage_eval import apply_activation, conv_output_shape
 
 __all__ = ["conv_bn_relu_train", "conv_bn_act_train", "update_running_stats"]
 
@@ -127,7 +128,6 @@ class _ConvBnActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, conv_weight, bn_weight, bn_bias, residual, stride, padding, dilation,
                 groups, eps, activation, conv_bias):
-        from .stage_eval import apply_activation
         x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups)
         z, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, None, None, True, 0.0, eps)
         del x
@@ -184,27 +184,12 @@ def conv_bn_act_train(input: torch.Tensor, conv_weight: torch.Tensor,
            f"activation must be 'relu', 'relu6' or 'none' here, got {activation!r}")
     s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups)
     if residual is not None:
-        from .stage_eval import conv_output_shape
         shape = conv_output_shape(input, conv_weight, s, p, d)
         _check(isinstance(residual, torch.Tensor) and list(residual.shape) == shape,
                f"residual must be a tensor of the output's shape {shape}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-            input, conv_weight, bn_weight, bn_bias, residual, conv_bias)):
-        return _ConvBnActTrain.apply(input, conv_weight, bn_weight, bn_bias, residual, s, p, d,
-                                     groups, float(eps), activation, conv_bias)
-    with torch.no_grad():
-        return _ConvBnActTrain.forward(_NoCtx(), input, conv_weight, bn_weight, bn_bias, residual,
-                                       s, p, d, groups, float(eps), activation, conv_bias)
-
-
-class _NoCtx:
-    """A stand-in ctx for running an autograd Function's forward outside autograd."""
-
-    def save_for_backward(self, *tensors):
-        pass
-
-    def mark_non_differentiable(self, *tensors):
-        pass
+    # (Outside autograd, apply runs the forward alone; nothing it saves outlives the call.)
+    return _ConvBnActTrain.apply(input, conv_weight, bn_weight, bn_bias, residual, s, p, d,
+                                 groups, float(eps), activation, conv_bias)
 
 
 @torch.no_grad()
