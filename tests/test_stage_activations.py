@@ -2,6 +2,7 @@
 input, against the eager modules: float64 outputs, gradients and running statistics in
 train and eval, the fused CPU paths in float32, autocast, and bad arguments."""
 import copy
+import re
 
 import pytest
 import torch
@@ -269,3 +270,61 @@ def test_bad_residual_under_autocast_is_a_clear_error():
                 stage(x, [1.0])
             with pytest.raises(ValueError, match="residual is on meta but input is on cpu"):
                 stage(x, torch.empty(2, 4, 5, 5, device="meta"))
+
+
+@pytest.mark.parametrize("activation,memory_efficient", [("relu", True), ("relu6", False),
+                                                         (None, True)])
+def test_broadcasting_residual_under_bf16_autocast_is_eager(activation, memory_efficient):
+    """A residual that broadcasts ([N, 1, H, W], [1, C, 1, 1]) and memory_efficient=False
+    take eager's computation under autocast in training: eager's dtype and values."""
+    stage, eager = make(activation, dtype=torch.float32, memory_efficient=memory_efficient)
+    for train in (True, False):
+        stage.train(train), eager.train(train)
+        for shape in ((2, 1, 7, 7), (1, 8, 1, 1), (2, 8, 7, 7)):
+            x = torch.randn(2, 6, 7, 7, requires_grad=True)
+            r = torch.randn(*shape, requires_grad=True)
+            xe, re = (t.detach().clone().requires_grad_() for t in (x, r))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got, want = stage(x, r), eager_tail(eager, xe, re)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+            got.float().sum().backward(), want.float().sum().backward()
+            torch.testing.assert_close(r.grad, re.grad, rtol=1e-2, atol=1e-2 * re.grad.abs().max().item())
+        torch.testing.assert_close(stage.bn.running_mean, eager[1].running_mean, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_residual_of_the_wrong_shape_is_a_value_error_naming_it(train, autocast):
+    stage = Stage(3, 4, 3, padding=1).train(train)
+    x = torch.randn(2, 3, 5, 5)
+    for shape in ((2, 3, 5, 5), (2, 4, 5, 6), (2, 4, 5, 5, 1), (3, 4, 5, 5)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with pytest.raises(ValueError, match=r"residual must have the output's shape "
+                               r"\[N, C_out, H_out, W_out\] = \[2, 4, 5, 5\] \(or broadcast to it\), "
+                               + re.escape(f"got {list(shape)}")):
+                stage(x, torch.randn(*shape))
+
+
+def test_activation_is_checked_on_assignment():
+    stage, eager = make("relu")
+    for bad in ("gelu", nn.ReLU(), 3):
+        with pytest.raises(ValueError, match="activation must be one of 'relu', 'relu6', 'silu', "
+                           "'hardswish', 'none' or None"):
+            stage.activation = bad
+        assert stage.activation == "relu" and "activation" not in stage._modules
+    stage.activation = "SiLU"  # takes effect in both modes
+    assert stage.activation == "silu"
+    eager[2] = nn.SiLU()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    for train in (True, False):
+        stage.train(train), eager.train(train)
+        torch.testing.assert_close(stage(x), eager(x), **F64)
+    stage.activation = None
+    assert stage.activation == "none"
+    conv = FusedConv2d.convert(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), activation="relu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        conv.activation = "gelu"
+    with pytest.raises(ValueError, match="residual_activation must be one of"):
+        conv.residual_activation = "tanh"
+    assert conv.activation == "relu" and conv.residual_activation is None

@@ -31,6 +31,41 @@ def _explicit_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
     return (padding, padding) if isinstance(padding, int) else tuple(padding)
 
 
+class _ActivationAttribute:
+    """An activation-name attribute checked on assignment: ``stage.activation = "gelu"`` is a
+    ValueError naming the attribute and the allowed values at once, not a surprise at the next
+    call. ``optional``: None stays None (a FusedConv2d without a residual role) instead of
+    meaning "none"."""
+
+    def __init__(self, default: Optional[str], optional: bool = False):
+        self.default, self.optional = default, optional
+
+    def __set_name__(self, owner, name: str):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        d = obj.__dict__
+        # (objects pickled before this was a property hold the plain attribute)
+        return d.get(self.slot, d.get(self.name, self.default))
+
+    def __set__(self, obj, value):
+        if not (self.optional and value is None):
+            value = ops.check_activation(value, self.name)
+        obj.__dict__[self.slot] = value
+
+
+def _set_attribute(module: nn.Module, name: str, value) -> None:
+    """nn.Module.__setattr__, except for an _ActivationAttribute, which is checked even when
+    the value is a module or a tensor (nn.Module would register those as children/buffers
+    beside the attribute, which would then hide them)."""
+    if isinstance(getattr(type(module), name, None), _ActivationAttribute):
+        getattr(type(module), name).__set__(module, value)
+    else:
+        nn.Module.__setattr__(module, name, value)
+
+
 class Stage(nn.Module):
     """``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...), nn.ReLU())``, fused.
 
@@ -68,6 +103,14 @@ class Stage(nn.Module):
       computation; eval without autograd folds the BN in float32 and runs the fused
       convolution in autocast's dtype (equal to eager within that dtype's rounding).
 
+    ``activation`` can be changed later (``stage.activation = "silu"``); a name outside
+    the list above is a ValueError at the assignment. A ``residual`` must have the output's
+    shape ``[N, out_channels, H_out, W_out]`` or broadcast to it (ValueError otherwise).
+
+    Double backward (``torch.autograd.grad(..., create_graph=True)`` then a second grad)
+    works in every mode: a backward asked to build a graph recomputes the eager
+    computation from the saved inputs and differentiates that (eager's second derivatives).
+
     Args: as ``nn.Conv2d`` (without bias / padding_mode) and ``nn.BatchNorm2d``.
 
     Example::
@@ -80,13 +123,16 @@ class Stage(nn.Module):
         torch.Size([2, 16, 8, 8])
     """
 
+    activation = _ActivationAttribute("relu")
+    __setattr__ = _set_attribute
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
                  padding: Union[int, Tuple[int, int], str] = 0, dilation=1, groups: int = 1,
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, *,
                  activation: Optional[str] = "relu", memory_efficient: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        self.activation = ops.check_activation(activation)
+        self.activation = activation
         k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
         if padding == "same" and any(x != 1 for x in ((stride, stride) if isinstance(stride, int)
@@ -136,7 +182,7 @@ class Stage(nn.Module):
                 bn = _bn_with_shifted_mean(bn, conv.bias.detach())
             conv = new_conv
         stage.conv, stage.bn = conv, bn
-        stage.activation = ops.check_activation(activation)
+        stage.activation = activation
         stage.memory_efficient = memory_efficient
         stage.cache_fold = True
         stage._fold = ops.FoldCache()
@@ -147,7 +193,7 @@ class Stage(nn.Module):
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = self._fold if getattr(self, "cache_fold", True) else None
         return _stage_forward(self.conv, self.bn, input, self.memory_efficient, cache,
-                              getattr(self, "activation", "relu"), residual)
+                              self.activation, residual)
 
     def clear_cache(self) -> None:
         """Forget the eval-mode fold (see ``cache_fold``)."""
@@ -164,7 +210,7 @@ class Stage(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        parts = [] if getattr(self, "activation", "relu") == "relu" else [f"activation={self.activation!r}"]
+        parts = [] if self.activation == "relu" else [f"activation={self.activation!r}"]
         return ", ".join(parts + ([] if self.memory_efficient else ["memory_efficient=False"]))
 
 
@@ -238,17 +284,16 @@ def _autocast_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, me
     if bn_training:
         if activation not in ("relu", "relu6", "none"):
             return None
-        _check_input(input, conv, check_dtype=False)
         with torch.autocast(device, enabled=False):
             # (casts autograd differentiates: gradients reach the float32 weight as in eager)
             x, w = input.to(dtype), conv.weight.to(dtype)
             if activation == "relu" and residual is None:
                 return _train_bn_relu(conv, bn, x, w, memory_efficient)
+            # (None where eager must run: under autocast, with the float32 input)
             return _train_other(conv, bn, x, w, memory_efficient, activation, residual)
     params = (input, residual, conv.weight, conv.bias, bn.weight, bn.bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
         return None
-    _check_input(input, conv, check_dtype=False)
     with torch.autocast(device, enabled=False):
         return ops.conv_bn_act_eval(
             input.to(dtype), conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
@@ -310,10 +355,13 @@ def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor
             raise ValueError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
         if isinstance(input, torch.Tensor) and residual.device != input.device:
             raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
-    if isinstance(input, torch.Tensor) and _autocast_on(input):
+    autocast = isinstance(input, torch.Tensor) and _autocast_on(input)
+    _check_input(input, conv, check_dtype=not autocast)
+    if residual is not None:
+        _check_residual_shape(residual, input, conv)
+    if autocast:
         out = _autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)
         return _eager(conv, bn, input, activation, residual) if out is None else out
-    _check_input(input, conv)
     bn_training = _batch_statistics(bn)
     if not bn_training:
         return ops.conv_bn_act_eval(
@@ -321,7 +369,8 @@ def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor
             bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=cache,
             activation=activation, residual=residual)
     if activation != "relu" or residual is not None:
-        return _train_other(conv, bn, input, conv.weight, memory_efficient, activation, residual)
+        out = _train_other(conv, bn, input, conv.weight, memory_efficient, activation, residual)
+        return _eager(conv, bn, input, activation, residual) if out is None else out
     return _train_bn_relu(conv, bn, input, conv.weight, memory_efficient)
 
 
@@ -329,11 +378,12 @@ def _train_other(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, weigh
                  memory_efficient: bool, activation: str, residual: Optional[torch.Tensor]):
     """Batch statistics with ReLU6 / no activation / a residual add: the recomputing
     conv_bn_act_train where it applies (ReLU, ReLU6 or none; a residual of the output's
-    shape), else the eager modules' computation."""
+    shape), else None: the caller runs the eager modules' computation (with the caller's
+    input: under autocast ``input`` and ``weight`` here are autocast's casts)."""
     s, p, d = conv.stride, conv.padding, conv.dilation
     if (not memory_efficient or activation not in ("relu", "relu6", "none") or (
             residual is not None and list(residual.shape) != ops.conv_output_shape(input, weight, s, p, d))):
-        return _eager(conv, bn, input, activation, residual)  # (a broadcasting add, SiLU, ...)
+        return None  # (a broadcasting add, SiLU, ...)
 
     note_path("conv-bn-recompute")
 
@@ -390,7 +440,17 @@ class FusedConv2d(nn.Conv2d):
     ``conv(x, identity)`` is ``residual_activation(bn(conv(x)) + identity)`` (one
     argument: ``bn(conv(x))``, which the block's own code then adds and activates).
     The fold cache behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`).
+    ``activation`` and ``residual_activation`` are checked on assignment as Stage's.
+
+    Hooks registered on the conv, its BN or the activation *after* fusion see the fused
+    values: the conv's output is already ``activation(bn(conv(x)))``, the BN and a fused
+    activation module pass it through. (``fuse_stages`` leaves a chain whose modules have
+    hooks at fusion time unfused.)
     """
+
+    activation = _ActivationAttribute("relu")
+    residual_activation = _ActivationAttribute(None, optional=True)
+    __setattr__ = _set_attribute
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if residual is None:
@@ -411,9 +471,8 @@ class FusedConv2d(nn.Conv2d):
         conv.padding = _explicit_padding(conv.padding, conv.kernel_size, conv.dilation)
         conv.__class__ = cls
         object.__setattr__(conv, "fused_bn", bn)  # a reference, not a child: no new state-dict keys
-        conv.activation = ops.check_activation(activation)
-        conv.residual_activation = (None if residual_activation is None
-                                    else ops.check_activation(residual_activation))
+        conv.activation = activation
+        conv.residual_activation = residual_activation
         conv.memory_efficient = True
         conv.cache_fold = True
         conv._fold = ops.FoldCache()
@@ -491,6 +550,19 @@ def _check_input(input, conv: nn.Conv2d, check_dtype: bool = True):
     if input.device != conv.weight.device:
         raise ValueError(f"input is on {input.device} but the Stage's parameters are on "
                          f"{conv.weight.device}")
+
+
+def _check_residual_shape(residual: torch.Tensor, input: torch.Tensor, conv: nn.Conv2d):
+    """The residual is added to the output: it must have the output's shape or broadcast to
+    it (a residual that would grow the output is refused too)."""
+    shape = ops.conv_output_shape(input, conv.weight, conv.stride, conv.padding, conv.dilation)
+    try:
+        ok = list(torch.broadcast_shapes(tuple(residual.shape), tuple(shape))) == list(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"residual must have the output's shape [N, C_out, H_out, W_out] = "
+                         f"{list(shape)} (or broadcast to it), got {list(residual.shape)}")
 
 
 def _bn_with_shifted_mean(bn: nn.BatchNorm2d, shift: torch.Tensor) -> nn.BatchNorm2d:

@@ -78,6 +78,21 @@ def _dense_like(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _differentiable_backward(ctx, grad_y, x, weight, bias):
+    """(grad x, grad weight, grad bias) as a graph: the reference forward recomputed from the
+    saved inputs (through fresh views: partial derivatives) and differentiated."""
+    with torch.enable_grad():
+        views = [t.view_as(t) for t in (x, weight, bias)]
+        y = bn_relu_forward_reference(*views, ctx.eps)[0]
+    wanted = [i for i, t in enumerate((x, weight, bias)) if ctx.needs_input_grad[i] and t.requires_grad]
+    grads = torch.autograd.grad(y, [views[i] for i in wanted], grad_y, create_graph=True,
+                                allow_unused=True)
+    out = [None, None, None]
+    for i, g in zip(wanted, grads):
+        out[i] = torch.zeros_like(views[i]) if g is None else g
+    return out
+
+
 def _register():
     lib = "neptune::bn_relu_forward"
 
@@ -97,9 +112,14 @@ def _register():
         _, mean, var, invstd = output
         ctx.mark_non_differentiable(mean, var, invstd)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
 
     def backward(ctx, grad_y, _gm, _gv, _gi):
         x, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the backward kernel has no derivative, so
+            # differentiate the reference forward instead (eager's second derivatives).
+            return (*_differentiable_backward(ctx, grad_y, x, weight, bias), None)
         gx, gw, gb = torch.ops.neptune.bn_relu_backward(grad_y, x, weight, bias, mean, invstd)
         return gx, gw, gb, None
 

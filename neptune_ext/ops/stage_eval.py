@@ -62,12 +62,13 @@ _ONEDNN_UNARY = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu"
                  "hardswish": ("hardswish", []), "none": ("none", [])}
 
 
-def check_activation(activation) -> str:
-    """``activation`` as one of ACTIVATIONS (None means "none"); a ValueError otherwise."""
+def check_activation(activation, name: str = "activation") -> str:
+    """``activation`` as one of ACTIVATIONS (None means "none"); a ValueError naming ``name``
+    otherwise."""
     if activation is None:
         return "none"
     if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(repr(a) for a in ACTIVATIONS)} "
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in ACTIVATIONS)} "
                          f"or None, got {activation!r}")
     return activation.lower()
 

@@ -4,7 +4,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .._util import check as _check, is_compiling as _is_compiling
 from .stage_bn_relu import _bn_relu_backward_impl, _bn_relu_forward_impl
@@ -14,16 +13,17 @@ from .stage_eval import apply_activation, conv_output_shape
 __all__ = ["conv_bn_relu_train", "conv_bn_act_train", "update_running_stats"]
 
 
-def _conv_grads(ctx, grad_x, input, conv_weight, bias_index: int):
+def _conv_grads(ctx, grad_x, input, conv_weight, bias_index: int, bias_only: bool = False):
     """(grad input, grad weight, grad conv bias) of the convolution whose output's gradient is
     grad_x (None where not needed). ``ctx.conv_args`` starts with stride, padding, dilation,
     groups; ``ctx.bias_like`` is the conv bias's (shape, dtype) or None, and
     ``bias_index`` its position among the Function's inputs.
 
     A conv bias cancels in the batch mean: its gradient is zero (eager computes it as a
-    sum that rounds to about zero); a tensor, not None, so optimizers treat it alike."""
+    sum that rounds to about zero); a tensor, not None, so optimizers treat it alike.
+    ``bias_only``: that zero alone."""
     stride, padding, dilation, groups = ctx.conv_args[:4]
-    need_in, need_w = ctx.needs_input_grad[:2]
+    need_in, need_w = (False, False) if bias_only else ctx.needs_input_grad[:2]
     grad_in = grad_w = grad_bias = None
     if need_in or need_w:
         grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -35,6 +35,38 @@ def _conv_grads(ctx, grad_x, input, conv_weight, bias_index: int):
     return grad_in, grad_w, grad_bias
 
 
+def _differentiable_backward(ctx, grad_y, tensors, conv_args, eps, activation, residual=None):
+    """The gradients as a graph, for a backward called with ``create_graph=True`` (double
+    backward: gradient penalties, meta-learning). The fused backwards are not differentiable
+    themselves, so this recomputes the eager computation from the saved inputs (the
+    forward's inputs, still attached to their graph) and differentiates that: eager's first
+    and second derivatives. ``tensors``: the Function's first four inputs (input, conv
+    weight, BN weight, BN bias); returns their gradients, then the residual's if given.
+
+    Each input enters the recomputation through a fresh view and the gradients are taken
+    with respect to those views: partial derivatives, as a backward must return. (With
+    respect to the tensors themselves autograd would also follow their own history, e.g.
+    from a residual block's identity through the conv input computed from it.)"""
+    stride, padding, dilation, groups = conv_args
+    candidates = list(tensors) + ([residual] if residual is not None else [])
+    with torch.enable_grad(), torch.autocast(candidates[0].device.type, enabled=False):
+        # (the forward ran with autocast off, on autocast's casts: the same arithmetic)
+        views = [None if t is None else t.view_as(t) for t in candidates]
+        x = F.conv2d(views[0], views[1], None, stride, padding, dilation, groups)
+        z = F.batch_norm(x, None, None, views[2], views[3], True, 0.0, eps)
+        if residual is not None:
+            z = z + views[4]
+        y = apply_activation(z, activation, inplace=False)
+    wanted = [i for i, t in enumerate(candidates)
+              if t is not None and ctx.needs_input_grad[min(i, 4)] and t.requires_grad]
+    grads = torch.autograd.grad(y, [views[i] for i in wanted], grad_y, create_graph=True,
+                                allow_unused=True)
+    out = [None] * len(candidates)
+    for i, g in zip(wanted, grads):
+        out[i] = torch.zeros_like(candidates[i]) if g is None else g
+    return out
+
+
 class _ConvBnReluTrain(torch.autograd.Function):
     """conv2d -> bn_relu with a backward that recomputes the conv output (see module doc)."""
 
@@ -44,6 +76,7 @@ class _ConvBnReluTrain(torch.autograd.Function):
         x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups)
         y, mean, var, invstd = _bn_relu_forward_impl(x, bn_weight, bn_bias, eps)
         ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.eps = eps
         ctx.recompute = recompute
         ctx.bias_like = None if conv_bias is None else (conv_bias.shape, conv_bias.dtype)
         saved = (input, conv_weight, bn_weight, bn_bias, mean, invstd)
@@ -52,10 +85,16 @@ class _ConvBnReluTrain(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         stride, padding, dilation, groups = ctx.conv_args
         input, conv_weight, bn_weight, bn_bias, mean, invstd, *rest = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grad_in, grad_w, grad_bn_w, grad_bn_b = _differentiable_backward(
+                ctx, grad_y, (input, conv_weight, bn_weight, bn_bias), ctx.conv_args, ctx.eps, "relu")
+            _, _, grad_bias = _conv_grads(ctx, grad_y, input, conv_weight, bias_index=10,
+                                          bias_only=True)
+            return (grad_in, grad_w, grad_bn_w, grad_bn_b, None, None, None, None, None, None,
+                    grad_bias)
         x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups) \
             if ctx.recompute else rest[0]
         grad_x, grad_bn_w, grad_bn_b = _bn_relu_backward_impl(
@@ -143,10 +182,18 @@ class _ConvBnActTrain(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         stride, padding, dilation, groups, eps, activation = ctx.conv_args
         input, conv_weight, bn_weight, bn_bias, mean, invstd, residual = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _differentiable_backward(ctx, grad_y, (input, conv_weight, bn_weight, bn_bias),
+                                             ctx.conv_args[:4], eps, activation, residual)
+            grad_res = None if residual is None else grads[4]
+            if grad_res is not None and grad_res.dtype != ctx.residual_dtype:
+                grad_res = grad_res.to(ctx.residual_dtype)
+            _, _, grad_bias = _conv_grads(ctx, grad_y, input, conv_weight, bias_index=11,
+                                          bias_only=True)
+            return (*grads[:4], grad_res, None, None, None, None, None, None, grad_bias)
         x = F.conv2d(input, conv_weight, None, stride, padding, dilation, groups)
         dz = grad_y
         if activation != "none":
