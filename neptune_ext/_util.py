@@ -36,3 +36,15 @@ def git_commit() -> str:
                               text=True, timeout=5).stdout.strip() or "unknown"
     except Exception:
         return "unknown"
+
+
+def promote(*tensors):
+    """The tensors (None kept) cast to their common dtype by torch's promotion rule, as a
+    torch binary op would compute them: bfloat16 with float32 runs in float32. This is
+    what an attention op does with a bfloat16 projection under autocast and float32
+    logits or attention vectors (PyG's layers compute the same in float32)."""
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)

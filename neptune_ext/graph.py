@@ -82,9 +82,15 @@ class Graph:
         self._col = col
         self._eid = eid
         self._edge_index = edge_index
-        self._num_src = num_src if isinstance(num_src, torch.SymInt) else int(num_src)
-        self._num_dst = num_dst if isinstance(num_dst, torch.SymInt) else int(num_dst)
+        self._num_src = _as_size(num_src, "num_src", "Graph: ")
+        self._num_dst = _as_size(num_dst, "num_dst", "Graph: ")
         self._csc = None
+
+    def __getstate__(self):
+        # The COO edge list may still be a lazy builder (a local function): pickle its value.
+        state = self.__dict__.copy()
+        state["_edge_index"] = self.edge_index
+        return state
 
     rowptr = property(lambda self: self._rowptr, doc="CSR row pointer [num_dst + 1]")
     col = property(lambda self: self._col, doc="source id of every CSR position [E]")
@@ -126,12 +132,18 @@ class Graph:
         graph on first use (ValueError if it is not a valid CSR graph); without them it is
         checked here."""
         for name, t in (("rowptr", rowptr), ("col", col)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex():
-                raise ValueError(f"{name} must be a 1-D integer tensor")
+            if (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex()
+                    or t.dtype == torch.bool):
+                raise ValueError(f"{name} must be a 1-D integer tensor, got "
+                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+                                 f"{list(t.shape) if isinstance(t, torch.Tensor) else ''}")
+        num_src = _as_size(num_src, "num_src", "Graph.from_csr: ")
         num_dst, E = rowptr.shape[0] - 1, col.shape[0]
         if num_dst < 0:
             raise ValueError("rowptr must have num_dst + 1 >= 1 entries")
-        itype = _index_dtype(E, max(int(num_src), num_dst))
+        itype = _index_dtype(E, max(num_src, num_dst))
+        for name, t, hi in (("rowptr", rowptr, E), ("col", col, num_src - 1)):
+            _check_fits(t, itype, name, hi)
         rowptr, col = rowptr.to(itype).contiguous(), col.to(itype).contiguous()
         kernels_check = _use_graph_ops(col.device) and os.environ.get("NEPTUNE_FORCE_REFERENCE", "0") != "1"
         if not kernels_check and not _is_compiling():  # the reference will index with these ids
@@ -263,6 +275,11 @@ class GATGraph:
             graph = Graph._build(prepared_edge_index(), num_src, num_dst + 1)
         return cls(graph, num_dst, is_loop, n)
 
+    @property
+    def num_input_edges(self) -> int:
+        """The number of the caller's edges (before the added self loops)."""
+        return self.is_loop.numel() if self.add_loops else self.graph.num_edges
+
     def edge_attr(self, edge_attr: torch.Tensor, fill_value) -> torch.Tensor:
         """Edge attributes for the prepared edges: the input ones plus the loop fill."""
         if not self.add_loops:
@@ -357,18 +374,32 @@ def _complete_size(ei: torch.Tensor, size: Tuple[Optional[int], Optional[int]]) 
     return (inferred if num_src is None else num_src), (inferred if num_dst is None else num_dst)
 
 
-def _as_size(v, name: str):
+def _as_size(v, name: str, where: str = "size: "):
     if v is None or isinstance(v, torch.SymInt):
         return v
     if isinstance(v, bool) or (isinstance(v, torch.Tensor) and (v.is_floating_point() or v.numel() != 1)):
-        raise ValueError(f"size: {name} must be a non-negative int or None, got {v!r}")
+        raise ValueError(f"{where}{name} must be a non-negative int or None, got {v!r}")
     try:
         v = operator.index(v)
     except TypeError:
-        raise ValueError(f"size: {name} must be a non-negative int or None, got {v!r}") from None
+        raise ValueError(f"{where}{name} must be a non-negative int or None, got {v!r}") from None
     if v < 0:
-        raise ValueError(f"size: {name} must be a non-negative int or None, got {v}")
+        raise ValueError(f"{where}{name} must be a non-negative int or None, got {v}")
     return v
+
+
+def _check_fits(t: torch.Tensor, itype: torch.dtype, name: str, hi: int) -> None:
+    """ValueError unless the ids in ``t`` survive the cast to ``itype``: a narrowing cast
+    would wrap 2**32 + 1 to 1, a valid-looking id. Checked (one host sync) only when the
+    cast narrows; the graph check then validates the values themselves."""
+    if t.numel() == 0 or _is_compiling() or torch.iinfo(t.dtype).bits <= torch.iinfo(itype).bits:
+        return
+    lo_v, hi_v = torch.aminmax(t)
+    info = torch.iinfo(itype)
+    if int(lo_v) < info.min or int(hi_v) > info.max:
+        bad = int(hi_v) if int(hi_v) > info.max else int(lo_v)
+        raise ValueError(f"{name} contains {bad}, which is not a valid entry (expected values in "
+                         f"[0, {hi}])")
 
 
 def _parse_size(size: SizeLike) -> Tuple[Optional[int], Optional[int]]:

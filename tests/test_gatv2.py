@@ -201,7 +201,6 @@ def test_reference_fallback_matches(monkeypatch):
 @pytest.mark.parametrize("bad, words", [
     (lambda a: dict(x_r=a["x_r"][:, :1]), "x_r must have shape"),
     (lambda a: dict(att=a["att"][:1]), "att must have shape"),
-    (lambda a: dict(x_r=a["x_r"].float()), "share one dtype"),
     (lambda a: dict(edge_feat=a["edge_feat"][:-1]), "edge_feat must have shape"),
     (lambda a: dict(x_l=a["x_l"][:-1]), "source nodes"),
     (lambda a: dict(negative_slope=float("nan")), "negative_slope"),
@@ -215,6 +214,19 @@ def test_bad_inputs_name_the_argument(bad, words):
     args.update(bad(args))
     with pytest.raises(ValueError, match=words):
         ops.gatv2_attention(**args)
+
+
+def test_mixed_dtypes_run_in_the_promoted_dtype():
+    """bfloat16 x_l/x_r (a projection under autocast) with a float32 att run, and return,
+    float32, as GATv2Conv does; the same numbers as with the inputs cast."""
+    ei, n_src, n_dst = CASES["random"]
+    g = Graph.from_edge_index(ei, (n_src, n_dst))
+    xl, xr, att, ef = make_inputs(n_src, n_dst, ei.shape[1], 2, 3, requires_grad=False)
+    bf = [t.to(torch.bfloat16) for t in (xl, xr, ef)]
+    out = ops.gatv2_attention(bf[0], bf[1], att.float(), g, 0.2, bf[2])
+    assert out.dtype == torch.float32
+    want = ops.gatv2_attention(bf[0].float(), bf[1].float(), att.float(), g, 0.2, bf[2].float())
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def test_direct_op_calls_with_bad_graphs_raise():

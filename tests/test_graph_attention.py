@@ -258,10 +258,8 @@ class TestBadInput:
         (lambda s: dict(score_src=s.ss[:, :1]), r"score_src must have shape"),
         (lambda s: dict(score_dst=s.sd[:-1]), "score_dst has .* destination nodes"),
         (lambda s: dict(score_dst=s.sd[:, :1]), r"score_dst must have shape"),
-        (lambda s: dict(score_src=s.ss.float()), "must share one dtype"),
         (lambda s: dict(h=s.h.long()), "h must be a floating-point tensor"),
         (lambda s: dict(edge_logits=s.el[:-1]), r"edge_logits must have shape \[E, H\]"),
-        (lambda s: dict(edge_logits=s.el.float()), "edge_logits must have the dtype of h"),
         (lambda s: dict(dropout=1.0), r"dropout must be a float in \[0, 1\)"),
         (lambda s: dict(dropout=-0.1), r"dropout must be a float in \[0, 1\)"),
         (lambda s: dict(graph=s.g.edge_index), "graph must be a neptune_ext.Graph"),
@@ -270,6 +268,18 @@ class TestBadInput:
     def test_raises(self, kw, match):
         with pytest.raises(ValueError, match=match):
             self.call(**kw(self))
+
+    def test_mixed_dtypes_run_in_the_promoted_dtype(self):
+        """As torch's binary ops (and PyG's layers under autocast): bfloat16 h with float32
+        scores is computed, and returned, in float32 - the same numbers as with h cast."""
+        h16 = self.h.to(torch.bfloat16)
+        ss, sd, el = self.ss.float(), self.sd.float(), self.el.float()
+        out = self.call(h=h16, score_src=ss, score_dst=sd, edge_logits=el)
+        assert out.dtype == torch.float32
+        want = self.call(h=h16.float(), score_src=ss, score_dst=sd, edge_logits=el)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        out64 = self.call(score_src=self.ss.float())  # float64 h wins over float32 scores
+        assert out64.dtype == torch.float64
 
     def test_raw_op_rejects_bad_shapes(self):
         if neptune_ext._ext._C is None:

@@ -83,19 +83,43 @@ def reset_linear(lin: Optional[nn.Module]) -> None:
             lin.bias.uniform_(-bound, bound)
 
 
+def head_weights(att: Tensor, weight: Tensor) -> Tensor:
+    """W_head^T a_head for every head: [H, F] from att [1, H, C] and a Linear weight
+    [H*C, F], so that x @ head_weights(att, W).t() = <a, W x> per head without an
+    [N, H, C] temporary. Elementwise ops only: float32 under autocast, like the weights."""
+    H, C = att.shape[-2], att.shape[-1]
+    return (att.reshape(H, C, 1) * weight.view(H, C, -1)).sum(1)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def logit_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w.t() for attention logits. Under autocast this runs in w's dtype (float32 for
+    float32 parameters), outside autocast: PyG's layers compute their logits in float32
+    there (low-precision features times float32 attention vectors), and a bfloat16 logit
+    would lose what a softmax is most sensitive to."""
+    if _autocast_on(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return x.to(w.dtype) @ w.t()
+    return x @ w.t()
+
+
 def _sorted_by_destination(edge_index, num_src: int, num_dst: int):
     """(rowptr, col) when ``edge_index`` already is a CSR by destination of the right size:
     a torch sparse CSR adjacency [num_dst, num_src], or PyG's EdgeIndex sorted by
     destination with sparse size (num_src, num_dst). None otherwise."""
     if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_csr:
-        if tuple(edge_index.shape[:2]) == (num_dst, num_src):
-            return edge_index.crow_indices(), edge_index.col_indices()
-        return None
+        return edge_index.crow_indices(), edge_index.col_indices()
     if (type(edge_index) is not Tensor and isinstance(edge_index, Tensor)
             and getattr(edge_index, "is_sorted_by_col", False) and hasattr(edge_index, "get_csc")):
         try:
             if tuple(edge_index.sparse_size()) != (num_src, num_dst):
-                return None
+                return None  # a size not (fully) known: the general path checks the ids
             (colptr, row), perm = edge_index.get_csc()
         except Exception:  # an EdgeIndex this code does not know: take the general path
             return None
@@ -175,22 +199,45 @@ class AttentionBase(_Base):
 
     @staticmethod
     def _sizes(x_src: Tensor, x_dst: Optional[Tensor], edge_index, size) -> Tuple[int, int]:
-        num_src, num_dst = x_src.shape[0], None
+        """(num_src, num_dst), as PyG's MessagePassing settles them: a sparse adjacency
+        [N_dst, N_src], an EdgeIndex's sparse size or a Graph define them, ``size`` may give
+        them, and every node tensor must agree (ValueError naming what disagrees)."""
+        num_src, num_dst, given_by = None, None, None
+        if isinstance(edge_index, Graph):
+            num_src, num_dst, given_by = edge_index.num_src, edge_index.num_dst, "edge_index (a Graph)"
+        elif isinstance(edge_index, Tensor) and edge_index.layout in (torch.sparse_coo, torch.sparse_csr):
+            if edge_index.dim() < 2 or edge_index.sparse_dim() != 2:
+                raise ValueError("edge_index: a sparse adjacency must have two sparse dimensions "
+                                 f"[N_dst, N_src], got shape {list(edge_index.shape)}")
+            num_dst, num_src = int(edge_index.shape[0]), int(edge_index.shape[1])
+            given_by = f"edge_index (a sparse adjacency of shape [N_dst, N_src] = {list(edge_index.shape[:2])})"
+        elif type(edge_index) is not Tensor and hasattr(edge_index, "sparse_size"):
+            try:
+                num_src, num_dst = edge_index.sparse_size()  # PyG's EdgeIndex: None when unknown
+            except Exception:
+                num_src = num_dst = None
+            given_by = f"edge_index (an EdgeIndex of sparse size ({num_src}, {num_dst}))"
         if size is not None:
             if not (isinstance(size, (tuple, list)) and len(size) == 2):
                 raise ValueError(f"size must be None or a (num_src, num_dst) pair, got {size!r}")
-            size_src, num_dst = _parse_size(size)
-            if size_src is not None and size_src != num_src:
-                raise ValueError(f"size[0] = {size_src} but x_src has {num_src} nodes")
+            for i, v in enumerate(_parse_size(size)):
+                have = (num_src, num_dst)[i]
+                if v is not None and have is not None and v != have:
+                    raise ValueError(f"size[{i}] = {v} but {given_by} gives {have}")
+            size_src, size_dst = _parse_size(size)
+            num_src = size_src if size_src is not None else num_src
+            num_dst = size_dst if size_dst is not None else num_dst
+            given_by = given_by or "size"
+        if num_src is None:
+            num_src = x_src.shape[0]
+        elif x_src.shape[0] != num_src:
+            raise ValueError(f"x_src (x) has {x_src.shape[0]} nodes but {given_by} gives "
+                             f"num_src = {num_src}")
         if num_dst is None:
-            if x_dst is not None:
-                num_dst = x_dst.shape[0]
-            elif isinstance(edge_index, Graph):
-                num_dst = edge_index.num_dst
-            else:
-                num_dst = num_src
-        if x_dst is not None and x_dst.shape[0] != num_dst:
-            raise ValueError(f"x_dst has {x_dst.shape[0]} nodes but size gives num_dst = {num_dst}")
+            num_dst = x_dst.shape[0] if x_dst is not None else num_src
+        elif x_dst is not None and x_dst.shape[0] != num_dst:
+            raise ValueError(f"x_dst (x) has {x_dst.shape[0]} nodes but {given_by} gives "
+                             f"num_dst = {num_dst}")
         return num_src, num_dst
 
     # ------------------------------------------------------------------ graph
@@ -237,6 +284,24 @@ class AttentionBase(_Base):
         """Forget the cached graph (see :meth:`_prepare`)."""
         self._graph_cache = None
 
+    def __getstate__(self):
+        # torch.save(model) pickles the module: the graph cache is a cache, not state.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_graph_cache"] = None
+        return state
+
+    def _edge_attr(self, prepared: GATGraph, edge_attr) -> Tensor:
+        """``edge_attr`` checked against the input edges, completed for the added self loops."""
+        if not isinstance(edge_attr, Tensor) or not edge_attr.is_floating_point():
+            raise ValueError("edge_attr must be a floating-point tensor [E, edge_dim], got "
+                             f"{edge_attr.dtype if isinstance(edge_attr, Tensor) else type(edge_attr).__name__}")
+        num_in = prepared.num_input_edges
+        if edge_attr.dim() != 2 or edge_attr.shape[0] != num_in:
+            raise ValueError(f"edge_attr must have one row per edge of edge_index ({num_in} edges, "
+                             f"shape [{num_in}, edge_dim]), got {list(edge_attr.shape)}")
+        return prepared.edge_attr(edge_attr, self.fill_value)
+
     # ------------------------------------------------------------------ output
     def _head(self, out: Tensor, res: Optional[Tensor]) -> Tensor:
         out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
@@ -251,6 +316,17 @@ class AttentionBase(_Base):
                         num_src: int, num_dst: int):
         alpha = alpha[prepared.kept_edges()]
         ei_out = prepared.output_edge_index()
+        if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_csr:
+            # PyG returns the weights in the adjacency's own layout: a CSR [N_dst, N_src, H],
+            # alpha in its order - the input's own order, or, with self loops added, sorted
+            # by destination, then source (PyG coalesces the graph it adds loops to).
+            src, dst = ei_out[0], ei_out[1]
+            perm = torch.argsort(dst * max(num_src, 1) + src if prepared.add_loops else dst, stable=True)
+            crow = torch.zeros(num_dst + 1, dtype=torch.int64, device=dst.device)
+            crow[1:] = torch.bincount(dst, minlength=num_dst).cumsum(0)
+            alpha = alpha[perm]
+            adj = torch.sparse_csr_tensor(crow, src[perm], alpha, (num_dst, num_src, alpha.shape[1]))
+            return out, (adj, alpha)
         if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
             adj = torch.sparse_coo_tensor(torch.stack([ei_out[1], ei_out[0]]), alpha,
                                           (num_dst, num_src, alpha.shape[1]))

@@ -101,7 +101,7 @@ class GraphAttentionV2(AttentionBase):
             if edge_attr.dim() == 1:
                 edge_attr = edge_attr.view(-1, 1)
             materialize(self.lin_edge, edge_attr, "edge_attr")
-            edge_feat = self.lin_edge(prepared.edge_attr(edge_attr, self.fill_value)).view(-1, H, C)
+            edge_feat = self.lin_edge(self._edge_attr(prepared, edge_attr)).view(-1, H, C)
 
         want_alpha = return_attention_weights is not None and bool(return_attention_weights)
         if self._explaining():

@@ -10,16 +10,16 @@ the GAT v1 op: one pass per destination with an online softmax, nothing of size
 E x H x C allocated in forward, a deterministic backward without atomics (grad att is
 a fixed-order reduction). Without them the pure-PyTorch reference runs.
 """
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .. import _ext
-from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
+from .._util import acc_dtype, check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
-from .graph_attention import check_slope, dropout_and_seed, kernel_csc
+from .graph_attention import (caller_order_edges, check_slope, create_graph, differentiable_grads,
+                              dropout_and_seed, kernel_csc)
 
 __all__ = ["gatv2_attention", "gatv2_attention_weights"]
 
@@ -39,8 +39,6 @@ def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
     _check(n_src == graph.num_src, f"x_l has {n_src} source nodes but the graph has num_src = {graph.num_src}")
     _check(x_r.shape[0] <= graph.num_dst,
            f"x_r has {x_r.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
-    _check(x_r.dtype == x_l.dtype and att.dtype == x_l.dtype,
-           f"x_l, x_r and att must share one dtype, got {x_l.dtype}, {x_r.dtype}, {att.dtype}")
     for name, t in (("x_r", x_r), ("att", att)):
         _check(t.device == x_l.device, f"{name} is on {t.device} but x_l is on {x_l.device}")
     _check(graph.device == x_l.device,
@@ -51,8 +49,6 @@ def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
         _check(tuple(edge_feat.shape) == (graph.num_edges, H, C),
                f"edge_feat must have shape [E, H, C] = [{graph.num_edges}, {H}, {C}], "
                f"got {list(edge_feat.shape)}")
-        _check(edge_feat.dtype == x_l.dtype, f"edge_feat must have the dtype of x_l ({x_l.dtype}), "
-               f"got {edge_feat.dtype}")
         _check(edge_feat.device == x_l.device, f"edge_feat is on {edge_feat.device} but x_l is on {x_l.device}")
     check_slope(negative_slope)
     _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
@@ -70,14 +66,22 @@ def _has_kernel(device_type: str, H: int, C: int) -> bool:
     return _registered(device_type)
 
 
-@functools.lru_cache(maxsize=None)
-def _registered(device_type: str) -> bool:
-    """Whether the loaded extension has GATv2 kernels for this device (asked once)."""
+def _ask_registered(device_type: str) -> bool:
+    """Whether the loaded extension has GATv2 kernels for this device."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     try:
         return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("neptune::gatv2_forward", key)
     except (AttributeError, RuntimeError):
         return device_type == "cpu"
+
+
+# Asked once, at import: a dispatcher query inside a traced forward breaks
+# torch.compile(fullgraph=True) ("torch.* op returned non-Tensor").
+_REGISTERED = {d: _ext._C is not None and _ask_registered(d) for d in ("cpu", "cuda")}
+
+
+def _registered(device_type: str) -> bool:
+    return _REGISTERED.get(device_type, False)
 
 
 def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, graph: Graph,
@@ -100,7 +104,12 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
         seed: optional CPU int64 scalar tensor fixing the dropout mask.
 
     Returns:
-        out [N_dst, H, C], or (out, alpha) with ``return_attention=True``.
+        out [N_dst, H, C], or (out, alpha) with ``return_attention=True``. Inputs of
+        different floating dtypes are computed in their promoted dtype (a bfloat16
+        ``x_l``/``x_r`` with a float32 ``att`` runs, and returns, float32), as in PyG.
+
+    Differentiable twice (a ``create_graph=True`` backward recomputes the gradients with
+    the differentiable reference).
 
     Example::
 
@@ -111,6 +120,7 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
     """
     if not _is_compiling():
         _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout)
+    x_l, x_r, att, edge_feat = promote(x_l, x_r, att, edge_feat)
     p, seed = dropout_and_seed(dropout, training, seed)
     H, C = x_l.shape[1], x_l.shape[2]
     att2 = att.reshape(H, C)
@@ -186,6 +196,14 @@ def _register():
     def backward(ctx, grad_out, grad_lse):
         (x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat, out, lse,
          seed) = ctx.saved_tensors
+        if create_graph():  # a double backward: differentiable gradients from the reference
+            src, dst = caller_order_edges(rowptr, col, eid)
+            rows = rowptr.shape[0] - 1
+            return differentiable_grads(
+                lambda xl_, xr_, att_, ef_: gatv2_attention_reference(
+                    xl_, _pad_rows(xr_, rows), att_, src, dst, rows, ctx.negative_slope, ef_,
+                    ctx.dropout, None if seed is None else int(seed)),
+                (x_l, x_r, att, edge_feat), grad_out, 13)
         if colptr.numel() != x_l.shape[0] + 1:
             raise RuntimeError("neptune::gatv2_forward was called without the transposed graph, "
                                "so it cannot be differentiated; call it through "

@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _ext
-from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
+from .._util import acc_dtype, check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import attention_weights_reference, sparse_graph_attention_reference
 
@@ -44,8 +44,6 @@ def _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropo
            f"h has {n_src} source nodes but the graph has num_src = {graph.num_src}")
     _check(score_dst.shape[0] == graph.num_dst,
            f"score_dst has {score_dst.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
-    _check(score_src.dtype == h.dtype and score_dst.dtype == h.dtype,
-           f"h, score_src and score_dst must share one dtype, got {h.dtype}, {score_src.dtype}, {score_dst.dtype}")
     for name, t in (("score_src", score_src), ("score_dst", score_dst)):
         _check(t.device == h.device, f"{name} is on {t.device} but h is on {h.device}")
     _check(graph.device == h.device,
@@ -55,7 +53,6 @@ def _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropo
                "edge_logits must be a floating-point tensor of shape [E, H]")
         _check(edge_logits.shape == (graph.num_edges, H),
                f"edge_logits must have shape [E, H] = [{graph.num_edges}, {H}], got {list(edge_logits.shape)}")
-        _check(edge_logits.dtype == h.dtype, f"edge_logits must have the dtype of h ({h.dtype}), got {edge_logits.dtype}")
         _check(edge_logits.device == h.device, f"edge_logits is on {edge_logits.device} but h is on {h.device}")
     check_slope(negative_slope)
     _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
@@ -110,7 +107,13 @@ def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: 
         seed: optional CPU int64 scalar tensor fixing the dropout mask.
 
     Returns:
-        out [N_dst, H, C], or (out, alpha) with ``return_attention=True``.
+        out [N_dst, H, C], or (out, alpha) with ``return_attention=True``. Inputs of
+        different floating dtypes are computed in their promoted dtype (as torch's binary
+        ops do: a bfloat16 ``h`` with float32 scores runs, and returns, float32).
+
+    Differentiable twice: a backward with ``create_graph=True`` recomputes the gradients
+    with the differentiable reference (its memory: E x H x C), so gradient penalties and
+    second-order methods get exact second derivatives.
 
     Example::
 
@@ -121,6 +124,7 @@ def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: 
     """
     if not _is_compiling():
         _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout)
+    h, score_src, score_dst, edge_logits = promote(h, score_src, score_dst, edge_logits)
     p, seed = dropout_and_seed(dropout, training, seed)
 
     if _ext.use_kernels(h.device.type):
@@ -151,6 +155,48 @@ def attention_weights(score_src, score_dst, graph: Graph, negative_slope: float 
     return attention_weights_reference(score_src, score_dst, src, dst, graph.num_dst,
                                        float(negative_slope), edge_logits, dropout,
                                        None if seed is None else int(seed))
+
+
+# ----------------------------------------------------------------------------
+# Double backward: a backward run with create_graph=True must itself be differentiable.
+# The kernels' backward is not, so those calls recompute the gradients through the
+# pure-PyTorch reference (exact, E x H x C memory): never a silently wrong number.
+
+def create_graph() -> bool:
+    """True inside a backward that builds a graph (``create_graph=True``)."""
+    return torch.is_grad_enabled() and not _is_compiling()
+
+
+def caller_order_edges(rowptr: torch.Tensor, col: torch.Tensor, eid: torch.Tensor):
+    """(src, dst) int64 [E] in the caller's edge order from a CSR by destination and its
+    edge ids (the order the reference and the dropout hash use)."""
+    E = col.shape[0]
+    dst_csr = torch.repeat_interleave(torch.arange(rowptr.shape[0] - 1, device=col.device),
+                                      rowptr.long().diff(), output_size=E)
+    eid = eid.long()
+    src = torch.empty(E, dtype=torch.int64, device=col.device).index_put_((eid,), col.long())
+    dst = torch.empty(E, dtype=torch.int64, device=col.device).index_put_((eid,), dst_csr)
+    return src, dst
+
+
+def differentiable_grads(reference, inputs, grad_out, num_outputs: int) -> tuple:
+    """Gradients of ``reference(*inputs)`` for ``grad_out`` that are themselves
+    differentiable (create_graph=True), laid out as the op's backward returns them: the
+    first len(inputs) entries, then None up to num_outputs. The last input may be None."""
+    wanted = [t is not None and t.requires_grad for t in inputs]
+    with torch.enable_grad():
+        # One view per input: an input passed twice (score_src is score_dst) then gets the
+        # gradient of its own argument position, not their sum twice.
+        inputs = [t.view_as(t) if w else t for t, w in zip(inputs, wanted)]
+        out = reference(*inputs)
+        out = out[:grad_out.shape[0]]
+        diff = [t for t, w in zip(inputs, wanted) if w]
+        grads = iter(torch.autograd.grad(out, diff, grad_out, create_graph=True, allow_unused=True)
+                     if diff else ())
+    result = [next(grads) if w else None for w in wanted]
+    result = [g if g is not None or not w else torch.zeros_like(t)
+              for g, w, t in zip(result, wanted, inputs)]
+    return tuple(result) + (None,) * (num_outputs - len(inputs))
 
 
 # ----------------------------------------------------------------------------
@@ -185,6 +231,13 @@ def _register():
     def backward(ctx, grad_out, grad_lse):
         (h, score_src, score_dst, rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits, out,
          lse, seed) = ctx.saved_tensors
+        if create_graph():  # a double backward: differentiable gradients from the reference
+            src, dst = caller_order_edges(rowptr, col, eid)
+            return differentiable_grads(
+                lambda h_, ss_, sd_, el_: sparse_graph_attention_reference(
+                    h_, ss_, sd_, src, dst, score_dst.shape[0], ctx.negative_slope, el_,
+                    ctx.dropout, None if seed is None else int(seed)),
+                (h, score_src, score_dst, edge_logits), grad_out, 13)
         if colptr.numel() != h.shape[0] + 1:
             raise RuntimeError("neptune::gat_forward was called without the transposed graph, "
                                "so it cannot be differentiated; call it through "
