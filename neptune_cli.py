@@ -11,6 +11,13 @@ import math
 # the two equal).
 DATASETS = ("digits", "mnist", "cifar10", "folder")
 
+# Bounds of `neptune train`'s arguments (stated in --help; neptune_ext.train and the
+# checkpoint reader apply the same ones).
+MAX_IMAGE_SIZE = 512      # --image-size: a folder's images are held in memory at this size
+MAX_WORKERS = 32          # --workers: loader processes (any N >= 1 gives the same run)
+MAX_LR = 1.0              # --lr: AdamW's peak learning rate
+MAX_SEED = 2**32 - 1      # --seed: 0 .. 2**32-1 (numpy's range)
+
 USAGE = """The neptune command: train, eval, predict, bench, info.
 
     neptune train --dataset digits --out runs/digits
@@ -34,11 +41,14 @@ def _version() -> str:
         return version("neptune_ext")
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Bad arguments: one line on stderr and exit status 2 (no usage block)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+_Parser = OneLineParser
 
 
 def _positive_int(text: str) -> int:
@@ -51,23 +61,43 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return v
+def int_in(lo: int, hi: int):
+    """An argparse type: an integer from lo to hi (both included)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {v}")
+        return v
+    return parse
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+def positive_float(hi: float = math.inf):
+    """An argparse type: a finite number > 0 (and <= hi)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not (math.isfinite(v) and 0 < v <= hi):
+            most = f" at most {hi:g}" if math.isfinite(hi) else ""
+            raise argparse.ArgumentTypeError(f"expected a positive finite number{most}, got {text}")
+        return v
+    return parse
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the descriptions' line breaks and shows every default that means something."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
+
+
+_Formatter = Formatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,25 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="local folder with mnist/cifar10/folder data (never downloaded)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--model", default="neptune", choices=["neptune", "resnet18"], help="the model")
-    t.add_argument("--epochs", type=_positive_int, help="default: 30 for digits, 8 mnist, 30 cifar10/folder")
+    t.add_argument("--epochs", type=_positive_int,
+                   help="default: 30 for digits, 8 mnist, 30 cifar10/folder; with --resume, the resumed "
+                        "run's own total (fewer epochs than the checkpoint holds is an error)")
     t.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
-    t.add_argument("--lr", type=_positive_float, default=3e-3,
-                   help="peak learning rate (AdamW, warm-up then cosine decay)")
+    t.add_argument("--lr", type=positive_float(MAX_LR), default=3e-3,
+                   help=f"peak learning rate (AdamW, warm-up then cosine decay), above 0 and at most {MAX_LR:g}")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
-    t.add_argument("--seed", type=int, default=0, help="seeds the initialization, order and augmentation")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--image-size", type=_positive_int, help="resize folder images to this size (default 32)")
+    t.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
+                   help=f"seeds the initialization, order and augmentation (0 to {MAX_SEED})")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.pt (its last complete epoch)")
+    again.add_argument("--force", action="store_true",
+                       help="train into an --out folder that already holds a run (overwriting it)")
+    t.add_argument("--image-size", type=int_in(1, MAX_IMAGE_SIZE),
+                   help=f"--dataset folder: resize the images to this size, 1 to {MAX_IMAGE_SIZE} "
+                        "(default 32)")
     t.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
     t.add_argument("--no-progress", action="store_true",
                    help="plain log lines instead of progress bars (the default when not on a terminal)")
     t.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"],
                    help="mixed precision (autocast): bf16 (the default with --amp; CPU or CUDA) or fp16 "
                         "(CUDA, with loss scaling)")
-    t.add_argument("--workers", type=int, default=0,
-                   help="processes that read and augment batches (0: in the training process; any "
-                        "N >= 1 gives the same run)")
-    t.add_argument("--force", action="store_true",
-                   help="train into an --out folder that already holds a run (overwriting it)")
+    t.add_argument("--workers", type=int_in(0, MAX_WORKERS), default=0,
+                   help=f"processes that read and augment batches, 0 to {MAX_WORKERS} (0: in the "
+                        "training process; any N >= 1 gives the same run)")
 
     e = sub.add_parser("eval", formatter_class=_Formatter, description="Evaluate a checkpoint on a data set's test split (per-class figures).",
                            help="evaluate a checkpoint on a data set's test split")

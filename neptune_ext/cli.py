@@ -12,19 +12,15 @@ import sys
 
 from neptune_cli import build_parser
 
+from ._io import out_dir_problem, write_json
 from .data import DatasetError
 
 
 def _check_out_dir(path: str) -> None:
     """The output folder exists (or can be made) and is writable: checked before any work."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise DatasetError(f"--out {path!r} exists and is not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise DatasetError(f"--out {path!r} cannot be created: {exc.strerror or exc}")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise DatasetError(f"--out {path!r} is not writable")
+    problem = out_dir_problem(path, "--out")
+    if problem:
+        raise DatasetError(problem)
 
 
 def _check_out_file(path: str, flag: str) -> None:
@@ -55,6 +51,9 @@ def run(args) -> int:
             if existing and not (args.resume or args.force):
                 raise DatasetError(f"--out {args.out!r} already holds a run ({', '.join(existing)}); "
                                    "pass --resume to continue it or --force to overwrite it")
+            if args.image_size is not None and args.dataset != "folder":
+                raise DatasetError(f"--image-size applies to --dataset folder only ({args.dataset} images "
+                                   "keep their own size)")
             from .train import train
             train(args.dataset, args.out, args.model, args.epochs, args.device, args.seed, args.resume,
                   args.data_dir, args.batch_size, args.lr, args.limit, args.image_size,
@@ -70,8 +69,7 @@ def run(args) -> int:
             for c, m in r["per_class"].items():
                 print(f"{c:>10} {m['precision']:9.4f} {m['recall']:7.4f} {m['f1']:7.4f} {m['support']:8d}")
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(r, f, indent=2)
+                write_json(args.json, r)
         elif args.command == "predict":
             if args.json:
                 _check_out_file(args.json, "--json")
@@ -84,8 +82,7 @@ def run(args) -> int:
                 else:
                     print(f"{r['image']}: " + ", ".join(f"{c} ({p:.3f})" for c, p in r["topk"]))
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(results, f, indent=2)
+                write_json(args.json, results)
         elif args.command == "bench":
             for flag, path in (("--json", args.json), ("--plot", args.plot)):
                 if path:
@@ -101,8 +98,13 @@ def run(args) -> int:
     except DatasetError as exc:
         print(f"neptune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # every file is written atomically: what is on disk is whole
+        ckpt = os.path.join(args.out, "checkpoint.pt") if args.command == "train" else None
+        if ckpt and os.path.exists(ckpt):
+            print(f"interrupted: {ckpt} holds the last complete epoch; continue with --resume",
+                  file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         try:

@@ -17,11 +17,13 @@ written to ``--out``.
 A graph of your own: ``--data FILE``, a ``torch.save``d dict (or PyG ``Data``
 converted with ``data.to_dict()``) with ``x`` [N, F], ``edge_index`` [2, E], ``y`` [N] and
 optionally ``train_mask`` / ``val_mask``; it is read with ``torch.load(weights_only=True)``.
+Masks are bool [N] tensors, or integer tensors of node ids (as some PyG data sets store
+them: converted to masks, and said). ``x`` in float64/float16/bfloat16 is converted to
+float32 (and said); labels of nodes outside both masks may be negative (unlabelled).
 From Python, :func:`train_sampled` takes a PyG ``Data`` (or any object with those
 attributes) directly.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,7 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neptune_cli import MAX_LR, MAX_SEED, Formatter, OneLineParser, int_in, positive_float
+
 from . import distributed
+from ._io import out_dir_problem, write_json
 from .nn import GraphAttention
 
 __all__ = ["synthetic_graph", "NeighborSampler", "GATStack", "train_sampled", "main"]
@@ -40,6 +45,9 @@ __all__ = ["synthetic_graph", "NeighborSampler", "GATStack", "train_sampled", "m
 
 class SampledError(ValueError):
     """A bad argument or input file (reported as one line by the command)."""
+
+
+MAX_CLASSES = 10_000  # class ids (labels) below this: the output layer is sized by them
 
 
 # --------------------------------------------------------------------- data
@@ -72,33 +80,106 @@ def synthetic_graph(num_nodes: int, num_edges: int, num_features: int = 64, num_
             "train_mask": split < 0.6, "val_mask": split >= 0.8}
 
 
-def _as_graph(data) -> dict:
-    """x, edge_index, y, train_mask, val_mask from a dict or a PyG Data (checked)."""
-    get = data.get if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
+def _as_graph(data, note=None) -> dict:
+    """x, edge_index, y, train_mask, val_mask from a dict or a PyG Data, checked; what is
+    converted (x's dtype, masks given as node ids) is told to ``note`` in one line each."""
+    note = note or (lambda msg: None)
+    if isinstance(data, dict):
+        get = data.get
+    elif hasattr(data, "x") and hasattr(data, "edge_index"):
+        get = lambda k, d=None: getattr(data, k, d)  # noqa: E731
+    else:
+        raise SampledError(f"the graph must be a dict (or PyG Data) with x, edge_index and y, "
+                           f"got {type(data).__name__}")
     x, ei, y = get("x"), get("edge_index"), get("y")
-    for name, t in (("x", x), ("edge_index", ei), ("y", y)):
+    for name, t in (("x", x), ("edge_index", ei), ("y", y), ("train_mask", get("train_mask")),
+                    ("val_mask", get("val_mask"))):
+        if t is None and name.endswith("_mask"):
+            continue
         if not isinstance(t, torch.Tensor):
             raise SampledError(f"the graph needs a tensor '{name}', got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise SampledError(f"{name} is a sparse tensor ({t.layout}): pass a dense one "
+                               f"({name}.to_dense())")
     if x.dim() != 2 or not x.is_floating_point():
         raise SampledError(f"x must be a float [N, F] tensor, got {x.dtype} {list(x.shape)}")
     n = x.shape[0]
-    if ei.dim() != 2 or ei.shape[0] != 2 or ei.is_floating_point():
-        raise SampledError(f"edge_index must be an integer [2, E] tensor, got {ei.dtype} {list(ei.shape)}")
+    if n == 0:
+        raise SampledError(f"the graph has no nodes (x is {list(x.shape)})")
+    if x.shape[1] == 0:
+        raise SampledError(f"x has no feature columns (x is {list(x.shape)})")
+    if x.dtype != torch.float32:
+        x32 = x.float()
+        if not bool(torch.isfinite(x32).all()):
+            why = "NaN or inf" if not bool(torch.isfinite(x).all()) else "values beyond float32's range"
+            raise SampledError(f"x ({x.dtype}) holds {why}")
+        note(f"x is {str(x.dtype).replace('torch.', '')}: converted to float32 (the model's dtype; "
+             "use --amp for low precision)")
+        x = x32
+    elif not bool(torch.isfinite(x).all()):
+        raise SampledError("x holds NaN or inf")
+    if ei.dim() != 2 or ei.shape[0] != 2 or ei.is_floating_point() or ei.is_complex() or ei.dtype == torch.bool:
+        raise SampledError(f"edge_index must be an integer [2, E] tensor of node ids, got {ei.dtype} "
+                           f"{list(ei.shape)}")
     if ei.numel() and (int(ei.min()) < 0 or int(ei.max()) >= n):
         raise SampledError(f"edge_index has node ids outside [0, {n}) (x has {n} rows)")
-    y = y.view(-1)
-    if y.shape[0] != n or y.is_floating_point():
+    y = y.reshape(-1)
+    if y.shape[0] != n or y.is_floating_point() or y.is_complex():
         raise SampledError(f"y must be an integer [N] = [{n}] tensor of class ids, got {y.dtype} {list(y.shape)}")
-    train = get("train_mask")
-    val = get("val_mask")
+    y = y.long()
+    train = _mask(get("train_mask"), "train_mask", n, note)
+    val = _mask(get("val_mask"), "val_mask", n, note)
     if train is None:
         gen = torch.Generator().manual_seed(0)
         split = torch.rand(n, generator=gen)
-        train, val = split < 0.6, split >= 0.8
+        train, val = split < 0.6, (split >= 0.8 if val is None else val)
     if val is None:
         val = ~train
-    return {"x": x, "edge_index": ei.long(), "y": y.long(), "train_mask": train.bool(),
-            "val_mask": val.bool()}
+    if not bool(train.any()):
+        raise SampledError(f"train_mask selects no nodes of the {n}: nothing to train on")
+    labelled = train | val
+    bad = labelled & (y < 0)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise SampledError(f"y has {int(bad.sum())} negative class ids on training/validation nodes "
+                           f"(node {first}: {int(y[first])}); class ids must be >= 0 (keep unlabelled "
+                           "nodes out of train_mask and val_mask)")
+    top = int(y[labelled].max()) if bool(labelled.any()) else 0
+    if top >= MAX_CLASSES:
+        raise SampledError(f"y has class id {top}: class ids must be below {MAX_CLASSES}")
+    return {"x": x, "edge_index": ei.long(), "y": y, "train_mask": train, "val_mask": val}
+
+
+def _mask(t: Optional[torch.Tensor], name: str, n: int, note) -> Optional[torch.Tensor]:
+    """A bool [n] mask from ``t``: a bool mask as it is, a uint8 0/1 mask (PyG's old form) or
+    integer node ids (index-style, as some PyG data sets store splits) converted and said."""
+    if t is None:
+        return None
+    if t.dim() != 1:
+        hint = (f" (one column per split? pick one, e.g. {name}[:, 0])"
+                if t.dim() == 2 and t.shape[0] == n else "")
+        raise SampledError(f"{name} must be 1-D (a bool mask of {n} nodes, or node ids), got shape "
+                           f"{list(t.shape)}{hint}")
+    if t.is_floating_point() or t.is_complex():
+        raise SampledError(f"{name} must be a bool mask or integer node ids, got {t.dtype} "
+                           f"(a 0/1 float mask? pass {name}.bool())")
+    if t.dtype in (torch.bool, torch.uint8):
+        if t.numel() != n:
+            raise SampledError(f"{name} is a mask of {t.numel()} entries; the graph has {n} nodes")
+        if t.dtype == torch.uint8:
+            if bool((t > 1).any()):
+                raise SampledError(f"{name} is uint8 with values other than 0 and 1: pass a bool mask "
+                                   f"or int64 node ids")
+            note(f"{name} is a uint8 0/1 mask: read as a bool mask")
+        return t.bool()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise SampledError(f"{name} holds node ids outside [0, {n}) (an integer {name} is read as "
+                           f"node ids; a mask must be bool)")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[t.long()] = True
+    note(f"{name} holds {t.numel()} node ids ({str(t.dtype).replace('torch.', '')}): "
+         f"converted to a mask of {int(mask.sum())} nodes")
+    return mask
 
 
 # ------------------------------------------------------------------ sampling
@@ -238,6 +319,20 @@ def _evaluate(model, graph, nodes_eval, fanout, batch_size, device, amp, gen, se
     return correct / max(total, 1)
 
 
+def _check_device(device) -> None:
+    """cpu, cuda or cuda:N (a SampledError otherwise, and for CUDA without a GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SampledError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SampledError("device cuda was requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SampledError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def train_sampled(data, out_dir: str, epochs: int = 3, batch_size: int = 512,
                   fanout: Sequence[int] = (10, 10), hidden: int = 32, heads: int = 4, lr: float = 5e-3,
                   device: str = "cpu", amp: Optional[str] = None, seed: int = 0,
@@ -254,9 +349,15 @@ def train_sampled(data, out_dir: str, epochs: int = 3, batch_size: int = 512,
         raise SampledError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if amp == "fp16" and torch.device(device).type != "cuda":
         raise SampledError("amp fp16 needs a CUDA device (on the CPU use bf16)")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise SampledError("device cuda was requested but no CUDA GPU is available")
-    graph = _as_graph(data)
+    _check_device(device)
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise SampledError(f"lr must be a positive finite number at most {MAX_LR:g}, got {lr!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
+        raise SampledError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    problem = out_dir_problem(out_dir, "--out")
+    if problem:
+        raise SampledError(problem)
+    graph = _as_graph(data, note=_note if int(os.environ.get("RANK", "0")) == 0 and not quiet else None)
     ctx = distributed.init(device)
     ok = False
     try:
@@ -287,7 +388,6 @@ def _train(ctx, graph, out_dir, epochs, batch_size, fanout, hidden, heads, lr, a
         f"{train_nodes.numel():,} training seeds, fanout {fanout}, batch {batch_size}"
         f"{f' per rank x {ctx.world} ranks' if ctx.enabled else ''}, {dev}"
         f"{f', autocast {amp}' if amp else ''}")
-    os.makedirs(out_dir, exist_ok=True)
     history, sampler_name, step = [], None, 0
     for epoch in range(epochs):
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -353,33 +453,56 @@ def _train(ctx, graph, out_dir, epochs, batch_size, fanout, hidden, heads, lr, a
                "world_size": ctx.world, "device": str(dev), "amp": amp, "sampler": sampler_name,
                "ranks_identical": same, "torch": torch.__version__, "history": history}
     path = os.path.join(out_dir, "sampled_metrics.json")
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(path, metrics)  # atomically: Ctrl-C keeps the previous file whole
     say(f"sampler: {sampler_name}; metrics -> {path}")
     return metrics
 
 
 # ------------------------------------------------------------------- command
 
+def _fanout(text: str) -> List[int]:
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 10,10, got {text!r}") from None
+    if not 1 <= len(ks) <= 8 or not all(1 <= k <= 10_000 for k in ks):
+        raise argparse.ArgumentTypeError(f"expected 1 to 8 integers from 1 to 10000 (one per layer), got {text!r}")
+    return ks
+
+
+def _device(text: str) -> str:
+    try:
+        _check_device(text)
+    except SampledError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--device ", "")) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sampled_gat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="sampled_gat", description=__doc__, formatter_class=Formatter)
     p.add_argument("--data", help="a torch.save'd dict with x, edge_index, y (default: a synthetic graph)")
-    p.add_argument("--nodes", type=int, default=100_000, help="synthetic graph: nodes")
-    p.add_argument("--edges", type=int, default=1_000_000, help="synthetic graph: edges")
-    p.add_argument("--features", type=int, default=64, help="synthetic graph: input features")
-    p.add_argument("--classes", type=int, default=8, help="synthetic graph: classes")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=512, help="seed nodes per step (per rank)")
-    p.add_argument("--fanout", default="10,10", help="neighbours sampled per layer, e.g. 15,10,5")
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU per rank)")
+    p.add_argument("--nodes", type=int_in(2, 100_000_000), default=100_000,
+                   help="synthetic graph: nodes, 2 to 100000000")
+    p.add_argument("--edges", type=int_in(1, 1_000_000_000), default=1_000_000,
+                   help="synthetic graph: edges, 1 to 1000000000")
+    p.add_argument("--features", type=int_in(1, 4096), default=64, help="synthetic graph: input features, 1 to 4096")
+    p.add_argument("--classes", type=int_in(1, MAX_CLASSES), default=8,
+                   help=f"synthetic graph: classes, 1 to {MAX_CLASSES}")
+    p.add_argument("--epochs", type=int_in(1, 100_000), default=3, help="1 to 100000")
+    p.add_argument("--batch-size", type=int_in(1, 10_000_000), default=512, help="seed nodes per step (per rank), 1 to 10000000")
+    p.add_argument("--fanout", type=_fanout, default="10,10",
+                   help="neighbours sampled per layer, e.g. 15,10,5 (1 to 8 layers, each 1 to 10000)")
+    p.add_argument("--hidden", type=int_in(1, 4096), default=32, help="hidden features per head, 1 to 4096")
+    p.add_argument("--heads", type=int_in(1, 64), default=4, help="attention heads, 1 to 64")
+    p.add_argument("--lr", type=positive_float(MAX_LR), default=5e-3,
+                   help=f"Adam's learning rate, above 0 and at most {MAX_LR:g}")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="cpu, cuda or cuda:N (under torchrun: one GPU per rank)")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="train under torch.autocast")
-    p.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/sampled_gat")
+    p.add_argument("--max-steps", type=int_in(1, 10**9), help="at most this many steps per epoch")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED}")
+    p.add_argument("--out", default="runs/sampled_gat",
+                   help="output folder (made if missing) for sampled_metrics.json")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -387,25 +510,47 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        try:
-            fanout = [int(k) for k in a.fanout.split(",")]
-        except ValueError:
-            raise SampledError(f"--fanout must be comma-separated integers, got {a.fanout!r}") from None
+        problem = out_dir_problem(a.out, "--out")  # before any work
+        if problem:
+            raise SampledError(problem)
         if a.data:
             if not os.path.isfile(a.data):
                 raise SampledError(f"--data: no file {a.data!r}")
-            try:
-                data = torch.load(a.data, map_location="cpu", weights_only=True)
+            try:  # weights_only: opening a file never runs code from it
+                import warnings
+                with warnings.catch_warnings():  # torch's note on checking sparse tensors: ours is clearer
+                    warnings.simplefilter("ignore", UserWarning)
+                    data = torch.load(a.data, map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise SampledError(f"--data {a.data!r} is not a torch.save'd dict of tensors "
                                    f"({type(exc).__name__})") from None
+            try:  # checked (and converted, said once) here to name the file in errors
+                data = _as_graph(data, note=_note if int(os.environ.get("RANK", "0")) == 0 else None)
+            except SampledError as exc:
+                raise SampledError(f"--data {a.data!r}: {exc}") from None
         else:
-            if a.nodes <= 1 or a.edges <= 0:
-                raise SampledError(f"--nodes must be > 1 and --edges > 0, got {a.nodes}, {a.edges}")
             data = synthetic_graph(a.nodes, a.edges, a.features, a.classes, seed=a.seed)
-        train_sampled(data, a.out, a.epochs, a.batch_size, fanout, a.hidden, a.heads, a.lr, a.device,
+        train_sampled(data, a.out, a.epochs, a.batch_size, a.fanout, a.hidden, a.heads, a.lr, a.device,
                       a.amp, a.seed, a.max_steps, progress=not a.no_progress)
     except SampledError as exc:
-        print(f"sampled_gat: error: {exc}", file=sys.stderr)
+        print(f"sampled_gat: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sampled_gat: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("NEPTUNE_DEBUG") == "1":
+            raise
+        print(f"sampled_gat: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(set NEPTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _note(msg: str) -> None:
+    print(f"sampled_gat: {msg}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

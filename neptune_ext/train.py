@@ -1,6 +1,5 @@
 """Training, evaluation and prediction behind the `neptune` command."""
 import copy
-import json
 import math
 import os
 import sys
@@ -10,7 +9,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from neptune_cli import MAX_IMAGE_SIZE, MAX_LR, MAX_SEED, MAX_WORKERS
+
 from . import _ext, distributed
+from ._io import save_figure, save_torch, write_json
 from ._util import git_commit
 from ._version import __version__
 from .data import DatasetError, ImageData, load, normalize, read_drawn_digit, read_image
@@ -161,7 +163,7 @@ def save_plots(out_dir: str, history: List[dict], cm: torch.Tensor, classes: Lis
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "training_curve.png"))
-    fig.savefig(paths[-1], dpi=100)
+    save_figure(fig, paths[-1], dpi=100)
     plt.close(fig)
     k = len(classes)
     side = max(4.0, 1.0 + 0.5 * k)  # room for the title and labels with few classes
@@ -177,7 +179,7 @@ def save_plots(out_dir: str, history: List[dict], cm: torch.Tensor, classes: Lis
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "confusion_matrix.png"))
-    fig.savefig(paths[-1], dpi=100)
+    save_figure(fig, paths[-1], dpi=100)
     plt.close(fig)
     return paths
 
@@ -242,24 +244,37 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
           batch_size: int = 64, lr: float = 3e-3, limit: Optional[int] = None,
           image_size: Optional[int] = None, progress: bool = True, quiet: bool = False,
           amp: Optional[str] = None, workers: int = 0) -> dict:
+    """Train ``model_name`` on ``dataset``, writing OUT/checkpoint.pt after every epoch and
+    metrics.json and the plots at the end (each file atomically: an interrupted run keeps its
+    last complete epoch, and ``resume=True`` continues from it). The bounds are the
+    `neptune train` command's (see its --help)."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit),
                     ("image_size", image_size)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        if v is not None and not (_is_int(v) and v > 0):
             raise DatasetError(f"{name} must be a positive integer, got {v!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise DatasetError(f"lr must be a positive finite number, got {lr!r}")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-        raise DatasetError(f"workers must be a non-negative integer, got {workers!r}")
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        raise DatasetError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
+    if not (_is_number(lr) and 0 < lr <= MAX_LR):
+        raise DatasetError(f"lr must be a positive finite number at most {MAX_LR:g}, got {lr!r}")
+    if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise DatasetError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    if not (_is_int(workers) and 0 <= workers <= MAX_WORKERS):
+        raise DatasetError(f"workers must be an integer from 0 to {MAX_WORKERS}, got {workers!r}")
     if amp not in (None, "bf16", "fp16"):
         raise DatasetError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if amp == "fp16" and torch.device(device).type != "cuda":
         raise DatasetError("--amp fp16 needs --device cuda (on the CPU use --amp bf16)")
+    ck = None
+    if resume:  # the checkpoint is read and checked before any work
+        ck, epochs = _resume_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model_name, dataset, epochs)
+        if image_size is None and dataset == "folder":  # the size the run was started with
+            image_size = ck["data"]["image_size"][0]
     ctx = distributed.init(device)
     ok = False
     try:
-        result = _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr,
+        result = _train(ctx, dataset, out_dir, model_name, epochs, seed, ck, data_dir, batch_size, lr,
                         limit, image_size, progress_wanted(progress) and ctx.is_main and not quiet, quiet,
                         amp, workers)
         ok = True
@@ -268,7 +283,30 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
         distributed.shutdown(ctx, ok)
 
 
-def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, batch_size, lr, limit,
+def _resume_checkpoint(path: str, model_name: str, dataset: str, epochs: Optional[int]):
+    """--resume: (the checkpoint at ``path``, checked; the epochs to train to). Without
+    ``epochs`` the run continues to the total it was started with; fewer epochs than the
+    checkpoint holds is an error (training nothing and rewriting the record as a shorter run
+    would lose it); as many trains nothing and writes the metrics and plots again."""
+    if not os.path.exists(path):
+        raise DatasetError(f"--resume: no checkpoint at {path}")
+    ck = _read_checkpoint(path, "cpu", "--resume: ")
+    check_checkpoint(ck, path, training=True, prefix="--resume: ")
+    if ck["model_name"] != model_name or ck["data"]["dataset"] != dataset:
+        raise DatasetError(f"--resume: {path} is a {ck['model_name']} on {ck['data']['dataset']}, "
+                           f"not {model_name} on {dataset}")
+    done = ck["epoch"]
+    if epochs is None:
+        epochs = max(ck["epochs"], done)
+    elif epochs < done:
+        raise DatasetError(f"--resume: {path} already holds {done} epoch{'s' if done != 1 else ''}; "
+                           f"--epochs {epochs} would train nothing and rewrite the run's record as "
+                           f"{epochs} (pass --epochs {done} or more, or leave it out to continue to "
+                           f"{max(ck['epochs'], done)})")
+    return ck, epochs
+
+
+def _train(ctx, dataset, out_dir, model_name, epochs, seed, ck, data_dir, batch_size, lr, limit,
            image_size, progress, quiet=False, amp=None, workers=0) -> dict:
     dev = ctx.device
     say = print if ctx.is_main and not quiet else (lambda *a, **k: None)
@@ -298,29 +336,27 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, ba
     gen = torch.Generator().manual_seed(seed)
     ema = EMA(model)
     eval_model = copy.deepcopy(model)
-    if resume:
-        if not os.path.exists(ckpt_path):
-            raise DatasetError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = _read_checkpoint(ckpt_path, dev, "--resume: ")
+    if ck is not None:
         try:
-            if ck["model_name"] != model_name or ck["data"]["dataset"] != dataset:
-                raise DatasetError(f"--resume: {ckpt_path} is a {ck['model_name']} on {ck['data']['dataset']}, "
-                                   f"not {model_name} on {dataset}")
             _check_same_setup(ck, model, meta, ckpt_path)
             _load_weights(model, ck["model"], ckpt_path)
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            history, start_epoch, seconds = ck["history"], ck["epoch"], ck["seconds"]
+            history, start_epoch, seconds = list(ck["history"]), ck["epoch"], float(ck["seconds"])
             gen.set_state(ck["generator"])
             _load_weights(model, ck["train_model"], ckpt_path)
-            ema.state = {k: v.clone() for k, v in ck["model"].items()}
+            ema.state = {k: v.to(dev).clone() for k, v in ck["model"].items()}
             ema.updates = int(ck.get("ema_updates", 10**6))  # older checkpoints: fully warm
         except DatasetError:
             raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise DatasetError(f"--resume: {ckpt_path} is not a neptune training checkpoint "
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise DatasetError(f"--resume: {ckpt_path!r} is not a neptune checkpoint "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-        say(f"resuming from epoch {start_epoch} ({ckpt_path})")
+        if start_epoch >= epochs:
+            say(f"{ckpt_path} holds all {epochs} epoch{'s' if epochs != 1 else ''}: evaluating it and "
+                "writing its metrics and plots again")
+        else:
+            say(f"resuming from epoch {start_epoch} ({ckpt_path})")
     say(f"training {model_name} on {dataset}: {len(train_data)} train / {len(test_data)} test images, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, {epochs} epochs, {dev}, "
         f"{kernel_backend(dev)}" + (f", {ctx.world} processes ({batch_size} images each per step)"
@@ -377,8 +413,8 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, resume, data_dir, ba
             tqdm.write(msg)
         else:
             say(msg)
-        if ctx.is_main:  # rank 0 alone writes
-            torch.save({"model_name": model_name, "model_config": model_config(model), "model": ema.state,
+        if ctx.is_main:  # rank 0 alone writes (atomically: Ctrl-C keeps the previous epoch's)
+            save_torch({"model_name": model_name, "model_config": model_config(model), "model": ema.state,
                         "train_model": model.state_dict(),
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "epoch": epoch + 1, "epochs": epochs, "history": history, "seconds": seconds,
@@ -413,8 +449,7 @@ def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, ou
         "torch": torch.__version__, "neptune_ext": __version__, "commit": git_commit(),
         "run": run or {}, "history": history,
     }
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
     plots = save_plots(out_dir, history, cm, test_data.classes)
     print(f"test accuracy {ev['accuracy']:.4f} after {epochs} epoch{'s' if epochs != 1 else ''} in {seconds:.1f} s "
           f"-> {os.path.join(out_dir, 'metrics.json')}" + (f", {', '.join(os.path.basename(p) for p in plots)}"
@@ -423,6 +458,132 @@ def finish(model, model_name, test_data, meta, history, seconds, epochs, dev, ou
 
 
 # ------------------------------------------------------------- checkpoints
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v) -> str:
+    text = repr(v) if not isinstance(v, torch.Tensor) else f"a tensor of shape {list(v.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Neptune's constructor arguments a checkpoint's model_config may hold: (kind, lowest, highest).
+# Generous bounds; they keep a crafted file from building a model larger than any it could hold.
+_NEPTUNE_CONFIG = {"num_classes": ("int", 1, 100_000), "in_channels": ("int", 1, 3),
+                   "image_size": ("int", 1, MAX_IMAGE_SIZE), "width": ("int", 1, 4096),
+                   "stem_channels": ("ints", 1, 4096), "blocks": ("int", 0, 256), "heads": ("int", 1, 256),
+                   "k": ("int", 1, 1024), "max_grid": ("int", 1, 64),
+                   "mlp_ratio": ("int", 1, 64), "attn_dropout": ("prob", 0, 1), "dropout": ("prob", 0, 1)}
+
+
+def _checkpoint_problem(ck: dict, training: bool) -> Optional[str]:
+    """What makes ``ck`` not a checkpoint `neptune train` wrote (None when nothing): every
+    field the commands read, with its type and range."""
+    name = ck.get("model_name")
+    if not (isinstance(name, str) and name in ("neptune", "resnet18")):
+        return f"model_name must be 'neptune' or 'resnet18', got {_short(name)}"
+    data = ck.get("data")
+    if not isinstance(data, dict):
+        return f"data must be a dict, got {type(data).__name__}"
+    from .data import DATASETS
+    if not (isinstance(data.get("dataset"), str) and data["dataset"] in DATASETS):
+        return f"data.dataset must be one of {', '.join(DATASETS)}, got {_short(data.get('dataset'))}"
+    classes = data.get("classes")
+    if not (isinstance(classes, (list, tuple)) and 1 <= len(classes) <= 100_000
+            and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes)):
+        return f"data.classes must be a list of distinct class names, got {_short(classes)}"
+    channels = data.get("channels")
+    if not (_is_int(channels) and channels in (1, 3)):
+        return f"data.channels must be 1 or 3, got {_short(channels)}"
+    size = data.get("image_size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) for v in size)
+            and size[0] == size[1] and 1 <= size[0] <= MAX_IMAGE_SIZE):
+        return f"data.image_size must be [S, S] with 1 <= S <= {MAX_IMAGE_SIZE}, got {_short(size)}"
+    if not (_is_number(data.get("scale")) and data["scale"] > 0):
+        return f"data.scale must be a positive number, got {_short(data.get('scale'))}"
+    for key in ("mean", "std"):
+        v = data.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == channels and all(_is_number(x) for x in v)
+                and (key == "mean" or all(x > 0 for x in v))):
+            return f"data.{key} must be {channels} {'positive ' if key == 'std' else ''}numbers, got {_short(v)}"
+    if not isinstance(data.get("dark_background", False), bool):
+        return f"data.dark_background must be true or false, got {_short(data.get('dark_background'))}"
+    if not (data.get("data_dir") is None or isinstance(data.get("data_dir"), str)):
+        return f"data.data_dir must be a path or None, got {_short(data.get('data_dir'))}"
+    cfg = ck.get("model_config")
+    if cfg is not None and not isinstance(cfg, dict):
+        return f"model_config must be a dict, got {type(cfg).__name__}"
+    if name == "neptune":
+        for k, v in (cfg or {}).items():
+            if k not in _NEPTUNE_CONFIG:
+                return f"model_config has an unknown field {_short(k)}"
+            kind, lo, hi = _NEPTUNE_CONFIG[k]
+            ok = (_is_int(v) and lo <= v <= hi if kind == "int" else
+                  _is_number(v) and lo <= v < hi if kind == "prob" else
+                  isinstance(v, (list, tuple)) and len(v) <= 16 and all(_is_int(c) and lo <= c <= hi for c in v))
+            if not ok:
+                return f"model_config.{k} must be {'a list of ' if kind == 'ints' else ''}" \
+                       f"{'numbers in [0, 1)' if kind == 'prob' else f'integers from {lo} to {hi}'}, got {_short(v)}"
+    keys = ("model", "train_model") if training else ("model",)
+    for key in keys:
+        state = ck.get(key)
+        if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in state.items())):
+            return f"{key} must be a dict of named tensors, got {_short(state)}"
+    if not training:
+        return None
+    for key in ("optimizer", "scheduler"):
+        if not isinstance(ck.get(key), dict):
+            return f"{key} must be a dict, got {_short(ck.get(key))}"
+    epoch, epochs, history = ck.get("epoch"), ck.get("epochs"), ck.get("history")
+    if not (_is_int(epoch) and epoch >= 1):
+        return f"epoch must be a positive integer, got {_short(epoch)}"
+    if not (_is_int(epochs) and epochs >= 1):
+        return f"epochs must be a positive integer, got {_short(epochs)}"
+    if not (isinstance(history, list) and len(history) == epoch and all(isinstance(h, dict) for h in history)):
+        return f"history must be a list of {epoch} per-epoch records, got {_short(history)}"
+    if not (_is_number(ck.get("seconds")) and ck["seconds"] >= 0):
+        return f"seconds must be a non-negative number, got {_short(ck.get('seconds'))}"
+    gen = ck.get("generator")
+    if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8 and gen.dim() == 1):
+        return f"generator must be a generator state (a uint8 tensor), got {_short(gen)}"
+    if "ema_updates" in ck and not (_is_int(ck["ema_updates"]) and ck["ema_updates"] >= 0):
+        return f"ema_updates must be a non-negative integer, got {_short(ck['ema_updates'])}"
+    return None
+
+
+def _config_vs_weights(cfg: dict, state: dict) -> Optional[str]:
+    """How a Neptune model_config disagrees with the saved weights' shapes (None when it does
+    not): checked before the model is built, so its size is the file's, not the config's."""
+    def dim(key, i):
+        t = state.get(key)
+        return t.shape[i] if isinstance(t, torch.Tensor) and t.dim() > i else None
+    width = cfg.get("width", 64)
+    blocks = cfg.get("blocks", 3)
+    saved_blocks = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    checks = [("width", width, dim("norm.weight", 0)), ("blocks", blocks, saved_blocks)]
+    if blocks:
+        checks.append(("mlp_ratio", width * cfg.get("mlp_ratio", 2), dim("blocks.0.mlp.0.weight", 0)))
+    for i, c in enumerate(cfg.get("stem_channels", [32])):
+        checks.append((f"stem_channels[{i}]", c, dim(f"stem.{i}.conv.weight", 0)))
+    for name, want, saved in checks:
+        if want != saved:
+            return f"model_config.{name} gives {want}, the saved weights {saved}"
+    return None
+
+
+def check_checkpoint(ck: dict, path: str, training: bool = False, prefix: str = "") -> None:
+    """DatasetError "... is not a neptune checkpoint (FIELD ...)" unless ``ck`` has the fields
+    of a checkpoint `neptune train` wrote (``training``: also those --resume needs)."""
+    problem = _checkpoint_problem(ck, training)
+    if problem:
+        raise DatasetError(f"{prefix}{path!r} is not a neptune checkpoint ({problem})")
+
+
 def _read_checkpoint(path: str, device, prefix: str = "") -> dict:
     """torch.load with weights_only=True: a checkpoint holds tensors, numbers, strings,
     lists and dicts only, so opening a file never runs code from it."""
@@ -456,6 +617,11 @@ def _as_list(v):
     return v if isinstance(v, (list, tuple)) else [v]
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _load_weights(model, state: dict, path: str) -> None:
     try:
         model.load_state_dict(state)
@@ -469,13 +635,19 @@ def load_checkpoint(path: str, device="cpu"):
     if not os.path.exists(path):
         raise DatasetError(f"checkpoint {path!r} does not exist")
     ck = _read_checkpoint(path, device)
+    check_checkpoint(ck, path)
+    meta = ck["data"]
+    if ck["model_name"] == "neptune":
+        diff = _config_vs_weights(ck.get("model_config") or {}, ck["model"])
+        if diff:
+            raise DatasetError(f"{path!r} holds weights of another model configuration ({diff})")
     try:
-        meta = ck["data"]
         model = build_model(ck["model_name"], len(meta["classes"]), meta["channels"], meta["image_size"][0],
                             ck.get("model_config") if ck["model_name"] == "neptune" else None)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise DatasetError(f"{path!r} is not a neptune checkpoint ({type(exc).__name__}: {exc})")
-    _load_weights(model, ck["model"] if "model" in ck else {}, path)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise DatasetError(f"{path!r} is not a neptune checkpoint (model_config: {type(exc).__name__}: "
+                           f"{_first_line(exc)})")
+    _load_weights(model, ck["model"], path)
     return model.to(device).eval(), ck
 
 

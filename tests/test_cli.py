@@ -176,7 +176,7 @@ def _folder_of(root, classes, n=3, size=8):
     (["train", "--out", "{tmp}/o", "--epochs", "0"], "--epochs: expected a positive integer, got 0"),
     (["train", "--out", "{tmp}/o", "--epochs", "-1"], "--epochs: expected a positive integer, got -1"),
     (["train", "--out", "{tmp}/o", "--batch-size", "0"], "--batch-size: expected a positive integer"),
-    (["train", "--out", "{tmp}/o", "--image-size", "0"], "--image-size: expected a positive integer"),
+    (["train", "--out", "{tmp}/o", "--image-size", "0"], "--image-size: expected an integer from 1 to 512"),
     (["train", "--out", "{tmp}/o", "--limit", "0"], "--limit: expected a positive integer"),
     (["train", "--out", "{tmp}/o", "--lr", "nan"], "--lr: expected a positive finite number"),
     (["train", "--out", "{tmp}/o", "--lr", "-1"], "--lr: expected a positive finite number"),

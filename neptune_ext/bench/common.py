@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from .. import _io
 from .._util import git_commit  # noqa: F401  (re-exported for the benchmarks)
 
 
@@ -32,10 +33,9 @@ def machine() -> str:
 
 
 def write_json(path, report) -> None:
-    """``report`` as indented JSON at ``path`` (when a path is given), and say so."""
+    """``report`` as indented JSON at ``path`` (when a path is given, atomically), and say so."""
     if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+        _io.write_json(path, report)
         print(f"wrote {path}")
 
 

@@ -11,12 +11,13 @@ and without it (the whole image resized).
 import argparse
 import glob
 import itertools
-import json
 import os
 import tempfile
 from typing import List, Optional
 
 import numpy as np
+
+from .._io import write_json
 
 FONT_GLOBS = ("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf", "/usr/share/fonts/**/*.ttf")
 FONT_NAMES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
@@ -98,8 +99,7 @@ def main(argv=None):
         print(f"{k}: accuracy {v['accuracy']:.3f} on {v['images']} rendered digits "
               f"({', '.join(f'{p} {acc:.3f}' for p, acc in v['by_polarity'].items())})")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(a.json, res)
 
 
 if __name__ == "__main__":

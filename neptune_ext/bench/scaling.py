@@ -11,6 +11,7 @@ import sys
 import torch
 
 from . import common
+from .._io import save_figure
 
 CONTENDERS = {"layer:neptune": "neptune GraphAttention", "layer:pyg": "PyG GATConv",
               "op:reference": "pure-PyTorch reference op"}
@@ -87,7 +88,7 @@ def scaling_plot(path: str, device: str = "cpu", quick: bool = False) -> dict:
         a.legend()
     fig.suptitle(f"graph attention, H=4, C=16, in=64, N=E/10 — {common.machine()}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
     return out

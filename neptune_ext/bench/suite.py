@@ -1,6 +1,5 @@
 """`neptune bench`: graph attention, Stage and whole models side by side with the peers
 that are installed, one table; optional JSON and a scaling plot."""
-import json
 import sys
 import time
 
@@ -93,9 +92,6 @@ def run_suite(device="cpu", quick=False, json_path=None, plot_path=None):
     if plot_path:
         from .scaling import scaling_plot
         report["scaling"] = scaling_plot(plot_path, device=device, quick=quick)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {json_path}")
+    common.write_json(json_path, report)
     print(f"\nbench done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return report
