@@ -51,9 +51,6 @@ def run(args) -> int:
             if existing and not (args.resume or args.force):
                 raise DatasetError(f"--out {args.out!r} already holds a run ({', '.join(existing)}); "
                                    "pass --resume to continue it or --force to overwrite it")
-            if args.image_size is not None and args.dataset != "folder":
-                raise DatasetError(f"--image-size applies to --dataset folder only ({args.dataset} images "
-                                   "keep their own size)")
             from .train import train
             train(args.dataset, args.out, args.model, args.epochs, args.device, args.seed, args.resume,
                   args.data_dir, args.batch_size, args.lr, args.limit, args.image_size,

@@ -256,6 +256,9 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
             raise DatasetError(f"{name} must be a positive integer, got {v!r}")
     if image_size is not None and image_size > MAX_IMAGE_SIZE:
         raise DatasetError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
+    if image_size is not None and dataset != "folder":
+        raise DatasetError(f"--image-size applies to --dataset folder only ({dataset} images keep their "
+                           "own size)")
     if not (_is_number(lr) and 0 < lr <= MAX_LR):
         raise DatasetError(f"lr must be a positive finite number at most {MAX_LR:g}, got {lr!r}")
     if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
@@ -300,7 +303,7 @@ def _resume_checkpoint(path: str, model_name: str, dataset: str, epochs: Optiona
         epochs = max(ck["epochs"], done)
     elif epochs < done:
         raise DatasetError(f"--resume: {path} already holds {done} epoch{'s' if done != 1 else ''}; "
-                           f"--epochs {epochs} would train nothing and rewrite the run's record as "
+                           f"--epochs {epochs} would train nothing and cut the run's record to "
                            f"{epochs} (pass --epochs {done} or more, or leave it out to continue to "
                            f"{max(ck['epochs'], done)})")
     return ck, epochs
