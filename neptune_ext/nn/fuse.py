@@ -33,12 +33,25 @@ the module's own children. The conv called with one input still returns
 ``torch.compile`` see the same modules; ``nn.DataParallel``'s per-device replicas
 would call the original device's modules from that instance ``forward`` (an error
 about devices, not a wrong result): use DistributedDataParallel.
+
+What must stay as it was (``fuse_checks.py``; a block that fails a check stays unfused
+and is listed in ``fusion_skipped`` with the reason):
+
+- hooks: a conv or BN with hooks (or an activation with hooks: then Conv+BN only), and
+  every chain while global module hooks are registered;
+- attributes set in forward (``self.feat = out``, seen in the source or in what the trace
+  changed): no chain inside that forward, and no generated forward for it or its parents
+  up to the module whose forward would be replaced (the trace would lose the store); the
+  trace's own stores (stale torch.fx Proxies) are undone;
+- the order of in-place writes: a residual tail moves the conv and the BN to the add, so
+  no write into the conv's input or the identity (``relu_``, ``mul_``, ``inplace=True``,
+  ``x[i] = ``, ``a op= b``, an unknown call) may come after the conv; and since the traced
+  code records ``a op= b`` out of place, no such op may write into an input of the
+  forward (the caller's tensor) or into memory read again afterwards;
+- chains whose conv or BN parameters are read in the forward's own code.
 """
-import ast
 import copy
-import functools
-import inspect
-import sys
+import operator
 from collections import Counter
 from typing import Dict, List, Optional
 
@@ -46,8 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-import operator
-
+from . import fuse_checks as checks
 from .stage import (FoldedConv2d, FusedBatchNorm2d, FusedConv2d, FusedHardswish, FusedReLU,
                     FusedReLU6, FusedSiLU, Stage, _explicit_padding)
 
@@ -75,7 +87,7 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
             ``train()``/``eval()`` calls as the original would (train: batch
             statistics, the fused BN+ReLU kernel; eval: the BN folded into the conv).
         inplace: convert ``model``'s own modules instead of a deep copy's.
-        verbose: print what was fused.
+        verbose: print what was fused, and what was left unfused and why.
         memory_efficient: training keeps each fused conv's input only and recomputes the
             convolution in backward (about half eager's activation memory, one extra
             convolution per step); ``False`` keeps the convolution's output as eager does
@@ -86,64 +98,89 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
         The fused model: the same class as ``model`` with the same state-dict keys
         (a state dict of either loads into the other), with ``fusion_report``: a
         list like ``["layer1.0.conv1+bn1+relu -> Stage", "layer1.0.conv2+bn2+add+relu ->
-        Stage+residual", "features.0.0+1 -> Conv+BN"]``.
-        Its outputs equal the original's up to floating-point rounding.
+        Stage+residual", "features.0.0+1 -> Conv+BN"]``, and ``fusion_skipped``: the
+        chains and residual tails left as they were, each with the reason, like
+        ``["layer1.0.conv2+bn2+add -> unfused: relu_ on x writes into the identity after
+        the conv reads it"]`` (see the module's documentation for the rules).
+        Its outputs equal the original's up to floating-point rounding, and it keeps
+        what the original does besides: in-place writes into its inputs, attributes
+        set in forward, hooks.
+
+    Hooks registered *after* fusion on a fused conv, its BN or a fused activation module
+    see the fused values: the conv's output is already ``activation(bn(conv(x)))``; the BN
+    (and a fused activation module) pass it through unchanged. Register hooks before
+    fusing (those chains then stay unfused) or on modules outside the chains.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     report: List[str] = []
-    registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    _fuse_residual_tails(model, "", report, registrations)
-    _fuse(model, "", report, registrations)
+    skipped: List[str] = []
+    if checks.global_hooks():
+        skipped.append("(all) -> unfused: global module hooks are registered "
+                       "(torch.nn.modules.module.register_module_*_hook)")
+    else:
+        registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        _fuse_residual_tails(model, "", report, registrations, skipped)
+        _fuse(model, "", report, registrations, skipped)
     for m in model.modules():
         if isinstance(m, FusedConv2d):
             m.memory_efficient = bool(memory_efficient)
     model.fusion_report = report
+    model.fusion_skipped = list(dict.fromkeys(skipped))
     if verbose:
-        print(f"fuse_stages: {len(report)} fusion(s)")
-        for line in report:
+        print(f"fuse_stages: {len(report)} fusion(s), {len(model.fusion_skipped)} left unfused")
+        for line in report + model.fusion_skipped:
             print("  " + line)
     return model
 
 
 class _Tracer(fx.Tracer):
+    record_stack_traces = True  # (which source line each node comes from: a += b or a + b)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (Stage, FusedConv2d)) or super().is_leaf_module(m, qualname)
 
 
-def _trace(module: nn.Module) -> Optional[fx.Graph]:
-    """The module's graph if torch.fx can trace it the same way in train and eval mode."""
+def _trace(module: nn.Module):
+    """``(graph, writers)``: the module's graph if torch.fx can trace it the same way in
+    train and eval mode (else None), and {qualified name: what it sets} of the modules
+    whose forward sets attributes (see fuse_checks.writers). Whatever the trace stored in
+    the modules (torch.fx Proxies in ``self.feat``) is undone."""
     modes = {m: m.training for m in module.modules()}
+    recorder = checks.AttributeRecorder(module)
     graphs = []
     try:
         for mode in (True, False):
             module.train(mode)
             graphs.append(_Tracer().trace(module))
     except Exception:  # noqa: BLE001 - untraceable (data-dependent control flow, ...)
-        return None
+        graphs = None
     finally:
         for m, mode in modes.items():
             m.training = mode
-    if _signature(graphs[0]) != _signature(graphs[1]):
-        return None  # the code depends on the mode: a trace would freeze it
-    return graphs[0]
+        changed = recorder.restore()
+    writers = checks.writers(module, changed)
+    if graphs is None or _signature(graphs[0]) != _signature(graphs[1]):
+        return None, writers  # (the code depends on the mode: a trace would freeze it)
+    return graphs[0], writers
 
 
 def _signature(graph: fx.Graph):
     return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
 
 
-def _fuse(module: nn.Module, prefix: str, report: List[str], registrations: Counter) -> None:
+def _fuse(module: nn.Module, prefix: str, report: List[str], registrations: Counter,
+          skipped: List[str]) -> None:
     if isinstance(module, (Stage, FusedConv2d)) or not any(True for _ in module.children()):
         return
-    graph = _trace(module)
+    graph, writers = _trace(module)
     if graph is None:
         for name, child in module.named_children():
-            _fuse(child, f"{prefix}{name}.", report, registrations)
+            _fuse(child, f"{prefix}{name}.", report, registrations, skipped)
         return
-    _rewrite(module, graph, prefix, report, registrations)
+    _rewrite(module, graph, prefix, report, registrations, skipped, writers)
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
@@ -205,8 +242,21 @@ def _short(name: str, base: str) -> str:
     return name[len(parent) + 1:] if parent and name.startswith(parent + ".") else name
 
 
+def _hooked(names: str, prefix: str, mods) -> Optional[str]:
+    """'unfused' reason if any of ``mods`` ({name under prefix: module}) has hooks, else None."""
+    found = [f"{kind}s on {prefix}{name}" for name, m in mods.items() if m is not None
+             for kind in checks.hooks_of(m)]
+    return f"{names} -> unfused: {', '.join(found)} (would see fused values)" if found else None
+
+
+def _param_reads(graph: fx.Graph, *targets: str) -> bool:
+    """Whether the graph reads a parameter or buffer of one of these modules itself."""
+    return any(n.op == "get_attr" and any(str(n.target).startswith(t + ".") for t in targets)
+               for n in graph.nodes)
+
+
 def _rewrite(root: nn.Module, graph: fx.Graph, prefix: str, report: List[str],
-             registrations: Counter) -> None:
+             registrations: Counter, skipped: List[str], writers: Dict[str, str]) -> None:
     modules = dict(root.named_modules())
     calls = Counter(id(modules[n.target]) for n in graph.nodes
                     if n.op == "call_module" and n.target in modules)
@@ -218,8 +268,29 @@ def _rewrite(root: nn.Module, graph: fx.Graph, prefix: str, report: List[str],
     for conv_node, bn_node, conv, bn in _conv_bn_pairs(graph, modules, used_once):
         act = _act_of(_only_user(bn_node), bn_node, modules)
         names = f"{prefix}{conv_node.target}+{_short(bn_node.target, conv_node.target)}"
+        nodes = [conv_node, bn_node] + ([] if act is None else [_only_user(bn_node)])
+        chain = names if act is None else f"{names}+{_short(act[0], conv_node.target)}"
+        writer = next((w for w in writers if any(checks.inside(n, w) for n in nodes)), None)
+        if writer is not None:
+            where = prefix + writer if writer else (prefix[:-1] or "the model")
+            skipped.append(f"{chain} -> unfused: the forward of {where} sets {writers[writer]} "
+                           "(a fused chain could change what it stores)")
+            continue
+        if _param_reads(graph, conv_node.target, bn_node.target):
+            skipped.append(f"{chain} -> unfused: the forward reads the conv's or BN's "
+                           "parameters or buffers itself")
+            continue
+        hooked = _hooked(chain, prefix, {conv_node.target: conv, bn_node.target: bn})
+        if hooked:
+            skipped.append(hooked)
+            continue
         if act is not None:
             act_name, act_kind, act_module = act
+            hooked = _hooked(chain, prefix, {act_name: act_module})
+            if hooked:
+                skipped.append(hooked.replace("-> unfused:", "-> activation not fused:"))
+                act = None
+        if act is not None:
             alone = act_module is not None and used_once(act_module)
             if not alone and act_kind not in _IDEMPOTENT:
                 act = None  # it would run a second time on the fused output
@@ -259,15 +330,15 @@ def _added_to(bn_node: fx.Node) -> Optional[fx.Node]:
 
 
 def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
-                         registrations: Counter) -> None:
+                         registrations: Counter, skipped: List[str]) -> None:
     """Post-order: the innermost module whose graph holds a residual tail takes it."""
     if isinstance(module, (Stage, FusedConv2d)):
         return
     for name, child in module.named_children():
-        _fuse_residual_tails(child, f"{prefix}{name}.", report, registrations)
+        _fuse_residual_tails(child, f"{prefix}{name}.", report, registrations, skipped)
     if not any(True for _ in module.children()) or "forward" in vars(module):
         return
-    graph = _trace(module)
+    graph, writers = _trace(module)
     if graph is None or any(n.op == "get_attr" for n in graph.nodes):
         # (a graph reading the module's own tensors would hold them by reference: a
         # later module.to() that replaces them would leave it stale)
@@ -287,7 +358,8 @@ def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
         if _added_to(bn_node) is None or any(t[2] is add_node for t in tails):
             continue  # (an add of two conv+BN branches is one tail: the first one's)
         tails.append((conv_node, bn_node, add_node, _act_of(_only_user(add_node), add_node, modules)))
-    if not tails or not _inplace_safe(graph, _augmented_ops(module)):
+    tails = _safe_tails(module, graph, modules, tails, prefix, writers, skipped)
+    if not tails:
         return
     fused = []
     for conv_node, bn_node, add_node, act in tails:
@@ -302,9 +374,7 @@ def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
         bn.__class__ = FusedBatchNorm2d
         FusedConv2d.convert(conv, bn, activation=None,
                             residual_activation="none" if act is None else act[1])
-        names = f"{prefix}{conv_node.target}+{_short(bn_node.target, conv_node.target)}+add"
-        fused.append(names + ("" if act is None else f"+{_short(act[0], conv_node.target)}")
-                     + " -> Stage+residual")
+        fused.append(_tail_names(prefix, conv_node, bn_node, act) + " -> Stage+residual")
     graph.lint()
     code = fx.GraphModule(module, graph, class_name=type(module).__name__ + "Fused")
     # Instance attributes, not children: no new state-dict keys or submodules.
@@ -313,53 +383,51 @@ def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
     report.extend(fused)
 
 
-# ----------------------------------------------------------------------------
-# torch.fx records ``a += b`` as ``a + b``: the generated forward would not write into
-# ``a``. That is the same computation unless ``a`` (or something derived from it) is read
-# after the add. A module whose forward a residual fusion replaces must pass this check.
-
-_AUGMENTED = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-              ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-              ast.Pow: operator.pow, ast.MatMult: operator.matmul, ast.BitAnd: operator.and_,
-              ast.BitOr: operator.or_, ast.BitXor: operator.xor, ast.LShift: operator.lshift,
-              ast.RShift: operator.rshift}
+def _tail_names(prefix: str, conv_node, bn_node, act) -> str:
+    names = f"{prefix}{conv_node.target}+{_short(bn_node.target, conv_node.target)}+add"
+    return names + ("" if act is None else f"+{_short(act[0], conv_node.target)}")
 
 
-@functools.lru_cache(maxsize=None)
-def _augmented_in_source(module_name: str) -> frozenset:
-    """The operators of every ``a op= b`` in a Python module's source (all, if unreadable)."""
-    try:
-        tree = ast.parse(inspect.getsource(sys.modules[module_name]))
-    except Exception:  # noqa: BLE001 - no source: assume the worst
-        return frozenset(_AUGMENTED.values())
-    return frozenset(_AUGMENTED[type(n.op)] for n in ast.walk(tree)
-                     if isinstance(n, ast.AugAssign) and type(n.op) in _AUGMENTED)
-
-
-def _augmented_ops(module: nn.Module) -> set:
-    """Operators that an augmented assignment in the code traced for ``module`` (its classes'
-    source files, torch.nn's own modules aside) may have been."""
-    ops = set()
-    for m in module.modules():
-        name = type(m).__module__
-        if not name.startswith("torch.nn.modules."):
-            ops |= _augmented_in_source(name)
-    return ops
-
-
-def _inplace_safe(graph: fx.Graph, ops: set) -> bool:
-    """No ``a op b`` (op in ``ops``) whose ``a``, or a node computed from it, is used after it."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in ops and node.args \
-                and isinstance(node.args[0], fx.Node):
-            stack, seen = [node.args[0]], set()
-            while stack:
-                for user in stack.pop().users:
-                    if user is node or user in seen:
-                        continue
-                    if order[user] > order[node]:
-                        return False
-                    seen.add(user)
-                    stack.append(user)
-    return True
+def _safe_tails(module: nn.Module, graph: fx.Graph, modules, tails, prefix: str,
+                writers: Dict[str, str], skipped: List[str]) -> list:
+    """The tails whose rewrite keeps the forward's reads, writes and side effects (see the
+    module doc); each other one goes into ``skipped`` with the reason."""
+    if not tails:
+        return []
+    names = [_tail_names(prefix, c, b, a) for c, b, _, a in tails]
+    if writers:
+        where = ", ".join(f"{(prefix + w) if w else (prefix[:-1] or 'the model')} sets {what}"
+                          for w, what in writers.items())
+        skipped.extend(f"{n} -> unfused: the traced forward would drop what forward does besides "
+                       f"computing ({where})" for n in names)
+        return []
+    augmented = checks.augmented_nodes(graph, module)
+    roots = checks.alias_roots(graph, modules, augmented)
+    problem = checks.augmented_write_problem(graph, modules, augmented, roots)
+    if problem:
+        skipped.extend(f"{n} -> unfused: {problem}" for n in names)
+        return []
+    safe = []
+    for (conv_node, bn_node, add_node, act), name in zip(tails, names):
+        identity = _added_to(bn_node)
+        hooked = _hooked(name, prefix, {conv_node.target: modules[conv_node.target],
+                                bn_node.target: modules[bn_node.target],
+                                **({} if act is None or act[2] is None else {act[0]: act[2]})})
+        if hooked:
+            skipped.append(hooked)
+            continue
+        # The rewrite reads the conv's input and the identity where the add (or the
+        # activation) was: nothing may write into them after the conv. (The tail's own add
+        # and activation are replaced by it: their writes, into the identity if it is ``a``
+        # of ``a += ...``, happen after those reads anyway, and augmented_write_problem
+        # has checked that nothing reads that memory again.)
+        targets = roots[conv_node.args[0]] | roots[identity]
+        own = {add_node} | ({next(iter(add_node.users))} if act is not None else set())
+        write = checks.first_write_into(targets, conv_node, graph, modules, augmented, roots,
+                                        skip=own)
+        if write is not None:
+            skipped.append(f"{name} -> unfused: {checks.describe(write, prefix)} writes into the conv's "
+                           "input or the identity after the conv reads it")
+            continue
+        safe.append((conv_node, bn_node, add_node, act))
+    return safe
