@@ -152,6 +152,20 @@ class AppendsToList(Tail):
         return self.relu(self.bn(y))
 
 
+class StoresChildOutput(nn.Module):
+    """Sets an attribute in forward, but the chains live in a child: their outputs are the
+    child's, which fusion does not change (fused; the parent's code is kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(*conv_bn(), nn.ReLU())
+
+    def forward(self, x):
+        y = self.a(x)
+        self.feat = y
+        return y * 2
+
+
 class Counts(Tail):
     def __init__(self):
         super().__init__()
@@ -257,6 +271,7 @@ ZOO = {
     "stores_intermediate": (StoresIntermediate, [], ["sets self.pre"]),
     "appends_to_list": (AppendsToList, [], ["self.seen.append"]),
     "counts_calls": (Counts, [], ["self.calls"]),
+    "stores_child_output": (StoresChildOutput, ["a.0+1+2 -> Stage"], []),
     "basic_tail": (BasicTail, ["conv1+bn1+relu -> Stage", "conv+bn+add+relu -> Stage+residual"], []),
     "inplace_act_on_sum": (InplaceActOnSum, ["conv+bn+add+relu_ -> Stage+residual"], []),
     "write_before_conv": (WriteBeforeConv, ["conv+bn+add+relu -> Stage+residual"], []),

@@ -179,12 +179,17 @@ def writers(root: nn.Module, changed: List[nn.Module]) -> Dict[str, str]:
 
 
 def inside(node: fx.Node, qualname: str) -> bool:
-    """Whether ``node`` was recorded while the forward of module ``qualname`` ran (the root:
-    ``""``; without torch.fx's module stack: assume so)."""
-    if qualname == "":
-        return True
+    """Whether ``node`` was recorded by the code of module ``qualname``'s own forward (the
+    root: ``""``), where that forward can see (and store) its value; without torch.fx's
+    module stack: assume so. Values computed inside a child reach the forward only as the
+    child's output, which a fusion inside the child does not change."""
     stack = node.meta.get("nn_module_stack")
-    return stack is None or qualname in stack
+    if stack is None:
+        return True
+    keys = list(stack)
+    if node.op == "call_module":
+        keys = keys[:-1]  # (the module called is the stack's last entry)
+    return (keys[-1] if keys else "") == qualname
 
 
 # ----------------------------------------------------------------------------
