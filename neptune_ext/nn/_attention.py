@@ -86,27 +86,17 @@ def reset_linear(lin: Optional[nn.Module]) -> None:
 def head_weights(att: Tensor, weight: Tensor) -> Tensor:
     """W_head^T a_head for every head: [H, F] from att [1, H, C] and a Linear weight
     [H*C, F], so that x @ head_weights(att, W).t() = <a, W x> per head without an
-    [N, H, C] temporary. Elementwise ops only: float32 under autocast, like the weights."""
+    [N, H, C] temporary."""
     H, C = att.shape[-2], att.shape[-1]
     return (att.reshape(H, C, 1) * weight.view(H, C, -1)).sum(1)
 
 
-def _autocast_on(device_type: str) -> bool:
+def autocast_on(device_type: str) -> bool:
+    """Whether torch.autocast is active for this device type."""
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-def logit_matmul(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w.t() for attention logits. Under autocast this runs in w's dtype (float32 for
-    float32 parameters), outside autocast: PyG's layers compute their logits in float32
-    there (low-precision features times float32 attention vectors), and a bfloat16 logit
-    would lose what a softmax is most sensitive to."""
-    if _autocast_on(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return x.to(w.dtype) @ w.t()
-    return x @ w.t()
 
 
 def _sorted_by_destination(edge_index, num_src: int, num_dst: int):

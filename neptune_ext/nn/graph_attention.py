@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.graph_attention import attention_weights, dropout_and_seed, sparse_graph_attention
-from ._attention import AttentionBase, glorot, linear, head_weights, logit_matmul, materialize, reset_linear
+from ._attention import AttentionBase, glorot, linear, autocast_on, head_weights, materialize, reset_linear
 
 Tensor = torch.Tensor
 
@@ -113,22 +113,26 @@ class GraphAttention(AttentionBase):
         # From h (sum over C of h * a) when x is wider than h (Cora: F = 1433 against
         # H*C = 64), so the wide input is not read a second time (nor in backward). Without
         # x_dst, att_dst and lin_dst take no part (their gradients stay None, as in GATConv).
-        # Under autocast the projection runs in its low dtype (as in PyG) and the logits in
-        # float32 (PyG gets them in float32 from low-precision h times float32 att).
-        if self._scores_from_h(same, x_src, H, C):
+        # Under autocast the logits are computed as PyG computes them there (low-precision h
+        # times float32 att, summed in float32): from h, and from a projected h_dst; the same
+        # numbers as GATConv up to the order of a C-term sum, whichever side of LeakyReLU's
+        # kink a logit falls.
+        autocast = autocast_on(x_src.device.type)
+        if autocast or self._scores_from_h(same, x_src, H, C):
             score_src = (h_src * self.att_src).sum(-1)
-            score_dst = (h_src * self.att_dst).sum(-1)
+            h_dst = h_src if same else (lin_dst(x_dst).view(-1, H, C) if x_dst is not None else None)
+            score_dst = None if h_dst is None else (h_dst * self.att_dst).sum(-1)
         else:
             w_src = head_weights(self.att_src, lin_src.weight)
             if x_dst is None:
-                score_src, score_dst = logit_matmul(x_src, w_src), None
+                score_src, score_dst = x_src @ w_src.t(), None
             else:
                 w_dst = head_weights(self.att_dst, lin_dst.weight)
                 if same:
-                    scores = logit_matmul(x_src, torch.cat([w_src, w_dst]))
+                    scores = x_src @ torch.cat([w_src, w_dst]).t()
                     score_src, score_dst = scores[:, :H], scores[:, H:]
                 else:
-                    score_src, score_dst = logit_matmul(x_src, w_src), logit_matmul(x_dst, w_dst)
+                    score_src, score_dst = x_src @ w_src.t(), x_dst @ w_dst.t()
 
         num_src, num_dst = self._sizes(x_src, x_dst, edge_index, size)
         prepared = self._prepare(edge_index, num_src, num_dst)
@@ -147,7 +151,10 @@ class GraphAttention(AttentionBase):
             edge_attr = self._edge_attr(prepared, edge_attr)
             # a_e^T W_e e = (W_e^T a_e)^T e: project the attention vector, not the edges,
             # so no [E, H, C] tensor is built.
-            edge_logits = logit_matmul(edge_attr, head_weights(self.att_edge, self.lin_edge.weight))
+            if autocast:  # as GATConv: the projected edges (E x H x C) times att_edge
+                edge_logits = (self.lin_edge(edge_attr).view(-1, H, C) * self.att_edge).sum(-1)
+            else:
+                edge_logits = edge_attr @ head_weights(self.att_edge, self.lin_edge.weight).t()
 
         want_alpha = return_attention_weights is not None and bool(return_attention_weights)
         if self._explaining():
