@@ -144,13 +144,13 @@ def test_eval_channels_last_float32_uses_onednn_fused_path():
     x = make_input("k3_pad1", "channels_last", dtype=torch.float32)
     with torch.no_grad():
         y = stage(x)
-        packed = stage._fold.pack.value
-        assert packed is not None and packed.is_mkldnn
+        (packed,) = stage._fold.packs().values()
+        assert packed.is_mkldnn
         torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)
         stage(x)
-        assert stage._fold.pack.value is packed  # reused, not repacked
-        stage(x[:1])
-        assert stage._fold.pack.value is not packed  # another input shape: repacked
+        assert list(stage._fold.packs().values()) == [packed]  # reused, not repacked
+        stage(x[:1])  # another input shape: packed for it too, the first one kept
+        assert len(stage._fold.packs()) == 2 and packed in stage._fold.packs().values()
 
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])

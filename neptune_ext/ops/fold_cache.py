@@ -79,32 +79,55 @@ class _Memo:
         return self.value, True
 
 
+_MAX_PACKS = 4  # packed copies kept per weight: one per input shape (batch 1 and 8, ...)
+
+
+def _packed_in(packs: dict, weight, stride, padding, dilation, groups, input):
+    """``weight`` packed for ``input``'s shape and this convolution, from ``packs`` (a dict
+    serving this weight only) or packed now and kept there (the latest few)."""
+    shape = tuple(input.shape)
+    key = (shape, tuple(stride), tuple(padding), tuple(dilation), groups)
+    value = packs.get(key)
+    if value is None:
+        if len(packs) >= _MAX_PACKS:
+            packs.pop(next(iter(packs)))
+        value = packs[key] = pack_conv_weight(weight, stride, padding, dilation, groups, shape)
+    return value
+
+
 class PackCache:
-    """A conv weight prepacked for oneDNN, repacked when the weight or the input shape changes."""
+    """A conv weight prepacked for oneDNN, one copy per input shape and convolution (the
+    latest few), all dropped when the weight changes (see _Memo)."""
 
     def __init__(self):
-        self.pack = _Memo()
+        self.pack = _Memo()  # value: {(input shape, stride, padding, dilation, groups): packed}
 
     def clear(self):
         self.pack.clear()
 
     def packed(self, weight, stride, padding, dilation, groups, input):
-        shape = tuple(input.shape)
-        value, _ = self.pack.get((weight,), (shape, tuple(stride), tuple(padding), tuple(dilation), groups),
-                                 lambda: pack_conv_weight(weight, stride, padding, dilation, groups, shape))
-        return value
+        packs, _ = self.pack.get((weight,), (), dict)
+        return _packed_in(packs, weight, stride, padding, dilation, groups, input)
+
+    def packs(self) -> dict:
+        """The packed copies held now (for tests)."""
+        return dict(self.pack.value or {})
 
 
-class FoldCache(PackCache):
-    """The folded weight/bias (and the oneDNN-packed folded weight) of one conv + BN pair,
-    rebuilt whenever a parameter or buffer changes (see _Memo)."""
+class FoldCache:
+    """The folded weight/bias of one conv + BN pair, and oneDNN-packed copies of that weight,
+    rebuilt whenever a parameter or buffer changes (see _Memo).
+
+    The packed copies belong to the fold they were made from: the folded weight is this
+    cache's own tensor, never written after it is made, so the packs are valid exactly as
+    long as the fold is. (Keying them on the folded weight's version counter would repack
+    on every call under ``torch.inference_mode``, where the fold is an inference tensor
+    without one.)"""
 
     def __init__(self):
-        super().__init__()
-        self.fold = _Memo()
+        self.fold = _Memo()  # value: (weight, bias, {pack key: packed weight})
 
     def clear(self):
-        super().clear()
         self.fold.clear()
 
     def folded(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
@@ -120,5 +143,18 @@ class FoldCache(PackCache):
                     w, b = w.to(dtype), b.to(dtype)
                 if channels_last:
                     w = w.contiguous(memory_format=torch.channels_last)
-                return w, b
-        return self.fold.get(sources, (float(eps), dtype, channels_last), build)
+                return w, b, {}
+        (w, b, _), cacheable = self.fold.get(sources, (float(eps), dtype, channels_last), build)
+        return (w, b), cacheable
+
+    def packed(self, weight, stride, padding, dilation, groups, input):
+        """The folded ``weight`` (what :meth:`folded` just returned, cacheable) packed for
+        ``input``'s shape and this convolution."""
+        value = self.fold.value
+        if value is None or value[0] is not weight:
+            raise ValueError("FoldCache.packed takes the weight its folded() just returned")
+        return _packed_in(value[2], weight, stride, padding, dilation, groups, input)
+
+    def packs(self) -> dict:
+        """The packed copies of the current fold (for tests)."""
+        return dict(self.fold.value[2]) if self.fold.value is not None else {}
