@@ -1,6 +1,7 @@
 """Small helpers every part of the package uses (no imports from the package)."""
 import os
 import subprocess
+import sys
 
 import torch
 
@@ -45,6 +46,22 @@ def promote(*tensors):
     logits or attention vectors (PyG's layers compute the same in float32)."""
     dtype = None
     for t in tensors:
-        if t is not None:
+        if t is not None and t.dtype != dtype:  # (promote_types is a dispatched call)
             dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def internal_error(prog: str, exc: BaseException) -> int:
+    """A command's bug as one line on stderr (exit status 1); NEPTUNE_DEBUG=1 re-raises it
+    for the traceback. Call it from inside the ``except`` block."""
+    if os.environ.get("NEPTUNE_DEBUG") == "1":
+        raise exc
+    print(f"{prog}: internal error: {type(exc).__name__}: {one_line(exc)} "
+          "(set NEPTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 1

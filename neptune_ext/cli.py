@@ -13,6 +13,7 @@ import sys
 from neptune_cli import build_parser
 
 from ._io import out_dir_problem, write_json
+from ._util import internal_error, one_line
 from .data import DatasetError
 
 
@@ -93,7 +94,7 @@ def run(args) -> int:
             else:
                 info()
     except DatasetError as exc:
-        print(f"neptune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"neptune {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every file is written atomically: what is on disk is whole
         ckpt = os.path.join(args.out, "checkpoint.pt") if args.command == "train" else None
@@ -110,17 +111,10 @@ def run(args) -> int:
             pass
         return 0
     except Exception as exc:  # a bug: one line, the traceback on request
-        if os.environ.get("NEPTUNE_DEBUG") == "1":
-            raise
-        print(f"neptune {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(set NEPTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        return internal_error(f"neptune {args.command}", exc)
     return 0
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

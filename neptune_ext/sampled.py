@@ -38,6 +38,7 @@ from neptune_cli import MAX_LR, MAX_SEED, Formatter, OneLineParser, int_in, posi
 
 from . import distributed
 from ._io import out_dir_problem, write_json
+from ._util import internal_error, one_line
 from .nn import GraphAttention
 
 __all__ = ["synthetic_graph", "NeighborSampler", "GATStack", "train_sampled", "main"]
@@ -533,17 +534,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         train_sampled(data, a.out, a.epochs, a.batch_size, a.fanout, a.hidden, a.heads, a.lr, a.device,
                       a.amp, a.seed, a.max_steps, progress=not a.no_progress)
     except SampledError as exc:
-        print(f"sampled_gat: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"sampled_gat: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sampled_gat: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: one line, the traceback on request
-        if os.environ.get("NEPTUNE_DEBUG") == "1":
-            raise
-        print(f"sampled_gat: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(set NEPTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        return internal_error("sampled_gat", exc)
     return 0
 
 
@@ -551,6 +548,3 @@ def _note(msg: str) -> None:
     print(f"sampled_gat: {msg}", file=sys.stderr)
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
