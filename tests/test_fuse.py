@@ -317,10 +317,13 @@ def test_stage_eval_paths_are_reported():
     """neptune_ext.info() tells which path the Stages' evaluation convolutions took."""
     fused = neptune_ext.fuse_stages(randomize_bn(torchvision.models.resnet18()).eval())
     x = torch.randn(1, 3, 64, 64)
+    from neptune_ext.ops.stage_eval import onednn_fused_available
     with torch.no_grad():
         nchw = _paths_of(lambda: fused(x))
-        assert nchw == {"conv+bias": 20}  # NCHW: conv2d with its bias (+ in-place ReLU)
-        from neptune_ext.ops.stage_eval import onednn_fused_available
+        # NCHW callers: channels_last inside the model (one conversion), oneDNN fused
+        assert nchw == ({"onednn-fused": 20} if onednn_fused_available() else {"conv+bias": 20})
+        # A block called by itself with NCHW input: conv2d with its bias (+ in-place ReLU)
+        assert _paths_of(lambda: fused.layer1(torch.randn(1, 64, 8, 8))) == {"conv+bias": 4}
         if onednn_fused_available():
             m = fused.to(memory_format=torch.channels_last)
             cl = _paths_of(lambda: m(x.contiguous(memory_format=torch.channels_last)))

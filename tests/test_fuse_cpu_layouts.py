@@ -67,6 +67,9 @@ def test_feature_maps_keep_values_and_memory_format(dtype, kind, batch):
                 for g, e in zip(got, expected):
                     torch.testing.assert_close(g, e, **tol)
                     _same_format(g, e)
+    if dtype == torch.float32 and stage_ops.onednn_fused_available():
+        # NCHW callers too: every conv on oneDNN's fused path (channels_last inside)
+        assert set(neptune_ext.stage_paths(fused).values()) <= {"onednn-fused", "onednn+activation"}
 
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
@@ -132,3 +135,48 @@ def test_packed_weight_reused_under_inference_mode_and_rebuilt_after_in_place_wr
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
         assert not set(_ids(conv._fold.packs())) & set(_ids(packs))  # all rebuilt
         packs = conv._fold.packs()
+
+
+class FlattensWithView(nn.Module):
+    """Code that needs NCHW tensors: ``view`` on a feature map fails on channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.conv(x)))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_model_code_that_needs_nchw_runs_in_the_callers_layout():
+    torch.manual_seed(0)
+    model = randomize_bn(FlattensWithView()).eval()
+    fused = neptune_ext.fuse_stages(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(2):
+            torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+    assert "caller" in fused.fusion_layout
+    with pytest.raises(RuntimeError):  # the caller's own errors still come through
+        fused(torch.randn(2, 3, 5, 5))
+
+
+def test_copies_keep_the_layout_guard():
+    import copy
+    import io
+    model, fused = _pair(torch.float32)
+    x = torch.randn(1, 3, 12, 12)
+    with torch.inference_mode():
+        expected = fused(x)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(fused), torch.load(buf, weights_only=False)):
+        assert clone.forward.module is clone
+        with torch.inference_mode():
+            for g, e in zip(clone(x), expected):
+                torch.testing.assert_close(g, e)
+                _same_format(g, e)

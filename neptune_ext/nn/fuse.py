@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import fuse_checks as checks
+from . import fuse_checks as checks, fuse_layout
 from .stage import (FoldedConv2d, FusedBatchNorm2d, FusedConv2d, FusedHardswish, FusedReLU,
                     FusedReLU6, FusedSiLU, Stage, _explicit_padding)
 
@@ -124,9 +124,11 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
         registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         _fuse_residual_tails(model, "", report, registrations, skipped)
         _fuse(model, "", report, registrations, skipped)
-    for m in model.modules():
-        if isinstance(m, FusedConv2d):
-            m.memory_efficient = bool(memory_efficient)
+    fused_convs = [m for m in model.modules() if isinstance(m, FusedConv2d)]
+    for m in fused_convs:
+        m.memory_efficient = bool(memory_efficient)
+    if fused_convs:
+        fuse_layout.install(model)
     model.fusion_report = report
     model.fusion_skipped = list(dict.fromkeys(skipped))
     if verbose:

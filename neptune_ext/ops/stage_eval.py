@@ -2,6 +2,7 @@
 oneDNN primitive on prepacked weights where the installed torch exposes it."""
 import functools
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -205,6 +206,31 @@ def _onednn_eligible(input: torch.Tensor) -> bool:
             and input.is_contiguous(memory_format=torch.channels_last))
 
 
+class _Layout(threading.local):
+    """fuse_stages' caller-layout guard (neptune_ext/nn/fuse_layout.py), per thread: while
+    ``active`` (a fused model called), an eval convolution given an NCHW tensor runs it in
+    channels_last, and ``converted`` says that the guard must restore NCHW outputs."""
+    active = False
+    converted = False
+
+
+LAYOUT = _Layout()
+
+
+def _to_channels_last(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``input`` in channels_last if the caller-layout guard is active and oneDNN's fused
+    path would take it so (an NCHW CPU float32/bfloat16 tensor), else ``input``. (With a
+    channels_last ``weight`` eager's conv2d returns channels_last itself: no NCHW to restore.)"""
+    if not (LAYOUT.active and input.device.type == "cpu" and input.is_contiguous()
+            and not input.is_contiguous(memory_format=torch.channels_last)
+            and input.dtype in _onednn_dtypes() and torch.backends.mkldnn.enabled
+            and onednn_fused_available()):
+        return input
+    if weight.is_contiguous():
+        LAYOUT.converted = True
+    return input.contiguous(memory_format=torch.channels_last)
+
+
 def _residual_fusable(residual: torch.Tensor, input: torch.Tensor, out_shape) -> bool:
     """Whether ``conv_out + residual`` is a plain elementwise add into conv_out (same shape,
     dtype and device: no broadcast, no type promotion)."""
@@ -313,6 +339,7 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
             out = out + residual
         return apply_activation(out, activation, inplace=False)
     cache = cache if cache is not None else FoldCache()
+    input = _to_channels_last(input, conv_weight)
     # On CUDA a channels_last input gets a channels_last folded weight (cached), which the
     # library calls would otherwise copy into that layout on every call.
     cl = (input.is_cuda and not input.is_contiguous()
@@ -337,6 +364,8 @@ def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     packed = None
     grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                         or bias.requires_grad)
+    if not grad:
+        input = _to_channels_last(input, weight)
     if cache is not None and not grad and _onednn_eligible(input) and _stamps((weight,)) is not None:
         packed = cache.packed(weight, s, p, d, groups, input)
     return _conv_bias_act(input, weight, bias, s, p, d, groups, "none", packed)
