@@ -1,6 +1,13 @@
-"""One small forward + backward of every CUDA graph-attention kernel family (GAT and GATv2), for
-compute-sanitizer (scripts/gpu_check.sh runs it under memcheck, racecheck,
-initcheck and synccheck).
+"""One small case of every CUDA kernel family, for compute-sanitizer (scripts/gpu_check.sh
+runs it under memcheck and racecheck; initcheck and synccheck on request):
+
+    python scripts/sanitizer_case.py [gat gatv2 graph bn_relu cutlass cudnn]   (default: all)
+
+gat, gatv2: one forward + backward of the graph-attention kernels; graph: build_csr /
+build_csc (with GATConv's self loops) and the kernel entries' check of a corrupt graph;
+bn_relu: the fused BatchNorm+ReLU forward and backward; cutlass: the implicit-GEMM
+convolution (skipped, and said, in a build without CUTLASS); cudnn: the fused
+conv+bias+ReLU and conv+bias+add+ReLU calls a Stage's eval takes.
 
 The graph is small (the sanitizers slow kernels down 10-100x) but has a
 destination hub and a source hub longer than one leaf segment (256 edges), so
@@ -63,33 +70,105 @@ def run_v2(g, H, C, dtype, p, rows=None):
     _all_finite(out, lse, *grads)
 
 
-def main():
+def graph_family(g):
+    """build_csr / build_csc on the device, with and without GATConv's loops, and the kernel
+    entry's full check of a graph it was not handed by them (a corrupt one must raise)."""
+    ei = g.edge_index
+    n = g.num_src
+    for loops in (False, True):
+        rowptr, col, eid = torch.ops.neptune.build_csr(ei, n, n, torch.int32, loops)
+        torch.ops.neptune.build_csc(rowptr, col, eid, n)
+    bad = Graph(g.rowptr.clone(), g.col.clone(), g.eid.clone(), ei, n, n)
+    bad.col[7] = n + 5  # out of range: the entry check must refuse it, not read it
+    h = torch.randn(n, 2, 8, device=ei.device)
+    s = torch.randn(n, 2, device=ei.device)
+    try:
+        torch.ops.neptune.gat_forward(h, s, s, bad.rowptr, bad.col, bad.eid, *g.csc(), None, 0.2, 0.0, None)
+    except (ValueError, RuntimeError):
+        pass
+    else:
+        raise AssertionError("a corrupt graph was not refused")
+    torch.cuda.synchronize()
+
+
+def bn_relu_family():
+    for dtype, shape in ((torch.float32, (4, 16, 9, 9)), (torch.bfloat16, (2, 64, 5, 7)),
+                         (torch.float16, (3, 8, 1, 1))):
+        x = torch.randn(shape, device="cuda").to(dtype)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xf = x.contiguous(memory_format=fmt)
+            w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
+            y, mean, var, invstd = torch.ops.neptune.bn_relu_forward(xf, w, b, 1e-5)
+            grads = torch.ops.neptune.bn_relu_backward(torch.randn_like(y), xf, w, b, mean, invstd)
+            _all_finite(y, mean, var, invstd, *grads)
+
+
+def cutlass_family():
+    if _ext.BUILD_INFO.get("cutlass") != "1":
+        print("cutlass: not built (no CUTLASS headers at build time): skipped", flush=True)
+        return
+    cl = torch.channels_last
+    for dtype in (torch.float16, torch.bfloat16):
+        for residual in (False, True):
+            x = torch.randn(2, 32, 15, 17, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+            w = (torch.randn(64, 32, 3, 3, device="cuda") / 17).to(dtype).contiguous(memory_format=cl)
+            b = torch.randn(64, device="cuda", dtype=dtype)
+            r = torch.randn(2, 64, 15, 17, device="cuda", dtype=dtype).contiguous(memory_format=cl) if residual else None
+            out = torch.ops.neptune.conv_bias_act(x, w, b, r, [1, 1], [1, 1], [1, 1], 1)
+            _all_finite(out)
+
+
+def cudnn_family():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(2, 16, 12, 12, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(32, 16, 3, 3, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(32, device="cuda", dtype=dtype)
+        z = torch.randn(2, 32, 12, 12, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        _all_finite(torch.cudnn_convolution_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1),
+                    torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, [1, 1], [1, 1], [1, 1], 1))
+
+
+FAMILIES = ("gat", "gatv2", "graph", "bn_relu", "cutlass", "cudnn")
+
+
+def main(argv=None):
+    families = list(argv if argv is not None else sys.argv[1:]) or list(FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        sys.exit(f"sanitizer_case.py: unknown kernel family {unknown}; choose from {', '.join(FAMILIES)}")
     if "cuda" not in _ext.compiled_backends():
         sys.exit("neptune_ext was built without CUDA kernels")
     g32 = graph("cuda")
     g64 = Graph(g32.rowptr.long(), g32.col.long(), g32.eid.long(), g32.edge_index, g32.num_src,
                 g32.num_dst)
     g64._csc = tuple(t.long() for t in g32.csc())
-    cases = [
-        (g32, 4, 64, torch.float32, 0.0),   # fp32 vectors, 2 slots per thread
-        (g32, 4, 64, torch.bfloat16, 0.1),  # bf16 vectors, 1 slot, dropout
-        (g64, 2, 16, torch.float16, 0.0),   # int64 indices, lane groups of 4
-        (g32, 3, 7, torch.float32, 0.2),    # scalar path
-        (g64, 2, 5, torch.float64, 0.1),    # fp64
-        (g32, 12, 96, torch.bfloat16, 0.0), # several tiles per row
-    ]
-    for g, H, C, dtype, p in cases:
-        run(g, H, C, dtype, p)
-        print(f"ok: index={g.index_dtype} H={H} C={C} {dtype} dropout={p}", flush=True)
-    v2_cases = [
-        (g32, 4, 32, torch.float32, 0.0, None),   # C = 32: one slot per lane and head
-        (g64, 2, 64, torch.bfloat16, 0.1, 590),   # C > 32, ignored rows, dropout
-        (g32, 3, 5, torch.float16, 0.0, None),    # C not a power of two
-        (g32, 8, 4, torch.float64, 0.2, None),    # heads inside one lane group
-    ]
-    for g, H, C, dtype, p, rows in v2_cases:
-        run_v2(g, H, C, dtype, p, rows)
-        print(f"ok (GATv2): index={g.index_dtype} H={H} C={C} {dtype} dropout={p} rows={rows}", flush=True)
+    if "gat" in families:
+        cases = [
+            (g32, 4, 64, torch.float32, 0.0),   # fp32 vectors, 2 slots per thread
+            (g32, 4, 64, torch.bfloat16, 0.1),  # bf16 vectors, 1 slot, dropout
+            (g64, 2, 16, torch.float16, 0.0),   # int64 indices, lane groups of 4
+            (g32, 3, 7, torch.float32, 0.2),    # scalar path
+            (g64, 2, 5, torch.float64, 0.1),    # fp64
+            (g32, 12, 96, torch.bfloat16, 0.0), # several tiles per row
+        ]
+        for g, H, C, dtype, p in cases:
+            run(g, H, C, dtype, p)
+            print(f"ok (GAT): index={g.index_dtype} H={H} C={C} {dtype} dropout={p}", flush=True)
+    if "gatv2" in families:
+        v2_cases = [
+            (g32, 4, 32, torch.float32, 0.0, None),   # C = 32: one slot per lane and head
+            (g64, 2, 64, torch.bfloat16, 0.1, 590),   # C > 32, ignored rows, dropout
+            (g32, 3, 5, torch.float16, 0.0, None),    # C not a power of two
+            (g32, 8, 4, torch.float64, 0.2, None),    # heads inside one lane group
+        ]
+        for g, H, C, dtype, p, rows in v2_cases:
+            run_v2(g, H, C, dtype, p, rows)
+            print(f"ok (GATv2): index={g.index_dtype} H={H} C={C} {dtype} dropout={p} rows={rows}", flush=True)
+    for name, fn in (("graph", lambda: graph_family(g32)), ("bn_relu", bn_relu_family),
+                     ("cutlass", cutlass_family), ("cudnn", cudnn_family)):
+        if name in families:
+            fn()
+            print(f"ok ({name})", flush=True)
 
 
 if __name__ == "__main__":

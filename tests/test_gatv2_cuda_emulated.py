@@ -1,4 +1,4 @@
-"""The CUDA GATv2 kernels (csrc/graph_attention/gatv2_cuda.cu), run on the CPU by
+"""The CUDA GATv2 kernels (csrc/graph_attention/gatv2_{fwd,bwd}_cuda.cu), run on the CPU by
 tests/cuda_emulation: warps as 32 fibers, shuffles as real rendezvous, outputs and
 scratch poisoned with NaN. float64 against the float64 reference; lower precisions
 against the CPU kernel fed the same rounded inputs. Every lane layout (1 to 32 features

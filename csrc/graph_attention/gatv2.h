@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
     const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
     double negative_slope, double dropout, const std::optional<at::Tensor>& seed);
 
-// CUDA kernels (gatv2_cuda.cu), same signatures and semantics; H * C <= 1024.
+// CUDA kernels (gatv2_fwd_cuda.cu, gatv2_bwd_cuda.cu), same signatures and semantics; H * C <= 1024.
 // Declared unconditionally, defined only in CUDA builds.
 std::tuple<at::Tensor, at::Tensor> gatv2_forward_cuda(
     const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att, const at::Tensor& rowptr,

@@ -6,7 +6,8 @@
 #endif
 #include "graph_attention/graph_attention_fwd_cuda.cu"
 #include "graph_attention/graph_attention_bwd_cuda.cu"
-#include "graph_attention/gatv2_cuda.cu"
+#include "graph_attention/gatv2_fwd_cuda.cu"
+#include "graph_attention/gatv2_bwd_cuda.cu"
 // The graph checks every kernel entry runs (and the counting sort build_csr uses).
 #include "graph/graph_check.cpp"
 #include "graph/graph_cpu.cpp"

@@ -1,0 +1,180 @@
+// Fused GATv2 attention on CUDA (semantics and passes: gatv2.h; the same math header
+// as the CPU kernels).
+//
+// Work layout: one warp per row (a destination in forward and backward pass 1, a
+// source in pass 2). Lane l holds features f = l + 32 k of the row, k < NF (so
+// H * C <= 32 * NF <= 1024): every gather of a row is a run of coalesced loads. A
+// head's logit is the sum of att * LeakyReLU(z) over its C features, spread over
+// lanes: when C is a power of two, a butterfly over the lanes of each head (plus a
+// sum over the slots of a head when C > 32), otherwise one butterfly per head. Every
+// lane of a head ends with the same bits, so they take the same softmax steps.
+// Nothing uses floating-point atomics: grad att is per-row partial sums reduced over
+// fixed blocks of rows, then over the blocks in order - bitwise reproducible.
+//
+// This header holds what the forward (gatv2_fwd_cuda.cu) and the backward
+// (gatv2_bwd_cuda.cu) share: the params struct, the per-head lane sums, the layout
+// dispatch and the entry checks. Two translation units, compiled in parallel.
+#pragma once
+
+#include "graph_attention_cuda.cuh"
+#include "gatv2.h"
+
+namespace neptune {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int64_t kGatv2MaxHC = 1024;
+constexpr int64_t kAttRowsPerBlock = 256;  // rows summed per partial of grad att
+
+template <typename scalar_t, typename index_t>
+struct V2Params {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* xl;
+  const scalar_t* xr;
+  const scalar_t* att;
+  const scalar_t* ef;  // nullable
+  const scalar_t* go;  // backward
+  const scalar_t* out;  // backward: the forward's output
+  const acc_t* lse_in;  // backward
+  const index_t* rowptr;
+  const index_t* col;
+  const index_t* eid;
+  const index_t* colptr;
+  const index_t* csc_row;
+  const index_t* csc_perm;
+  scalar_t* out_w;  // forward
+  acc_t* lse;       // forward
+  acc_t* ds;        // [E, H] pass 1 -> pass 2
+  acc_t* ap;        // [E, H]
+  acc_t* ga_rows;   // [n_dst, HC] per-row grad att
+  scalar_t* gxl;
+  scalar_t* gxr;
+  scalar_t* gef;  // nullable
+  int64_t n_rows, n_dst, H, C, HC;
+  acc_t slope, keep_scale;
+  float p;
+  uint64_t seed;
+  bool dropout;
+};
+
+// Per-slot values -> the sum over each slot's head (identical on the lanes of a head).
+template <int NF, bool POW2, typename acc_t>
+__device__ __forceinline__ void head_sum(acc_t (&v)[NF], int lane, int64_t C, int64_t H,
+                                         int64_t HC) {
+  if constexpr (POW2) {
+    const int w = C < 32 ? static_cast<int>(C) : 32;
+#pragma unroll
+    for (int k = 0; k < NF; ++k)
+      for (int off = w >> 1; off >= 1; off >>= 1) v[k] += __shfl_xor_sync(kFull, v[k], off);
+    if (C > 32) {
+      const int spp = static_cast<int>(C / 32);  // slots per head
+      acc_t t[NF];
+#pragma unroll
+      for (int k = 0; k < NF; ++k) t[k] = v[k];
+#pragma unroll
+      for (int k = 0; k < NF; ++k) {
+        acc_t s = 0;
+#pragma unroll
+        for (int q = 0; q < NF; ++q)
+          if (q / spp == k / spp) s += t[q];
+        v[k] = s;
+      }
+    }
+  } else {
+    acc_t res[NF];
+#pragma unroll
+    for (int k = 0; k < NF; ++k) res[k] = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      acc_t s = 0;
+#pragma unroll
+      for (int k = 0; k < NF; ++k) {
+        const int64_t f = lane + 32 * k;
+        if (f < HC && f / C == h) s += v[k];
+      }
+      for (int off = 16; off >= 1; off >>= 1) s += __shfl_xor_sync(kFull, s, off);
+#pragma unroll
+      for (int k = 0; k < NF; ++k) {
+        const int64_t f = lane + 32 * k;
+        if (f < HC && f / C == h) res[k] = s;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < NF; ++k) v[k] = res[k];
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t ld(const scalar_t* p, bool ok) {
+  return ok ? static_cast<acc_t>(*p) : acc_t(0);
+}
+
+inline int64_t warp_blocks(int64_t rows) { return ceil_div(rows * 32, kBlock); }
+
+// Calls f(NF constant, POW2 constant) for the shape.
+template <typename F>
+void with_layout(int64_t HC, int64_t C, F&& f) {
+  const bool pow2 = (C & (C - 1)) == 0;
+  const int64_t per_lane = ceil_div(HC, 32);
+  auto go = [&](auto nf) {
+    if (pow2)
+      f(nf, std::true_type{});
+    else
+      f(nf, std::false_type{});
+  };
+  if (per_lane <= 1) go(std::integral_constant<int, 1>{});
+  else if (per_lane <= 2) go(std::integral_constant<int, 2>{});
+  else if (per_lane <= 4) go(std::integral_constant<int, 4>{});
+  else if (per_lane <= 8) go(std::integral_constant<int, 8>{});
+  else if (per_lane <= 16) go(std::integral_constant<int, 16>{});
+  else go(std::integral_constant<int, 32>{});
+}
+
+// The entry checks of gatv2.h, plus: every tensor on x_l's GPU, rows a warp can hold.
+inline void check_v2_cuda(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
+                   const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+                   const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
+                   const char* op) {
+  check_gatv2_inputs(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout);
+  check_cuda(xl, xl, "x_l");
+  check_cuda(xr, xl, "x_r");
+  check_cuda(att, xl, "att");
+  check_cuda(rowptr, xl, "rowptr");
+  check_cuda(col, xl, "col");
+  check_cuda(eid, xl, "eid");
+  if (edge_feat.has_value()) check_cuda(*edge_feat, xl, "edge_feat");
+  TORCH_CHECK(xl.size(2) > 0 && xl.size(1) * xl.size(2) <= kGatv2MaxHC,
+              "neptune::gatv2 (CUDA): H * C must be in [1, ", kGatv2MaxHC, "], got H = ", xl.size(1),
+              ", C = ", xl.size(2));
+  check_csr(rowptr, col, eid, xl.size(0), rowptr.size(0) - 1, op);
+}
+
+// The fields forward and backward share.
+template <typename scalar_t, typename index_t>
+V2Params<scalar_t, index_t> common_params(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
+                                          const std::optional<at::Tensor>& edge_feat,
+                                          const at::Tensor& rowptr, const at::Tensor& col,
+                                          const at::Tensor& eid, double negative_slope, double dropout,
+                                          uint64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  V2Params<scalar_t, index_t> p{};
+  p.xl = xl.data_ptr<scalar_t>();
+  p.xr = xr.data_ptr<scalar_t>();
+  p.att = att.data_ptr<scalar_t>();
+  p.ef = edge_feat.has_value() ? edge_feat->data_ptr<scalar_t>() : nullptr;
+  p.rowptr = rowptr.data_ptr<index_t>();
+  p.col = col.data_ptr<index_t>();
+  p.eid = eid.data_ptr<index_t>();
+  p.n_dst = xr.size(0);
+  p.H = xl.size(1);
+  p.C = xl.size(2);
+  p.HC = p.H * p.C;
+  p.slope = static_cast<acc_t>(negative_slope);
+  p.dropout = dropout > 0.0;
+  p.p = static_cast<float>(dropout);
+  p.keep_scale = dropout_keep_scale<acc_t>(dropout);
+  p.seed = seed;
+  return p;
+}
+
+}  // namespace
+}  // namespace neptune
