@@ -556,6 +556,8 @@ def _check_residual_shape(residual: torch.Tensor, input: torch.Tensor, conv: nn.
     """The residual is added to the output: it must have the output's shape or broadcast to
     it (a residual that would grow the output is refused too)."""
     shape = ops.conv_output_shape(input, conv.weight, conv.stride, conv.padding, conv.dilation)
+    if list(residual.shape) == shape:
+        return  # (the common case: a residual of the output's shape)
     try:
         ok = list(torch.broadcast_shapes(tuple(residual.shape), tuple(shape))) == list(shape)
     except RuntimeError:

@@ -27,6 +27,8 @@ def _validate_bn(x_name: str, x, weight, bias, eps, training: bool = True):
 
 
 def _pair(v, name: str) -> Tuple[int, int]:
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v  # (what modules hold: the common case, checked first)
     if isinstance(v, int):
         return (v, v)
     _check(isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v),

@@ -321,12 +321,25 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
             w, b = w.to(dtype), b.to(dtype)
         out = F.conv2d(input, w, b, s, p, d, groups)
         return apply_activation(out if residual is None else out + residual, activation, inplace=False)
-    s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups, dtype)
-    if residual is not None:
-        _check(isinstance(residual, torch.Tensor),
-               f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        _check(residual.device == input.device,
-               f"residual is on {residual.device} but input is on {input.device}")
+    # The checks ran for the cache's previous call: skip them for a call with the same
+    # shapes, dtypes and devices (per-call overhead matters at batch 1).
+    signature = None
+    if (cache is not None and isinstance(input, torch.Tensor) and isinstance(conv_weight, torch.Tensor)
+            and (residual is None or isinstance(residual, torch.Tensor))):
+        signature = (input.shape, input.dtype, input.device, conv_weight.shape, conv_weight.dtype,
+                     conv_weight.device, stride, padding, dilation, groups, dtype,
+                     None if residual is None else (residual.shape, residual.device))
+    if signature is not None and signature == getattr(cache, "checked", (None,))[0]:
+        s, p, d = cache.checked[1]
+    else:
+        s, p, d = _validate_conv(input, conv_weight, stride, padding, dilation, groups, dtype)
+        if residual is not None:
+            _check(isinstance(residual, torch.Tensor),
+                   f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+            _check(residual.device == input.device,
+                   f"residual is on {residual.device} but input is on {input.device}")
+        if signature is not None:
+            cache.checked = (signature, (s, p, d))
     params = (conv_weight, conv_bias, bn_weight, bn_bias)
     if torch.is_grad_enabled() and (input.requires_grad or any(
             t is not None and t.requires_grad for t in params + (residual,))):
