@@ -229,14 +229,14 @@ def test_conv_bn_act_train_checks_its_arguments():
 
 
 def test_residual_block_training_saves_less_than_eager():
-    """A BasicBlock's tail in training keeps the conv input and the identity (both kept
+    """memory_efficient=True: a BasicBlock's tail in training keeps the conv input and the identity (both kept
     anyway), not the conv output: the fused block saves less than eager's."""
     torchvision = pytest.importorskip("torchvision")
     import neptune_ext
     from neptune_ext.bench.stage import saved_bytes
     torch.manual_seed(0)
     block = torchvision.models.resnet.BasicBlock(16, 16).train()
-    fused = neptune_ext.fuse_stages(block)
+    fused = neptune_ext.fuse_stages(block, memory_efficient=True)
     assert "conv2+bn2+add+relu -> Stage+residual" in fused.fusion_report
     x = torch.randn(4, 16, 20, 20)
     ours = saved_bytes(lambda: fused(x), exclude=list(fused.parameters()))

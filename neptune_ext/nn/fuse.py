@@ -77,7 +77,7 @@ _INPLACE_ADDS = {operator.iadd, "add_"}  # write into their first argument
 
 
 def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
-                memory_efficient: bool = True) -> nn.Module:
+                memory_efficient: bool = False) -> nn.Module:
     """Fuse every Conv2d -> BatchNorm2d -> activation chain of ``model`` (ReLU, ReLU6,
     SiLU, Hardswish, or none), and every residual tail Conv2d -> BatchNorm2d -> + identity
     (-> activation).
@@ -88,11 +88,12 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
             statistics, the fused BN+ReLU kernel; eval: the BN folded into the conv).
         inplace: convert ``model``'s own modules instead of a deep copy's.
         verbose: print what was fused, and what was left unfused and why.
-        memory_efficient: training keeps each fused conv's input only and recomputes the
-            convolution in backward (about half eager's activation memory, one extra
-            convolution per step); ``False`` keeps the convolution's output as eager does
-            (eager's memory, no recomputation). Each fused conv's ``memory_efficient``
-            attribute can be changed later.
+        memory_efficient: the training trade. ``False`` (default): each fused conv keeps
+            its output for backward as eager does (eager's activation memory, eager's step
+            time or less). ``True``: it keeps its input only and recomputes the convolution
+            in backward: ResNet-18, batch 8, 224², 2-core CPU: 0.58x eager's saved
+            activations for ~1.4x eager's step time (one extra convolution per fused conv).
+            Each fused conv's ``memory_efficient`` attribute can be changed later.
 
     Returns:
         The fused model: the same class as ``model`` with the same state-dict keys
