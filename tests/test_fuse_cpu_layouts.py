@@ -97,6 +97,7 @@ def test_bf16_autocast_within_autocasts_own_error(kind):
     with torch.inference_mode():
         exact = model.double()(x.double())
         model.float()
+        fused(x), fused(x)  # float32 calls first: their replay must not serve autocast's
         with torch.autocast("cpu", dtype=torch.bfloat16):
             eager, got = model(x), fused(x)
     for g, e, ref in zip(got, eager, exact):
@@ -180,3 +181,25 @@ def test_copies_keep_the_layout_guard():
             for g, e in zip(clone(x), expected):
                 torch.testing.assert_close(g, e)
                 _same_format(g, e)
+
+
+def test_eval_replay_follows_mode_layout_and_shape_changes():
+    """The second call of a kind replays the first's oneDNN call; any change of the kind of
+    call (layout, batch, train mode, autograd) takes the full path again."""
+    model, fused = _pair(torch.float32)
+    x = torch.randn(2, 3, 12, 12)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:1], x, x[:1]):
+        with torch.inference_mode():
+            for _ in range(2):
+                for g, e in zip(fused(inp), model(inp)):
+                    torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+                    _same_format(g, e)
+    fused.train(), model.train()
+    with torch.no_grad():  # batch statistics: never the eval replay
+        for g, e in zip(fused(x), model(x)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    fused.eval(), model.eval()
+    xg = x.clone().requires_grad_()
+    out = fused(xg)[1]
+    assert out.requires_grad
+    torch.testing.assert_close(out, model(x)[1], rtol=1e-5, atol=1e-5)

@@ -121,7 +121,7 @@ def print_eval(name: str, sections: dict, autocast: bool) -> None:
     print(f"{name}, eval{' (bf16 autocast)' if autocast else ''}: median ms per call "
           "(ratios = other's time / this one's)")
     print(f"  {'batch, input':<22}{'eager':>9}{'fx fold':>9}{'fuse':>9}{'vs fx':>8}{'vs eager':>9}"
-          f"{'max rel err':>13}")
+          f"{'rel err':>13}")
     for sec in sections.values():
         r = sec["results"]
         f = r["fuse_stages"]

@@ -107,6 +107,14 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
         what the original does besides: in-place writes into its inputs, attributes
         set in forward, hooks.
 
+    On the CPU in eval, a model called with NCHW float32/bfloat16 input runs its fused
+    convolutions in channels_last (oneDNN's fast layout, weights packed once per fold): the
+    first fused conv converts, the layers after it stay channels_last, and the 4-D tensors
+    the model returns come back in NCHW (see ``neptune_ext/nn/fuse_layout.py``; the model's
+    ``forward`` is an instance attribute that does this). In between, the model's own code
+    sees channels_last tensors (equal values); code that fails on them (``x.view(n, -1)`` of
+    a feature map) is run again in NCHW and the model stays NCHW (``fusion_layout``).
+
     Hooks registered *after* fusion on a fused conv, its BN or a fused activation module
     see the fused values: the conv's output is already ``activation(bn(conv(x)))``; the BN
     (and a fused activation module) pass it through unchanged. Register hooks before

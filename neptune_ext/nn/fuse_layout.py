@@ -5,9 +5,10 @@ fed NCHW it reorders the activations in and out of every convolution. So while a
 fused by ``fuse_stages`` is called with NCHW input, the first fused eval convolution that
 gets an NCHW float32/bfloat16 tensor converts it to channels_last (one copy) and every
 layer after it keeps channels_last (torch's pooling, adds and activations preserve it);
-when the model returns, each 4-D tensor in its output that a conversion made channels_last
-goes back to NCHW (contiguous), so the caller gets what the original returns, in the
-original's memory format.
+when the model returns after such a conversion, every 4-D channels_last tensor in its output
+(through tuples, lists and dicts) goes back to NCHW (contiguous), so the caller gets what the
+original returns, in the original's memory format. (A model that itself returns a
+channels_last feature map for NCHW input would get it back in NCHW: not seen in practice.)
 
 Between the layers the model's own code then sees channels_last tensors (equal values,
 other strides). Code for which that matters the way that fails loudly (``x.view(n, -1)``

@@ -324,6 +324,14 @@ def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
     the BN's mode; the path taken is left in ``conv.last_path`` (see :func:`stage_paths`)."""
     if is_compiling():
         return _stage_forward_impl(conv, bn, input, memory_efficient, cache, activation, residual)
+    if getattr(cache, "plan", None) is not None and not _batch_statistics(bn) and (
+            isinstance(input, torch.Tensor) and not _autocast_on(input)):
+        out = ops.replay_eval(cache, input, conv.weight, conv.bias, bn.weight, bn.bias,
+                              bn.running_mean, bn.running_var, bn.eps, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, activation, residual)
+        if out is not None:
+            conv.__dict__["last_path"] = "onednn-fused"
+            return out
     note_path(None)
     out = _stage_forward_impl(conv, bn, input, memory_efficient, cache, activation, residual)
     conv.__dict__["last_path"] = last_path()

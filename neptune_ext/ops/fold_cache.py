@@ -126,9 +126,11 @@ class FoldCache:
 
     def __init__(self):
         self.fold = _Memo()  # value: (weight, bias, {pack key: packed weight})
+        self.plan = None  # the latest oneDNN call (see stage_eval.replay_eval)
 
     def clear(self):
         self.fold.clear()
+        self.plan = None
 
     def folded(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
                dtype: Optional[torch.dtype] = None, channels_last: bool = False):
