@@ -63,7 +63,15 @@ def _step_fn(layer, x, edges, fresh):
 
 
 def run_host(cases=None, kinds=("gat", "gatv2"), repeats=7, threads=1, min_seconds=0.05):
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run_host(cases, kinds, repeats, min_seconds)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_host(cases, kinds, repeats, min_seconds):
     results = {}
     for case in cases or CASES:
         n, e, f, heads, ch, fresh = CASES[case]
