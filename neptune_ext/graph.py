@@ -242,13 +242,22 @@ class GATGraph:
     as is.
     """
 
-    def __init__(self, graph: Graph, num_dst: int, is_loop: Optional[torch.Tensor] = None,
+    def __init__(self, graph: Graph, num_dst: int, input_edges: Optional[torch.Tensor] = None,
                  num_loops: int = 0):
         self.graph = graph
         self.num_dst = num_dst
-        self.add_loops = is_loop is not None
-        self.is_loop = is_loop
+        self.add_loops = input_edges is not None
+        self._input_edges = input_edges  # the caller's [2, E] edges (int64), with loops only
+        self._is_loop = None
         self.num_loops = num_loops
+
+    @property
+    def is_loop(self) -> Optional[torch.Tensor]:
+        """[E] which input edges are self loops (computed on first use: a training step that
+        wants neither attention weights nor edge attributes never pays for it)."""
+        if self._is_loop is None and self.add_loops:
+            self._is_loop = self._input_edges[0] == self._input_edges[1]
+        return self._is_loop
 
     @classmethod
     def from_edge_index(cls, edge_index: torch.Tensor, num_src: int, num_dst: int,
@@ -258,10 +267,9 @@ class GATGraph:
             return cls(Graph._build(ei, num_src, num_dst), num_dst)
         n = min(num_src, num_dst)
         ei = ei.to(torch.int64)
-        is_loop = ei[0] == ei[1]
 
         def prepared_edge_index():
-            dst = torch.where(is_loop, torch.full_like(ei[1], num_dst), ei[1])
+            dst = torch.where(ei[0] == ei[1], torch.full_like(ei[1], num_dst), ei[1])
             loops = torch.arange(n, device=ei.device, dtype=torch.int64)
             return torch.cat([torch.stack([ei[0], dst]), torch.stack([loops, loops])], dim=1)
 
@@ -273,12 +281,12 @@ class GATGraph:
             if not _is_compiling():
                 check_node_ids(ei, num_src, num_dst)
             graph = Graph._build(prepared_edge_index(), num_src, num_dst + 1)
-        return cls(graph, num_dst, is_loop, n)
+        return cls(graph, num_dst, ei, n)
 
     @property
     def num_input_edges(self) -> int:
         """The number of the caller's edges (before the added self loops)."""
-        return self.is_loop.numel() if self.add_loops else self.graph.num_edges
+        return self._input_edges.shape[1] if self.add_loops else self.graph.num_edges
 
     def edge_attr(self, edge_attr: torch.Tensor, fill_value) -> torch.Tensor:
         """Edge attributes for the prepared edges: the input ones plus the loop fill."""
@@ -289,7 +297,7 @@ class GATGraph:
             # Reduce the attributes of the (non-loop) edges entering each node; input
             # self loops go to the phantom slot num_dst and are dropped.
             reduce = _FILL_REDUCE[fill_value]
-            dst = self.graph.edge_index[1, :self.is_loop.numel()]  # input edges, loops -> num_dst
+            dst = self.graph.edge_index[1, :self.num_input_edges]  # input edges, loops -> num_dst
             idx = dst.view(-1, *([1] * (edge_attr.dim() - 1))).expand_as(edge_attr)
             shape = (self.num_dst + 1,) + tuple(edge_attr.shape[1:])
             if reduce == "mean":

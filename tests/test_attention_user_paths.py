@@ -175,3 +175,44 @@ def test_edge_attr_with_the_wrong_number_of_rows(cls, rows):
         m(torch.randn(6, 4), torch.randint(0, 6, (2, 10)), torch.randn(rows, 3))
     with pytest.raises(ValueError, match="edge_attr"):
         m(torch.randn(6, 4), torch.randint(0, 6, (2, 10)), torch.randint(0, 3, (10, 3)))
+
+
+# ------------------------------------------------- host cost: no sync in a cached step
+class _Ops(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+SYNCS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.equal",
+         "aten.unique", "aten._unique2", "aten.masked_select"}
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_a_cached_training_step_never_reads_a_value_back(cls):
+    """A training step on a cached graph (the same edge_index) calls nothing that makes the
+    host wait for a value (.item(), nonzero, a boolean mask ...): what a CUDA graph capture or
+    reduce-overhead compile needs. A fresh edge_index costs two graph ops (CSR, CSC)."""
+    m = cls(8, 4, heads=2, edge_dim=3)
+    x, ei, ea = torch.randn(20, 8), torch.randint(0, 20, (2, 70)), torch.randn(70, 3)
+    m(x, ei, ea).sum().backward()
+    with _Ops() as ops:
+        m(x, ei, ea).sum().backward()
+    assert not SYNCS & set(ops.calls), sorted(SYNCS & set(ops.calls))
+    from neptune_ext import _ext
+    if not _ext.use_kernels("cpu"):
+        pytest.skip("the graph ops are the compiled extension's")
+    fresh = torch.randint(0, 20, (2, 70))
+    m2 = cls(8, 4, heads=2)
+    m2(x, ei).sum().backward()
+    with _Ops() as cached:
+        m2(x, ei).sum().backward()
+    with _Ops() as new:
+        m2(x, fresh).sum().backward()
+    extra = sorted(set(new.calls) - set(cached.calls))
+    assert extra == ["neptune.build_csc", "neptune.build_csr"], extra
+    assert len(new.calls) == len(cached.calls) + 2
