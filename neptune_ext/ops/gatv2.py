@@ -18,8 +18,9 @@ from .. import _ext
 from .._util import acc_dtype, check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
-from .graph_attention import (caller_order_edges, check_slope, create_graph, differentiable_grads,
-                              dropout_and_seed, kernel_csc)
+from .graph_attention import (_EAGER, caller_order_edges, check_slope, create_graph,
+                              differentiable_grads, dropout_and_seed, eager_autograd, forward_op,
+                              kernel_csc)
 
 __all__ = ["gatv2_attention", "gatv2_attention_weights"]
 
@@ -127,7 +128,7 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
 
     if _has_kernel(x_l.device.type, H, C):
         colptr, csc_row, csc_perm = kernel_csc(graph, x_l, x_r, att, edge_feat)
-        out, lse = torch.ops.neptune.gatv2_forward(
+        out, lse = forward_op("gatv2_forward", colptr)(
             x_l.contiguous(), x_r.contiguous(), att2.contiguous(), graph.rowptr, graph.col, graph.eid,
             colptr, csc_row, csc_perm, None if edge_feat is None else edge_feat.contiguous(),
             float(negative_slope), p, seed)
@@ -215,6 +216,7 @@ def _register():
                 gef if ctx.has_edge_feat else None, None, None, None)
 
     torch.library.register_autograd(lib, backward, setup_context=setup_context)
+    _EAGER["gatv2_forward"] = eager_autograd(torch.ops.neptune.gatv2_forward, setup_context, backward)
 
 
 if _ext._C is not None and hasattr(torch.ops.neptune, "gatv2_forward"):

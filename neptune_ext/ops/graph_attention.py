@@ -129,7 +129,7 @@ def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: 
 
     if _ext.use_kernels(h.device.type):
         colptr, csc_row, csc_perm = kernel_csc(graph, h, score_src, score_dst, edge_logits)
-        out, lse = torch.ops.neptune.gat_forward(
+        out, lse = forward_op("gat_forward", colptr)(
             h.contiguous(), score_src.contiguous(), score_dst.contiguous(), graph.rowptr,
             graph.col, graph.eid, colptr, csc_row, csc_perm,
             None if edge_logits is None else edge_logits.contiguous(),
@@ -200,6 +200,40 @@ def differentiable_grads(reference, inputs, grad_out, num_outputs: int) -> tuple
 
 
 # ----------------------------------------------------------------------------
+# Eager autograd. torch.library.register_autograd (below) serves torch.compile, export and
+# direct torch.ops calls; in eager mode its generic wrapper costs ~50 µs a call (argument
+# filling, schema walks) - as much as the kernels on a small graph. Eager calls that need
+# gradients take an autograd.Function with the very same setup_context and backward.
+
+_EAGER = {}
+
+
+def eager_autograd(op, setup_context, backward):
+    """The autograd.Function running ``op`` with the registration's own context and backward."""
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = op(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+    Fn.__name__ = Fn.__qualname__ = f"{op.__name__}_autograd"
+    return Fn
+
+
+def forward_op(name: str, colptr: torch.Tensor):
+    """How to call torch.ops.neptune.<name>: through the eager Function when backward will
+    run (``colptr`` is the transposed graph then) outside torch.compile, else the op."""
+    fn = _EAGER.get(name)
+    if fn is not None and colptr.numel() > 0 and not _is_compiling():
+        return fn.apply
+    return getattr(torch.ops.neptune, name)
+
+
+# ----------------------------------------------------------------------------
 # torch.library registrations (fake kernels + autograd) for the compiled ops.
 
 def _register():
@@ -249,6 +283,7 @@ def _register():
                 gel if ctx.has_edge_logits else None, None, None, None)
 
     torch.library.register_autograd(lib, backward, setup_context=setup_context)
+    _EAGER["gat_forward"] = eager_autograd(torch.ops.neptune.gat_forward, setup_context, backward)
 
 
 if _ext._C is not None:
