@@ -291,8 +291,8 @@ def test_stage_paths_tell_how_each_fused_conv_ran():
     assert paths["layer1.0.conv2"] == "conv-bn-recompute"          # a residual tail
     assert paths["layer2.0.downsample.0"] == "conv-bn-recompute"   # conv + BN
     fused.eval()
-    with torch.no_grad():
-        fused(x)
+    with torch.no_grad():  # (64x64: no 1x1 feature map, which is NCHW and channels_last at once)
+        fused(torch.randn(2, 3, 64, 64))
     from neptune_ext.ops.stage_eval import onednn_fused_available
     # NCHW input: channels_last inside the model, oneDNN's fused convolutions
     assert set(neptune_ext.stage_paths(fused).values()) == (
