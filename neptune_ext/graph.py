@@ -138,6 +138,9 @@ class Graph:
                                  f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
                                  f"{list(t.shape) if isinstance(t, torch.Tensor) else ''}")
         num_src = _as_size(num_src, "num_src", "Graph.from_csr: ")
+        if num_src is None:
+            raise ValueError("Graph.from_csr: num_src must be a non-negative int (the number of "
+                             "source nodes), got None")
         num_dst, E = rowptr.shape[0] - 1, col.shape[0]
         if num_dst < 0:
             raise ValueError("rowptr must have num_dst + 1 >= 1 entries")
@@ -402,6 +405,8 @@ def _check_fits(t: torch.Tensor, itype: torch.dtype, name: str, hi: int) -> None
     cast narrows; the graph check then validates the values themselves."""
     if t.numel() == 0 or _is_compiling() or torch.iinfo(t.dtype).bits <= torch.iinfo(itype).bits:
         return
+    if t.dtype == torch.uint64:  # no reductions for uint64: values past int64 turn negative
+        t = t.to(torch.int64)
     lo_v, hi_v = torch.aminmax(t)
     info = torch.iinfo(itype)
     if int(lo_v) < info.min or int(hi_v) > info.max:

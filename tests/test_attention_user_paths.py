@@ -216,3 +216,77 @@ def test_a_cached_training_step_never_reads_a_value_back(cls):
     extra = sorted(set(new.calls) - set(cached.calls))
     assert extra == ["neptune.build_csc", "neptune.build_csr"], extra
     assert len(new.calls) == len(cached.calls) + 2
+
+
+# ------------------------------------------------- found by a hostile review of the above
+PYG_PAIRS = [("GraphAttention", "GATConv"), ("GraphAttentionV2", "GATv2Conv")]
+
+
+def _pair(ours_name, theirs_name, *args, **kw):
+    pyg_nn = pytest.importorskip("torch_geometric.nn")
+    import neptune_ext.nn as nnx
+    return getattr(nnx, ours_name)(*args, **kw), getattr(pyg_nn, theirs_name)
+
+
+@pytest.mark.parametrize("ours_name, theirs_name", PYG_PAIRS)
+def test_lazy_layer_first_called_under_autocast(ours_name, theirs_name):
+    """The weights sized and initialized on a first call under autocast are the ones used in
+    that same autocast region (autocast caches casts of the weights)."""
+    ours, theirs = _pair(ours_name, theirs_name, -1, 5, heads=2)
+    x, ei = torch.randn(12, 7), torch.randint(0, 12, (2, 40))
+    with torch.autocast("cpu", torch.bfloat16):
+        got = ours(x, ei)
+    ref = theirs(7, 5, heads=2)
+    ref.load_state_dict(ours.state_dict())
+    with torch.autocast("cpu", torch.bfloat16):
+        want = ref(x, ei)
+    assert float((got - want).norm() / want.norm()) < 0.02  # bf16 rounding, not other weights
+
+
+@pytest.mark.parametrize("ours_name, theirs_name", PYG_PAIRS)
+def test_create_graph_gradients_of_edge_attributes(ours_name, theirs_name):
+    """A backward with create_graph=True gives edge_attr, lin_edge and att_edge their
+    gradients too (first and second order), as PyG does."""
+    ours, theirs = _pair(ours_name, theirs_name, 6, 4, heads=2, edge_dim=3)
+    ours = ours.double()
+    ref = theirs(6, 4, heads=2, edge_dim=3).double()
+    ref.load_state_dict(ours.state_dict())
+    x, ei = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 10, (2, 30))
+    ea = torch.randn(30, 3, dtype=torch.float64)
+    results = []
+    for m in (ours, ref):
+        eav = ea.clone().requires_grad_()
+        params = [eav] + list(m.parameters())
+        first = torch.autograd.grad(m(x, ei, eav).square().sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), params, allow_unused=True)
+        results.append((first, second))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_torch_func_grad(cls):
+    from torch.func import functional_call, grad
+    m = cls(5, 3, heads=2)
+    x, ei = torch.randn(8, 5), torch.randint(0, 8, (2, 25))
+    params = dict(m.named_parameters())
+    got = grad(lambda p: functional_call(m, p, (x, ei)).pow(2).sum())(params)
+    want = torch.autograd.grad(m(x, ei).pow(2).sum(), list(params.values()))
+    for k, w in zip(params, want):
+        torch.testing.assert_close(got[k], w)
+
+
+def test_clear_errors_for_odd_inputs():
+    with pytest.raises(ValueError, match="num_src must be a non-negative int"):
+        Graph.from_csr(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), None)
+    with pytest.raises(ValueError, match=r"edge_attr must have shape \[E, edge_dim\]"):
+        GraphAttention(6, 4, edge_dim=2)(torch.randn(10, 6), torch.randint(0, 10, (2, 20)),
+                                        torch.randn(20, 2, 1))
+    batched = torch.stack([torch.eye(6), torch.eye(6)]).to_sparse_csr()
+    with pytest.raises(ValueError, match="no batch dimension"):
+        GraphAttention(6, 4)(torch.randn(6, 6), batched)
+    g = Graph.from_csr(torch.tensor([0, 1, 2], dtype=torch.uint64), torch.tensor([0, 1], dtype=torch.uint64), 4)
+    assert g.num_edges == 2

@@ -60,6 +60,8 @@ def materialize(lin: Optional[nn.Module], x: Optional[Tensor], name: str = "x") 
     if is_lazy(lin):
         lin(x[:0])
         glorot(lin.weight)
+        if autocast_on(x.device.type):  # autocast cached a cast of the weight before glorot
+            torch.clear_autocast_cache()
     if x.shape[-1] != lin.weight.shape[1]:
         raise ValueError(f"{name} has {x.shape[-1]} features per row but the layer was built for "
                          f"{lin.weight.shape[1]} (in_channels / edge_dim)")
@@ -196,9 +198,9 @@ class AttentionBase(_Base):
         if isinstance(edge_index, Graph):
             num_src, num_dst, given_by = edge_index.num_src, edge_index.num_dst, "edge_index (a Graph)"
         elif isinstance(edge_index, Tensor) and edge_index.layout in (torch.sparse_coo, torch.sparse_csr):
-            if edge_index.dim() < 2 or edge_index.sparse_dim() != 2:
-                raise ValueError("edge_index: a sparse adjacency must have two sparse dimensions "
-                                 f"[N_dst, N_src], got shape {list(edge_index.shape)}")
+            if edge_index.sparse_dim() != 2 or edge_index.dim() - edge_index.dense_dim() != 2:
+                raise ValueError("edge_index: a sparse adjacency must be one [N_dst, N_src] matrix "
+                                 f"(no batch dimension), got shape {list(edge_index.shape)}")
             num_dst, num_src = int(edge_index.shape[0]), int(edge_index.shape[1])
             given_by = f"edge_index (a sparse adjacency of shape [N_dst, N_src] = {list(edge_index.shape[:2])})"
         elif type(edge_index) is not Tensor and hasattr(edge_index, "sparse_size"):
@@ -281,11 +283,21 @@ class AttentionBase(_Base):
         state["_graph_cache"] = None
         return state
 
-    def _edge_attr(self, prepared: GATGraph, edge_attr) -> Tensor:
-        """``edge_attr`` checked against the input edges, completed for the added self loops."""
+    @staticmethod
+    def _edge_attr_2d(edge_attr) -> Tensor:
+        """``edge_attr`` as [E, edge_dim] (a 1-D one is one feature per edge), or a ValueError."""
         if not isinstance(edge_attr, Tensor) or not edge_attr.is_floating_point():
             raise ValueError("edge_attr must be a floating-point tensor [E, edge_dim], got "
                              f"{edge_attr.dtype if isinstance(edge_attr, Tensor) else type(edge_attr).__name__}")
+        if edge_attr.dim() == 1:
+            return edge_attr.view(-1, 1)
+        if edge_attr.dim() != 2:
+            raise ValueError(f"edge_attr must have shape [E, edge_dim] (or [E]), got {list(edge_attr.shape)}")
+        return edge_attr
+
+    def _edge_attr(self, prepared: GATGraph, edge_attr) -> Tensor:
+        """``edge_attr`` [E, edge_dim] (see _edge_attr_2d) checked against the input edges,
+        completed for the added self loops."""
         num_in = prepared.num_input_edges
         if edge_attr.dim() != 2 or edge_attr.shape[0] != num_in:
             raise ValueError(f"edge_attr must have one row per edge of edge_index ({num_in} edges, "

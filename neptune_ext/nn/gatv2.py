@@ -98,8 +98,7 @@ class GraphAttentionV2(AttentionBase):
             if self.lin_edge is None:
                 raise ValueError("edge_attr was given but the layer was built with edge_dim=None; "
                                  "pass edge_dim=<number of edge features>")
-            if edge_attr.dim() == 1:
-                edge_attr = edge_attr.view(-1, 1)
+            edge_attr = self._edge_attr_2d(edge_attr)
             materialize(self.lin_edge, edge_attr, "edge_attr")
             edge_feat = self.lin_edge(self._edge_attr(prepared, edge_attr)).view(-1, H, C)
 

@@ -143,8 +143,7 @@ class GraphAttention(AttentionBase):
 
         edge_logits = None
         if edge_attr is not None and self.lin_edge is not None:
-            if edge_attr.dim() == 1:
-                edge_attr = edge_attr.view(-1, 1)
+            edge_attr = self._edge_attr_2d(edge_attr)
             materialize(self.lin_edge, edge_attr, "edge_attr")
             edge_attr = self._edge_attr(prepared, edge_attr)
             # a_e^T W_e e = (W_e^T a_e)^T e: project the attention vector, not the edges,

@@ -204,7 +204,7 @@ def _register():
                 lambda xl_, xr_, att_, ef_: gatv2_attention_reference(
                     xl_, _pad_rows(xr_, rows), att_, src, dst, rows, ctx.negative_slope, ef_,
                     ctx.dropout, None if seed is None else int(seed)),
-                (x_l, x_r, att, edge_feat), grad_out, 13)
+                (x_l, x_r, att, edge_feat), (0, 1, 2, 9), grad_out, 13)
         if colptr.numel() != x_l.shape[0] + 1:
             raise RuntimeError("neptune::gatv2_forward was called without the transposed graph, "
                                "so it cannot be differentiated; call it through "

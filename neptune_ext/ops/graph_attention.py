@@ -179,10 +179,11 @@ def caller_order_edges(rowptr: torch.Tensor, col: torch.Tensor, eid: torch.Tenso
     return src, dst
 
 
-def differentiable_grads(reference, inputs, grad_out, num_outputs: int) -> tuple:
+def differentiable_grads(reference, inputs, positions, grad_out, num_outputs: int) -> tuple:
     """Gradients of ``reference(*inputs)`` for ``grad_out`` that are themselves
     differentiable (create_graph=True), laid out as the op's backward returns them: the
-    first len(inputs) entries, then None up to num_outputs. The last input may be None."""
+    gradient of inputs[k] at index positions[k] of a tuple of num_outputs, None elsewhere.
+    Any input may be None (no gradient)."""
     wanted = [t is not None and t.requires_grad for t in inputs]
     with torch.enable_grad():
         # One view per input: an input passed twice (score_src is score_dst) then gets the
@@ -193,10 +194,12 @@ def differentiable_grads(reference, inputs, grad_out, num_outputs: int) -> tuple
         diff = [t for t, w in zip(inputs, wanted) if w]
         grads = iter(torch.autograd.grad(out, diff, grad_out, create_graph=True, allow_unused=True)
                      if diff else ())
-    result = [next(grads) if w else None for w in wanted]
-    result = [g if g is not None or not w else torch.zeros_like(t)
-              for g, w, t in zip(result, wanted, inputs)]
-    return tuple(result) + (None,) * (num_outputs - len(inputs))
+    result = [None] * num_outputs
+    for t, w, pos in zip(inputs, wanted, positions):
+        if w:
+            g = next(grads)
+            result[pos] = g if g is not None else torch.zeros_like(t)
+    return tuple(result)
 
 
 # ----------------------------------------------------------------------------
@@ -209,8 +212,11 @@ _EAGER = {}
 
 
 def eager_autograd(op, setup_context, backward):
-    """The autograd.Function running ``op`` with the registration's own context and backward."""
-    class Fn(torch.autograd.Function):
+    """Two autograd.Functions running ``op`` with the registration's own context and backward:
+    (fast, functorch). ``fast`` takes ctx in forward (the cheapest apply); ``functorch`` has a
+    separate setup_context, as torch.func transforms (grad, jacrev, vmap) require: ~20 µs
+    more a call, so it runs only while such a transform is active."""
+    class Fast(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
             output = op(*args)
@@ -220,16 +226,38 @@ def eager_autograd(op, setup_context, backward):
         @staticmethod
         def backward(ctx, *grads):
             return backward(ctx, *grads)
-    Fn.__name__ = Fn.__qualname__ = f"{op.__name__}_autograd"
-    return Fn
+
+    class Functorch(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    for cls, kind in ((Fast, "autograd"), (Functorch, "functorch")):
+        cls.__name__ = cls.__qualname__ = f"{op.__name__}_{kind}"
+    return Fast, Functorch
+
+
+def _functorch_active() -> bool:
+    try:
+        return torch._C._are_functorch_transforms_active()
+    except AttributeError:
+        return False
 
 
 def forward_op(name: str, colptr: torch.Tensor):
-    """How to call torch.ops.neptune.<name>: through the eager Function when backward will
+    """How to call torch.ops.neptune.<name>: through an eager Function when backward will
     run (``colptr`` is the transposed graph then) outside torch.compile, else the op."""
-    fn = _EAGER.get(name)
-    if fn is not None and colptr.numel() > 0 and not _is_compiling():
-        return fn.apply
+    fns = _EAGER.get(name)
+    if fns is not None and colptr.numel() > 0 and not _is_compiling():
+        return fns[1].apply if _functorch_active() else fns[0].apply
     return getattr(torch.ops.neptune, name)
 
 
@@ -271,7 +299,7 @@ def _register():
                 lambda h_, ss_, sd_, el_: sparse_graph_attention_reference(
                     h_, ss_, sd_, src, dst, score_dst.shape[0], ctx.negative_slope, el_,
                     ctx.dropout, None if seed is None else int(seed)),
-                (h, score_src, score_dst, edge_logits), grad_out, 13)
+                (h, score_src, score_dst, edge_logits), (0, 1, 2, 9), grad_out, 13)
         if colptr.numel() != h.shape[0] + 1:
             raise RuntimeError("neptune::gat_forward was called without the transposed graph, "
                                "so it cannot be differentiated; call it through "
