@@ -61,6 +61,7 @@ docs: build
 bench: build
 	$(PY) benchmarks/bench_graph_attention.py --what op,layer,gatv2
 	$(PY) benchmarks/bench_stage.py
+	$(PY) -m neptune_ext.bench.stage_cpu --models resnet18,mobilenet_v2 --repeats 7
 
 gpu-check:
 	bash scripts/gpu_check.sh
