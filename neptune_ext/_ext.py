@@ -68,7 +68,8 @@ def use_kernels(device_type: str) -> bool:
     """True when the compiled kernel for `device_type` should run; else the reference runs
     (after one warning if the extension could not be loaded at all)."""
     global _warned
-    if os.environ.get("NEPTUNE_FORCE_REFERENCE", "0") == "1":
+    from ._backend import forced_reference  # (the one rule: neptune_ext._backend)
+    if forced_reference():
         return False
     if _C is None:
         if not _warned:

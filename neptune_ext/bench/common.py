@@ -6,12 +6,12 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
 from .. import _io
+from .._backend import force_reference  # noqa: F401  (re-exported for the benchmarks)
 from .._util import git_commit  # noqa: F401  (re-exported for the benchmarks)
 
 
@@ -154,18 +154,3 @@ def timed(fn: Callable[[], object], device: str = "cpu"):
     return out, time.perf_counter() - t
 
 
-@contextmanager
-def force_reference(on: bool = True):
-    """Run the pure-PyTorch reference for every neptune op inside the block
-    (the eager-layers baseline); restores the previous setting."""
-    old = os.environ.get("NEPTUNE_FORCE_REFERENCE")
-    if on:
-        os.environ["NEPTUNE_FORCE_REFERENCE"] = "1"
-    try:
-        yield
-    finally:
-        if on:
-            if old is None:
-                os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
-            else:
-                os.environ["NEPTUNE_FORCE_REFERENCE"] = old

@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .. import _ext
+from .. import _backend, _ext
 from .._util import acc_dtype, check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
@@ -60,29 +60,9 @@ _CUDA_MAX_HC = 1024  # the CUDA kernels hold a row's H * C features in one warp'
 
 
 def _has_kernel(device_type: str, H: int, C: int) -> bool:
-    if not _ext.use_kernels(device_type):
-        return False
     if device_type == "cuda" and not 0 < H * C <= _CUDA_MAX_HC:
         return False  # the reference runs these shapes
-    return _registered(device_type)
-
-
-def _ask_registered(device_type: str) -> bool:
-    """Whether the loaded extension has GATv2 kernels for this device."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    try:
-        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("neptune::gatv2_forward", key)
-    except (AttributeError, RuntimeError):
-        return device_type == "cpu"
-
-
-# Asked once, at import: a dispatcher query inside a traced forward breaks
-# torch.compile(fullgraph=True) ("torch.* op returned non-Tensor").
-_REGISTERED = {d: _ext._C is not None and _ask_registered(d) for d in ("cpu", "cuda")}
-
-
-def _registered(device_type: str) -> bool:
-    return _REGISTERED.get(device_type, False)
+    return _backend.runs_kernel("gatv2_forward", device_type)
 
 
 def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, graph: Graph,

@@ -1,11 +1,10 @@
 """The fused BatchNorm+ReLU op (batch statistics): kernel dispatch, registration of its
 fake kernels and autograd, and ``bn_relu``. See ``neptune_ext.ops.stage``."""
-import functools
 from typing import Tuple
 
 import torch
 
-from .. import _ext
+from .. import _backend, _ext
 from .._util import acc_dtype, is_compiling as _is_compiling
 from ..reference_stage import bn_relu_backward_reference, bn_relu_forward_reference
 from .stage_checks import _validate_bn
@@ -13,17 +12,12 @@ from .stage_checks import _validate_bn
 __all__ = ["bn_relu"]
 
 
-@functools.lru_cache(maxsize=None)
 def _has_stage_kernel(device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "neptune::bn_relu_forward", key)
+    return _backend.registered("bn_relu_forward", device_type)
 
 
 def _use_stage_kernels(device_type: str) -> bool:
-    # use_kernels warns once when the extension is missing; the second test covers
-    # devices the build has kernels for in general but not for the Stage ops yet.
-    return _ext.use_kernels(device_type) and _has_stage_kernel(device_type)
+    return _backend.runs_kernel("bn_relu_forward", device_type)
 
 
 def _bn_relu_forward_impl(x, weight, bias, eps):

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _backend
 from .fold_cache import FoldCache, PackCache, _stamps, fold_conv_bn, pack_conv_weight
 from .._util import check as _check, is_compiling as _is_compiling
 from .stage_checks import _pair, _validate_conv
@@ -123,13 +124,7 @@ def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
 _CUTLASS_OK = {}
 
 
-@functools.lru_cache(maxsize=None)
-def cutlass_built() -> bool:
-    """Whether this build has the CUTLASS convolution kernels."""
-    try:
-        return "cutlass=1" in torch.ops.neptune.build_info()
-    except (AttributeError, RuntimeError):
-        return False
+cutlass_built = _backend.cutlass_built
 
 
 def cutlass_enabled() -> bool:

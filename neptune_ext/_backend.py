@@ -1,0 +1,71 @@
+"""The one rule for which implementation runs: a compiled kernel or the pure-PyTorch reference.
+
+    runs_kernel("gat_forward", "cuda")   # -> bool
+
+A kernel runs when the compiled extension is loaded (else one warning, and the reference),
+``NEPTUNE_FORCE_REFERENCE`` is not ``"1"`` (benchmarks and tests compare the two paths with
+it; it is read at every call), the build covers the device (``cpu``/``cuda``) and the loaded
+library registers that op for it. The registrations are asked of the dispatcher once, at
+import: a dispatcher query inside a traced forward breaks ``torch.compile(fullgraph=True)``.
+Every op family asks here; nothing else decides.
+"""
+import os
+from contextlib import contextmanager
+
+import torch
+
+from . import _ext
+
+# The ops whose registration decides a family's path (graph build, GAT, GATv2, BN+ReLU,
+# the CUTLASS convolution).
+_FAMILY_OPS = ("build_csr", "gat_forward", "gatv2_forward", "bn_relu_forward", "conv_bias_act")
+_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _ask(op: str, device_type: str) -> bool:
+    if _ext._C is None or device_type not in _ext.compiled_backends():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"neptune::{op}", _KEYS[device_type])
+    except (AttributeError, RuntimeError):  # an older torch without the query: trust the build
+        return True
+
+
+_REGISTERED = {(op, d): _ask(op, d) for op in _FAMILY_OPS for d in _KEYS}
+
+
+def forced_reference() -> bool:
+    """NEPTUNE_FORCE_REFERENCE=1: every op runs its reference."""
+    return os.environ.get("NEPTUNE_FORCE_REFERENCE", "0") == "1"
+
+
+def registered(op: str, device_type: str) -> bool:
+    """Whether the loaded library has a kernel of ``neptune::<op>`` for this device type."""
+    return _REGISTERED.get((op, device_type), False)
+
+
+def runs_kernel(op: str, device_type: str) -> bool:
+    """True when ``neptune::<op>``'s compiled kernel runs for tensors on ``device_type``."""
+    return _ext.use_kernels(device_type) and registered(op, device_type)
+
+
+def cutlass_built() -> bool:
+    """Whether this build has the CUTLASS convolution kernels."""
+    return _ext.BUILD_INFO.get("cutlass") == "1"
+
+
+@contextmanager
+def force_reference(on: bool = True):
+    """Run the pure-PyTorch reference for every neptune op inside the block
+    (the eager-layers baseline); restores the previous setting."""
+    old = os.environ.get("NEPTUNE_FORCE_REFERENCE")
+    if on:
+        os.environ["NEPTUNE_FORCE_REFERENCE"] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            if old is None:
+                os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
+            else:
+                os.environ["NEPTUNE_FORCE_REFERENCE"] = old
