@@ -41,8 +41,8 @@ def _cutlass_state(build: dict) -> str:
 def _stage_paths() -> dict:
     """How many evaluation convolutions of Stages ran on each path so far (see
     neptune_ext.ops.stage_eval): which one a model's Stages take on this machine."""
-    from .ops.stage_eval import stage_paths
-    return stage_paths()
+    from .ops.stage_eval import eval_path_counts
+    return eval_path_counts()
 
 
 def info(file=None) -> dict:

@@ -123,10 +123,10 @@ def test_fused_resnet_takes_the_cutlass_path_when_asked(monkeypatch):
     x = torch.randn(4, 3, 96, 96, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = model.double()(x.double())
-        stage_eval.reset_stage_paths()
+        stage_eval.reset_eval_path_counts()
         got = fused(x.half())
         theirs = copy.deepcopy(model).half()(x.half())
-    paths = stage_eval.stage_paths()
+    paths = stage_eval.eval_path_counts()
     # every conv but the stem (3 input channels) and its 7x7 takes CUTLASS
     assert paths.get("cutlass-fused", 0) == 19, paths
     rel = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731

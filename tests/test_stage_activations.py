@@ -12,7 +12,7 @@ from torch import nn
 from neptune_ext.nn import Stage
 from neptune_ext.nn.stage import FusedConv2d
 from neptune_ext.ops import stage as ops
-from neptune_ext.ops.stage_eval import reset_stage_paths, stage_paths
+from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
 
 from stage_helpers import F64
 
@@ -78,13 +78,13 @@ def test_stage_eval_float32_fused_paths(activation, residual, kind):
     fmt = torch.channels_last if kind == "channels_last" else torch.contiguous_format
     x = torch.randn(2, 6, 9, 7).contiguous(memory_format=fmt)
     r = torch.randn(2, 8, 9, 7).contiguous(memory_format=fmt) if residual else None
-    reset_stage_paths()
+    reset_eval_path_counts()
     with torch.no_grad():
         got = stage(x, r) if residual else stage(x)
         want = eager_tail(eager, x, r) if residual else eager(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.is_contiguous(memory_format=fmt)
-    paths = stage_paths()
+    paths = eval_path_counts()
     assert sum(paths.values()) == 1 and "autograd" not in paths
     if kind == "channels_last" and ops.onednn_fused_available():
         # oneDNN fuses every activation alone, and only ReLU (or none) after an add.
@@ -185,11 +185,11 @@ def test_stage_eval_under_cpu_autocast_runs_fused_in_bfloat16(kind):
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
     with torch.no_grad():
         ref = eager_tail(eager, x, r.float())
-        reset_stage_paths()
+        reset_eval_path_counts()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got, want = stage(x, r), eager_tail(eager, x, r)
     assert got.dtype == want.dtype == torch.bfloat16
-    assert "autograd" not in stage_paths()
+    assert "autograd" not in eval_path_counts()
     assert rel(got, ref) <= 2 * rel(want, ref) + 5e-3
     # A float32 residual promotes the sum to float32, as in eager.
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -88,7 +88,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def bench_inference(name: str, args) -> dict:
     import torchvision
     from torch.fx.experimental.optimization import fuse as fx_fuse
-    from ..ops.stage_eval import reset_stage_paths, stage_paths
+    from ..ops.stage_eval import eval_path_counts, reset_eval_path_counts
 
     dev = args.device
     torch.manual_seed(0)
@@ -121,13 +121,13 @@ def bench_inference(name: str, args) -> dict:
             return run
         contenders = {k: runner(m, k == "fuse_stages_cutlass") for k, m in models.items()}
         errors = {k: rel_err(fn(), ref) for k, fn in contenders.items()}
-        reset_stage_paths()
+        reset_eval_path_counts()
         contenders["fuse_stages"]()
-        paths = stage_paths()
+        paths = eval_path_counts()
         if cutlass:
-            reset_stage_paths()
+            reset_eval_path_counts()
             contenders["fuse_stages_cutlass"]()
-            paths = {"default": paths, "cutlass": stage_paths()}
+            paths = {"default": paths, "cutlass": eval_path_counts()}
         print(f"{name} {prec}: timing {', '.join(contenders)}", file=sys.stderr, flush=True)
         res = alternate_ms(contenders, dev, args.rounds, args.reps)
         for k, r in res.items():

@@ -123,8 +123,6 @@ def _sorted_by_destination(edge_index, num_src: int, num_dst: int):
 class AttentionBase(_Base):
     """Constructor checks, graph preparation and output head of both attention layers."""
 
-    scores_from = "auto"
-
     def __init__(self, in_channels, out_channels: int, heads: int, concat: bool,
                  negative_slope: float, dropout: float, add_self_loops: bool,
                  edge_dim: Optional[int], fill_value, residual: bool):

@@ -14,7 +14,7 @@ from .._util import check as _check, is_compiling as _is_compiling
 from .stage_checks import _pair, _validate_conv
 
 __all__ = ["fold_conv_bn", "conv_bn_act_eval", "replay_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
-           "onednn_fused_available", "stage_paths", "reset_stage_paths", "ACTIVATIONS",
+           "onednn_fused_available", "eval_path_counts", "reset_eval_path_counts", "ACTIVATIONS",
            "check_activation", "apply_activation"]
 
 # How many evaluation convolutions ran on each path (neptune_ext.info() shows them):
@@ -48,12 +48,12 @@ def last_path():
     return _LAST[0]
 
 
-def stage_paths() -> dict:
+def eval_path_counts() -> dict:
     """{path: calls} of the evaluation convolutions run so far in this process."""
     return dict(_PATHS)
 
 
-def reset_stage_paths() -> None:
+def reset_eval_path_counts() -> None:
     _PATHS.clear()
 
 
