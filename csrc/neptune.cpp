@@ -56,7 +56,7 @@ TORCH_LIBRARY(neptune, m) {
       "build_csc(Tensor rowptr, Tensor col, Tensor eid, int num_src) "
       "-> (Tensor colptr, Tensor csc_row, Tensor csc_perm)");
 
-  // Sparse graph attention over a CSR-by-destination graph (see DESIGN.md).
+  // Sparse graph attention over a CSR-by-destination graph (semantics: README.md).
   // eid maps CSR positions to the caller's edge ids (edge_logits and the
   // dropout RNG use caller ids); colptr/csc_row/csc_perm are the transposed
   // graph, needed only by backward (pass empty tensors for inference).

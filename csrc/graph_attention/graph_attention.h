@@ -72,9 +72,6 @@ inline uint64_t seed_value(const std::optional<at::Tensor>& seed, double dropout
   return static_cast<uint64_t>(seed->data_ptr<int64_t>()[0]);
 }
 
-// Accumulation (and lse) dtype: the package rule (common.h).
-inline at::ScalarType gat_acc_dtype(at::ScalarType t) { return acc_dtype(t); }
-
 // Backward's saved tensors and incoming gradient, checked once for both back ends.
 inline void check_gat_backward_tensors(const at::Tensor& grad_out, const at::Tensor& out,
                                        const at::Tensor& lse, const at::Tensor& h,
@@ -87,8 +84,8 @@ inline void check_gat_backward_tensors(const at::Tensor& grad_out, const at::Ten
               "neptune::gat_backward: out must be [N_dst, H, C] with the dtype of h, got ",
               out.sizes());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == n_dst && lse.size(1) == H &&
-                  lse.scalar_type() == gat_acc_dtype(h.scalar_type()),
-              "neptune::gat_backward: lse must be [N_dst, H] in ", gat_acc_dtype(h.scalar_type()),
+                  lse.scalar_type() == acc_dtype(h.scalar_type()),
+              "neptune::gat_backward: lse must be [N_dst, H] in ", acc_dtype(h.scalar_type()),
               ", got ", lse.sizes(), " ", lse.scalar_type());
 }
 

@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
   check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2);
   at::Tensor out = at::empty({n_dst, H, C}, h.options());
-  at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(gat_acc_dtype(h.scalar_type())));
+  at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(acc_dtype(h.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_forward_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gat_forward_cpu_index", [&] {
       forward_kernel<scalar_t, index_t>(h, score_src, score_dst, rowptr, col, eid, edge_logits,

@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
 
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2), E = col.size(0);
   at::Tensor out = new_tensor({n_dst, H, C}, h.options());
-  at::Tensor lse = new_tensor({n_dst, H}, h.options().dtype(gat_acc_dtype(h.scalar_type())));
+  at::Tensor lse = new_tensor({n_dst, H}, h.options().dtype(acc_dtype(h.scalar_type())));
   if (n_dst == 0 || H == 0) return {out, lse};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool vec_ok = aligned16(h) && aligned16(out);
