@@ -307,10 +307,10 @@ def test_eval_with_gradients_and_inplace_relu_after_a_fused_conv():
 
 
 def _paths_of(fn):
-    from neptune_ext.ops.stage_eval import reset_stage_paths, stage_paths
-    reset_stage_paths()
+    from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
+    reset_eval_path_counts()
     fn()
-    return stage_paths()
+    return eval_path_counts()
 
 
 def test_stage_eval_paths_are_reported():

@@ -487,7 +487,7 @@ def test_fused_resnet_under_cpu_autocast_matches_eager():
     under autocast is (both are bfloat16 computations; they round differently)."""
     torchvision = pytest.importorskip("torchvision")
     import neptune_ext
-    from neptune_ext.ops.stage_eval import reset_stage_paths, stage_paths
+    from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
     model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
     fused = neptune_ext.fuse_stages(model)
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
@@ -496,11 +496,11 @@ def test_fused_resnet_under_cpu_autocast_matches_eager():
         x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
         with torch.no_grad():
             ref = m(x)
-            reset_stage_paths()
+            reset_eval_path_counts()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 want, got = m(x), f(x)
         assert got.dtype == want.dtype == torch.bfloat16
-        assert "autograd" not in stage_paths() and sum(stage_paths().values()) == 20
+        assert "autograd" not in eval_path_counts() and sum(eval_path_counts().values()) == 20
         assert rel(got, ref) <= 2 * rel(want, ref) + 5e-3, (rel(got, ref), rel(want, ref))
     # With autograd on (parameters that require grad), eager's own computation: bit-equal.
     x = torch.randn(2, 3, 32, 32)

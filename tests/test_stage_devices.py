@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from neptune_ext.nn import Stage
-from neptune_ext.ops.stage_eval import reset_stage_paths, stage_paths
+from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
 
 from stage_helpers import layout as arrange
 
@@ -88,13 +88,13 @@ def test_eval_every_shape_dtype_layout(shape, layout, dtype, device):
     with torch.no_grad():
         want = tail(ref, x, r)
         theirs = tail(eager, xd, rd)
-        reset_stage_paths()
+        reset_eval_path_counts()
         ours = stage(xd, rd)
         again = stage(xd, rd)
     assert ours.dtype == dtype and ours.shape == want.shape
     assert rel(ours, want) <= 4 * rel(theirs, want) + 8 * EPS[dtype], (rel(ours, want), rel(theirs, want))
     assert torch.equal(ours, again)  # deterministic
-    assert "autograd" not in stage_paths()
+    assert "autograd" not in eval_path_counts()
     if layout == "channels_last" and min(ours.shape[2:]) > 1:
         assert ours.is_contiguous(memory_format=torch.channels_last)
 
