@@ -204,7 +204,7 @@ def differentiable_grads(reference, inputs, positions, grad_out, num_outputs: in
 
 # ----------------------------------------------------------------------------
 # Eager autograd. torch.library.register_autograd (below) serves torch.compile, export and
-# direct torch.ops calls; in eager mode its generic wrapper costs ~50 µs a call (argument
+# direct torch.ops calls; in eager mode its generic wrapper costs per call (argument
 # filling, schema walks) - as much as the kernels on a small graph. Eager calls that need
 # gradients take an autograd.Function with the very same setup_context and backward.
 
