@@ -9,6 +9,7 @@
 #include "graph/graph.h"
 #include "graph_attention/gatv2.h"
 #include "graph_attention/graph_attention.h"
+#include "graph_attention/transformer.h"
 #include "stage/stage.h"
 
 #ifndef NEPTUNE_CUDA_ARCHS
@@ -88,6 +89,19 @@ TORCH_LIBRARY(neptune, m) {
       "Tensor? seed) -> (Tensor grad_x_l, Tensor grad_x_r, Tensor grad_att, "
       "Tensor grad_edge_feat)");
 
+  // Graph-transformer attention (see graph_attention/transformer.h): q [N_dst, H, C],
+  // k and v [N_src, H, C] gathered per edge, optional edge_feat [E, H, C] (added to k and
+  // v) in the caller's edge order; logits scale * <q_i, k_j>. rowptr has N_dst + 1 rows.
+  m.def(
+      "transformer_forward(Tensor q, Tensor k, Tensor v, Tensor rowptr, Tensor col, "
+      "Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, Tensor? edge_feat, "
+      "float scale, float dropout, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "transformer_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor rowptr, "
+      "Tensor col, Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, "
+      "Tensor? edge_feat, Tensor out, Tensor lse, float scale, float dropout, "
+      "Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_edge_feat)");
+
   // Stage: fused BatchNorm+ReLU with batch statistics (see stage/stage.h).
   m.def(
       "bn_relu_forward(Tensor x, Tensor weight, Tensor bias, float eps) "
@@ -124,6 +138,8 @@ TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("gat_backward", &neptune::gat_backward_cpu);
   m.impl("gatv2_forward", &neptune::gatv2_forward_cpu);
   m.impl("gatv2_backward", &neptune::gatv2_backward_cpu);
+  m.impl("transformer_forward", &neptune::transformer_forward_cpu);
+  m.impl("transformer_backward", &neptune::transformer_backward_cpu);
   m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);
   m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu);
   m.impl("conv_bias_act", &neptune::conv_bias_act_unavailable);

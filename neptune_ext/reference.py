@@ -118,3 +118,33 @@ def gatv2_attention_reference(x_l, x_r, att, src, dst, num_dst, negative_slope=0
     msg = alpha.unsqueeze(-1) * x_l[src]
     out = x_l.new_zeros((num_dst,) + tuple(x_l.shape[1:])).index_add(0, dst, msg)
     return (out, alpha) if return_attention else out
+
+
+def transformer_attention_weights_reference(q, k, src, dst, num_dst, scale, edge_feat=None,
+                                            dropout=0.0, seed=None):
+    """Graph-transformer attention weights [E, H] (after dropout when dropout > 0), caller's
+    edge order: softmax over each destination's in-edges of scale * <q[i], k[j] (+ e_ij)>."""
+    key = k[src]
+    if edge_feat is not None:
+        key = key + edge_feat
+    logits = (q[dst] * key).sum(-1) * scale
+    alpha = segment_softmax(logits, dst, num_dst)
+    if dropout > 0.0:
+        keep = dropout_keep_mask(seed, torch.arange(src.numel(), device=src.device),
+                                 alpha.shape[1], dropout)
+        alpha = alpha * keep.to(alpha.dtype) / (1.0 - dropout)
+    return alpha
+
+
+def transformer_attention_reference(q, k, v, src, dst, num_dst, scale, edge_feat=None, dropout=0.0,
+                                    seed=None, return_attention=False):
+    """out_i = sum_j a_ij (v[j] (+ e_ij)) with the graph-transformer attention of
+    transformer_attention_weights_reference. q [N_dst, H, C], k and v [N_src, H, C],
+    src/dst [E] in the caller's order, edge_feat [E, H, C] (added to keys and values)."""
+    alpha = transformer_attention_weights_reference(q, k, src, dst, num_dst, scale, edge_feat,
+                                                    dropout, seed)
+    val = v[src]
+    if edge_feat is not None:
+        val = val + edge_feat
+    out = v.new_zeros((num_dst,) + tuple(v.shape[1:])).index_add(0, dst, alpha.unsqueeze(-1) * val)
+    return (out, alpha) if return_attention else out

@@ -1,0 +1,131 @@
+"""Graph-transformer attention (PyG's TransformerConv): validation, dispatch, registration.
+
+    k'_ij = k[j] (+ edge_feat[e(i,j)]),  v'_ij = v[j] (+ edge_feat[e(i,j)])
+    a_ij  = softmax over j in N(i) of scale * <q[i], k'_ij>      (per head)
+    out_i = sum_j a_ij v'_ij                                      (no in-edges: 0)
+
+The compiled op (torch.ops.neptune.transformer_forward / _backward, CPU) runs one pass
+per destination with an online softmax and allocates nothing of size E x H x C; its
+backward is deterministic (no atomics). Its registration is the shared attention spec
+(:mod:`neptune_ext.ops.attention_spec`). Without a kernel for the device the pure-PyTorch
+reference runs.
+"""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import _backend, _ext
+from .._util import check as _check, is_compiling as _is_compiling, promote
+from ..graph import Graph
+from ..reference import transformer_attention_reference, transformer_attention_weights_reference
+from . import attention_spec
+from .graph_attention import dropout_and_seed, forward_op, kernel_csc
+
+__all__ = ["transformer_attention", "transformer_attention_weights"]
+
+
+def _validate(q, k, v, graph, scale, edge_feat, dropout):
+    _check(isinstance(graph, Graph), f"graph must be a neptune_ext.Graph, got {type(graph).__name__} "
+           "(build one with Graph.from_edge_index(edge_index))")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
+    _check(q.dim() == 3, f"q must have shape [N_dst, H, C], got {list(q.shape)}")
+    H, C = q.shape[1], q.shape[2]
+    _check(k.dim() == 3 and tuple(k.shape[1:]) == (H, C),
+           f"k must have shape [N_src, H, C] with H, C = {H}, {C}, got {list(k.shape)}")
+    _check(tuple(v.shape) == tuple(k.shape), f"v must have the shape of k, {list(k.shape)}, got {list(v.shape)}")
+    _check(k.shape[0] == graph.num_src, f"k has {k.shape[0]} source nodes but the graph has num_src = {graph.num_src}")
+    _check(q.shape[0] == graph.num_dst,
+           f"q has {q.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
+    for name, t in (("k", k), ("v", v)):
+        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
+    _check(graph.device == q.device,
+           f"graph is on {graph.device} but q is on {q.device} (use graph.to({str(q.device)!r}))")
+    if edge_feat is not None:
+        _check(isinstance(edge_feat, torch.Tensor) and edge_feat.is_floating_point(),
+               "edge_feat must be a floating-point tensor of shape [E, H, C]")
+        _check(tuple(edge_feat.shape) == (graph.num_edges, H, C),
+               f"edge_feat must have shape [E, H, C] = [{graph.num_edges}, {H}, {C}], "
+               f"got {list(edge_feat.shape)}")
+        _check(edge_feat.device == q.device, f"edge_feat is on {edge_feat.device} but q is on {q.device}")
+    _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                             and math.isfinite(scale)), f"scale must be None or a finite float, got {scale!r}")
+    _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
+           f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, graph: Graph,
+                          scale: Optional[float] = None, edge_feat: Optional[torch.Tensor] = None,
+                          dropout: float = 0.0, training: bool = False, return_attention: bool = False,
+                          seed: Optional[torch.Tensor] = None
+                          ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Fused graph-transformer attention + aggregation.
+
+    Args:
+        q: [N_dst, H, C] queries.
+        k: [N_src, H, C] keys, v: [N_src, H, C] values (gathered per edge).
+        graph: a :class:`neptune_ext.Graph` with ``num_src = N_src``, ``num_dst = N_dst``.
+        scale: logit scale (default ``1 / sqrt(C)``, as TransformerConv).
+        edge_feat: optional [E, H, C] edge features added to the keys and the values, in the
+            caller's edge order.
+        dropout: attention dropout probability, applied when ``training``.
+        return_attention: also return the attention weights [E, H] (after dropout).
+        seed: optional CPU int64 scalar tensor fixing the dropout mask.
+
+    Returns:
+        out [N_dst, H, C], or (out, alpha). Inputs of different floating dtypes are computed
+        in their promoted dtype. Differentiable twice (a ``create_graph=True`` backward
+        recomputes the gradients with the differentiable reference).
+
+    Example::
+
+        >>> g = Graph.from_edge_index(torch.tensor([[0, 1, 2], [1, 2, 1]]))
+        >>> x = torch.randn(3, 2, 8)
+        >>> transformer_attention(x, x, x, g).shape
+        torch.Size([3, 2, 8])
+    """
+    if not _is_compiling():
+        _validate(q, k, v, graph, scale, edge_feat, dropout)
+    q, k, v, edge_feat = promote(q, k, v, edge_feat)
+    p, seed = dropout_and_seed(dropout, training, seed)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+
+    if _backend.runs_kernel("transformer_forward", q.device.type):
+        colptr, csc_row, csc_perm = kernel_csc(graph, q, k, v, edge_feat)
+        out, lse = forward_op("transformer_forward", colptr)(
+            q.contiguous(), k.contiguous(), v.contiguous(), graph.rowptr, graph.col, graph.eid,
+            colptr, csc_row, csc_perm, None if edge_feat is None else edge_feat.contiguous(),
+            scale, p, seed)
+        if not return_attention:
+            return out
+        return out, transformer_attention_weights(q, k, graph, scale, edge_feat, p, seed)
+
+    src, dst = graph.edge_index[0], graph.edge_index[1]
+    return transformer_attention_reference(q, k, v, src, dst, graph.num_dst, scale, edge_feat, p,
+                                           None if seed is None else int(seed), return_attention)
+
+
+def transformer_attention_weights(q, k, graph: Graph, scale: Optional[float] = None, edge_feat=None,
+                                  dropout: float = 0.0, seed=None) -> torch.Tensor:
+    """Graph-transformer attention weights [E, H] in the caller's edge order (differentiable).
+
+    Materializes E x H x C values: call it when the weights are wanted, not in the hot path.
+    """
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    return transformer_attention_weights_reference(
+        q, k, graph.edge_index[0], graph.edge_index[1], graph.num_dst, scale, edge_feat, dropout,
+        None if seed is None else int(seed))
+
+
+SPEC = attention_spec.AttentionSpec(
+    name="transformer",
+    out_shape=lambda q, k, v: tuple(q.shape),
+    num_src=lambda q, k, v: k.shape[0],
+    reference=lambda q, k, v, e, src, dst, rows, scale, p, seed: transformer_attention_reference(
+        q, k, v, src, dst, rows, scale, e, p, seed),
+    public="neptune_ext.ops.transformer_attention")
+
+if _ext._C is not None and hasattr(torch.ops.neptune, "transformer_forward"):
+    attention_spec.register(SPEC)
