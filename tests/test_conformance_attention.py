@@ -1,9 +1,9 @@
-"""Conformance: both attention layers on the paths users take, against PyG's layers.
+"""Conformance: the attention layers on the paths users take, against PyG's layers.
 
-The product {GraphAttention, GraphAttentionV2} x {float64, bf16 autocast, fp16 autocast}
+The product {GraphAttention, GraphAttentionV2, GraphTransformer} x {float64, bf16 autocast, fp16 autocast}
 x {train, eval} x {every edge form PyG accepts} x {plain, bipartite, (x_src, None)} x
 {CPU, CUDA where present} runs in full in eager mode: outputs, attention weights and
-gradients against GATConv / GATv2Conv with the same weights (float64: to 1e-9; under
+gradients against GATConv / GATv2Conv / TransformerConv with the same weights (float64: to 1e-9; under
 autocast: the error against a float64 oracle fed autocast's own projections is at most
 twice PyG's error under the same autocast, in norm, plus one rounding at that precision),
 and the output dtype
@@ -30,13 +30,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in 
 
 from conftest import DEVICES
 from neptune_ext import Graph
-from neptune_ext.nn import GraphAttention, GraphAttentionV2
+from neptune_ext.graph import sparse_to_edge_index
+from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
 
 pyg = pytest.importorskip("torch_geometric")
 from torch_geometric import EdgeIndex  # noqa: E402
-from torch_geometric.nn import GATConv, GATv2Conv  # noqa: E402
+from torch_geometric.nn import GATConv, GATv2Conv, TransformerConv  # noqa: E402
 
-LAYERS = {"gat": (GraphAttention, GATConv), "gatv2": (GraphAttentionV2, GATv2Conv)}
+LAYERS = {"gat": (GraphAttention, GATConv), "gatv2": (GraphAttentionV2, GATv2Conv),
+          "transformer": (GraphTransformer, TransformerConv)}
 PRECISIONS = ["float64", "bf16-autocast", "fp16-autocast"]
 # (name, add_self_loops): every form of edge_index a PyG user passes. Without self loops a
 # CSR adjacency and an EdgeIndex sorted by destination take the no-sort path.
@@ -84,7 +86,9 @@ def edge_form(form, ei, n_src, n_dst):
 def dense_alpha(ei_out, alpha, n_src, n_dst):
     """Attention weights [E, H] on edges [2, E] (or a sparse [N_dst, N_src, H]) as dense."""
     if isinstance(ei_out, torch.Tensor) and ei_out.layout != torch.strided:
-        return ei_out.to_dense()
+        if ei_out.dim() == 3:  # the weights as a sparse [N_dst, N_src, H] (GATConv's form)
+            return ei_out.to_dense()
+        ei_out = sparse_to_edge_index(ei_out)  # the adjacency as given, alpha in its order
     ei_out = ei_out.as_subclass(torch.Tensor) if type(ei_out) is not torch.Tensor else ei_out
     dense = alpha.new_zeros(n_dst, n_src, alpha.shape[1])
     dense[ei_out[1].long(), ei_out[0].long()] = alpha
@@ -94,11 +98,14 @@ def dense_alpha(ei_out, alpha, n_src, n_dst):
 def build(layer, xform, loops, mode):
     ours_cls, ref_cls = LAYERS[layer]
     in_ch = (F_SRC, F_DST) if xform == "bipartite" else F_SRC
-    kw = dict(heads=HEADS, add_self_loops=loops, edge_dim=EDGE_DIM)
+    kw = dict(heads=HEADS, edge_dim=EDGE_DIM)
+    kw.update(beta=True) if layer == "transformer" else kw.update(add_self_loops=loops)
     ref = ref_cls(in_ch, OUT, **kw).double()
     ours = ours_cls(in_ch, OUT, **kw).double()
-    with torch.no_grad():  # a non-zero bias: the head is compared too
-        ref.bias.normal_()
+    with torch.no_grad():  # non-zero biases: the head is compared too
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
     ours.load_state_dict(ref.state_dict())
     ref.train(mode == "train")
     ours.train(mode == "train")
@@ -180,7 +187,7 @@ def test_layer_matches_pyg(device, layer, precision, mode, form, xform):
     ea = torch.randn(ei.shape[1], EDGE_DIM, dtype=torch.float64, device=device)
     ea_ours = ea if form_name in ("edge_index", "edge_index-int32", "Graph") else _reorder(ea, ei, ei_order, n_src)
 
-    if layer == "gatv2" and xform == "src-only":  # GATv2Conv needs destination features too
+    if layer in ("gatv2", "transformer") and xform == "src-only":  # these need x_dst too
         with pytest.raises(ValueError, match="x_dst"):
             ours(x, edge, ea_ours)
         return
@@ -297,6 +304,7 @@ class TestCompile:
     """torch.compile on a fixed sample of the product (each compile costs seconds)."""
 
     SAMPLE = [("gat", "edge_index", "train", None), ("gatv2", "edge_index", "train", None),
+              ("transformer", "edge_index", "train", None), ("transformer", "Graph", "eval", torch.bfloat16),
               ("gat", "Graph", "eval", torch.bfloat16), ("gatv2", "Graph", "eval", torch.bfloat16),
               ("gatv2", "edge_index-int32", "eval", None)]
 
@@ -315,8 +323,9 @@ class TestCompile:
         ctx = torch.autocast("cpu", autocast) if autocast else torch.autocast("cpu", enabled=False)
         with ctx:
             xs1, xs2 = fresh(x), fresh(x)
-            want = ours(xs1, edge, ea, size=(n, n) if form != "Graph" else None)
-            got = compiled(xs2, edge, ea, size=(n, n) if form != "Graph" else None)
+            kw = size_kw(ours, edge, n, n)
+            want = ours(xs1, edge, ea, **kw)
+            got = compiled(xs2, edge, ea, **kw)
         assert got.dtype == want.dtype
         tol = dict(rtol=1e-5, atol=1e-5) if autocast is None else dict(rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(got, want, **tol)
@@ -327,11 +336,12 @@ class TestCompile:
 
 
 def test_saved_layer_loads_in_a_fresh_process(tmp_path):
-    """torch.save(model) of both layers after a forward, loaded and run in a new process."""
+    """torch.save(model) of every layer after a forward, loaded and run in a new process."""
     torch.manual_seed(0)
     x = torch.randn(12, F_SRC)
     ei = make_graph(12, 12, 40, "cpu")
-    mods = [GraphAttention(F_SRC, OUT, heads=HEADS), GraphAttentionV2(F_SRC, OUT, heads=HEADS)]
+    mods = [GraphAttention(F_SRC, OUT, heads=HEADS), GraphAttentionV2(F_SRC, OUT, heads=HEADS),
+            GraphTransformer(F_SRC, OUT, heads=HEADS, beta=True)]
     outs = []
     for m in mods:
         m.eval()

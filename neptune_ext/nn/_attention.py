@@ -52,14 +52,17 @@ def is_lazy(lin: nn.Module) -> bool:
     return isinstance(lin, nn.modules.lazy.LazyModuleMixin) and lin.has_uninitialized_params()
 
 
-def materialize(lin: Optional[nn.Module], x: Optional[Tensor], name: str = "x") -> None:
-    """Size a lazy Linear from its input (glorot-initialized weight, as PyG does), and
+def materialize(lin: Optional[nn.Module], x: Optional[Tensor], name: str = "x",
+                glorot_init: bool = True) -> None:
+    """Size a lazy Linear from its input (a glorot-initialized weight, as PyG's GAT layers
+    do; ``glorot_init=False``: torch's Linear initialization, as PyG's default Linear), and
     check the input's width against it."""
     if lin is None or x is None:
         return
     if is_lazy(lin):
         lin(x[:0])
-        glorot(lin.weight)
+        if glorot_init:
+            glorot(lin.weight)
         if autocast_on(x.device.type):  # autocast cached a cast of the weight before glorot
             torch.clear_autocast_cache()
     if x.shape[-1] != lin.weight.shape[1]:
