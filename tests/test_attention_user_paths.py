@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from neptune_ext import Graph
-from neptune_ext.nn import GraphAttention, GraphAttentionV2
+from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
 
 LAYERS = [GraphAttention, GraphAttentionV2]
+# Tests whose calls every layer takes as written (GraphTransformer, like TransformerConv, has
+# no self-loop, residual or size arguments: its own cases are in test_transformer_layer.py).
+ALL_LAYERS = LAYERS + [GraphTransformer]
 
 
 # ------------------------------------------------- 1. autocast at every width
@@ -36,7 +39,7 @@ def test_sampled_example_with_bf16_autocast(tmp_path):
 
 
 # ------------------------------------------------- 2. double backward
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", ALL_LAYERS)
 def test_double_backward_gradgradcheck(cls):
     from torch.func import functional_call
     m = cls(5, 3, heads=2, edge_dim=2).double()
@@ -128,7 +131,7 @@ def test_torch_csr_with_huge_ids_is_refused():
         m((torch.randn(4, 3), torch.randn(2, 3)), adj)
 
 
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", ALL_LAYERS)
 def test_edge_index_ids_beyond_32_bits_are_refused(cls):
     ei = torch.tensor([[0, 2**32 + 1], [1, 0]])
     with pytest.raises(ValueError, match="edge_index"):
@@ -136,7 +139,7 @@ def test_edge_index_ids_beyond_32_bits_are_refused(cls):
 
 
 # ------------------------------------------------- 5. pickling after a forward
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", ALL_LAYERS)
 def test_torch_save_after_forward(cls, tmp_path):
     m = cls(5, 3, heads=2)
     x, ei = torch.randn(9, 5), torch.randint(0, 9, (2, 30))
@@ -167,7 +170,7 @@ def test_compile_fullgraph(cls):
 
 
 # ------------------------------------------------- 12. edge_attr rows
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", ALL_LAYERS)
 @pytest.mark.parametrize("rows", [9, 11])
 def test_edge_attr_with_the_wrong_number_of_rows(cls, rows):
     m = cls(4, 2, edge_dim=3)
@@ -192,7 +195,7 @@ SYNCS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonze
          "aten.unique", "aten._unique2", "aten.masked_select"}
 
 
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", ALL_LAYERS)
 def test_a_cached_training_step_never_reads_a_value_back(cls):
     """A training step on a cached graph (the same edge_index) calls nothing that makes the
     host wait for a value (.item(), nonzero, a boolean mask ...): what a CUDA graph capture or
@@ -219,7 +222,8 @@ def test_a_cached_training_step_never_reads_a_value_back(cls):
 
 
 # ------------------------------------------------- found by a hostile review of the above
-PYG_PAIRS = [("GraphAttention", "GATConv"), ("GraphAttentionV2", "GATv2Conv")]
+PYG_PAIRS = [("GraphAttention", "GATConv"), ("GraphAttentionV2", "GATv2Conv"),
+             ("GraphTransformer", "TransformerConv")]
 
 
 def _pair(ours_name, theirs_name, *args, **kw):
@@ -267,7 +271,7 @@ def test_create_graph_gradients_of_edge_attributes(ours_name, theirs_name):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cls", ALL_LAYERS)
 def test_torch_func_grad(cls):
     from torch.func import functional_call, grad
     m = cls(5, 3, heads=2)

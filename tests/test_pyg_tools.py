@@ -1,4 +1,4 @@
-"""Both attention layers where PyG accepts GATConv / GATv2Conv: to_hetero, HeteroConv,
+"""The attention layers where PyG accepts GATConv / GATv2Conv / TransformerConv: to_hetero, HeteroConv,
 torch_geometric.explain (GNNExplainer) - same results as PyG's layers with the same weights."""
 import os
 import subprocess
@@ -8,14 +8,19 @@ import warnings
 import pytest
 import torch
 
-from neptune_ext.nn import GraphAttention, GraphAttentionV2
+from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
 
 pyg = pytest.importorskip("torch_geometric")
 from torch_geometric.data import HeteroData  # noqa: E402
-from torch_geometric.nn import GATConv, GATv2Conv, HeteroConv, MessagePassing, to_hetero  # noqa: E402
+from torch_geometric.nn import GATConv, GATv2Conv, HeteroConv, MessagePassing, TransformerConv, to_hetero  # noqa: E402
 
-PAIRS = [(GATConv, GraphAttention), (GATv2Conv, GraphAttentionV2)]
-IDS = ["GATConv", "GATv2Conv"]
+PAIRS = [(GATConv, GraphAttention), (GATv2Conv, GraphAttentionV2), (TransformerConv, GraphTransformer)]
+IDS = ["GATConv", "GATv2Conv", "TransformerConv"]
+
+
+def no_loops(conv):
+    """add_self_loops=False for the layers that have it (TransformerConv adds none)."""
+    return {} if conv in (TransformerConv, GraphTransformer) else {"add_self_loops": False}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,8 +38,8 @@ def hetero_data():
 class TwoLayers(torch.nn.Module):
     def __init__(self, conv):
         super().__init__()
-        self.conv1 = conv((-1, -1), 16, heads=2, add_self_loops=False)
-        self.conv2 = conv((-1, -1), 4, heads=1, add_self_loops=False)
+        self.conv1 = conv((-1, -1), 16, heads=2, **no_loops(conv))
+        self.conv2 = conv((-1, -1), 4, heads=1, **no_loops(conv))
 
     def forward(self, x, edge_index):
         return self.conv2(self.conv1(x, edge_index).relu(), edge_index)
@@ -72,7 +77,7 @@ def test_hetero_conv_matches_pyg(theirs, ours):
     data = hetero_data()
 
     def build(conv):
-        return HeteroConv({et: conv((-1, -1), 5, heads=2, add_self_loops=False)
+        return HeteroConv({et: conv((-1, -1), 5, heads=2, **no_loops(conv))
                            for et in data.edge_types}, aggr="sum").double()
 
     ref, model = build(theirs), build(ours)
@@ -160,7 +165,7 @@ def test_sorted_inputs_are_used_without_sorting(theirs, ours, monkeypatch):
     ei = torch.randint(0, n, (2, 200))
     ei = ei[:, torch.argsort(ei[1], stable=True)]  # the caller's order = destination order
     x = torch.randn(n, 6, dtype=torch.float64)
-    model = ours(6, 4, heads=2, add_self_loops=False).double()
+    model = ours(6, 4, heads=2, **no_loops(ours)).double()
     exp, (_, a_exp) = model(x, ei, return_attention_weights=True)
     adj = torch.sparse_csr_tensor(*_csr(ei, n), torch.ones(ei.shape[1]), (n, n))
     idx = pyg.EdgeIndex(ei, sparse_size=(n, n), sort_order="col")
