@@ -12,12 +12,15 @@
 //
 // Backward, with D_i = <dOut_i, out_i>, g_ij = m_ij <dOut_i, v'_ij> (m: the dropout
 // factor) and dS_ij = a_ij (g_ij - D_i):
-//   grad q[i]        = scale sum_j dS_ij k'_ij                (pass 1, destinations)
-//   grad edge_feat   = scale dS_ij q[i] + a'_ij dOut_i        (pass 1; each edge written once)
-//   grad k[j]        = scale sum_i dS_ij q[i]                 (pass 2, sources, CSC)
-//   grad v[j]        = sum_i a'_ij dOut_i                     (pass 2)
-// dS and a' travel from pass 1 to pass 2 as E x H scratch. No atomics: bitwise
-// deterministic for any thread count. The CSR has exactly N_dst rows.
+//   pass 1, sources (CSC): k[j] and v[j] stay in registers, q[i] and dOut_i are gathered
+//     once per edge and give a_ij (from the saved log-sum-exp), dS_ij and
+//       grad k[j]       = scale sum_i dS_ij q[i]
+//       grad v[j]       = sum_i a'_ij dOut_i
+//       grad edge_feat  = scale dS_ij q[i] + a'_ij dOut_i      (each edge written once)
+//   pass 2, destinations (CSR): grad q[i] = scale sum_j dS_ij k'_ij (k[j] gathered).
+// Three rows gathered per edge in all. dS travels from pass 1 to pass 2 as E x H
+// scratch. No atomics: bitwise deterministic for any thread count. The CSR has exactly
+// N_dst rows.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,7 +1,8 @@
 // Fused graph-transformer attention on the CPU (semantics and passes: transformer.h).
 //
-// One thread owns a destination in forward and backward pass 1, and a source in
-// pass 2; no atomics, so results are bitwise the same for any thread count. The inner
+// One thread owns a destination in forward and backward pass 2, and a source in
+// pass 1, the rows split among the threads at equal cost (edges + rows: a hub does not
+// stall one thread); no atomics, so results are bitwise the same for any thread count. The inner
 // loops over the C channels of a head are `omp simd` loops (the reductions' order is
 // fixed by the code, not by the run).
 #include <ATen/Dispatch.h>
@@ -23,11 +24,14 @@
 namespace neptune {
 namespace {
 
-// <a, b (+ e)> over C channels, a already in the accumulation type.
+// <a, b (+ e)> over C channels, a already in the accumulation type; without a: <b, e>.
 template <typename scalar_t, typename acc_t>
 inline acc_t dot_keyed(const acc_t* a, const scalar_t* b, const scalar_t* e, int64_t C) {
   acc_t s = 0;
-  if (e) {
+  if (!a) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < C; ++c) s += static_cast<acc_t>(b[c]) * static_cast<acc_t>(e[c]);
+  } else if (e) {
 #pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < C; ++c)
       s += a[c] * (static_cast<acc_t>(b[c]) + static_cast<acc_t>(e[c]));
@@ -82,7 +86,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const float p = static_cast<float>(p_d);
   const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
 
-  at::parallel_for(0, n_dst, grain_for(n_dst, E, 2 * HC, 16384), [&](int64_t begin, int64_t end) {
+  parallel_rows_by_cost(rowptr, n_dst, 2 * HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(HC), qi(HC), m(H), s(H);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -155,101 +159,129 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
   const float p = static_cast<float>(p_d);
   const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
 
-  // Per-edge dS and a' in CSR order (E x H scratch, backward only).
-  at::Tensor ds_t = at::empty({E, H}, lse_t.options());
-  at::Tensor ap_t = at::empty({E, H}, lse_t.options());
-  acc_t* ds = ds_t.data_ptr<acc_t>();
-  acc_t* ap = ap_t.data_ptr<acc_t>();
-
-  // Pass 1: destinations.
-  at::parallel_for(0, n_dst, grain_for(n_dst, E, 3 * HC, 16384), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qi(HC), goi(HC), gqi(HC), D(H), dS(H), ak(H);
+  // D_i = <dOut_i, out_i> per head.
+  at::Tensor d_t = at::empty({n_dst, H}, lse_t.options());
+  acc_t* Dv = d_t.data_ptr<acc_t>();
+  at::parallel_for(0, n_dst, grain_for(n_dst, n_dst, HC, 16384), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> goi(HC);
     for (int64_t i = begin; i < end; ++i) {
-      load_scaled(qi.data(), q + i * HC, scale, HC);
       load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
-      std::fill(gqi.begin(), gqi.end(), acc_t(0));
       for (int64_t h = 0; h < H; ++h)
-        D[h] = dot_keyed<scalar_t, acc_t>(goi.data() + h * C, out + i * HC + h * C, nullptr, C);
-      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
-        if (e + kPrefetchDistance < E) {
-          const int64_t jn = col[e + kPrefetchDistance];
-          prefetch_row(k + jn * HC, HC);
-          prefetch_row(v + jn * HC, HC);
-          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
-        }
-        const int64_t j = col[e], edge = eid[e];
-        const scalar_t* efe = ef ? ef + edge * HC : nullptr;
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t o = h * C;
-          const scalar_t* eh = efe ? efe + o : nullptr;
-          const acc_t x = dot_keyed<scalar_t, acc_t>(qi.data() + o, k + j * HC + o, eh, C);
-          const acc_t a = std::exp(x - lse[i * H + h]);
-          acc_t a_kept = a;
-          if (use_dropout) a_kept = dropout_keep(seed, edge, h, p) ? a * keep_scale : acc_t(0);
-          const acc_t g = a_kept != acc_t(0)
-                              ? dot_keyed<scalar_t, acc_t>(goi.data() + o, v + j * HC + o, eh, C)
-                              : acc_t(0);
-          dS[h] = a_kept * g - a * D[h];
-          ak[h] = a_kept;
-          ds[e * H + h] = dS[h];
-          ap[e * H + h] = a_kept;
-          // grad q (before the final scale): dS k'.
-          const scalar_t* kj = k + j * HC + o;
-          acc_t* gqh = gqi.data() + o;
-          const acc_t d = dS[h];
-          if (eh) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c)
-              gqh[c] += d * (static_cast<acc_t>(kj[c]) + static_cast<acc_t>(eh[c]));
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) gqh[c] += d * static_cast<acc_t>(kj[c]);
-          }
-        }
-        if (gef) {  // grad edge_feat = dS (scale q_i) + a' dOut_i, written once per edge
-          scalar_t* ge = gef + edge * HC;
-          for (int64_t h = 0; h < H; ++h) {
-            const int64_t o = h * C;
-            const acc_t d = dS[h], w = ak[h];
-            for (int64_t c = 0; c < C; ++c)
-              ge[o + c] = static_cast<scalar_t>(d * qi[o + c] + w * goi[o + c]);
-          }
-        }
-      }
-      for (int64_t c = 0; c < HC; ++c) gq[i * HC + c] = static_cast<scalar_t>(gqi[c] * scale);
+        Dv[i * H + h] = dot_keyed<scalar_t, acc_t>(goi.data() + h * C, out + i * HC + h * C, nullptr, C);
     }
   });
 
-  // Pass 2: sources, over the transposed graph: grad k = scale sum dS q_i, grad v = sum a' dOut_i.
-  at::parallel_for(0, n_src, grain_for(n_src, E, 2 * HC, 16384), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> ak(HC), av(HC);
+  // Pass 1: sources, over the transposed graph. Source j's own k_j and v_j stay in
+  // registers; per in-edge only q_i and dOut_i are gathered, and they serve the logit,
+  // the softmax weight, dS, grad k, grad v and grad edge_feat alike. dS goes to the
+  // E x H scratch (CSR positions) for pass 2.
+  at::Tensor ds_t = at::empty({E, H}, lse_t.options());
+  acc_t* ds = ds_t.data_ptr<acc_t>();
+  parallel_rows_by_cost(colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> kj(HC), vj(HC), ak(HC), av(HC), dS(H), w(H);
     for (int64_t j = begin; j < end; ++j) {
+      load_scaled(kj.data(), k + j * HC, acc_t(1), HC);
+      load_scaled(vj.data(), v + j * HC, acc_t(1), HC);
       std::fill(ak.begin(), ak.end(), acc_t(0));
       std::fill(av.begin(), av.end(), acc_t(0));
       for (int64_t t = colptr[j]; t < colptr[j + 1]; ++t) {
         if (t + kPrefetchDistance < E) {
-          const int64_t in = csc_row[t + kPrefetchDistance];
+          const int64_t in = csc_row[t + kPrefetchDistance], en = csc_perm[t + kPrefetchDistance];
           prefetch_row(go + in * HC, HC);
           prefetch_row(q + in * HC, HC);
+          __builtin_prefetch(lse + in * H, 0, 1);
+          __builtin_prefetch(Dv + in * H, 0, 1);
+          __builtin_prefetch(ds + en * H, 1, 1);  // written below: a random write per edge
+          if (ef || use_dropout) __builtin_prefetch(eid + en, 0, 1);
+          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[en]) * HC, HC);
         }
         const int64_t i = csc_row[t], e = csc_perm[t];
+        const int64_t edge = (ef || use_dropout) ? static_cast<int64_t>(eid[e]) : 0;
         const scalar_t* qi = q + i * HC;
         const scalar_t* goi = go + i * HC;
+        const scalar_t* efe = ef ? ef + edge * HC : nullptr;
+        bool any = false;
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t d = ds[e * H + h], w = ap[e * H + h];
-          if (d == acc_t(0) && w == acc_t(0)) continue;
           const int64_t o = h * C;
+          const scalar_t* eh = efe ? efe + o : nullptr;
+          const acc_t x = scale * dot_keyed<scalar_t, acc_t>(kj.data() + o, qi + o, nullptr, C) +
+                          (eh ? scale * dot_keyed<scalar_t, acc_t>(nullptr, qi + o, eh, C) : acc_t(0));
+          const acc_t a = std::exp(x - lse[i * H + h]);
+          acc_t a_kept = a;
+          if (use_dropout) a_kept = dropout_keep(seed, edge, h, p) ? a * keep_scale : acc_t(0);
+          acc_t g = 0;
+          if (a_kept != acc_t(0)) {
+            g = dot_keyed<scalar_t, acc_t>(vj.data() + o, goi + o, nullptr, C);
+            if (eh) g += dot_keyed<scalar_t, acc_t>(nullptr, goi + o, eh, C);
+          }
+          const acc_t d = a_kept * g - a * Dv[i * H + h];
+          dS[h] = d * scale;
+          w[h] = a_kept;
+          ds[e * H + h] = d;
+          any = any || d != acc_t(0) || a_kept != acc_t(0);
+          // grad k = scale dS q_i, grad v = a' dOut_i.
+          const acc_t ds_scaled = d * scale;
+          acc_t* akh = ak.data() + o;
+          acc_t* avh = av.data() + o;
+          const scalar_t* qh = qi + o;
+          const scalar_t* gh = goi + o;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            ak[o + c] += d * static_cast<acc_t>(qi[o + c]);
-            av[o + c] += w * static_cast<acc_t>(goi[o + c]);
+            akh[c] += ds_scaled * static_cast<acc_t>(qh[c]);
+            avh[c] += a_kept * static_cast<acc_t>(gh[c]);
+          }
+        }
+        if (efe) {  // grad edge_feat = scale dS q_i + a' dOut_i, written once per edge
+          scalar_t* ge = gef + edge * HC;
+          if (!any) {
+            std::fill(ge, ge + HC, scalar_t(0));
+          } else {
+            for (int64_t h = 0; h < H; ++h) {
+              const int64_t o = h * C;
+              for (int64_t c = 0; c < C; ++c)
+                ge[o + c] = static_cast<scalar_t>(dS[h] * static_cast<acc_t>(qi[o + c]) +
+                                                  w[h] * static_cast<acc_t>(goi[o + c]));
+            }
           }
         }
       }
       for (int64_t c = 0; c < HC; ++c) {
-        gk[j * HC + c] = static_cast<scalar_t>(ak[c] * scale);
+        gk[j * HC + c] = static_cast<scalar_t>(ak[c]);
         gv[j * HC + c] = static_cast<scalar_t>(av[c]);
       }
+    }
+  });
+
+  // Pass 2: destinations: grad q = scale sum_j dS k'_ij (k_j gathered once per edge).
+  parallel_rows_by_cost(rowptr, n_dst, HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gqi(HC);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(gqi.begin(), gqi.end(), acc_t(0));
+      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+        if (e + kPrefetchDistance < E) {
+          prefetch_row(k + static_cast<int64_t>(col[e + kPrefetchDistance]) * HC, HC);
+          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
+        }
+        const int64_t j = col[e];
+        const scalar_t* efe = ef ? ef + static_cast<int64_t>(eid[e]) * HC : nullptr;
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t d = ds[e * H + h];
+          if (d == acc_t(0)) continue;
+          const int64_t o = h * C;
+          const scalar_t* kh = k + j * HC + o;
+          acc_t* gh = gqi.data() + o;
+          if (efe) {
+            const scalar_t* eh = efe + o;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c)
+              gh[c] += d * (static_cast<acc_t>(kh[c]) + static_cast<acc_t>(eh[c]));
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) gh[c] += d * static_cast<acc_t>(kh[c]);
+          }
+        }
+      }
+      for (int64_t c = 0; c < HC; ++c) gq[i * HC + c] = static_cast<scalar_t>(gqi[c] * scale);
     }
   });
 }

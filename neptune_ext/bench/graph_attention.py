@@ -1,8 +1,11 @@
 """Graph attention benchmark: the fused op vs the PyTorch reference, the
-GraphAttention layer vs PyG's GATConv and the GraphAttentionV2 layer vs PyG's
-GATv2Conv, forward + backward, on a power-law graph.
+GraphAttention layer vs PyG's GATConv, GraphAttentionV2 vs GATv2Conv and
+GraphTransformer vs TransformerConv, forward + backward, on a power-law graph.
 
-    python -m neptune_ext.bench.graph_attention [--quick] [--json FILE]
+    python -m neptune_ext.bench.graph_attention [--quick] [--what op,layer,gatv2,transformer]
+                                                [--edge-dim D] [--json FILE]
+
+``--edge-dim D`` gives the GraphTransformer/TransformerConv pair D edge features per edge.
 
 Times: medians over alternated rounds in one process. Peak memory: each
 contender in its own process (peak resident memory added by one fwd+bwd).
@@ -21,6 +24,7 @@ from . import common
 OP_CONTENDERS = ("op:neptune", "op:reference")
 LAYER_CONTENDERS = ("layer:neptune", "layer:pyg")
 GATV2_CONTENDERS = ("gatv2:neptune", "gatv2:pyg")
+TRANSFORMER_CONTENDERS = ("transformer:neptune", "transformer:pyg")
 
 
 def has_pyg() -> bool:
@@ -36,7 +40,7 @@ def has_pyg() -> bool:
 
 
 def make_case(name: str, n: int, n_edges: int, heads: int, channels: int, in_channels: int,
-              device: str = "cpu", dtype=torch.float32, seed: int = 0):
+              device: str = "cpu", dtype=torch.float32, seed: int = 0, edge_dim: int = 0):
     """Returns a closure running fwd+bwd once and returning {"forward": s, "backward": s}."""
     from neptune_ext import Graph, ops
     torch.manual_seed(seed)
@@ -69,14 +73,23 @@ def make_case(name: str, n: int, n_edges: int, heads: int, channels: int, in_cha
     elif name == "gatv2:pyg":
         from torch_geometric.nn import GATv2Conv
         layer = GATv2Conv(in_channels, channels, heads=heads, add_self_loops=False)
+    elif name in TRANSFORMER_CONTENDERS:
+        if name == "transformer:neptune":
+            from neptune_ext.nn import GraphTransformer as cls
+        else:
+            from torch_geometric.nn import TransformerConv as cls
+        layer = cls(in_channels, channels, heads=heads, edge_dim=edge_dim or None)
     else:
         raise ValueError(f"unknown contender {name!r}")
     layer = layer.to(device=device, dtype=dtype)
     grad = torch.randn(n, heads * channels, device=device, dtype=dtype)
     params = [x] + list(layer.parameters())
+    extra = ()
+    if name in TRANSFORMER_CONTENDERS and edge_dim:
+        extra = (torch.randn(ei.shape[1], edge_dim, device=device, dtype=dtype),)
 
     def run():
-        out, t_f = common.timed(lambda: layer(x, ei), device)
+        out, t_f = common.timed(lambda: layer(x, ei, *extra), device)
         _, t_b = common.timed(lambda: torch.autograd.grad(out, params, grad), device)
         return {"forward": t_f, "backward": t_b}
     return run
@@ -90,16 +103,18 @@ def _memory_main(argv):
     p.add_argument("--heads", type=int)
     p.add_argument("--channels", type=int)
     p.add_argument("--in-channels", type=int)
+    p.add_argument("--edge-dim", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("NEPTUNE_BENCH_THREADS", torch.get_num_threads())))
-    run = make_case(a.name, a.nodes, a.edges, a.heads, a.channels, a.in_channels)
+    run = make_case(a.name, a.nodes, a.edges, a.heads, a.channels, a.in_channels, edge_dim=a.edge_dim)
     run()  # warm-up: one-time graph preparation (cached by both sides' usage) is not counted
     peak = common.cpu_peak_extra_bytes(run)
     print(json.dumps({"peak_extra_bytes": peak}))
 
 
 def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_channels=128,
-                  repeats=5, what=("op", "layer"), device="cpu", memory=True, out=sys.stdout):
+                  repeats=5, what=("op", "layer"), device="cpu", memory=True, out=sys.stdout,
+                  edge_dim=0):
     names = []
     if "op" in what:
         names += list(OP_CONTENDERS)
@@ -107,10 +122,14 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
         names += ["layer:neptune"] + (["layer:pyg"] if has_pyg() else [])
     if "gatv2" in what:
         names += ["gatv2:neptune"] + (["gatv2:pyg"] if has_pyg() else [])
+    if "transformer" in what:
+        names += ["transformer:neptune"] + (["transformer:pyg"] if has_pyg() else [])
     print(f"graph attention: power-law graph N={nodes:,} E={edges:,}, H={heads}, C={channels}, "
-          f"in_channels={in_channels} (layer), {device}: {common.machine()}", file=out)
+          f"in_channels={in_channels} (layer), edge_dim={edge_dim or None} (transformer), {device}: "
+          f"{common.machine()}", file=out)
     t0 = time.perf_counter()
-    runs = {n: make_case(n, nodes, edges, heads, channels, in_channels, device) for n in names}
+    runs = {n: make_case(n, nodes, edges, heads, channels, in_channels, device, edge_dim=edge_dim)
+            for n in names}
     times = common.alternate(runs, repeats)
     del runs
     mem = {}
@@ -120,7 +139,7 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
             r = common.run_isolated("neptune_ext.bench.graph_attention",
                                     ["--_memory", n, "--nodes", str(nodes), "--edges", str(edges),
                                      "--heads", str(heads), "--channels", str(channels),
-                                     "--in-channels", str(in_channels)])
+                                     "--in-channels", str(in_channels), "--edge-dim", str(edge_dim)])
             mem[n] = r.get("peak_extra_bytes", r.get("error"))
     results = {}
     for n in names:
@@ -129,7 +148,8 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
         results[n] = {"forward_ms": f, "backward_ms": b, "total_ms": common.median_ms(tot),
                       "total_ms_range": [1e3 * min(tot), 1e3 * max(tot)],
                       "peak_extra_bytes": mem.get(n)}
-    peers = {"op:neptune": "op:reference", "layer:neptune": "layer:pyg", "gatv2:neptune": "gatv2:pyg"}
+    peers = {"op:neptune": "op:reference", "layer:neptune": "layer:pyg", "gatv2:neptune": "gatv2:pyg",
+             "transformer:neptune": "transformer:pyg"}
     for n, p in peers.items():
         if n in results and p in results:
             # Speedup per alternated round (same round, same machine state): median and range.
@@ -155,12 +175,12 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
     common.print_table(rows, ["contender", "fwd ms", "bwd ms", "fwd+bwd ms (range)", "speedup vs peer (range)",
                               "peak extra mem", "mem vs peer"], file=out)
     print(f"(medians of {repeats} alternated rounds, speedups per round; peers: op:reference, layer:pyg, "
-          f"gatv2:pyg; "
+          f"gatv2:pyg, transformer:pyg; "
           f"{time.perf_counter() - t0:.0f} s)", file=out)
     return {"benchmark": "graph_attention", "device": device, "machine": common.machine(),
             "torch": torch.__version__, "commit": common.git_commit(),
             "config": dict(nodes=nodes, edges=edges, heads=heads, channels=channels,
-                           in_channels=in_channels, repeats=repeats),
+                           in_channels=in_channels, repeats=repeats, edge_dim=edge_dim or None),
             "results": results}
 
 
@@ -177,7 +197,8 @@ def main(argv=None):
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--in-channels", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--what", default="op,layer", help="comma list of: op, layer, gatv2")
+    p.add_argument("--what", default="op,layer", help="comma list of: op, layer, gatv2, transformer")
+    p.add_argument("--edge-dim", type=int, default=0, help="edge features (transformer pair)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
     p.add_argument("--json", help="write the figures to this file")
     a = p.parse_args(argv)
@@ -187,7 +208,7 @@ def main(argv=None):
     if a.quick:
         a.nodes, a.edges, a.repeats = min(a.nodes, 20_000), min(a.edges, 200_000), min(a.repeats, 3)
     res = run_benchmark(a.nodes, a.edges, a.heads, a.channels, a.in_channels, a.repeats,
-                        tuple(a.what.split(",")), a.device, not a.no_memory)
+                        tuple(a.what.split(",")), a.device, not a.no_memory, edge_dim=a.edge_dim)
     common.write_json(a.json, res)
     return res
 
