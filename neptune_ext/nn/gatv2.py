@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.gatv2 import gatv2_attention, gatv2_attention_weights
-from ..ops.graph_attention import dropout_and_seed
+from ..ops.attention_spec import dropout_and_seed
 from ._attention import AttentionBase, glorot, linear, materialize, reset_linear
 
 Tensor = torch.Tensor

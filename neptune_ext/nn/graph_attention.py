@@ -11,7 +11,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..ops.graph_attention import attention_weights, dropout_and_seed, sparse_graph_attention
+from ..ops.attention_spec import dropout_and_seed
+from ..ops.graph_attention import attention_weights, sparse_graph_attention
 from ._attention import AttentionBase, glorot, linear, autocast_on, head_weights, materialize, reset_linear
 
 Tensor = torch.Tensor

@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..ops.graph_attention import dropout_and_seed
+from ..ops.attention_spec import dropout_and_seed
 from ..ops.transformer import transformer_attention, transformer_attention_weights
 from ._attention import AttentionBase, linear, materialize
 

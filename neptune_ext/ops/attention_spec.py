@@ -1,4 +1,6 @@
-"""The registration every fused attention op shares, written once.
+"""What every fused attention op (GAT, GATv2, graph transformer) shares, written once:
+dropout seeds, the transposed graph, double backward, the eager fast path, and the
+registration derived from a spec.
 
 Every attention variant's compiled op has one calling convention::
 
@@ -18,10 +20,146 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .._util import acc_dtype
-from .graph_attention import (_EAGER, caller_order_edges, create_graph, differentiable_grads,
-                              eager_autograd)
+from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
+from ..graph import Graph
 
+
+# ----------------------------------------------------------------------------
+# Dropout seeds and the transposed graph.
+
+def _new_seed() -> torch.Tensor:
+    # Drawn from torch's default CPU generator, so torch.manual_seed reproduces it.
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def dropout_and_seed(dropout, training: bool, seed):
+    """(p, seed) for an attention op: p = dropout when training, else 0; with p > 0 a seed
+    (drawn when none is given, checked otherwise); without dropout no seed."""
+    p = float(dropout) if training else 0.0
+    if p == 0.0:
+        return 0.0, None
+    if seed is None:
+        seed = _new_seed()
+    _check(isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
+           and seed.device.type == "cpu", "seed must be a CPU int64 tensor with one element")
+    return p, seed
+
+
+def kernel_csc(graph: Graph, *inputs) -> tuple:
+    """The transposed graph when backward will need it (grad mode on and an input that
+    requires grad), else three empty tensors: inference never builds the CSC."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return graph.csc()
+    empty = graph.col.new_empty(0)
+    return empty, empty, empty
+
+
+# ----------------------------------------------------------------------------
+# Double backward: a backward run with create_graph=True must itself be differentiable.
+# The kernels' backward is not, so those calls recompute the gradients through the
+# pure-PyTorch reference (exact, E x H x C memory): never a silently wrong number.
+
+def create_graph() -> bool:
+    """True inside a backward that builds a graph (``create_graph=True``)."""
+    return torch.is_grad_enabled() and not _is_compiling()
+
+
+def caller_order_edges(rowptr: torch.Tensor, col: torch.Tensor, eid: torch.Tensor):
+    """(src, dst) int64 [E] in the caller's edge order from a CSR by destination and its
+    edge ids (the order the reference and the dropout hash use)."""
+    E = col.shape[0]
+    dst_csr = torch.repeat_interleave(torch.arange(rowptr.shape[0] - 1, device=col.device),
+                                      rowptr.long().diff(), output_size=E)
+    eid = eid.long()
+    src = torch.empty(E, dtype=torch.int64, device=col.device).index_put_((eid,), col.long())
+    dst = torch.empty(E, dtype=torch.int64, device=col.device).index_put_((eid,), dst_csr)
+    return src, dst
+
+
+def differentiable_grads(reference, inputs, positions, grad_out, num_outputs: int) -> tuple:
+    """Gradients of ``reference(*inputs)`` for ``grad_out`` that are themselves
+    differentiable (create_graph=True), laid out as the op's backward returns them: the
+    gradient of inputs[k] at index positions[k] of a tuple of num_outputs, None elsewhere.
+    Any input may be None (no gradient)."""
+    wanted = [t is not None and t.requires_grad for t in inputs]
+    with torch.enable_grad():
+        # One view per input: an input passed twice (score_src is score_dst) then gets the
+        # gradient of its own argument position, not their sum twice.
+        inputs = [t.view_as(t) if w else t for t, w in zip(inputs, wanted)]
+        out = reference(*inputs)
+        out = out[:grad_out.shape[0]]
+        diff = [t for t, w in zip(inputs, wanted) if w]
+        grads = iter(torch.autograd.grad(out, diff, grad_out, create_graph=True, allow_unused=True)
+                     if diff else ())
+    result = [None] * num_outputs
+    for t, w, pos in zip(inputs, wanted, positions):
+        if w:
+            g = next(grads)
+            result[pos] = g if g is not None else torch.zeros_like(t)
+    return tuple(result)
+
+
+# ----------------------------------------------------------------------------
+# Eager autograd. torch.library.register_autograd (below) serves torch.compile, export and
+# direct torch.ops calls; in eager mode its generic wrapper costs per call (argument
+# filling, schema walks) - as much as the kernels on a small graph. Eager calls that need
+# gradients take an autograd.Function with the very same setup_context and backward.
+
+_EAGER = {}
+
+
+def eager_autograd(op, setup_context, backward):
+    """Two autograd.Functions running ``op`` with the registration's own context and backward:
+    (fast, functorch). ``fast`` takes ctx in forward (the cheapest apply); ``functorch`` has a
+    separate setup_context, as torch.func transforms (grad, jacrev, vmap) require: ~20 µs
+    more a call, so it runs only while such a transform is active."""
+    class Fast(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = op(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    class Functorch(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    for cls, kind in ((Fast, "autograd"), (Functorch, "functorch")):
+        cls.__name__ = cls.__qualname__ = f"{op.__name__}_{kind}"
+    return Fast, Functorch
+
+
+def _functorch_active() -> bool:
+    try:
+        return torch._C._are_functorch_transforms_active()
+    except AttributeError:
+        return False
+
+
+def forward_op(name: str, colptr: torch.Tensor):
+    """How to call torch.ops.neptune.<name>: through an eager Function when backward will
+    run (``colptr`` is the transposed graph then) outside torch.compile, else the op."""
+    fns = _EAGER.get(name)
+    if fns is not None and colptr.numel() > 0 and not _is_compiling():
+        return fns[1].apply if _functorch_active() else fns[0].apply
+    return getattr(torch.ops.neptune, name)
+
+
+# ----------------------------------------------------------------------------
+# The spec.
 
 class AttentionSpec(NamedTuple):
     """name: the op family (``neptune::<name>_forward``/``_backward``); out_shape(a, b, c):

@@ -15,12 +15,12 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _backend, _ext
-from .._util import acc_dtype, check as _check, is_compiling as _is_compiling, promote
+from .._util import check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
-from .graph_attention import (_EAGER, caller_order_edges, check_slope, create_graph,
-                              differentiable_grads, dropout_and_seed, eager_autograd, forward_op,
-                              kernel_csc)
+from . import attention_spec
+from .attention_spec import dropout_and_seed, forward_op, kernel_csc
+from .graph_attention import check_slope
 
 __all__ = ["gatv2_attention", "gatv2_attention_weights"]
 
@@ -147,57 +147,13 @@ def gatv2_attention_weights(x_l, x_r, att, graph: Graph, negative_slope: float =
         None if seed is None else int(seed))
 
 
-# ----------------------------------------------------------------------------
-# torch.library registrations (fake kernels + autograd) for the compiled ops.
-
-def _register():
-    lib = "neptune::gatv2_forward"
-
-    @torch.library.register_fake(lib)
-    def _fwd_fake(x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat,
-                  negative_slope, dropout, seed):
-        return torch.empty_like(x_r), x_r.new_empty(x_r.shape[:2], dtype=acc_dtype(x_r.dtype))
-
-    @torch.library.register_fake("neptune::gatv2_backward")
-    def _bwd_fake(grad_out, x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat,
-                  out, lse, negative_slope, dropout, seed):
-        gef = torch.empty_like(edge_feat) if edge_feat is not None else x_l.new_empty((0,))
-        return torch.empty_like(x_l), torch.empty_like(x_r), torch.empty_like(att), gef
-
-    def setup_context(ctx, inputs, output):
-        (x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat,
-         negative_slope, dropout, seed) = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.has_edge_feat = edge_feat is not None
-        ctx.negative_slope, ctx.dropout = negative_slope, dropout
-        ctx.save_for_backward(x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm,
-                              edge_feat, out, lse, seed)
-
-    def backward(ctx, grad_out, grad_lse):
-        (x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm, edge_feat, out, lse,
-         seed) = ctx.saved_tensors
-        if create_graph():  # a double backward: differentiable gradients from the reference
-            src, dst = caller_order_edges(rowptr, col, eid)
-            rows = rowptr.shape[0] - 1
-            return differentiable_grads(
-                lambda xl_, xr_, att_, ef_: gatv2_attention_reference(
-                    xl_, _pad_rows(xr_, rows), att_, src, dst, rows, ctx.negative_slope, ef_,
-                    ctx.dropout, None if seed is None else int(seed)),
-                (x_l, x_r, att, edge_feat), (0, 1, 2, 9), grad_out, 13)
-        if colptr.numel() != x_l.shape[0] + 1:
-            raise RuntimeError("neptune::gatv2_forward was called without the transposed graph, "
-                               "so it cannot be differentiated; call it through "
-                               "neptune_ext.ops.gatv2_attention")
-        gxl, gxr, gatt, gef = torch.ops.neptune.gatv2_backward(
-            grad_out.contiguous(), x_l, x_r, att, rowptr, col, eid, colptr, csc_row, csc_perm,
-            edge_feat, out, lse, ctx.negative_slope, ctx.dropout, seed)
-        return (gxl, gxr, gatt, None, None, None, None, None, None,
-                gef if ctx.has_edge_feat else None, None, None, None)
-
-    torch.library.register_autograd(lib, backward, setup_context=setup_context)
-    _EAGER["gatv2_forward"] = eager_autograd(torch.ops.neptune.gatv2_forward, setup_context, backward)
-
+SPEC = attention_spec.AttentionSpec(
+    name="gatv2",
+    out_shape=lambda x_l, x_r, att: tuple(x_r.shape),
+    num_src=lambda x_l, x_r, att: x_l.shape[0],
+    reference=lambda x_l, x_r, att, ef, src, dst, rows, slope, p, seed: gatv2_attention_reference(
+        x_l, _pad_rows(x_r, rows), att, src, dst, rows, slope, ef, p, seed),
+    public="neptune_ext.ops.gatv2_attention")
 
 if _ext._C is not None and hasattr(torch.ops.neptune, "gatv2_forward"):
-    _register()
+    attention_spec.register(SPEC)

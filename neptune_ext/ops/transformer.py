@@ -20,7 +20,7 @@ from .._util import check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import transformer_attention_reference, transformer_attention_weights_reference
 from . import attention_spec
-from .graph_attention import dropout_and_seed, forward_op, kernel_csc
+from .attention_spec import dropout_and_seed, forward_op, kernel_csc
 
 __all__ = ["transformer_attention", "transformer_attention_weights"]
 
