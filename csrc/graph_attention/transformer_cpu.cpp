@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_gather.h"
@@ -159,15 +160,45 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
   const float p = static_cast<float>(p_d);
   const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
 
-  // D_i = <dOut_i, out_i> per head.
+  // D_i = sum_j a'_ij g_ij = <dOut_i, out_i> per head. With float32/float64 inputs `out`
+  // holds the accumulated sum to its last bit and the dot product is used. A bfloat16 or
+  // float16 `out` is rounded to 8 or 11 bits: the softmax gradients of a row would then no
+  // longer sum to 0, and grad q would pick up that residue times the keys' common part (a key
+  // bias, say) - so D is summed from the edges again, in the accumulation type (one more
+  // gather of k_j and v_j per edge, at half width).
   at::Tensor d_t = at::empty({n_dst, H}, lse_t.options());
   acc_t* Dv = d_t.data_ptr<acc_t>();
-  at::parallel_for(0, n_dst, grain_for(n_dst, n_dst, HC, 16384), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> goi(HC);
+  constexpr bool kExactD = !std::is_same_v<scalar_t, acc_t>;
+  parallel_rows_by_cost(rowptr, n_dst, kExactD ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> goi(HC), qi(HC);
     for (int64_t i = begin; i < end; ++i) {
       load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
-      for (int64_t h = 0; h < H; ++h)
-        Dv[i * H + h] = dot_keyed<scalar_t, acc_t>(goi.data() + h * C, out + i * HC + h * C, nullptr, C);
+      if constexpr (!kExactD) {
+        for (int64_t h = 0; h < H; ++h)
+          Dv[i * H + h] = dot_keyed<scalar_t, acc_t>(goi.data() + h * C, out + i * HC + h * C, nullptr, C);
+        continue;
+      }
+      load_scaled(qi.data(), q + i * HC, scale, HC);
+      for (int64_t h = 0; h < H; ++h) Dv[i * H + h] = 0;
+      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+        if (e + kPrefetchDistance < E) {
+          const int64_t jn = col[e + kPrefetchDistance];
+          prefetch_row(k + jn * HC, HC);
+          prefetch_row(v + jn * HC, HC);
+          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
+        }
+        const int64_t j = col[e];
+        const int64_t edge = (ef || use_dropout) ? static_cast<int64_t>(eid[e]) : 0;
+        const scalar_t* efe = ef ? ef + edge * HC : nullptr;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t o = h * C;
+          const acc_t x = dot_keyed<scalar_t, acc_t>(qi.data() + o, k + j * HC + o, efe ? efe + o : nullptr, C);
+          acc_t a = std::exp(x - lse[i * H + h]);
+          if (use_dropout) a = dropout_keep(seed, edge, h, p) ? a * keep_scale : acc_t(0);
+          if (a != acc_t(0))
+            Dv[i * H + h] += a * dot_keyed<scalar_t, acc_t>(goi.data() + o, v + j * HC + o, efe ? efe + o : nullptr, C);
+        }
+      }
     }
   });
 
