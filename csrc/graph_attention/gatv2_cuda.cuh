@@ -1,29 +1,26 @@
 // Fused GATv2 attention on CUDA (semantics and passes: gatv2.h; the same math header
 // as the CPU kernels).
 //
-// Work layout: one warp per row (a destination in forward and backward pass 1, a
-// source in pass 2). Lane l holds features f = l + 32 k of the row, k < NF (so
-// H * C <= 32 * NF <= 1024): every gather of a row is a run of coalesced loads. A
-// head's logit is the sum of att * LeakyReLU(z) over its C features, spread over
-// lanes: when C is a power of two, a butterfly over the lanes of each head (plus a
-// sum over the slots of a head when C > 32), otherwise one butterfly per head. Every
-// lane of a head ends with the same bits, so they take the same softmax steps.
+// Work layout (attention_cuda_common.cuh): one warp per row (a destination in forward
+// and backward pass 1, a source in pass 2), NF features per lane, so H * C <= 1024. A
+// head's logit is the sum of att * LeakyReLU(z) over its C features, spread over lanes
+// by head_sum; every lane of a head ends with the same bits, so they take the same
+// softmax steps.
 // Nothing uses floating-point atomics: grad att is per-row partial sums reduced over
 // fixed blocks of rows, then over the blocks in order - bitwise reproducible.
 //
 // This header holds what the forward (gatv2_fwd_cuda.cu) and the backward
-// (gatv2_bwd_cuda.cu) share: the params struct, the per-head lane sums, the layout
-// dispatch and the entry checks. Two translation units, compiled in parallel.
+// (gatv2_bwd_cuda.cu) share: the params struct and the entry checks. Two translation
+// units, compiled in parallel.
 #pragma once
 
-#include "graph_attention_cuda.cuh"
+#include "attention_cuda_common.cuh"
 #include "gatv2.h"
 
 namespace neptune {
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
-constexpr int64_t kGatv2MaxHC = 1024;
+constexpr int64_t kGatv2MaxHC = kWarpRowMaxHC;  // 1024
 constexpr int64_t kAttRowsPerBlock = 256;  // rows summed per partial of grad att
 
 template <typename scalar_t, typename index_t>
@@ -56,78 +53,6 @@ struct V2Params {
   uint64_t seed;
   bool dropout;
 };
-
-// Per-slot values -> the sum over each slot's head (identical on the lanes of a head).
-template <int NF, bool POW2, typename acc_t>
-__device__ __forceinline__ void head_sum(acc_t (&v)[NF], int lane, int64_t C, int64_t H,
-                                         int64_t HC) {
-  if constexpr (POW2) {
-    const int w = C < 32 ? static_cast<int>(C) : 32;
-#pragma unroll
-    for (int k = 0; k < NF; ++k)
-      for (int off = w >> 1; off >= 1; off >>= 1) v[k] += __shfl_xor_sync(kFull, v[k], off);
-    if (C > 32) {
-      const int spp = static_cast<int>(C / 32);  // slots per head
-      acc_t t[NF];
-#pragma unroll
-      for (int k = 0; k < NF; ++k) t[k] = v[k];
-#pragma unroll
-      for (int k = 0; k < NF; ++k) {
-        acc_t s = 0;
-#pragma unroll
-        for (int q = 0; q < NF; ++q)
-          if (q / spp == k / spp) s += t[q];
-        v[k] = s;
-      }
-    }
-  } else {
-    acc_t res[NF];
-#pragma unroll
-    for (int k = 0; k < NF; ++k) res[k] = 0;
-    for (int64_t h = 0; h < H; ++h) {
-      acc_t s = 0;
-#pragma unroll
-      for (int k = 0; k < NF; ++k) {
-        const int64_t f = lane + 32 * k;
-        if (f < HC && f / C == h) s += v[k];
-      }
-      for (int off = 16; off >= 1; off >>= 1) s += __shfl_xor_sync(kFull, s, off);
-#pragma unroll
-      for (int k = 0; k < NF; ++k) {
-        const int64_t f = lane + 32 * k;
-        if (f < HC && f / C == h) res[k] = s;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < NF; ++k) v[k] = res[k];
-  }
-}
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t ld(const scalar_t* p, bool ok) {
-  return ok ? static_cast<acc_t>(*p) : acc_t(0);
-}
-
-inline int64_t warp_blocks(int64_t rows) { return ceil_div(rows * 32, kBlock); }
-
-// Calls f(NF constant, POW2 constant) for the shape.
-template <typename F>
-void with_layout(int64_t HC, int64_t C, F&& f) {
-  const bool pow2 = (C & (C - 1)) == 0;
-  const int64_t per_lane = ceil_div(HC, 32);
-  auto go = [&](auto nf) {
-    if (pow2)
-      f(nf, std::true_type{});
-    else
-      f(nf, std::false_type{});
-  };
-  if (per_lane <= 1) go(std::integral_constant<int, 1>{});
-  else if (per_lane <= 2) go(std::integral_constant<int, 2>{});
-  else if (per_lane <= 4) go(std::integral_constant<int, 4>{});
-  else if (per_lane <= 8) go(std::integral_constant<int, 8>{});
-  else if (per_lane <= 16) go(std::integral_constant<int, 16>{});
-  else go(std::integral_constant<int, 32>{});
-}
 
 // The entry checks of gatv2.h, plus: every tensor on x_l's GPU, rows a warp can hold.
 inline void check_v2_cuda(const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,

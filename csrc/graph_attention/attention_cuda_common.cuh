@@ -1,0 +1,98 @@
+// The warp-per-row work layout shared by the CUDA kernels of GATv2 (gatv2_cuda.cuh) and
+// of the graph transformer (transformer_cuda.cuh).
+//
+// One warp owns a row (a destination, or a source in a backward pass over the CSC).
+// Lane l holds the features f = l + 32 k of the row, k < NF (so H * C <= 32 * NF <=
+// kWarpRowMaxHC): every gather of a row is a run of coalesced loads. A per-head sum over
+// the C features is spread over lanes (head_sum): when C is a power of two, a butterfly
+// over the lanes of each head (plus a sum over the slots of a head when C > 32),
+// otherwise one butterfly per head. Every lane of a head ends with the same bits, so
+// all of them take the same softmax steps.
+#pragma once
+
+#include "graph_attention_cuda.cuh"
+
+namespace neptune {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxFeaturesPerLane = 32;                     // the widest layout: NF = 32
+constexpr int64_t kWarpRowMaxHC = 32 * kMaxFeaturesPerLane;  // H * C a warp can hold
+
+// Per-slot values -> the sum over each slot's head (identical on the lanes of a head).
+// Slots past H * C must hold 0.
+template <int NF, bool POW2, typename acc_t>
+__device__ __forceinline__ void head_sum(acc_t (&v)[NF], int lane, int64_t C, int64_t H,
+                                         int64_t HC) {
+  if constexpr (POW2) {
+    const int w = C < 32 ? static_cast<int>(C) : 32;
+#pragma unroll
+    for (int k = 0; k < NF; ++k)
+      for (int off = w >> 1; off >= 1; off >>= 1) v[k] += __shfl_xor_sync(kFull, v[k], off);
+    if (C > 32) {
+      const int spp = static_cast<int>(C / 32);  // slots per head
+      acc_t t[NF];
+#pragma unroll
+      for (int k = 0; k < NF; ++k) t[k] = v[k];
+#pragma unroll
+      for (int k = 0; k < NF; ++k) {
+        acc_t s = 0;
+#pragma unroll
+        for (int q = 0; q < NF; ++q)
+          if (q / spp == k / spp) s += t[q];
+        v[k] = s;
+      }
+    }
+  } else {
+    acc_t res[NF];
+#pragma unroll
+    for (int k = 0; k < NF; ++k) res[k] = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      acc_t s = 0;
+#pragma unroll
+      for (int k = 0; k < NF; ++k) {
+        const int64_t f = lane + 32 * k;
+        if (f < HC && f / C == h) s += v[k];
+      }
+      for (int off = 16; off >= 1; off >>= 1) s += __shfl_xor_sync(kFull, s, off);
+#pragma unroll
+      for (int k = 0; k < NF; ++k) {
+        const int64_t f = lane + 32 * k;
+        if (f < HC && f / C == h) res[k] = s;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < NF; ++k) v[k] = res[k];
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t ld(const scalar_t* p, bool ok) {
+  return ok ? static_cast<acc_t>(*p) : acc_t(0);
+}
+
+// Blocks of kBlock threads for one warp per row.
+inline int64_t warp_blocks(int64_t rows) { return ceil_div(rows * 32, kBlock); }
+
+// Calls f(NF constant, POW2 constant) for the shape (H * C <= kWarpRowMaxHC).
+template <typename F>
+void with_layout(int64_t HC, int64_t C, F&& f) {
+  const bool pow2 = (C & (C - 1)) == 0;
+  const int64_t per_lane = ceil_div(HC, 32);
+  auto go = [&](auto nf) {
+    if (pow2)
+      f(nf, std::true_type{});
+    else
+      f(nf, std::false_type{});
+  };
+  static_assert(kMaxFeaturesPerLane == 32, "with_layout's largest case is NF = 32");
+  if (per_lane <= 1) go(std::integral_constant<int, 1>{});
+  else if (per_lane <= 2) go(std::integral_constant<int, 2>{});
+  else if (per_lane <= 4) go(std::integral_constant<int, 4>{});
+  else if (per_lane <= 8) go(std::integral_constant<int, 8>{});
+  else if (per_lane <= 16) go(std::integral_constant<int, 16>{});
+  else go(std::integral_constant<int, 32>{});
+}
+
+}  // namespace
+}  // namespace neptune
