@@ -153,6 +153,8 @@ TORCH_LIBRARY_IMPL(neptune, CUDA, m) {
   m.impl("gat_backward", &neptune::gat_backward_cuda);
   m.impl("gatv2_forward", &neptune::gatv2_forward_cuda);
   m.impl("gatv2_backward", &neptune::gatv2_backward_cuda);
+  m.impl("transformer_forward", &neptune::transformer_forward_cuda);
+  m.impl("transformer_backward", &neptune::transformer_backward_cuda);
   m.impl("bn_relu_forward", &neptune::bn_relu_forward_cuda);
   m.impl("bn_relu_backward", &neptune::bn_relu_backward_cuda);
 #ifdef NEPTUNE_WITH_CUTLASS

@@ -98,4 +98,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
     const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
     double scale, double dropout, const std::optional<at::Tensor>& seed);
 
+// CUDA kernels (transformer_fwd_cuda.cu, transformer_bwd_cuda.cu), same signatures and
+// semantics; H * C <= 1024 (one warp holds a row: transformer_cuda.cuh).
+// Declared unconditionally, defined only in CUDA builds.
+std::tuple<at::Tensor, at::Tensor> transformer_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rowptr,
+    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
+    const at::Tensor& csc_row, const at::Tensor& csc_perm,
+    const std::optional<at::Tensor>& edge_feat, double scale, double dropout,
+    const std::optional<at::Tensor>& seed);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
+    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
+    double scale, double dropout, const std::optional<at::Tensor>& seed);
+
 }  // namespace neptune
