@@ -40,6 +40,12 @@ from torch_geometric.nn import GATConv, GATv2Conv, TransformerConv  # noqa: E402
 LAYERS = {"gat": (GraphAttention, GATConv), "gatv2": (GraphAttentionV2, GATv2Conv),
           "transformer": (GraphTransformer, TransformerConv)}
 PRECISIONS = ["float64", "bf16-autocast", "fp16-autocast"]
+# Roundings at autocast's precision allowed beyond twice PyG's error (see the autocast check).
+# GraphTransformer: the gradient of its beta gate's weight comes from x_r - out, which
+# cancels; PyG's own error on it varies 10x from seed to seed (ours/PyG's: median 0.9, up to
+# 4.5 in 25 seeds), so twice one sample of it is a coin toss - the slack of 3 roundings
+# covers the lucky draws of PyG's error, not a worse error of ours.
+ROUNDINGS = {"gat": 1, "gatv2": 1, "transformer": 3}
 # (name, add_self_loops): every form of edge_index a PyG user passes. Without self loops a
 # CSR adjacency and an EdgeIndex sorted by destination take the no-sort path.
 FORMS = [("edge_index", True), ("edge_index-int32", False), ("sparse-coo", True),
@@ -222,8 +228,8 @@ def test_layer_matches_pyg(device, layer, precision, mode, form, xform):
     o1, a1, g1 = run(ref32, fresh(x, torch.float32), ei, ea.float(), n_src, n_dst, low, device)
     o2, a2, g2 = run(ours32, fresh(x, torch.float32), edge, ea_ours.float(), n_src, n_dst, low, device)
     assert o2.dtype == o1.dtype, f"PyG returns {o1.dtype} under autocast, ours {o2.dtype}"
-    # In norm: at most twice PyG's error, plus one rounding at autocast's precision.
-    eps = torch.finfo(low).eps
+    # In norm: at most twice PyG's error, plus ROUNDINGS[layer] roundings at autocast's precision.
+    eps = torch.finfo(low).eps * ROUNDINGS[layer]
     for what, t, a, b in [("output", o_true, o1, o2), ("attention", a_true, a1, a2)] + [
             (f"gradient {i}", t, a, b) for i, (t, a, b) in enumerate(zip(g_true, g1, g2))]:
         if t is None or a is None:

@@ -179,8 +179,14 @@ def test_dropout_masks_exact(emu, dtype):
     # grad v of a source: a' dOut summed over its edges; grad edge_feat carries a' dOut_i.
     c_grads = cpu.transformer_backward(go, q, k, v, g.rowptr, g.col, g.eid, *g.csc(), ef, c_out, c_lse,
                                        0.5, p, seed)
+    # With one in-edge a destination's softmax is constant: the gradients of q and k are 0
+    # up to rounding (dS = a' g - a D), judged against the scale of grad v.
+    scale = float(c_grads[2].double().norm())
     for name, a, b in zip(GRADS, grads, c_grads):
-        assert rel_err(a, b) <= TOL_GRAD[dtype], name
+        if name in ("q", "k"):
+            assert float((a.double() - b.double()).norm()) <= TOL_GRAD[dtype] * scale, name
+        else:
+            assert rel_err(a, b) <= TOL_GRAD[dtype], name
 
 
 @pytest.mark.parametrize("index", ["int32", "int64"])

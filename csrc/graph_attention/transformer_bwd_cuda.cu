@@ -2,6 +2,8 @@
 // and one over the sources (work layout and shared pieces: transformer_cuda.cuh).
 #include "transformer_cuda.cuh"
 
+#include <type_traits>
+
 namespace neptune {
 namespace {
 
@@ -31,9 +33,44 @@ __global__ void __launch_bounds__(kBlock)
     lse[k] = ok[k] ? p.lse_in[row * H + head[k]] : acc_t(0);
     gq[k] = 0;
   }
-  head_sum<NF, POW2>(D, lane, C, H, HC);  // D_i = <dOut_i, out_i> per head
   const bool need_eid = p.ef != nullptr || p.dropout;
   const int64_t e_end = p.rowptr[row + 1];
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    head_sum<NF, POW2>(D, lane, C, H, HC);  // D_i = <dOut_i, out_i> per head
+  } else {
+    // A bfloat16/float16 `out` is rounded to 8/11 bits: D_i from it would leave a row's dS
+    // summing to a residue that grad q multiplies by the keys' common part. D_i = sum_j
+    // a'_ij <dOut_i, v'_ij> from the edges instead, in the accumulation type (as the CPU).
+#pragma unroll
+    for (int k = 0; k < NF; ++k) D[k] = 0;
+    for (int64_t e = p.rowptr[row]; e < e_end; ++e) {
+      const int64_t j = p.col[e];
+      const int64_t edge = need_eid ? static_cast<int64_t>(p.eid[e]) : 0;
+      acc_t x[NF], g[NF];
+#pragma unroll
+      for (int k = 0; k < NF; ++k) {
+        const int64_t f = lane + 32 * k;
+        acc_t key = ld<acc_t>(p.k + j * HC + f, ok[k]);
+        acc_t val = ld<acc_t>(p.v + j * HC + f, ok[k]);
+        if (p.ef) {
+          const acc_t ef = ld<acc_t>(p.ef + edge * HC + f, ok[k]);
+          key += ef;
+          val += ef;
+        }
+        x[k] = qs[k] * key;
+        g[k] = go[k] * val;
+      }
+      head_sum<NF, POW2>(x, lane, C, H, HC);
+      head_sum<NF, POW2>(g, lane, C, H, HC);
+#pragma unroll
+      for (int k = 0; k < NF; ++k) {
+        if (!ok[k]) continue;
+        acc_t a = acc_exp(x[k] - lse[k]);
+        if (p.dropout) a = dropout_keep(p.seed, edge, head[k], p.p) ? a * p.keep_scale : acc_t(0);
+        if (a != acc_t(0)) D[k] += a * g[k];
+      }
+    }
+  }
   for (int64_t e = p.rowptr[row]; e < e_end; ++e) {
     const int64_t j = p.col[e];
     const int64_t edge = need_eid ? static_cast<int64_t>(p.eid[e]) : 0;

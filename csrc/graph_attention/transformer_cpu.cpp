@@ -209,9 +209,8 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
   at::Tensor ds_t = at::empty({E, H}, lse_t.options());
   acc_t* ds = ds_t.data_ptr<acc_t>();
   parallel_rows_by_cost(colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kj(HC), vj(HC), ak(HC), av(HC), dS(H), w(H);
+    std::vector<acc_t> vj(HC), qs(HC), ak(HC), av(HC), dS(H), w(H);
     for (int64_t j = begin; j < end; ++j) {
-      load_scaled(kj.data(), k + j * HC, acc_t(1), HC);
       load_scaled(vj.data(), v + j * HC, acc_t(1), HC);
       std::fill(ak.begin(), ak.end(), acc_t(0));
       std::fill(av.begin(), av.end(), acc_t(0));
@@ -231,12 +230,14 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
         const scalar_t* qi = q + i * HC;
         const scalar_t* goi = go + i * HC;
         const scalar_t* efe = ef ? ef + edge * HC : nullptr;
+        load_scaled(qs.data(), qi, scale, HC);
         bool any = false;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t o = h * C;
           const scalar_t* eh = efe ? efe + o : nullptr;
-          const acc_t x = scale * dot_keyed<scalar_t, acc_t>(kj.data() + o, qi + o, nullptr, C) +
-                          (eh ? scale * dot_keyed<scalar_t, acc_t>(nullptr, qi + o, eh, C) : acc_t(0));
+          // The logit exactly as the forward computed it (the same function on the same
+          // operands), so that a = exp(x - lse) is the forward's weight to the bit.
+          const acc_t x = dot_keyed<scalar_t, acc_t>(qs.data() + o, k + j * HC + o, eh, C);
           const acc_t a = std::exp(x - lse[i * H + h]);
           acc_t a_kept = a;
           if (use_dropout) a_kept = dropout_keep(seed, edge, h, p) ? a * keep_scale : acc_t(0);
@@ -250,6 +251,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
           w[h] = a_kept;
           ds[e * H + h] = d;
           any = any || d != acc_t(0) || a_kept != acc_t(0);
+          if (d == acc_t(0) && a_kept == acc_t(0)) continue;  // a masked edge: no 0 * inf
           // grad k = scale dS q_i, grad v = a' dOut_i.
           const acc_t ds_scaled = d * scale;
           acc_t* akh = ak.data() + o;
@@ -297,7 +299,6 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
         const scalar_t* efe = ef ? ef + static_cast<int64_t>(eid[e]) * HC : nullptr;
         for (int64_t h = 0; h < H; ++h) {
           const acc_t d = ds[e * H + h];
-          if (d == acc_t(0)) continue;
           const int64_t o = h * C;
           const scalar_t* kh = k + j * HC + o;
           acc_t* gh = gqi.data() + o;

@@ -4,7 +4,8 @@
     a_ij  = softmax over j in N(i) of scale * <q[i], k'_ij>      (per head)
     out_i = sum_j a_ij v'_ij                                      (no in-edges: 0)
 
-The compiled op (torch.ops.neptune.transformer_forward / _backward, CPU) runs one pass
+The compiled op (torch.ops.neptune.transformer_forward / _backward; CPU, and CUDA for
+H * C <= 1024 - the CUDA kernels have run only under the CPU warp emulator so far) runs one pass
 per destination with an online softmax and allocates nothing of size E x H x C; its
 backward is deterministic (no atomics). Its registration is the shared attention spec
 (:mod:`neptune_ext.ops.attention_spec`). Without a kernel for the device the pure-PyTorch
@@ -56,6 +57,15 @@ def _validate(q, k, v, graph, scale, edge_feat, dropout):
            f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
+_CUDA_MAX_HC = 1024  # the CUDA kernels hold a row's H * C features in one warp's registers
+
+
+def _has_kernel(device_type: str, H: int, C: int) -> bool:
+    if device_type == "cuda" and not 0 < H * C <= _CUDA_MAX_HC:
+        return False  # the reference runs these shapes
+    return _backend.runs_kernel("transformer_forward", device_type)
+
+
 def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, graph: Graph,
                           scale: Optional[float] = None, edge_feat: Optional[torch.Tensor] = None,
                           dropout: float = 0.0, training: bool = False, return_attention: bool = False,
@@ -92,7 +102,7 @@ def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gra
     p, seed = dropout_and_seed(dropout, training, seed)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
 
-    if _backend.runs_kernel("transformer_forward", q.device.type):
+    if _has_kernel(q.device.type, q.shape[1], q.shape[2]):
         colptr, csc_row, csc_perm = kernel_csc(graph, q, k, v, edge_feat)
         out, lse = forward_op("transformer_forward", colptr)(
             q.contiguous(), k.contiguous(), v.contiguous(), graph.rowptr, graph.col, graph.eid,
