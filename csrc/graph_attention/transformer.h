@@ -16,11 +16,14 @@
 //     once per edge and give a_ij (from the saved log-sum-exp), dS_ij and
 //       grad k[j]       = scale sum_i dS_ij q[i]
 //       grad v[j]       = sum_i a'_ij dOut_i
-//       grad edge_feat  = scale dS_ij q[i] + a'_ij dOut_i      (each edge written once)
-//   pass 2, destinations (CSR): grad q[i] = scale sum_j dS_ij k'_ij (k[j] gathered).
-// Three rows gathered per edge in all. dS travels from pass 1 to pass 2 as E x H
-// scratch. No atomics: bitwise deterministic for any thread count. The CSR has exactly
-// N_dst rows.
+//   pass 2, destinations (CSR): k[j] gathered once per edge,
+//       grad q[i]       = scale sum_j dS_ij k'_ij
+//       grad edge_feat  = scale dS_ij q[i] + a'_ij dOut_i      (each edge written once,
+//                         where pass 2 reads edge_feat)
+// Three rows gathered per edge in all (edge features: read in both passes). dS (and a')
+// travel from pass 1 to pass 2 as E x H scratch. No atomics: bitwise deterministic for any
+// thread count. The CSR has exactly N_dst rows. With bfloat16/float16 inputs, D_i is summed
+// from the edges in float32 (a rounded `out` would leave each row's dS summing to a residue).
 #pragma once
 
 #include <ATen/core/Tensor.h>

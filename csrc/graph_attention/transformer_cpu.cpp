@@ -202,14 +202,16 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
     }
   });
 
-  // Pass 1: sources, over the transposed graph. Source j's own k_j and v_j stay in
-  // registers; per in-edge only q_i and dOut_i are gathered, and they serve the logit,
-  // the softmax weight, dS, grad k, grad v and grad edge_feat alike. dS goes to the
-  // E x H scratch (CSR positions) for pass 2.
-  at::Tensor ds_t = at::empty({E, H}, lse_t.options());
+  // Pass 1: sources, over the transposed graph. Source j's own v_j stays in registers
+  // (k_j in cache); per in-edge only q_i and dOut_i are gathered, and they serve the logit,
+  // the softmax weight, dS, grad k and grad v alike.
+  // Scratch per edge (CSR positions): dS, and with edge features a' too (one cache line
+  // per edge: pass 2 writes grad edge_feat where it reads edge_feat, from these).
+  const int64_t S = ef ? 2 * H : H;
+  at::Tensor ds_t = at::empty({E, S}, lse_t.options());
   acc_t* ds = ds_t.data_ptr<acc_t>();
   parallel_rows_by_cost(colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> vj(HC), qs(HC), ak(HC), av(HC), dS(H), w(H);
+    std::vector<acc_t> vj(HC), qs(HC), ak(HC), av(HC);
     for (int64_t j = begin; j < end; ++j) {
       load_scaled(vj.data(), v + j * HC, acc_t(1), HC);
       std::fill(ak.begin(), ak.end(), acc_t(0));
@@ -221,7 +223,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
           prefetch_row(q + in * HC, HC);
           __builtin_prefetch(lse + in * H, 0, 1);
           __builtin_prefetch(Dv + in * H, 0, 1);
-          __builtin_prefetch(ds + en * H, 1, 1);  // written below: a random write per edge
+          __builtin_prefetch(ds + en * S, 1, 1);  // written below: a random write per edge
           if (ef || use_dropout) __builtin_prefetch(eid + en, 0, 1);
           if (ef) prefetch_row(ef + static_cast<int64_t>(eid[en]) * HC, HC);
         }
@@ -231,7 +233,6 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
         const scalar_t* goi = go + i * HC;
         const scalar_t* efe = ef ? ef + edge * HC : nullptr;
         load_scaled(qs.data(), qi, scale, HC);
-        bool any = false;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t o = h * C;
           const scalar_t* eh = efe ? efe + o : nullptr;
@@ -247,10 +248,8 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
             if (eh) g += dot_keyed<scalar_t, acc_t>(nullptr, goi + o, eh, C);
           }
           const acc_t d = a_kept * g - a * Dv[i * H + h];
-          dS[h] = d * scale;
-          w[h] = a_kept;
-          ds[e * H + h] = d;
-          any = any || d != acc_t(0) || a_kept != acc_t(0);
+          ds[e * S + h] = d;
+          if (ef) ds[e * S + H + h] = a_kept;
           if (d == acc_t(0) && a_kept == acc_t(0)) continue;  // a masked edge: no 0 * inf
           // grad k = scale dS q_i, grad v = a' dOut_i.
           const acc_t ds_scaled = d * scale;
@@ -264,19 +263,6 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
             avh[c] += a_kept * static_cast<acc_t>(gh[c]);
           }
         }
-        if (efe) {  // grad edge_feat = scale dS q_i + a' dOut_i, written once per edge
-          scalar_t* ge = gef + edge * HC;
-          if (!any) {
-            std::fill(ge, ge + HC, scalar_t(0));
-          } else {
-            for (int64_t h = 0; h < H; ++h) {
-              const int64_t o = h * C;
-              for (int64_t c = 0; c < C; ++c)
-                ge[o + c] = static_cast<scalar_t>(dS[h] * static_cast<acc_t>(qi[o + c]) +
-                                                  w[h] * static_cast<acc_t>(goi[o + c]));
-            }
-          }
-        }
       }
       for (int64_t c = 0; c < HC; ++c) {
         gk[j * HC + c] = static_cast<scalar_t>(ak[c]);
@@ -285,20 +271,26 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
     }
   });
 
-  // Pass 2: destinations: grad q = scale sum_j dS k'_ij (k_j gathered once per edge).
-  parallel_rows_by_cost(rowptr, n_dst, HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gqi(HC);
+  // Pass 2: destinations: grad q = scale sum_j dS k'_ij (k_j gathered once per edge), and
+  // grad edge_feat = scale dS q_i + a' dOut_i (each edge written once, where it is read).
+  parallel_rows_by_cost(rowptr, n_dst, ef ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gqi(HC), qs(HC), goi(HC);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(gqi.begin(), gqi.end(), acc_t(0));
+      if (ef) {
+        load_scaled(qs.data(), q + i * HC, scale, HC);
+        load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
+      }
       for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
         if (e + kPrefetchDistance < E) {
           prefetch_row(k + static_cast<int64_t>(col[e + kPrefetchDistance]) * HC, HC);
           if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
         }
         const int64_t j = col[e];
-        const scalar_t* efe = ef ? ef + static_cast<int64_t>(eid[e]) * HC : nullptr;
+        const int64_t edge = ef ? static_cast<int64_t>(eid[e]) : 0;
+        const scalar_t* efe = ef ? ef + edge * HC : nullptr;
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t d = ds[e * H + h];
+          const acc_t d = ds[e * S + h];
           const int64_t o = h * C;
           const scalar_t* kh = k + j * HC + o;
           acc_t* gh = gqi.data() + o;
@@ -307,6 +299,16 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c)
               gh[c] += d * (static_cast<acc_t>(kh[c]) + static_cast<acc_t>(eh[c]));
+            const acc_t w = ds[e * S + H + h];
+            scalar_t* ge = gef + edge * HC + o;
+            if (d == acc_t(0) && w == acc_t(0)) {  // a masked edge: 0, not 0 * inf
+              std::fill(ge, ge + C, scalar_t(0));
+            } else {
+              const acc_t* qh = qs.data() + o;
+              const acc_t* gho = goi.data() + o;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) ge[c] = static_cast<scalar_t>(d * qh[c] + w * gho[c]);
+            }
           } else {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) gh[c] += d * static_cast<acc_t>(kh[c]);
