@@ -63,18 +63,30 @@ def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int
     return ex / denom[index]
 
 
+def softmax_with_dropout(logits, dst, num_dst, dropout=0.0, seed=None):
+    """segment_softmax of logits [E, H] per destination, then the kernels' counter-based
+    dropout (edge ids = positions in the caller's order), scaled by 1 / (1 - dropout)."""
+    alpha = segment_softmax(logits, dst, num_dst)
+    if dropout > 0.0:
+        keep = dropout_keep_mask(seed, torch.arange(dst.numel(), device=dst.device),
+                                 alpha.shape[1], dropout)
+        alpha = alpha * keep.to(alpha.dtype) / (1.0 - dropout)
+    return alpha
+
+
+def aggregate(alpha, values, dst, num_dst):
+    """out_i = sum over edges e into i of alpha[e] * values[e]: [num_dst, H, C]."""
+    out = values.new_zeros((num_dst,) + tuple(values.shape[1:]))
+    return out.index_add(0, dst, alpha.unsqueeze(-1) * values)
+
+
 def attention_weights_reference(score_src, score_dst, src, dst, num_dst, negative_slope=0.2,
                                 edge_logits=None, dropout=0.0, seed=None):
     """Attention weights a_e [E, H] (after dropout when dropout > 0), caller's edge order."""
     raw = score_src[src] + score_dst[dst]
     if edge_logits is not None:
         raw = raw + edge_logits
-    alpha = segment_softmax(F.leaky_relu(raw, negative_slope), dst, num_dst)
-    if dropout > 0.0:
-        keep = dropout_keep_mask(seed, torch.arange(src.numel(), device=src.device),
-                                 alpha.shape[1], dropout)
-        alpha = alpha * keep.to(alpha.dtype) / (1.0 - dropout)
-    return alpha
+    return softmax_with_dropout(F.leaky_relu(raw, negative_slope), dst, num_dst, dropout, seed)
 
 
 def sparse_graph_attention_reference(h, score_src, score_dst, src, dst, num_dst,
@@ -87,8 +99,7 @@ def sparse_graph_attention_reference(h, score_src, score_dst, src, dst, num_dst,
     """
     alpha = attention_weights_reference(score_src, score_dst, src, dst, num_dst,
                                         negative_slope, edge_logits, dropout, seed)
-    msg = alpha.unsqueeze(-1) * h[src]
-    out = h.new_zeros((num_dst,) + tuple(h.shape[1:])).index_add(0, dst, msg)
+    out = aggregate(alpha, h[src], dst, num_dst)
     return (out, alpha) if return_attention else out
 
 
@@ -100,12 +111,7 @@ def gatv2_attention_weights_reference(x_l, x_r, att, src, dst, num_dst, negative
     if edge_feat is not None:
         z = z + edge_feat
     logits = (F.leaky_relu(z, negative_slope) * att.reshape(1, *x_l.shape[1:])).sum(-1)
-    alpha = segment_softmax(logits, dst, num_dst)
-    if dropout > 0.0:
-        keep = dropout_keep_mask(seed, torch.arange(src.numel(), device=src.device),
-                                 alpha.shape[1], dropout)
-        alpha = alpha * keep.to(alpha.dtype) / (1.0 - dropout)
-    return alpha
+    return softmax_with_dropout(logits, dst, num_dst, dropout, seed)
 
 
 def gatv2_attention_reference(x_l, x_r, att, src, dst, num_dst, negative_slope=0.2,
@@ -115,8 +121,7 @@ def gatv2_attention_reference(x_l, x_r, att, src, dst, num_dst, negative_slope=0
     src/dst [E] in the caller's order, edge_feat [E, H, C]."""
     alpha = gatv2_attention_weights_reference(x_l, x_r, att, src, dst, num_dst, negative_slope,
                                               edge_feat, dropout, seed)
-    msg = alpha.unsqueeze(-1) * x_l[src]
-    out = x_l.new_zeros((num_dst,) + tuple(x_l.shape[1:])).index_add(0, dst, msg)
+    out = aggregate(alpha, x_l[src], dst, num_dst)
     return (out, alpha) if return_attention else out
 
 
@@ -128,12 +133,7 @@ def transformer_attention_weights_reference(q, k, src, dst, num_dst, scale, edge
     if edge_feat is not None:
         key = key + edge_feat
     logits = (q[dst] * key).sum(-1) * scale
-    alpha = segment_softmax(logits, dst, num_dst)
-    if dropout > 0.0:
-        keep = dropout_keep_mask(seed, torch.arange(src.numel(), device=src.device),
-                                 alpha.shape[1], dropout)
-        alpha = alpha * keep.to(alpha.dtype) / (1.0 - dropout)
-    return alpha
+    return softmax_with_dropout(logits, dst, num_dst, dropout, seed)
 
 
 def transformer_attention_reference(q, k, v, src, dst, num_dst, scale, edge_feat=None, dropout=0.0,
@@ -146,5 +146,5 @@ def transformer_attention_reference(q, k, v, src, dst, num_dst, scale, edge_feat
     val = v[src]
     if edge_feat is not None:
         val = val + edge_feat
-    out = v.new_zeros((num_dst,) + tuple(v.shape[1:])).index_add(0, dst, alpha.unsqueeze(-1) * val)
+    out = aggregate(alpha, val, dst, num_dst)
     return (out, alpha) if return_attention else out

@@ -305,6 +305,18 @@ class AttentionBase(_Base):
                              f"shape [{num_in}, edge_dim]), got {list(edge_attr.shape)}")
         return prepared.edge_attr(edge_attr, self.fill_value)
 
+    def _edge_features(self, prepared: GATGraph, edge_attr, glorot_init: bool = True) -> Optional[Tensor]:
+        """``lin_edge`` of the edge attributes, [E, H, C] for the prepared edges (None without
+        ``edge_attr``); a ValueError when the layer has no ``lin_edge``."""
+        if edge_attr is None:
+            return None
+        if self.lin_edge is None:
+            raise ValueError("edge_attr was given but the layer was built with edge_dim=None; "
+                             "pass edge_dim=<number of edge features>")
+        edge_attr = self._edge_attr_2d(edge_attr)
+        materialize(self.lin_edge, edge_attr, "edge_attr", glorot_init)
+        return self.lin_edge(self._edge_attr(prepared, edge_attr)).view(-1, self.heads, self.out_channels)
+
     # ------------------------------------------------------------------ output
     def _head(self, out: Tensor, res: Optional[Tensor]) -> Tensor:
         out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)

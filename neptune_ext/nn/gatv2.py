@@ -93,14 +93,7 @@ class GraphAttentionV2(AttentionBase):
         prepared = self._prepare(edge_index, num_src, num_dst)
         graph = prepared.graph
 
-        edge_feat = None
-        if edge_attr is not None:
-            if self.lin_edge is None:
-                raise ValueError("edge_attr was given but the layer was built with edge_dim=None; "
-                                 "pass edge_dim=<number of edge features>")
-            edge_attr = self._edge_attr_2d(edge_attr)
-            materialize(self.lin_edge, edge_attr, "edge_attr")
-            edge_feat = self.lin_edge(self._edge_attr(prepared, edge_attr)).view(-1, H, C)
+        edge_feat = self._edge_features(prepared, edge_attr)
 
         want_alpha = return_attention_weights is not None and bool(return_attention_weights)
         if self._explaining():
