@@ -12,7 +12,7 @@ def test_host_bench_records_time_and_op_calls(tmp_path, capsys):
     path = tmp_path / "host.json"
     host.main(["--cases", "tiny", "--repeats", "1", "--json", str(path)])
     report = json.loads(path.read_text())
-    for kind in ("gat", "gatv2"):
+    for kind in ("gat", "gatv2", "transformer"):
         row = report["results"][f"{kind} / tiny"]
         assert row["ours"]["us"] > 0 and row["PyG"]["us"] > 0
         assert 0 < row["ours"]["op_calls"] and 0 < row["PyG"]["op_calls"]
@@ -22,3 +22,5 @@ def test_host_bench_records_time_and_op_calls(tmp_path, capsys):
 def test_host_bench_refuses_an_unknown_case():
     with pytest.raises(SystemExit):
         host.main(["--cases", "huge"])
+    with pytest.raises(SystemExit):
+        host.main(["--kinds", "gcn"])

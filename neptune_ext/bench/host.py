@@ -39,13 +39,16 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+KINDS = ("gat", "gatv2", "transformer")
+
+
 def _layers(kind):
-    from ..nn import GraphAttention, GraphAttentionV2
-    ours = {"gat": GraphAttention, "gatv2": GraphAttentionV2}[kind]
+    from ..nn import GraphAttention, GraphAttentionV2, GraphTransformer
+    ours = {"gat": GraphAttention, "gatv2": GraphAttentionV2, "transformer": GraphTransformer}[kind]
     theirs = None
     try:
-        from torch_geometric.nn import GATConv, GATv2Conv
-        theirs = {"gat": GATConv, "gatv2": GATv2Conv}[kind]
+        from torch_geometric.nn import GATConv, GATv2Conv, TransformerConv
+        theirs = {"gat": GATConv, "gatv2": GATv2Conv, "transformer": TransformerConv}[kind]
     except Exception:  # PyG is optional: ours alone
         pass
     return ours, theirs
@@ -62,7 +65,7 @@ def _step_fn(layer, x, edges, fresh):
     return step
 
 
-def run_host(cases=None, kinds=("gat", "gatv2"), repeats=7, threads=1, min_seconds=0.05):
+def run_host(cases=None, kinds=KINDS, repeats=7, threads=1, min_seconds=0.05):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -127,7 +130,7 @@ def _print_row(name, row):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help="comma list of: " + ", ".join(CASES))
-    p.add_argument("--kinds", default="gat,gatv2")
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma list of: " + ", ".join(KINDS))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the figures to this file")
@@ -136,9 +139,13 @@ def main(argv=None):
     for c in cases:
         if c not in CASES:
             p.error(f"--cases: unknown case {c!r}; choose from {', '.join(CASES)}")
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    for k in kinds:
+        if k not in KINDS:
+            p.error(f"--kinds: unknown layer {k!r}; choose from {', '.join(KINDS)}")
     print(f"host cost per fwd+bwd step, {args.threads} thread(s), {common.cpu_name()}, torch "
           f"{torch.__version__}; medians of {args.repeats} alternated rounds")
-    res = run_host(cases, tuple(args.kinds.split(",")), args.repeats, args.threads)
+    res = run_host(cases, tuple(kinds), args.repeats, args.threads)
     common.write_json(args.json, {"what": "host cost per attention-layer step (fwd+bwd)",
                                   "machine": common.cpu_name(), "threads": args.threads,
                                   "torch": torch.__version__, "commit": common.git_commit(),
