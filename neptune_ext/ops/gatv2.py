@@ -26,11 +26,7 @@ __all__ = ["gatv2_attention", "gatv2_attention_weights"]
 
 
 def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
-    _check(isinstance(graph, Graph), f"graph must be a neptune_ext.Graph, got {type(graph).__name__} "
-           "(build one with Graph.from_edge_index(edge_index))")
-    for name, t in (("x_l", x_l), ("x_r", x_r), ("att", att)):
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
+    attention_spec.check_tensors(graph, (("x_l", x_l), ("x_r", x_r), ("att", att)))
     _check(x_l.dim() == 3, f"x_l must have shape [N_src, H, C], got {list(x_l.shape)}")
     n_src, H, C = x_l.shape
     _check(x_r.dim() == 3 and tuple(x_r.shape[1:]) == (H, C),
@@ -40,20 +36,9 @@ def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
     _check(n_src == graph.num_src, f"x_l has {n_src} source nodes but the graph has num_src = {graph.num_src}")
     _check(x_r.shape[0] <= graph.num_dst,
            f"x_r has {x_r.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
-    for name, t in (("x_r", x_r), ("att", att)):
-        _check(t.device == x_l.device, f"{name} is on {t.device} but x_l is on {x_l.device}")
-    _check(graph.device == x_l.device,
-           f"graph is on {graph.device} but x_l is on {x_l.device} (use graph.to({str(x_l.device)!r}))")
-    if edge_feat is not None:
-        _check(isinstance(edge_feat, torch.Tensor) and edge_feat.is_floating_point(),
-               "edge_feat must be a floating-point tensor of shape [E, H, C]")
-        _check(tuple(edge_feat.shape) == (graph.num_edges, H, C),
-               f"edge_feat must have shape [E, H, C] = [{graph.num_edges}, {H}, {C}], "
-               f"got {list(edge_feat.shape)}")
-        _check(edge_feat.device == x_l.device, f"edge_feat is on {edge_feat.device} but x_l is on {x_l.device}")
+    attention_spec.check_placement(graph, ("x_l", x_l), (("x_r", x_r), ("att", att)),
+                                   ("edge_feat", edge_feat), (graph.num_edges, H, C), dropout)
     check_slope(negative_slope)
-    _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
-           f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
 _CUDA_MAX_HC = 1024  # the CUDA kernels hold a row's H * C features in one warp's registers

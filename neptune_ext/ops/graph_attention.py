@@ -31,11 +31,7 @@ def check_slope(negative_slope) -> None:
 
 
 def _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout):
-    _check(isinstance(graph, Graph), f"graph must be a neptune_ext.Graph, got {type(graph).__name__} "
-           "(build one with Graph.from_edge_index(edge_index))")
-    for name, t in (("h", h), ("score_src", score_src), ("score_dst", score_dst)):
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
+    attention_spec.check_tensors(graph, (("h", h), ("score_src", score_src), ("score_dst", score_dst)))
     _check(h.dim() == 3, f"h must have shape [N_src, H, C], got {list(h.shape)}")
     n_src, H, _ = h.shape
     _check(score_src.shape == (n_src, H),
@@ -46,19 +42,9 @@ def _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropo
            f"h has {n_src} source nodes but the graph has num_src = {graph.num_src}")
     _check(score_dst.shape[0] == graph.num_dst,
            f"score_dst has {score_dst.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
-    for name, t in (("score_src", score_src), ("score_dst", score_dst)):
-        _check(t.device == h.device, f"{name} is on {t.device} but h is on {h.device}")
-    _check(graph.device == h.device,
-           f"graph is on {graph.device} but h is on {h.device} (use graph.to({str(h.device)!r}))")
-    if edge_logits is not None:
-        _check(isinstance(edge_logits, torch.Tensor) and edge_logits.is_floating_point(),
-               "edge_logits must be a floating-point tensor of shape [E, H]")
-        _check(edge_logits.shape == (graph.num_edges, H),
-               f"edge_logits must have shape [E, H] = [{graph.num_edges}, {H}], got {list(edge_logits.shape)}")
-        _check(edge_logits.device == h.device, f"edge_logits is on {edge_logits.device} but h is on {h.device}")
+    attention_spec.check_placement(graph, ("h", h), (("score_src", score_src), ("score_dst", score_dst)),
+                                   ("edge_logits", edge_logits), (graph.num_edges, H), dropout)
     check_slope(negative_slope)
-    _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
-           f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
 def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: torch.Tensor,

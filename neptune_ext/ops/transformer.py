@@ -27,11 +27,7 @@ __all__ = ["transformer_attention", "transformer_attention_weights"]
 
 
 def _validate(q, k, v, graph, scale, edge_feat, dropout):
-    _check(isinstance(graph, Graph), f"graph must be a neptune_ext.Graph, got {type(graph).__name__} "
-           "(build one with Graph.from_edge_index(edge_index))")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
+    attention_spec.check_tensors(graph, (("q", q), ("k", k), ("v", v)))
     _check(q.dim() == 3, f"q must have shape [N_dst, H, C], got {list(q.shape)}")
     H, C = q.shape[1], q.shape[2]
     _check(k.dim() == 3 and tuple(k.shape[1:]) == (H, C),
@@ -40,21 +36,10 @@ def _validate(q, k, v, graph, scale, edge_feat, dropout):
     _check(k.shape[0] == graph.num_src, f"k has {k.shape[0]} source nodes but the graph has num_src = {graph.num_src}")
     _check(q.shape[0] == graph.num_dst,
            f"q has {q.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
-    for name, t in (("k", k), ("v", v)):
-        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
-    _check(graph.device == q.device,
-           f"graph is on {graph.device} but q is on {q.device} (use graph.to({str(q.device)!r}))")
-    if edge_feat is not None:
-        _check(isinstance(edge_feat, torch.Tensor) and edge_feat.is_floating_point(),
-               "edge_feat must be a floating-point tensor of shape [E, H, C]")
-        _check(tuple(edge_feat.shape) == (graph.num_edges, H, C),
-               f"edge_feat must have shape [E, H, C] = [{graph.num_edges}, {H}, {C}], "
-               f"got {list(edge_feat.shape)}")
-        _check(edge_feat.device == q.device, f"edge_feat is on {edge_feat.device} but q is on {q.device}")
+    attention_spec.check_placement(graph, ("q", q), (("k", k), ("v", v)), ("edge_feat", edge_feat),
+                                   (graph.num_edges, H, C), dropout)
     _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
                              and math.isfinite(scale)), f"scale must be None or a finite float, got {scale!r}")
-    _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
-           f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
 _CUDA_MAX_HC = 1024  # the CUDA kernels hold a row's H * C features in one warp's registers
