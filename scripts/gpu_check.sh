@@ -14,7 +14,7 @@
 #   DRY_RUN=1 bash scripts/gpu_check.sh        (no GPU: print each step and its budget)
 #
 # Environment: PYTHON (default python3), OUT, STEPS (default "build test sanitizer bench
-# usergraphs stagebench"; also "cnnbench cnnbench50": whole CNNs, a second call),
+# usergraphs stagebench transformerbench"; also "cnnbench cnnbench50": whole CNNs, a second call),
 # TORCH_CUDA_ARCH_LIST (default 9.0a: the H200 only), QUICK=1, BENCH_ARGS (extra arguments
 # for the benchmark), SANITIZER_TOOLS (default "memcheck racecheck"), NEPTUNE_GIT_COMMIT
 # (recorded in the JSON when the checkout has no .git).
@@ -36,12 +36,17 @@ fi
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
-STEPS=" ${STEPS-build test sanitizer bench usergraphs stagebench} "  # set but empty: none
+STEPS=" ${STEPS-build test sanitizer bench usergraphs stagebench transformerbench} "  # set but empty: none
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
-# Seconds per step (about 9 minutes in all for the default steps).
+# Seconds per step: caps, not estimates (a step stops at its cap and fails). The default
+# steps' caps add up to 705 s (sanitizer and usergraphs run twice; 650 s before
+# transformerbench) - over the ~9 minutes this call was planned for and over one 600 s device
+# command. None of these steps has been timed on this code: where a call must be safe,
+# split it with STEPS (e.g. "build test sanitizer", then "bench usergraphs stagebench
+# transformerbench" on the still-warm machine, which keeps the in-place build).
 declare -A BUDGET=([build]=150 [load]=30 [test]=150 [sanitizer]=60 [bench]=60 [usergraphs]=50
-                   [stagebench]=40 [cnnbench]=500 [cnnbench50]=500)
+                   [stagebench]=40 [transformerbench]=55 [cnnbench]=500 [cnnbench50]=500)
 budget() { local v="BUDGET_${1^^}"; echo "${!v:-${BUDGET[$1]}}"; }
 step() {  # step KEY NAME LOG CMD...: runs CMD under KEY's budget, output to LOG, records pass/fail
   local key="$1" name="$2" log="$3"; shift 3
@@ -92,22 +97,28 @@ print(torch.ops.neptune.build_info())
 assert 'cuda' in _ext.compiled_backends(), _ext.compiled_backends()
 " || { note "no CUDA kernels: stopping"; exit 1; }
 
-# 2. Tests: every CUDA-marked test. (The CPU emulation of the CUDA kernels is CPU work:
-#    CI runs it on every change.)
+# 2. Tests: every CUDA-marked test - the CUDA parameters of the op tests (GAT, GATv2, graph
+#    transformer: tests/test_transformer.py) and of the layer conformance suite against
+#    GATConv / GATv2Conv / TransformerConv. (The CPU emulation of the CUDA kernels is CPU
+#    work: CI runs it on every change.)
 if want test; then
   step test "pytest -m cuda tests" "$OUT/pytest.log" \
     "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
 fi
 
 # 3. compute-sanitizer, one small case of every kernel family (GAT, GATv2, graph build and
-#    check, BN+ReLU, CUTLASS convolution, cuDNN fused calls): one process per tool.
+#    check, BN+ReLU, CUTLASS convolution, cuDNN fused calls, then the graph transformer with
+#    edge features and dropout, int32 and int64 graphs): one process per tool; the log's
+#    "ok (<family>)" lines say how far each got.
 if want sanitizer; then
   if command -v compute-sanitizer >/dev/null || [ "${DRY_RUN:-0}" = 1 ]; then
     for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-      step sanitizer "compute-sanitizer --tool $tool (every kernel family)" "$OUT/sanitizer.log" \
+      step sanitizer "compute-sanitizer --tool $tool (every kernel family, graph transformer last)" "$OUT/sanitizer.log" \
         compute-sanitizer --tool "$tool" --error-exitcode 86 "$PY" scripts/sanitizer_case.py
     done
     grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null | sed 's/^/      /' | tee -a "$SUMMARY"
+    [ "${DRY_RUN:-0}" = 1 ] || note "      cases passed, both tools together: $(grep -o '^ok ([A-Za-z0-9_]*)' \
+      "$OUT/sanitizer.log" 2>/dev/null | sort | uniq -c | awk '{printf "%s%s %s", (NR > 1 ? ", " : ""), $3, $1}')"
   else
     note "FAIL  compute-sanitizer not found"; FAILED=1
   fi
@@ -140,7 +151,19 @@ if want usergraphs; then
   done
 fi
 
-# 7. Whole CNNs (not in the default steps: torch.compile of each model and precision takes
+# 7. The graph transformer: GraphTransformer against TransformerConv eager and
+#    torch.compile(TransformerConv), fp32 and bf16 autocast, on the benchmark's graphs
+#    (torch.compile only where E <= 2M: the arxiv-sized graph; one warm-up, five repeats).
+#    Its own step and JSON, so the GAT figures above never wait on a compile.
+if want transformerbench; then
+  ARGS=(--what transformer --warmup 1 --repeats 5 --json "$OUT/bench_transformer.json")
+  [ "${QUICK:-0}" = 1 ] && ARGS+=(--quick)
+  step transformerbench "benchmark (benchmarks/gpu_graph_attention.py ${ARGS[*]})" "$OUT/bench_transformer.log" \
+    "$PY" benchmarks/gpu_graph_attention.py "${ARGS[@]}"
+  sed -n '/^graph /,$p' "$OUT/bench_transformer.log" 2>/dev/null >>"$SUMMARY"
+fi
+
+# 8. Whole CNNs (not in the default steps: torch.compile of each model and precision takes
 #    minutes; run them in a second call, STEPS="cnnbench cnnbench50"): fuse_stages vs eager,
 #    torch.fx folding and torch.compile (batch 64, 224², channels_last; fp32, bf16, bf16
 #    autocast; with CUTLASS where built). cnnbench: ResNet-18, each of its convolutions

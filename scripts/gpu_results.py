@@ -11,7 +11,11 @@ where the file lacks them. It then rewrites the part of the README between the m
     <!-- gpu-results:begin -->  ...  <!-- gpu-results:end -->
 
 with what the run shows: its environment, each step's PASS/FAIL line (OUT/summary.txt), and
-one table per recorded file, every figure citing its file. Nothing is typed by hand.
+one table per recorded file, every figure citing its file. Nothing is typed by hand. The
+graph-attention benchmark's files (bench.json, bench_transformer.json: results keyed by
+graph/dtype, each with its "contenders") get one row per contender: times, the ratios to its
+peers (GraphTransformer vs TransformerConv and torch.compile(TransformerConv), ...), peak
+memory, compile time, OOM.
 """
 import argparse
 import datetime
@@ -57,16 +61,47 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _ratios(ratios, unit: str = "") -> str:
+    """({'pyg': 3.1, 'pyg_compiled': 'peer OOM'}, 'x') -> 'vs pyg 3.1x; vs pyg_compiled peer OOM'."""
+    if not isinstance(ratios, dict):
+        return ""
+    return "; ".join(f"vs {k} {_fmt(v)}{unit if isinstance(v, (int, float)) else ''}"
+                     for k, v in ratios.items())
+
+
+def contender_rows(results):
+    """The graph-attention benchmark's results ({case: {..., "contenders": {name: record}}})
+    as one row per contender; None for results of any other shape."""
+    if not isinstance(results, dict) or not results or not all(
+            isinstance(v, dict) and isinstance(v.get("contenders"), dict) for v in results.values()):
+        return None
+    rows = []
+    for case, res in results.items():
+        for name, rec in res["contenders"].items():
+            rec = rec if isinstance(rec, dict) else {"result": rec}
+            peak = rec.get("peak_bytes")
+            rows.append({"case": case, "contender": name, "fwd ms": rec.get("forward_ms"),
+                         "bwd ms": rec.get("backward_ms"), "fwd+bwd ms": rec.get("total_ms"),
+                         "speedup": _ratios(rec.get("speedup_vs"), "x"),
+                         "peak GiB": peak / 2**30 if isinstance(peak, (int, float)) else None,
+                         "memory": _ratios(rec.get("memory_vs")),
+                         "compile s": rec.get("compile_seconds"), "result": rec.get("result")})
+    keep = [c for c in (rows[0] if rows else ()) if any(r.get(c) not in (None, "") for r in rows)]
+    return [{c: r.get(c) for c in keep} for r in rows]  # columns empty in every row: left out
+
+
 def table(report: dict) -> list:
     """Markdown lines: the report's ``results`` (a list of records, or a dict of them) as a
-    table of its scalar fields (at most MAX_COLUMNS columns, the first ones)."""
+    table of its scalar fields (at most MAX_COLUMNS columns, the first ones); the
+    graph-attention benchmark's results one row per contender (contender_rows)."""
     results = report.get("results")
-    if isinstance(results, dict):
+    rows = contender_rows(results)
+    if rows is None and isinstance(results, dict):
         rows = [dict(case=k, **(_flat(v) if isinstance(v, dict) else {"value": v}))
                 for k, v in results.items()]
-    elif isinstance(results, list):
+    elif rows is None and isinstance(results, list):
         rows = [_flat(r) for r in results if isinstance(r, dict)]
-    else:
+    elif rows is None:
         rows = []
     if not rows:
         return ["(no per-case results in this file)"]
@@ -122,7 +157,10 @@ def readme_section(env: dict, summary_lines: list, written: list, root: str) -> 
         lines += ["Steps:", "", "```"] + steps + ["```", ""]
     for path, report in written:
         rel = os.path.relpath(path, root)
-        lines += [f"`{rel}`:", ""] + table(report) + [""]
+        lines += [f"`{rel}`:", ""]
+        if report.get("complete") is False:  # a benchmark that writes as it goes, cut short
+            lines += ["(incomplete: its step ended before the benchmark did; what it measured)", ""]
+        lines += table(report) + [""]
     lines.append(END)
     return "\n".join(lines)
 

@@ -1,9 +1,12 @@
 """One small case of every CUDA kernel family, for compute-sanitizer (scripts/gpu_check.sh
 runs it under memcheck and racecheck; initcheck and synccheck on request):
 
-    python scripts/sanitizer_case.py [gat gatv2 graph bn_relu cutlass cudnn]   (default: all)
+    python scripts/sanitizer_case.py [gat gatv2 graph bn_relu cutlass cudnn transformer]
+                                     (default: all, in that order)
 
-gat, gatv2: one forward + backward of the graph-attention kernels; graph: build_csr /
+gat, gatv2: one forward + backward of the graph-attention kernels; transformer: one forward +
+backward of ops.transformer_attention through autograd (the graph-transformer kernels, so
+every shape has H * C <= 1024; edge features, dropout, a bipartite graph); graph: build_csr /
 build_csc (with GATConv's self loops) and the kernel entries' check of a corrupt graph;
 bn_relu: the fused BatchNorm+ReLU forward and backward; cutlass: the implicit-GEMM
 convolution (skipped, and said, in a build without CUTLASS); cudnn: the fused
@@ -34,8 +37,18 @@ def graph(device):
     return Graph.from_edge_index(ei.to(device), (n, n))
 
 
+def graphs(device):
+    """The graph with int32 indices, and the same graph with int64 indices."""
+    g32 = graph(device)
+    g64 = Graph(g32.rowptr.long(), g32.col.long(), g32.eid.long(), g32.edge_index, g32.num_src,
+                g32.num_dst)
+    g64._csc = tuple(t.long() for t in g32.csc())
+    return g32, g64
+
+
 def _all_finite(*tensors):
-    torch.cuda.synchronize()
+    if any(t.is_cuda for t in tensors):
+        torch.cuda.synchronize()
     for t in tensors:
         assert torch.isfinite(t).all()
 
@@ -68,6 +81,42 @@ def run_v2(g, H, C, dtype, p, rows=None):
     grads = torch.ops.neptune.gatv2_backward(torch.randn_like(out), xl, xr, att, g.rowptr, g.col, g.eid,
                                              *g.csc(), ef, out, lse, 0.2, p, seed)
     _all_finite(out, lse, *grads)
+
+
+def run_transformer(g, H, C, dtype, p, edge_feat=True):
+    """ops.transformer_attention forward + backward through autograd (q, k, v and the edge
+    features all need gradients, so both backward passes run); on CUDA the compiled kernels,
+    never the reference (asserted)."""
+    from neptune_ext import ops
+    from neptune_ext.ops import transformer as _tr
+    dev = g.device
+    if not _tr._has_kernel(dev.type, H, C):
+        raise AssertionError(f"transformer H={H} C={C} on {dev.type}: no compiled kernel would run")
+    q = torch.randn(g.num_dst, H, C, device=dev).to(dtype).requires_grad_()
+    k = torch.randn(g.num_src, H, C, device=dev).to(dtype).requires_grad_()
+    v = torch.randn(g.num_src, H, C, device=dev).to(dtype).requires_grad_()
+    ef = torch.randn(g.num_edges, H, C, device=dev).to(dtype).requires_grad_() if edge_feat else None
+    seed = torch.tensor(3) if p > 0 else None
+    out = ops.transformer_attention(q, k, v, g, edge_feat=ef, dropout=p, training=p > 0, seed=seed)
+    out.backward(torch.randn_like(out))
+    _all_finite(out, q.grad, k.grad, v.grad, *(() if ef is None else (ef.grad,)))
+
+
+def transformer_cases(g32, g64):
+    """(graph, H, C, dtype, dropout, edge_feat): every lane layout kind of the warp-per-row
+    kernels (one, two, four and 32 features per lane; C a power of two below and above 32,
+    and not), every dtype, both index types, and a bipartite graph (N_src != N_dst, so the
+    source pass of backward walks other rows than the destination pass)."""
+    ei = g32.edge_index  # every index < 600
+    bip = Graph.from_edge_index(ei, (g32.num_src + 20, g32.num_dst + 50))
+    return [
+        (g32, 4, 16, torch.float32, 0.0, True),    # 2 features per lane, heads of 16 lanes
+        (g64, 2, 64, torch.bfloat16, 0.1, True),   # int64, C > 32 (2 slots per head), dropout
+        (g32, 3, 5, torch.float16, 0.2, False),    # C not a power of two, no edge features
+        (g64, 4, 256, torch.bfloat16, 0.0, True),  # H * C = 1024: 32 features per lane (widest)
+        (g32, 2, 3, torch.float64, 0.1, True),     # fp64
+        (bip, 8, 12, torch.float32, 0.1, True),    # bipartite, 96 features: 3 of 4 slots used
+    ]
 
 
 def graph_family(g):
@@ -128,7 +177,7 @@ def cudnn_family():
                     torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, [1, 1], [1, 1], [1, 1], 1))
 
 
-FAMILIES = ("gat", "gatv2", "graph", "bn_relu", "cutlass", "cudnn")
+FAMILIES = ("gat", "gatv2", "graph", "bn_relu", "cutlass", "cudnn", "transformer")
 
 
 def main(argv=None):
@@ -138,10 +187,7 @@ def main(argv=None):
         sys.exit(f"sanitizer_case.py: unknown kernel family {unknown}; choose from {', '.join(FAMILIES)}")
     if "cuda" not in _ext.compiled_backends():
         sys.exit("neptune_ext was built without CUDA kernels")
-    g32 = graph("cuda")
-    g64 = Graph(g32.rowptr.long(), g32.col.long(), g32.eid.long(), g32.edge_index, g32.num_src,
-                g32.num_dst)
-    g64._csc = tuple(t.long() for t in g32.csc())
+    g32, g64 = graphs("cuda")
     if "gat" in families:
         cases = [
             (g32, 4, 64, torch.float32, 0.0),   # fp32 vectors, 2 slots per thread
@@ -169,6 +215,11 @@ def main(argv=None):
         if name in families:
             fn()
             print(f"ok ({name})", flush=True)
+    if "transformer" in families:  # last: the families above keep their place in the log
+        for g, H, C, dtype, p, ef in transformer_cases(g32, g64):
+            run_transformer(g, H, C, dtype, p, ef)
+            print(f"ok (transformer): index={g.index_dtype} N_src={g.num_src} N_dst={g.num_dst} "
+                  f"H={H} C={C} {dtype} dropout={p} edge_feat={ef}", flush=True)
 
 
 if __name__ == "__main__":

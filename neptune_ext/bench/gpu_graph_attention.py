@@ -1,6 +1,7 @@
 """GPU benchmark of sparse graph attention, forward + backward.
 
     python benchmarks/gpu_graph_attention.py [--quick] [--json FILE] [--graphs arxiv,products]
+                                             [--what op,layer,gatv2,transformer] [--edge-dim D]
     python benchmarks/bench_graph_attention.py --device cuda ...   (calls main(argv) here)
     neptune bench --device cuda
 
@@ -12,10 +13,25 @@ in fp32 and bf16, it measures
   * layer:pyg      torch_geometric.nn.GATConv (same shapes, add_self_loops=False);
   * op:neptune     the bare fused op on given h / scores;
   * op:reference   the pure-PyTorch reference of the op;
+  * gatv2:neptune / gatv2:pyg   GraphAttentionV2 / GATv2Conv;
+  * transformer:neptune         neptune_ext.nn.GraphTransformer (--what transformer);
+  * transformer:pyg             torch_geometric.nn.TransformerConv, same weights;
+  * transformer:pyg_compiled    torch.compile(TransformerConv) (dynamic=False; compiled by
+                   one untimed step, recorded as compile_seconds; only on graphs of at most
+                   --compile-max-edges edges, default 2M: the arxiv-sized one; run after
+                   every eager contender of every graph);
 each for: forward and backward time (CUDA events around each, after warm-up; the
 median of the repeats), and peak memory (torch.cuda.max_memory_allocated after a
 reset, minus what was allocated before the step; each contender on its own, with
 the others freed). A contender that runs out of memory is recorded as "OOM".
+Each contender with a peer gets speedup_vs / memory_vs (the peer's fwd+bwd time / its own;
+its peak / the peer's) in the JSON, which is rewritten after every contender (a run cut
+short keeps what it measured; "complete" is true once the run ended).
+
+The graph-transformer pair keeps its weights in fp32: its "bf16" rows run the forward under
+torch.autocast(bfloat16), as users train it (the other layers' bf16 rows are bf16 modules).
+Without --edge-dim there are no edge features (with them, on the products-sized graph every
+contender holds E x H x C projected edge features: 63 GB in fp32).
 
 Forward bandwidth of the bare op (no autograd) is counted on the bytes it must
 move: the gathered source rows E*H*C*elem, the per-edge source scores E*H*elem
@@ -32,6 +48,7 @@ import time
 
 import torch
 
+from .. import _io
 from .common import cuda_median_ms, force_reference, git_commit, write_json
 
 GRAPHS = {  # name: (nodes, edges), the sizes of the OGB node-property graphs
@@ -39,6 +56,30 @@ GRAPHS = {  # name: (nodes, edges), the sizes of the OGB node-property graphs
     "products": (2_449_029, 61_859_140),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRANSFORMER = ("transformer:neptune", "transformer:pyg", "transformer:pyg_compiled")
+PYG = ("layer:pyg", "gatv2:pyg", "transformer:pyg", "transformer:pyg_compiled")
+# Each contender's peers (speedup_vs / memory_vs, the table's "vs peer" columns).
+PEERS = {"op:neptune": ("op:reference",), "layer:neptune": ("layer:pyg",),
+         "gatv2:neptune": ("gatv2:pyg",),
+         "transformer:neptune": ("transformer:pyg", "transformer:pyg_compiled")}
+
+
+def contender_names(what):
+    """The contenders of a --what list (comma separated: op, layer, gatv2, transformer)."""
+    parts = what.split(",")
+    unknown = [w for w in parts if w not in ("op", "layer", "gatv2", "transformer")]
+    if unknown:
+        raise ValueError(f"--what: unknown {unknown} (choose from op, layer, gatv2, transformer)")
+    names = []
+    if "op" in parts:
+        names += ["op:neptune", "op:reference"]
+    if "layer" in parts:
+        names += ["layer:neptune", "layer:pyg"]
+    if "gatv2" in parts:
+        names += ["gatv2:neptune", "gatv2:pyg"]
+    if "transformer" in parts:
+        names += list(TRANSFORMER)
+    return names
 
 
 # ---------------------------------------------------------------- inputs
@@ -190,6 +231,44 @@ def make_layer(name, ei, n, in_ch, H, C, dtype):
     return fwd, [x] + list(layer.parameters()), grad
 
 
+def transformer_layer(name, in_ch, H, C, edge_dim=0, device="cuda", compile_backend="inductor"):
+    """GraphTransformer or TransformerConv (or torch.compile of it) with the same weights for
+    every contender (the two share parameter names): drawn from a fixed CPU generator."""
+    if name == "transformer:neptune":
+        from neptune_ext.nn import GraphTransformer as cls
+    elif name in ("transformer:pyg", "transformer:pyg_compiled"):
+        from torch_geometric.nn import TransformerConv as cls
+    else:
+        raise ValueError(f"unknown graph-transformer contender {name!r}")
+    layer = cls(in_ch, C, heads=H, edge_dim=edge_dim or None)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, prm in sorted(layer.named_parameters()):
+            scale = prm.shape[-1] ** -0.5 if prm.dim() > 1 else 0.1
+            prm.copy_(torch.randn(prm.shape, generator=gen) * scale)
+    layer = layer.to(device)
+    if name == "transformer:pyg_compiled":
+        return layer, torch.compile(layer, dynamic=False, backend=compile_backend)
+    return layer, layer
+
+
+def make_transformer(name, ei, n, in_ch, H, C, amp=None, edge_dim=0, device="cuda",
+                     compile_backend="inductor"):
+    """(forward closure, leaves whose .grad to clear, output gradient) for a graph-transformer
+    contender: fp32 weights and input, the forward under autocast to ``amp`` when given."""
+    module, layer = transformer_layer(name, in_ch, H, C, edge_dim, device, compile_backend)
+    x = torch.randn(n, in_ch, device=device, requires_grad=True)
+    ea = torch.randn(ei.shape[1], edge_dim, device=device) if edge_dim else None
+    grad = torch.randn(n, H * C, device=device, dtype=amp or torch.float32)
+    dev_type = torch.device(device).type
+
+    def fwd():
+        with torch.autocast(dev_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            out = layer(x, ei, ea)
+        return out if out.dtype == grad.dtype else out.to(grad.dtype)
+    return fwd, [x] + list(module.parameters()), grad
+
+
 def make_op(name, ei, n, H, C, dtype):
     from neptune_ext import Graph, ops
     g = Graph.from_edge_index(ei, n)
@@ -218,10 +297,20 @@ def forward_bytes(g, n, H, C, dtype):
     }
 
 
-def run_contender(name, ei, n, in_ch, H, C, dtype, warmup, repeats, copy_bw):
+def run_contender(name, ei, n, in_ch, H, C, dtype, warmup, repeats, copy_bw, edge_dim=0):
     rec = {}
     try:
-        if name.startswith(("layer:", "gatv2:")):
+        if name in TRANSFORMER:
+            amp = None if dtype == torch.float32 else dtype
+            fwd, leaves, grad = make_transformer(name, ei, n, in_ch, H, C, amp, edge_dim)
+            g = None
+            rec["precision"] = "fp32" if amp is None else f"{str(amp).split('.')[-1]} autocast"
+            if name == "transformer:pyg_compiled":  # the compile: one untimed step
+                t0 = time.perf_counter()
+                fwd().backward(grad)
+                torch.cuda.synchronize()
+                rec["compile_seconds"] = time.perf_counter() - t0
+        elif name.startswith(("layer:", "gatv2:")):
             fwd, leaves, grad = make_layer(name, ei, n, in_ch, H, C, dtype)
             g = None
         else:
@@ -243,8 +332,28 @@ def run_contender(name, ei, n, in_ch, H, C, dtype, warmup, repeats, copy_bw):
             rec = {"result": "error", "error": f"{type(exc).__name__}: {exc}"[:500]}
     finally:
         fwd = leaves = grad = g = None  # noqa: F841
+        if name == "transformer:pyg_compiled":
+            torch._dynamo.reset()  # drop the compiled module (and what it holds)
         free()
     return rec
+
+
+def add_peer_ratios(contenders):
+    """speedup_vs[peer] = the peer's total_ms / this one's ("peer OOM" when the peer ran out of
+    memory), memory_vs[peer] = this one's peak / the peer's; peers named without their prefix."""
+    for name, peers in PEERS.items():
+        r = contenders.get(name)
+        if not r or "total_ms" not in r:
+            continue
+        for peer in peers:
+            q = contenders.get(peer, {})
+            key = peer.split(":", 1)[1]
+            if "total_ms" in q:
+                r.setdefault("speedup_vs", {})[key] = q["total_ms"] / r["total_ms"]
+            elif q.get("result") == "OOM":
+                r.setdefault("speedup_vs", {})[key] = "peer OOM"
+            if r.get("peak_bytes") and q.get("peak_bytes"):
+                r.setdefault("memory_vs", {})[key] = r["peak_bytes"] / q["peak_bytes"]
 
 
 # ---------------------------------------------------------------- report
@@ -261,18 +370,12 @@ def print_table(results):
     head = ["graph", "dtype", "contender", "fwd ms", "bwd ms", "fwd+bwd ms", "vs peer", "peak GiB",
             "mem vs peer", "fwd % copy bw"]
     rows = []
-    peers = {"layer:neptune": "layer:pyg", "op:neptune": "op:reference", "gatv2:neptune": "gatv2:pyg"}
     for key, res in results.items():
         graph, dt = key.split("/")
         for name, r in res["contenders"].items():
-            peer = res["contenders"].get(peers.get(name, ""), {})
-            speed = mem = ""
-            if "total_ms" in r and "total_ms" in peer:
-                speed = f"{peer['total_ms'] / r['total_ms']:.2f}x"
-            elif "total_ms" in r and peer.get("result") == "OOM":
-                speed = "peer OOM"
-            if "peak_bytes" in r and peer.get("peak_bytes"):
-                mem = f"{r['peak_bytes'] / peer['peak_bytes']:.2f}"
+            speed = " / ".join(v if isinstance(v, str) else f"{v:.2f}x"
+                               for v in r.get("speedup_vs", {}).values())
+            mem = " / ".join(f"{v:.2f}" for v in r.get("memory_vs", {}).values())
             frac = f"{100 * r['forward_fraction_of_copy']:.0f}%" if "forward_fraction_of_copy" in r else ""
             rows.append([graph, dt, name, fmt_ms(r, "forward_ms"), fmt_ms(r, "backward_ms"),
                          fmt_ms(r, "total_ms"), speed, fmt_gib(r), mem, frac])
@@ -292,7 +395,10 @@ def main(argv=None):
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--in-channels", type=int, default=128)
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--what", default="op,layer,gatv2", help="comma list of: op, layer, gatv2")
+    p.add_argument("--what", default="op,layer,gatv2", help="comma list of: op, layer, gatv2, transformer")
+    p.add_argument("--edge-dim", type=int, default=0, help="edge features (transformer contenders)")
+    p.add_argument("--compile-max-edges", type=int, default=2_000_000,
+                   help="torch.compile(TransformerConv) only on graphs of at most this many edges")
     p.add_argument("--alpha-dst", type=float, default=0.6, help="Zipf exponent of the in-degrees")
     p.add_argument("--alpha-src", type=float, default=0.5, help="Zipf exponent of the out-degrees")
     p.add_argument("--warmup", type=int, default=3)
@@ -318,13 +424,10 @@ def main(argv=None):
     if a.quick:
         graphs = {k: (max(1000, n // 10), max(10_000, e // 10)) for k, (n, e) in graphs.items()}
         a.repeats, a.warmup = min(a.repeats, 3), min(a.warmup, 1)
-    names = []
-    if "op" in a.what:
-        names += ["op:neptune", "op:reference"]
-    if "layer" in a.what.split(","):
-        names += ["layer:neptune", "layer:pyg"]
-    if "gatv2" in a.what.split(","):
-        names += ["gatv2:neptune", "gatv2:pyg"]
+    try:
+        names = contender_names(a.what)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         import torch_geometric  # noqa: F401
         has_pyg = True
@@ -342,36 +445,60 @@ def main(argv=None):
         "neptune_layer": "neptune_ext.nn.GraphAttention" if neptune_layer_class() else "hand-written",
         "config": {"heads": H, "channels": C, "in_channels": a.in_channels, "warmup": a.warmup,
                    "repeats": a.repeats, "alpha_dst": a.alpha_dst, "alpha_src": a.alpha_src,
-                   "graphs": graphs, "quick": a.quick},
+                   "graphs": graphs, "quick": a.quick, "what": a.what, "edge_dim": a.edge_dim,
+                   "compile_max_edges": a.compile_max_edges},
         "copy_bandwidth_gbs": copy_bw / 1e9,
         "results": {},
+        "complete": False,
     }
     print(f"{report['device']}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write); "
           f"H={H}, C={C}, in_channels={a.in_channels}; layer:neptune = {report['neptune_layer']}",
           flush=True)
     t0 = time.perf_counter()
-    for gname, (n, E) in graphs.items():
-        ei = power_law_edges(n, E, a.alpha_dst, a.alpha_src, seed=0, device="cuda")
-        stats = degree_stats(ei, n)
-        print(f"{gname}: N={n:,} E={E:,} {stats}", flush=True)
-        for dname in a.dtypes.split(","):
-            dtype = DTYPES[dname]
-            res = {"nodes": n, "edges": E, **stats, "contenders": {}}
-            for name in names:
-                if name in ("layer:pyg", "gatv2:pyg") and not has_pyg:
-                    res["contenders"][name] = {"result": "torch_geometric not installed"}
-                    continue
-                r = run_contender(name, ei, n, a.in_channels, H, C, dtype, a.warmup, a.repeats, copy_bw)
-                res["contenders"][name] = r
-                print(f"  {gname} {dname} {name}: {json.dumps(r)}", flush=True)
-            report["results"][f"{gname}/{dname}"] = res
-        del ei
-        free()
+    # torch.compile last (a second pass over the graphs): every eager figure is measured (and
+    # written) before the compiles, whose time is the least predictable.
+    passes = [[x for x in names if x != "transformer:pyg_compiled"]]
+    if "transformer:pyg_compiled" in names:
+        passes.append(["transformer:pyg_compiled"])
+    for i, pass_names in enumerate(passes):
+        for gname, (n, E) in graphs.items():
+            if i > 0 and (E > a.compile_max_edges or not has_pyg):
+                why = ({"result": "torch_geometric not installed"} if not has_pyg else
+                       {"result": "skipped", "why": f"E > --compile-max-edges {a.compile_max_edges}"})
+                for dname in a.dtypes.split(","):
+                    report["results"][f"{gname}/{dname}"]["contenders"]["transformer:pyg_compiled"] = why
+                continue
+            # seeded: the second pass draws the same graph
+            ei = power_law_edges(n, E, a.alpha_dst, a.alpha_src, seed=0, device="cuda")
+            stats = degree_stats(ei, n)
+            if i == 0:
+                print(f"{gname}: N={n:,} E={E:,} {stats}", flush=True)
+            for dname in a.dtypes.split(","):
+                dtype = DTYPES[dname]
+                res = report["results"].setdefault(f"{gname}/{dname}",
+                                                   {"nodes": n, "edges": E, **stats, "contenders": {}})
+                for name in pass_names:
+                    if name in PYG and not has_pyg:
+                        res["contenders"][name] = {"result": "torch_geometric not installed"}
+                        continue
+                    r = run_contender(name, ei, n, a.in_channels, H, C, dtype, a.warmup, a.repeats,
+                                      copy_bw, a.edge_dim)
+                    res["contenders"][name] = r
+                    add_peer_ratios(res["contenders"])
+                    print(f"  {gname} {dname} {name}: {json.dumps(r)}", flush=True)
+                    if a.json:  # after every contender: a run cut short keeps what it measured
+                        report["seconds"] = time.perf_counter() - t0
+                        _io.write_json(a.json, report)
+            del ei
+            free()
     report["seconds"] = time.perf_counter() - t0
+    report["complete"] = True
     print()
     print_table(report["results"])
     print(f"(medians of {a.repeats} runs after {a.warmup} warm-up; peak = max_memory_allocated "
-          "growth over one fwd+bwd; fwd % copy bw: bare op, no autograd)")
+          "growth over one fwd+bwd; fwd % copy bw: bare op, no autograd; vs peer: op:neptune vs "
+          "op:reference, layer:neptune vs layer:pyg, gatv2:neptune vs gatv2:pyg, "
+          "transformer:neptune vs transformer:pyg / transformer:pyg_compiled)")
     write_json(a.json, report)
     return report
 
