@@ -120,7 +120,9 @@ class Graph:
         """
         ei = _check_edge_index(edge_index)
         num_src, num_dst = _complete_size(ei, _parse_size(size))
-        return cls._build(ei, num_src, num_dst)
+        # The Graph keeps its own edge list: a caller's later in-place write to edge_index
+        # must not change the edges under a built CSR.
+        return cls._build(ei.clone() if ei.dtype == torch.int64 else ei, num_src, num_dst)
 
     @classmethod
     def from_csr(cls, rowptr: torch.Tensor, col: torch.Tensor, num_src: int) -> "Graph":

@@ -296,3 +296,68 @@ def test_clear_errors_for_odd_inputs():
         GraphAttention(6, 4)(torch.randn(6, 6), batched)
     g = Graph.from_csr(torch.tensor([0, 1, 2], dtype=torch.uint64), torch.tensor([0, 1], dtype=torch.uint64), 4)
     assert g.num_edges == 2
+
+
+# ------------------------------------------------- found by a hostile probe of GraphTransformer
+@pytest.mark.parametrize("cls", ALL_LAYERS)
+def test_training_after_an_inference_mode_call_on_the_same_edge_index(cls):
+    """A validation pass under torch.inference_mode must not leave an inference-tensor graph
+    in the cache for the next training step."""
+    m = cls(8, 4, heads=2)
+    x, ei = torch.randn(10, 8), torch.randint(0, 10, (2, 40))
+    with torch.inference_mode():
+        want = m(x, ei)
+    out = m(x, ei)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), want)
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("cls", ALL_LAYERS)
+def test_uncoalesced_coo_with_edge_attr_or_weights_is_refused(cls):
+    ei = torch.tensor([[1, 0, 2, 3, 5], [0, 1, 1, 2, 2]])
+    p = torch.tensor([4, 0, 3, 1, 2])
+    adj = torch.sparse_coo_tensor(ei.flip(0)[:, p], torch.ones(5), (6, 6))  # not coalesced
+    m = cls(4, 2, edge_dim=3)
+    x, ea = torch.randn(6, 4), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="uncoalesced"):
+        m(x, adj, ea[p])
+    with pytest.raises(ValueError, match="uncoalesced"):
+        m(x, adj, return_attention_weights=True)
+    # without either, the order does not matter: the same as the coalesced adjacency
+    torch.testing.assert_close(m(x, adj), m(x, adj.coalesce()))
+
+
+@pytest.mark.parametrize("cls", ALL_LAYERS)
+def test_sparse_adjacency_with_feature_values_is_refused(cls):
+    ei = torch.tensor([[1, 0, 2, 3, 5], [0, 1, 1, 2, 2]])
+    adj = torch.sparse_coo_tensor(ei.flip(0), torch.randn(5, 3), (6, 6, 3)).coalesce()
+    with pytest.raises(ValueError, match="feature values"):
+        cls(4, 2, edge_dim=3)(torch.randn(6, 4), adj)
+
+
+def test_a_graph_keeps_its_edges_when_the_callers_edge_index_changes():
+    ei = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])
+    g = Graph.from_edge_index(ei, 4)
+    before = g.edge_index.clone()
+    ei[1] = torch.tensor([0, 0, 0, 0])
+    assert torch.equal(g.edge_index, before)
+
+
+@pytest.mark.parametrize("cls", ALL_LAYERS)
+def test_vmap_over_the_layer(cls):
+    """torch.func.vmap (the kernels have no batching rule: the reference runs inside it),
+    forward and per-sample gradients, against a loop."""
+    from torch.func import functional_call, grad, vmap
+    m = cls(6, 3, heads=2, edge_dim=2).double()
+    xb = torch.randn(3, 9, 6, dtype=torch.float64)
+    ei, ea = torch.randint(0, 9, (2, 30)), torch.randn(30, 2, dtype=torch.float64)
+    got = vmap(lambda x: m(x, ei, ea))(xb)
+    want = torch.stack([m(x, ei, ea) for x in xb])
+    torch.testing.assert_close(got, want)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    per = vmap(grad(lambda p, x: functional_call(m, p, (x, ei, ea)).square().sum()), in_dims=(None, 0))(params, xb)
+    for i, x in enumerate(xb):
+        g = torch.autograd.grad(m(x, ei, ea).square().sum(), list(m.parameters()))
+        for (k, _), gk in zip(m.named_parameters(), g):
+            torch.testing.assert_close(per[k][i], gk)

@@ -219,6 +219,7 @@ def test_reference_fallback_matches(monkeypatch):
     (lambda a: dict(dropout=1.0), "dropout"),
     (lambda a: dict(q=a["q"].long()), "q must be a floating-point"),
     (lambda a: dict(graph=None), "graph must be a neptune_ext.Graph"),
+    (lambda a: dict(q=a["q"][:, :, :0]), "C > 0"),
 ])
 def test_bad_inputs_name_the_argument(bad, words):
     ei, n_src, n_dst = CASES["random"]

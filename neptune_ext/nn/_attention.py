@@ -202,6 +202,11 @@ class AttentionBase(_Base):
             if edge_index.sparse_dim() != 2 or edge_index.dim() - edge_index.dense_dim() != 2:
                 raise ValueError("edge_index: a sparse adjacency must be one [N_dst, N_src] matrix "
                                  f"(no batch dimension), got shape {list(edge_index.shape)}")
+            if edge_index.dense_dim() > 0:
+                raise ValueError("edge_index: a sparse adjacency with feature values [N_dst, N_src, F] "
+                                 f"(shape {list(edge_index.shape)}) is not taken - its values would be "
+                                 "ignored; pass an [N_dst, N_src] adjacency and the features as "
+                                 "edge_attr, in its coalesced order")
             num_dst, num_src = int(edge_index.shape[0]), int(edge_index.shape[1])
             given_by = f"edge_index (a sparse adjacency of shape [N_dst, N_src] = {list(edge_index.shape[:2])})"
         elif type(edge_index) is not Tensor and hasattr(edge_index, "sparse_size"):
@@ -262,7 +267,10 @@ class AttentionBase(_Base):
         if type(edge_index) is not Tensor and hasattr(edge_index, "as_tensor"):
             edge_index = edge_index.as_tensor()  # PyG's EdgeIndex: its plain [2, E] data
         key = None
-        if self.cache_graph and not _is_compiling() and not edge_index.is_inference():
+        # A graph built under inference_mode holds inference tensors, which a later training
+        # step could not save for backward: such a graph is used once, never cached.
+        if (self.cache_graph and not _is_compiling() and not edge_index.is_inference()
+                and not torch.is_inference_mode_enabled()):
             key = (edge_index.dtype, edge_index.device, tuple(edge_index.shape), edge_index.stride(),
                    edge_index.storage_offset(), edge_index.data_ptr(), edge_index._version,
                    num_src, num_dst, self.add_self_loops)
@@ -283,6 +291,17 @@ class AttentionBase(_Base):
         state = dict(state)
         state["_graph_cache"] = None
         return state
+
+    @staticmethod
+    def _check_edge_order(edge_index, edge_attr, want_alpha: bool) -> None:
+        """An uncoalesced COO adjacency has no edge order the layer keeps (it is coalesced:
+        sorted, duplicates merged), so edge_attr rows or returned attention weights could not
+        line up with its entries: a ValueError, as PyG refuses it."""
+        if ((edge_attr is not None or want_alpha) and isinstance(edge_index, Tensor)
+                and edge_index.layout == torch.sparse_coo and not edge_index.is_coalesced()):
+            raise ValueError("edge_index: an uncoalesced sparse COO adjacency with edge_attr or "
+                             "return_attention_weights; call edge_index.coalesce() first (edge_attr "
+                             "rows and attention weights then follow its coalesced order)")
 
     @staticmethod
     def _edge_attr_2d(edge_attr) -> Tensor:

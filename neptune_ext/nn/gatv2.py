@@ -79,6 +79,8 @@ class GraphAttentionV2(AttentionBase):
                 return_attention_weights: Optional[bool] = None, size=None):
         H, C = self.heads, self.out_channels
         x_src, x_dst, same = self._split_x(x)
+        want_alpha = return_attention_weights is not None and bool(return_attention_weights)
+        self._check_edge_order(edge_index, edge_attr, want_alpha)
         if x_dst is None:
             raise ValueError("x: GraphAttentionV2 needs destination features (x_dst is None); "
                              "pass x as a tensor or a (x_src, x_dst) pair of tensors")
@@ -95,7 +97,6 @@ class GraphAttentionV2(AttentionBase):
 
         edge_feat = self._edge_features(prepared, edge_attr)
 
-        want_alpha = return_attention_weights is not None and bool(return_attention_weights)
         if self._explaining():
             alpha = gatv2_attention_weights(x_l, x_r, self.att, graph, self.negative_slope, edge_feat,
                                             *dropout_and_seed(self.dropout, self.training, None))

@@ -103,6 +103,8 @@ class GraphAttention(AttentionBase):
                 return_attention_weights: Optional[bool] = None):
         H, C = self.heads, self.out_channels
         x_src, x_dst, same = self._split_x(x)
+        want_alpha = return_attention_weights is not None and bool(return_attention_weights)
+        self._check_edge_order(edge_index, edge_attr, want_alpha)
         lin_src = self.lin if self.lin is not None else self.lin_src
         lin_dst = self.lin if self.lin is not None else self.lin_dst
         for lin, inp, name in ((lin_src, x_src, "x_src"), (lin_dst, x_dst, "x_dst"), (self.res, x_dst, "x_dst")):
@@ -154,7 +156,6 @@ class GraphAttention(AttentionBase):
             else:
                 edge_logits = edge_attr @ head_weights(self.att_edge, self.lin_edge.weight).t()
 
-        want_alpha = return_attention_weights is not None and bool(return_attention_weights)
         if self._explaining():
             alpha = attention_weights(score_src, score_dst, graph, self.negative_slope, edge_logits,
                                       *dropout_and_seed(self.dropout, self.training, None))

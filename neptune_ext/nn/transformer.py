@@ -42,8 +42,13 @@ class GraphTransformer(AttentionBase):
     :class:`GraphAttention`).
 
     Differences from TransformerConv: ``edge_attr`` without ``edge_dim`` is a ValueError
-    (TransformerConv adds the raw attributes to the values); TorchScript's ``jittable`` is
-    not offered (``torch.compile`` is).
+    (TransformerConv adds the raw attributes to the values); ``MessagePassing`` keyword
+    arguments other than ``aggr="add"`` (``flow``, ``node_dim``, ...) are a TypeError; an
+    uncoalesced sparse COO adjacency with ``edge_attr`` or attention weights, and a sparse
+    adjacency carrying feature values, are ValueErrors (TransformerConv refuses the first and
+    takes the second's values as ``edge_attr``); TorchScript's ``jittable`` is not offered
+    (``torch.compile`` is); under ``torch.func.vmap`` the layer computes through the
+    pure-PyTorch reference (the fused kernels have no batching rule).
 
     Example::
 
@@ -92,6 +97,8 @@ class GraphTransformer(AttentionBase):
                 return_attention_weights: Optional[bool] = None):
         H, C = self.heads, self.out_channels
         x_src, x_dst, same = self._split_x(x)
+        want_alpha = isinstance(return_attention_weights, bool)
+        self._check_edge_order(edge_index, edge_attr, want_alpha)
         if x_dst is None:
             raise ValueError("x: GraphTransformer needs destination features (x_dst is None); "
                              "pass x as a tensor or a (x_src, x_dst) pair of tensors")
@@ -108,7 +115,6 @@ class GraphTransformer(AttentionBase):
 
         edge_feat = self._edge_features(prepared, edge_attr, glorot_init=False)
 
-        want_alpha = isinstance(return_attention_weights, bool)
         scale = 1.0 / math.sqrt(C)
         alpha = None
         if self._explaining():

@@ -181,6 +181,19 @@ def _functorch_active() -> bool:
         return False
 
 
+def kernel_allowed() -> bool:
+    """False inside torch.func.vmap: the compiled ops have no batching rule, so there the
+    attention ops compute through their pure-PyTorch references, which vmap batches."""
+    if _is_compiling() or not _functorch_active():
+        return True
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        vmap = torch._C._functorch.TransformType.Vmap
+        return not any(i.key() == vmap for i in retrieve_all_functorch_interpreters())
+    except (ImportError, AttributeError):  # a torch without this query: as before
+        return True
+
+
 def forward_op(name: str, colptr: torch.Tensor):
     """How to call torch.ops.neptune.<name>: through an eager Function when backward will
     run (``colptr`` is the transposed graph then) outside torch.compile, else the op."""

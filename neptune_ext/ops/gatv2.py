@@ -91,7 +91,7 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
     H, C = x_l.shape[1], x_l.shape[2]
     att2 = att.reshape(H, C)
 
-    if _has_kernel(x_l.device.type, H, C):
+    if _has_kernel(x_l.device.type, H, C) and attention_spec.kernel_allowed():
         colptr, csc_row, csc_perm = kernel_csc(graph, x_l, x_r, att, edge_feat)
         out, lse = forward_op("gatv2_forward", colptr)(
             x_l.contiguous(), x_r.contiguous(), att2.contiguous(), graph.rowptr, graph.col, graph.eid,

@@ -28,7 +28,7 @@ __all__ = ["transformer_attention", "transformer_attention_weights"]
 
 def _validate(q, k, v, graph, scale, edge_feat, dropout):
     attention_spec.check_tensors(graph, (("q", q), ("k", k), ("v", v)))
-    _check(q.dim() == 3, f"q must have shape [N_dst, H, C], got {list(q.shape)}")
+    _check(q.dim() == 3 and q.shape[2] > 0, f"q must have shape [N_dst, H, C] with C > 0, got {list(q.shape)}")
     H, C = q.shape[1], q.shape[2]
     _check(k.dim() == 3 and tuple(k.shape[1:]) == (H, C),
            f"k must have shape [N_src, H, C] with H, C = {H}, {C}, got {list(k.shape)}")
@@ -87,7 +87,7 @@ def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gra
     p, seed = dropout_and_seed(dropout, training, seed)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
 
-    if _has_kernel(q.device.type, q.shape[1], q.shape[2]):
+    if _has_kernel(q.device.type, q.shape[1], q.shape[2]) and attention_spec.kernel_allowed():
         colptr, csc_row, csc_perm = kernel_csc(graph, q, k, v, edge_feat)
         out, lse = forward_op("transformer_forward", colptr)(
             q.contiguous(), k.contiguous(), v.contiguous(), graph.rowptr, graph.col, graph.eid,
