@@ -361,3 +361,11 @@ def test_vmap_over_the_layer(cls):
         g = torch.autograd.grad(m(x, ei, ea).square().sum(), list(m.parameters()))
         for (k, _), gk in zip(m.named_parameters(), g):
             torch.testing.assert_close(per[k][i], gk)
+
+
+@pytest.mark.parametrize("cls", ALL_LAYERS)
+def test_meta_device_gives_shapes(cls):
+    """Shape inference on the meta device (as PyG's layers allow it)."""
+    x, ei = torch.randn(10, 8, device="meta"), torch.randint(0, 10, (2, 40)).to("meta")
+    m = cls(8, 4, heads=2, edge_dim=3).to("meta")
+    assert m(x, ei, torch.randn(40, 3, device="meta")).shape == (10, 8)

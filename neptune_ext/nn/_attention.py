@@ -102,6 +102,8 @@ def autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
 
 
 def _sorted_by_destination(edge_index, num_src: int, num_dst: int):
