@@ -88,9 +88,9 @@ def run_transformer(g, H, C, dtype, p, edge_feat=True):
     features all need gradients, so both backward passes run); on CUDA the compiled kernels,
     never the reference (asserted)."""
     from neptune_ext import ops
-    from neptune_ext.ops import transformer as _tr
+    from neptune_ext.ops import attention_spec
     dev = g.device
-    if not _tr._has_kernel(dev.type, H, C):
+    if not attention_spec.runs_kernel("transformer_forward", dev.type, H, C, warp_row=True):
         raise AssertionError(f"transformer H={H} C={C} on {dev.type}: no compiled kernel would run")
     q = torch.randn(g.num_dst, H, C, device=dev).to(dtype).requires_grad_()
     k = torch.randn(g.num_src, H, C, device=dev).to(dtype).requires_grad_()

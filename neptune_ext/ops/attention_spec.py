@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .. import _backend
 from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
 from ..graph import Graph
 
@@ -192,6 +193,20 @@ def kernel_allowed() -> bool:
         return not any(i.key() == vmap for i in retrieve_all_functorch_interpreters())
     except (ImportError, AttributeError):  # a torch without this query: as before
         return True
+
+
+# The warp-per-row CUDA kernels (GATv2, graph transformer) hold a row's H * C features in one
+# warp's registers; wider shapes run the reference on CUDA.
+WARP_ROW_MAX_HC = 1024
+
+
+def runs_kernel(op: str, device_type: str, H: int = 0, C: int = 0, warp_row: bool = False) -> bool:
+    """Whether ``neptune::<op>``'s compiled kernel runs here: the backend's rule
+    (:func:`neptune_ext._backend.runs_kernel`), the warp-per-row kernels' width limit on CUDA,
+    and not inside torch.func.vmap."""
+    if warp_row and device_type == "cuda" and not 0 < H * C <= WARP_ROW_MAX_HC:
+        return False
+    return _backend.runs_kernel(op, device_type) and kernel_allowed()
 
 
 def forward_op(name: str, colptr: torch.Tensor):

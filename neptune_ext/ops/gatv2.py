@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .. import _backend, _ext
+from .. import _ext
 from .._util import check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
@@ -39,15 +39,6 @@ def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
     attention_spec.check_placement(graph, ("x_l", x_l), (("x_r", x_r), ("att", att)),
                                    ("edge_feat", edge_feat), (graph.num_edges, H, C), dropout)
     check_slope(negative_slope)
-
-
-_CUDA_MAX_HC = 1024  # the CUDA kernels hold a row's H * C features in one warp's registers
-
-
-def _has_kernel(device_type: str, H: int, C: int) -> bool:
-    if device_type == "cuda" and not 0 < H * C <= _CUDA_MAX_HC:
-        return False  # the reference runs these shapes
-    return _backend.runs_kernel("gatv2_forward", device_type)
 
 
 def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, graph: Graph,
@@ -91,7 +82,7 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
     H, C = x_l.shape[1], x_l.shape[2]
     att2 = att.reshape(H, C)
 
-    if _has_kernel(x_l.device.type, H, C) and attention_spec.kernel_allowed():
+    if attention_spec.runs_kernel("gatv2_forward", x_l.device.type, H, C, warp_row=True):
         colptr, csc_row, csc_perm = kernel_csc(graph, x_l, x_r, att, edge_feat)
         out, lse = forward_op("gatv2_forward", colptr)(
             x_l.contiguous(), x_r.contiguous(), att2.contiguous(), graph.rowptr, graph.col, graph.eid,

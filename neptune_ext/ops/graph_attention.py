@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .. import _backend, _ext
+from .. import _ext
 from .._util import check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import attention_weights_reference, sparse_graph_attention_reference
@@ -88,7 +88,7 @@ def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: 
     h, score_src, score_dst, edge_logits = promote(h, score_src, score_dst, edge_logits)
     p, seed = dropout_and_seed(dropout, training, seed)
 
-    if _backend.runs_kernel("gat_forward", h.device.type) and attention_spec.kernel_allowed():
+    if attention_spec.runs_kernel("gat_forward", h.device.type):
         colptr, csc_row, csc_perm = kernel_csc(graph, h, score_src, score_dst, edge_logits)
         out, lse = forward_op("gat_forward", colptr)(
             h.contiguous(), score_src.contiguous(), score_dst.contiguous(), graph.rowptr,

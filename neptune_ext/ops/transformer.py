@@ -16,7 +16,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .. import _backend, _ext
+from .. import _ext
 from .._util import check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import transformer_attention_reference, transformer_attention_weights_reference
@@ -40,15 +40,6 @@ def _validate(q, k, v, graph, scale, edge_feat, dropout):
                                    (graph.num_edges, H, C), dropout)
     _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
                              and math.isfinite(scale)), f"scale must be None or a finite float, got {scale!r}")
-
-
-_CUDA_MAX_HC = 1024  # the CUDA kernels hold a row's H * C features in one warp's registers
-
-
-def _has_kernel(device_type: str, H: int, C: int) -> bool:
-    if device_type == "cuda" and not 0 < H * C <= _CUDA_MAX_HC:
-        return False  # the reference runs these shapes
-    return _backend.runs_kernel("transformer_forward", device_type)
 
 
 def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, graph: Graph,
@@ -87,7 +78,8 @@ def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gra
     p, seed = dropout_and_seed(dropout, training, seed)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
 
-    if _has_kernel(q.device.type, q.shape[1], q.shape[2]) and attention_spec.kernel_allowed():
+    if attention_spec.runs_kernel("transformer_forward", q.device.type, q.shape[1], q.shape[2],
+                                  warp_row=True):
         colptr, csc_row, csc_perm = kernel_csc(graph, q, k, v, edge_feat)
         out, lse = forward_op("transformer_forward", colptr)(
             q.contiguous(), k.contiguous(), v.contiguous(), graph.rowptr, graph.col, graph.eid,
