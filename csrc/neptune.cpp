@@ -1,6 +1,7 @@
 // The neptune op catalogue: every schema in one TORCH_LIBRARY block, and the
-// kernels registered per dispatch key. Fake (meta) kernels and autograd are
-// registered from Python (neptune_ext/ops/), see torch.library.
+// kernels registered per dispatch key. The attention ops' autograd is C++
+// (graph_attention/attention_autograd.cpp); fake (meta) kernels and the Stage's
+// autograd are registered from Python (neptune_ext/ops/), see torch.library.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -101,6 +102,16 @@ TORCH_LIBRARY(neptune, m) {
       "Tensor col, Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, "
       "Tensor? edge_feat, Tensor out, Tensor lse, float scale, float dropout, "
       "Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_edge_feat)");
+
+  // The differentiable gradients of an attention op (variant "gat", "gatv2" or
+  // "transformer"), for a backward with create_graph=True: implemented in Python
+  // (neptune_ext/ops/attention_spec.py) from the pure-PyTorch reference, called by the
+  // ops' C++ autograd (graph_attention/attention_autograd.cpp). Returns
+  // [grad_a, grad_b, grad_c, grad_edge].
+  m.def(
+      "attention_grads_reference(str variant, Tensor grad_out, Tensor a, Tensor b, Tensor c, "
+      "Tensor rowptr, Tensor col, Tensor eid, Tensor? edge, float scalar, float dropout, "
+      "Tensor? seed) -> Tensor[]");
 
   // Stage: fused BatchNorm+ReLU with batch statistics (see stage/stage.h).
   m.def(

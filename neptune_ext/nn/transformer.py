@@ -47,8 +47,8 @@ class GraphTransformer(AttentionBase):
     uncoalesced sparse COO adjacency with ``edge_attr`` or attention weights, and a sparse
     adjacency carrying feature values, are ValueErrors (TransformerConv refuses the first and
     takes the second's values as ``edge_attr``); TorchScript's ``jittable`` is not offered
-    (``torch.compile`` is); under ``torch.func.vmap`` the layer computes through the
-    pure-PyTorch reference (the fused kernels have no batching rule).
+    (``torch.compile`` is); under ``torch.func`` transforms (``vmap``, ``grad``, ...) the
+    layer computes through the pure-PyTorch reference.
 
     Example::
 

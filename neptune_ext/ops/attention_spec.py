@@ -1,5 +1,5 @@
 """What every fused attention op (GAT, GATv2, graph transformer) shares, written once:
-dropout seeds, the transposed graph, double backward, the eager fast path, and the
+dropout seeds, the transposed graph, double backward, the input checks, and the
 registration derived from a spec.
 
 Every attention variant's compiled op has one calling convention::
@@ -12,9 +12,10 @@ Every attention variant's compiled op has one calling convention::
 (three node tensors, the CSR by destination with its transposed CSC, optional per-edge
 features in the caller's edge order, one float parameter, counter-based dropout). A
 variant is then a spec: its name, the shape of ``out``, and its differentiable reference;
-:func:`register` derives the fake kernels, the autograd formula (C++ backward; a
-``create_graph=True`` backward recomputes through the reference, so double backward is
-exact) and the eager fast path from it.
+:func:`register` derives the fake kernels and the differentiable gradients a
+``create_graph=True`` backward recomputes through the reference (so double backward is
+exact). The autograd is one C++ function for every variant
+(csrc/graph_attention/attention_autograd.cpp): no Python runs in a training step's backward.
 """
 from typing import Callable, NamedTuple
 
@@ -92,11 +93,6 @@ def kernel_csc(graph: Graph, *inputs) -> tuple:
 # The kernels' backward is not, so those calls recompute the gradients through the
 # pure-PyTorch reference (exact, E x H x C memory): never a silently wrong number.
 
-def create_graph() -> bool:
-    """True inside a backward that builds a graph (``create_graph=True``)."""
-    return torch.is_grad_enabled() and not _is_compiling()
-
-
 def caller_order_edges(rowptr: torch.Tensor, col: torch.Tensor, eid: torch.Tensor):
     """(src, dst) int64 [E] in the caller's edge order from a CSR by destination and its
     edge ids (the order the reference and the dropout hash use)."""
@@ -132,49 +128,6 @@ def differentiable_grads(reference, inputs, positions, grad_out, num_outputs: in
     return tuple(result)
 
 
-# ----------------------------------------------------------------------------
-# Eager autograd. torch.library.register_autograd (below) serves torch.compile, export and
-# direct torch.ops calls; in eager mode its generic wrapper costs per call (argument
-# filling, schema walks) - as much as the kernels on a small graph. Eager calls that need
-# gradients take an autograd.Function with the very same setup_context and backward.
-
-_EAGER = {}
-
-
-def eager_autograd(op, setup_context, backward):
-    """Two autograd.Functions running ``op`` with the registration's own context and backward:
-    (fast, functorch). ``fast`` takes ctx in forward (the cheapest apply); ``functorch`` has a
-    separate setup_context, as torch.func transforms (grad, jacrev, vmap) require: ~20 µs
-    more a call, so it runs only while such a transform is active."""
-    class Fast(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            output = op(*args)
-            setup_context(ctx, args, output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    class Functorch(torch.autograd.Function):
-        @staticmethod
-        def forward(*args):
-            return op(*args)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            setup_context(ctx, inputs, output)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    for cls, kind in ((Fast, "autograd"), (Functorch, "functorch")):
-        cls.__name__ = cls.__qualname__ = f"{op.__name__}_{kind}"
-    return Fast, Functorch
-
-
 def _functorch_active() -> bool:
     try:
         return torch._C._are_functorch_transforms_active()
@@ -183,16 +136,11 @@ def _functorch_active() -> bool:
 
 
 def kernel_allowed() -> bool:
-    """False inside torch.func.vmap: the compiled ops have no batching rule, so there the
-    attention ops compute through their pure-PyTorch references, which vmap batches."""
-    if _is_compiling() or not _functorch_active():
-        return True
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        vmap = torch._C._functorch.TransformType.Vmap
-        return not any(i.key() == vmap for i in retrieve_all_functorch_interpreters())
-    except (ImportError, AttributeError):  # a torch without this query: as before
-        return True
+    """False inside a torch.func transform (vmap, grad, vjp, jacrev, ...): the compiled ops
+    have no batching rule and their autograd is C++, which functorch does not run, so there
+    the attention ops compute through their pure-PyTorch references (exact, E x H x C
+    memory), which every transform handles."""
+    return _is_compiling() or not _functorch_active()
 
 
 # The warp-per-row CUDA kernels (GATv2, graph transformer) hold a row's H * C features in one
@@ -207,15 +155,6 @@ def runs_kernel(op: str, device_type: str, H: int = 0, C: int = 0, warp_row: boo
     if warp_row and device_type == "cuda" and not 0 < H * C <= WARP_ROW_MAX_HC:
         return False
     return _backend.runs_kernel(op, device_type) and kernel_allowed()
-
-
-def forward_op(name: str, colptr: torch.Tensor):
-    """How to call torch.ops.neptune.<name>: through an eager Function when backward will
-    run (``colptr`` is the transposed graph then) outside torch.compile, else the op."""
-    fns = _EAGER.get(name)
-    if fns is not None and colptr.numel() > 0 and not _is_compiling():
-        return fns[1].apply if _functorch_active() else fns[0].apply
-    return getattr(torch.ops.neptune, name)
 
 
 # ----------------------------------------------------------------------------
@@ -233,11 +172,14 @@ class AttentionSpec(NamedTuple):
     public: str
 
 
-def register(spec: AttentionSpec) -> None:
-    """Fake kernels, autograd and the eager Function for ``spec``'s compiled op."""
-    fwd_name = f"neptune::{spec.name}_forward"
+_SPECS = {}
 
-    @torch.library.register_fake(fwd_name)
+
+def register(spec: AttentionSpec) -> None:
+    """Fake kernels for ``spec``'s compiled ops, and its differentiable gradients for a
+    backward with ``create_graph=True``. The autograd itself is C++
+    (csrc/graph_attention/attention_autograd.cpp): a training step runs no Python in backward."""
+    @torch.library.register_fake(f"neptune::{spec.name}_forward")
     def _fwd_fake(a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, scalar, dropout, seed):
         shape = spec.out_shape(a, b, c)
         return a.new_empty(shape), a.new_empty(shape[:2], dtype=acc_dtype(a.dtype))
@@ -248,34 +190,24 @@ def register(spec: AttentionSpec) -> None:
         ge = torch.empty_like(edge) if edge is not None else a.new_empty((0,))
         return torch.empty_like(a), torch.empty_like(b), torch.empty_like(c), ge
 
-    def setup_context(ctx, inputs, output):
-        (a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, scalar, dropout, seed) = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.has_edge = edge is not None
-        ctx.scalar, ctx.dropout = scalar, dropout
-        ctx.save_for_backward(a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, out, lse, seed)
+    _SPECS[spec.name] = spec
+    if len(_SPECS) == 1:
+        _LIB.impl("attention_grads_reference", _grads_reference, "CompositeImplicitAutograd")
 
-    def backward(ctx, grad_out, grad_lse):
-        (a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, out, lse, seed) = ctx.saved_tensors
-        if create_graph():  # a double backward: differentiable gradients from the reference
-            src, dst = caller_order_edges(rowptr, col, eid)
-            rows = rowptr.shape[0] - 1
-            s = None if seed is None else int(seed)
-            return differentiable_grads(
-                lambda a_, b_, c_, e_: spec.reference(a_, b_, c_, e_, src, dst, rows, ctx.scalar,
-                                                      ctx.dropout, s),
-                (a, b, c, edge), (0, 1, 2, 9), grad_out, 13)
-        if colptr.numel() != spec.num_src(a, b, c) + 1:
-            raise RuntimeError(f"{fwd_name} was called without the transposed graph, so it cannot "
-                               f"be differentiated; call it through {spec.public}")
-        ga, gb, gc, ge = getattr(torch.ops.neptune, f"{spec.name}_backward")(
-            grad_out.contiguous(), a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, out,
-            lse, ctx.scalar, ctx.dropout, seed)
-        return (ga, gb, gc, None, None, None, None, None, None, ge if ctx.has_edge else None,
-                None, None, None)
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-    _EAGER[f"{spec.name}_forward"] = eager_autograd(
-        getattr(torch.ops.neptune, f"{spec.name}_forward"), setup_context, backward)
+_LIB = torch.library.Library("neptune", "IMPL")
 
+
+def _grads_reference(variant, grad_out, a, b, c, rowptr, col, eid, edge, scalar, dropout, seed):
+    """neptune::attention_grads_reference: [grad_a, grad_b, grad_c, grad_edge] of the
+    variant's reference, differentiable (the C++ autograd calls it inside a backward with
+    create_graph=True); zeros for an input that wants no gradient."""
+    spec = _SPECS[variant]
+    src, dst = caller_order_edges(rowptr, col, eid)
+    rows = rowptr.shape[0] - 1
+    s = None if seed is None else int(seed)
+    grads = differentiable_grads(
+        lambda a_, b_, c_, e_: spec.reference(a_, b_, c_, e_, src, dst, rows, scalar, dropout, s),
+        (a, b, c, edge), (0, 1, 2, 3), grad_out, 4)
+    like = (a, b, c, edge if edge is not None else a.new_zeros(0))
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]

@@ -19,7 +19,7 @@ from .._util import check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
 from . import attention_spec
-from .attention_spec import dropout_and_seed, forward_op, kernel_csc
+from .attention_spec import dropout_and_seed, kernel_csc
 from .graph_attention import check_slope
 
 __all__ = ["gatv2_attention", "gatv2_attention_weights"]
@@ -84,7 +84,7 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
 
     if attention_spec.runs_kernel("gatv2_forward", x_l.device.type, H, C, warp_row=True):
         colptr, csc_row, csc_perm = kernel_csc(graph, x_l, x_r, att, edge_feat)
-        out, lse = forward_op("gatv2_forward", colptr)(
+        out, lse = torch.ops.neptune.gatv2_forward(
             x_l.contiguous(), x_r.contiguous(), att2.contiguous(), graph.rowptr, graph.col, graph.eid,
             colptr, csc_row, csc_perm, None if edge_feat is None else edge_feat.contiguous(),
             float(negative_slope), p, seed)

@@ -18,7 +18,7 @@ from .._util import check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import attention_weights_reference, sparse_graph_attention_reference
 from . import attention_spec
-from .attention_spec import dropout_and_seed, forward_op, kernel_csc
+from .attention_spec import dropout_and_seed, kernel_csc
 
 __all__ = ["sparse_graph_attention", "attention_weights", "check_slope"]
 
@@ -90,7 +90,7 @@ def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: 
 
     if attention_spec.runs_kernel("gat_forward", h.device.type):
         colptr, csc_row, csc_perm = kernel_csc(graph, h, score_src, score_dst, edge_logits)
-        out, lse = forward_op("gat_forward", colptr)(
+        out, lse = torch.ops.neptune.gat_forward(
             h.contiguous(), score_src.contiguous(), score_dst.contiguous(), graph.rowptr,
             graph.col, graph.eid, colptr, csc_row, csc_perm,
             None if edge_logits is None else edge_logits.contiguous(),

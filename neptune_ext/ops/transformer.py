@@ -21,7 +21,7 @@ from .._util import check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 from ..reference import transformer_attention_reference, transformer_attention_weights_reference
 from . import attention_spec
-from .attention_spec import dropout_and_seed, forward_op, kernel_csc
+from .attention_spec import dropout_and_seed, kernel_csc
 
 __all__ = ["transformer_attention", "transformer_attention_weights"]
 
@@ -81,7 +81,7 @@ def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gra
     if attention_spec.runs_kernel("transformer_forward", q.device.type, q.shape[1], q.shape[2],
                                   warp_row=True):
         colptr, csc_row, csc_perm = kernel_csc(graph, q, k, v, edge_feat)
-        out, lse = forward_op("transformer_forward", colptr)(
+        out, lse = torch.ops.neptune.transformer_forward(
             q.contiguous(), k.contiguous(), v.contiguous(), graph.rowptr, graph.col, graph.eid,
             colptr, csc_row, csc_perm, None if edge_feat is None else edge_feat.contiguous(),
             scale, p, seed)
