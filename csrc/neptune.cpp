@@ -75,6 +75,19 @@ TORCH_LIBRARY(neptune, m) {
       "-> (Tensor grad_h, Tensor grad_score_src, Tensor grad_score_dst, "
       "Tensor grad_edge_logits)");
 
+  // GAT with the logit halves computed from h and the attention vectors (see
+  // graph_attention/graph_attention.h: gat_att_forward): the GraphAttention layer's step.
+  m.def(
+      "gat_att_forward(Tensor h, Tensor att_src, Tensor att_dst, Tensor rowptr, Tensor col, "
+      "Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, Tensor? edge_logits, "
+      "float negative_slope, float dropout, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "gat_att_backward(Tensor grad_out, Tensor h, Tensor att_src, Tensor att_dst, "
+      "Tensor rowptr, Tensor col, Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, "
+      "Tensor? edge_logits, Tensor out, Tensor lse, float negative_slope, float dropout, "
+      "Tensor? seed) -> (Tensor grad_h, Tensor grad_att_src, Tensor grad_att_dst, "
+      "Tensor grad_edge_logits)");
+
   // GATv2 attention (see graph_attention/gatv2.h): x_l [N_src, H, C] gathered per
   // edge for both the logit and the sum, x_r [N_dst, H, C], att [H, C], optional
   // edge_feat [E, H, C] in the caller's edge order. rowptr may have more rows than
@@ -147,6 +160,8 @@ TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("build_csc", &neptune::build_csc);
   m.impl("gat_forward", &neptune::gat_forward_cpu);
   m.impl("gat_backward", &neptune::gat_backward_cpu);
+  m.impl("gat_att_forward", &neptune::gat_att_forward);
+  m.impl("gat_att_backward", &neptune::gat_att_backward);
   m.impl("gatv2_forward", &neptune::gatv2_forward_cpu);
   m.impl("gatv2_backward", &neptune::gatv2_backward_cpu);
   m.impl("transformer_forward", &neptune::transformer_forward_cpu);
@@ -162,6 +177,8 @@ TORCH_LIBRARY_IMPL(neptune, CUDA, m) {
   m.impl("build_csc", &neptune::build_csc);
   m.impl("gat_forward", &neptune::gat_forward_cuda);
   m.impl("gat_backward", &neptune::gat_backward_cuda);
+  m.impl("gat_att_forward", &neptune::gat_att_forward);
+  m.impl("gat_att_backward", &neptune::gat_att_backward);
   m.impl("gatv2_forward", &neptune::gatv2_forward_cuda);
   m.impl("gatv2_backward", &neptune::gatv2_backward_cuda);
   m.impl("transformer_forward", &neptune::transformer_forward_cuda);

@@ -18,7 +18,7 @@ from . import _ext
 
 # The ops whose registration decides a family's path (graph build, GAT, GATv2, BN+ReLU,
 # the CUTLASS convolution).
-_FAMILY_OPS = ("build_csr", "gat_forward", "gatv2_forward", "transformer_forward", "bn_relu_forward", "conv_bias_act")
+_FAMILY_OPS = ("build_csr", "gat_forward", "gat_att_forward", "gatv2_forward", "transformer_forward", "bn_relu_forward", "conv_bias_act")
 _KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 

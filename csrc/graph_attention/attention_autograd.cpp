@@ -1,6 +1,7 @@
-// Autograd for every fused attention op (GAT, GATv2, graph transformer), in C++.
+// Autograd for every fused attention op (GAT, GAT with its attention vectors, GATv2,
+// graph transformer), in C++.
 //
-// The three ops share one calling convention (neptune_ext/ops/attention_spec.py):
+// The attention ops share one calling convention (neptune_ext/ops/attention_spec.py):
 //
 //   <name>_forward(a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, scalar,
 //                  dropout, seed) -> (out, lse)
@@ -48,6 +49,11 @@ struct GatVariant {
   static constexpr const char* name = "gat";
   static constexpr int src_input = 0;  // h [N_src, H, C]
   static constexpr const char* entry = "neptune_ext.ops.sparse_graph_attention";
+};
+struct GatAttVariant {
+  static constexpr const char* name = "gat_att";
+  static constexpr int src_input = 0;  // h [N, H, C]
+  static constexpr const char* entry = "neptune_ext.nn.GraphAttention";
 };
 struct Gatv2Variant {
   static constexpr const char* name = "gatv2";
@@ -154,6 +160,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction<V>
 
 TORCH_LIBRARY_IMPL(neptune, Autograd, m) {
   m.impl("gat_forward", &neptune::AttentionFunction<neptune::GatVariant>::apply_op);
+  m.impl("gat_att_forward", &neptune::AttentionFunction<neptune::GatAttVariant>::apply_op);
   m.impl("gatv2_forward", &neptune::AttentionFunction<neptune::Gatv2Variant>::apply_op);
   m.impl("transformer_forward", &neptune::AttentionFunction<neptune::TransformerVariant>::apply_op);
 }

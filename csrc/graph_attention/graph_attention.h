@@ -123,4 +123,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
     const at::Tensor& out, const at::Tensor& lse, double negative_slope,
     double dropout, const std::optional<at::Tensor>& seed);
 
+// GAT with the logit halves <h, att_src>, <h, att_dst> computed inside (gat_att.cpp):
+// sources and destinations are the same N nodes; rowptr may have more than N rows (the
+// phantom row of removed self loops), whose outputs are dropped. Same calling convention
+// as gat_forward/gat_backward with (h, att_src [H, C], att_dst [H, C]); out is [N, H, C],
+// lse keeps every row. Composed from the kernels above: registered for CPU and CUDA.
+std::tuple<at::Tensor, at::Tensor> gat_att_forward(
+    const at::Tensor& h, const at::Tensor& att_src, const at::Tensor& att_dst,
+    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
+    const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
+    const std::optional<at::Tensor>& seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_att_backward(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& att_src,
+    const at::Tensor& att_dst, const at::Tensor& rowptr, const at::Tensor& col,
+    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
+    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
+    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
+    const std::optional<at::Tensor>& seed);
+
 }  // namespace neptune

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from ..ops.attention_spec import dropout_and_seed
-from ..ops.graph_attention import attention_weights, sparse_graph_attention
+from ..ops.graph_attention import (attention_weights, gat_self_attention, gat_self_runs,
+                                   sparse_graph_attention)
 from ._attention import AttentionBase, glorot, linear, autocast_on, head_weights, materialize, reset_linear
 
 Tensor = torch.Tensor
@@ -98,6 +99,20 @@ class GraphAttention(AttentionBase):
             return self.scores_from == "h"
         return x.shape[1] > H * C
 
+    def _edge_logits(self, prepared, edge_attr: Optional[Tensor]) -> Optional[Tensor]:
+        """The edge half of the logits [E', H] in the graph's edge order, or None."""
+        if edge_attr is None or self.lin_edge is None:
+            return None
+        H, C = self.heads, self.out_channels
+        edge_attr = self._edge_attr_2d(edge_attr)
+        materialize(self.lin_edge, edge_attr, "edge_attr")
+        edge_attr = self._edge_attr(prepared, edge_attr)
+        # a_e^T W_e e = (W_e^T a_e)^T e: project the attention vector, not the edges,
+        # so no [E, H, C] tensor is built.
+        if autocast_on(edge_attr.device.type):  # as GATConv: projected edges times att_edge
+            return (self.lin_edge(edge_attr).view(-1, H, C) * self.att_edge).sum(-1)
+        return edge_attr @ head_weights(self.att_edge, self.lin_edge.weight).t()
+
     # ---------------------------------------------------------------- forward
     def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, size=None,
                 return_attention_weights: Optional[bool] = None):
@@ -111,6 +126,17 @@ class GraphAttention(AttentionBase):
             materialize(lin, inp, "x" if same else name)
         res = self.res(x_dst) if (self.res is not None and x_dst is not None) else None
         h_src = lin_src(x_src).view(-1, H, C)
+        if (same and self.lin is not None and not want_alpha and not self._explaining()
+                and gat_self_runs(x_src.device.type)):
+            # One op call: the logit halves <h, att> (as PyG computes them, also under
+            # autocast: h in float32 times float32 att), the phantom row of removed self
+            # loops and the attention vectors' gradients are computed inside it.
+            num_src, num_dst = self._sizes(x_src, x_dst, edge_index, size)
+            prepared = self._prepare(edge_index, num_src, num_dst)
+            out = gat_self_attention(h_src, self.att_src, self.att_dst, prepared.graph,
+                                     self.negative_slope, self._edge_logits(prepared, edge_attr),
+                                     self.dropout, self.training)
+            return self._head(out, res)
         # The attention halves <a, W x> per head. From x as x . (W_head^T a_head): one skinny
         # GEMM [N, F] x [F, 2H], no [N, H, C] temporary - cheaper while x is narrower than h.
         # From h (sum over C of h * a) when x is wider than h (Cora: F = 1433 against
@@ -144,17 +170,7 @@ class GraphAttention(AttentionBase):
         if prepared.add_loops:  # the phantom row that absorbs removed self loops
             score_dst = torch.cat([score_dst, score_dst.new_zeros(1, H)], dim=0)
 
-        edge_logits = None
-        if edge_attr is not None and self.lin_edge is not None:
-            edge_attr = self._edge_attr_2d(edge_attr)
-            materialize(self.lin_edge, edge_attr, "edge_attr")
-            edge_attr = self._edge_attr(prepared, edge_attr)
-            # a_e^T W_e e = (W_e^T a_e)^T e: project the attention vector, not the edges,
-            # so no [E, H, C] tensor is built.
-            if autocast:  # as GATConv: the projected edges (E x H x C) times att_edge
-                edge_logits = (self.lin_edge(edge_attr).view(-1, H, C) * self.att_edge).sum(-1)
-            else:
-                edge_logits = edge_attr @ head_weights(self.att_edge, self.lin_edge.weight).t()
+        edge_logits = self._edge_logits(prepared, edge_attr)
 
         if self._explaining():
             alpha = attention_weights(score_src, score_dst, graph, self.negative_slope, edge_logits,

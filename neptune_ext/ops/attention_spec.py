@@ -17,7 +17,7 @@ variant is then a spec: its name, the shape of ``out``, and its differentiable r
 exact). The autograd is one C++ function for every variant
 (csrc/graph_attention/attention_autograd.cpp): no Python runs in a training step's backward.
 """
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -170,6 +170,7 @@ class AttentionSpec(NamedTuple):
     num_src: Callable
     reference: Callable
     public: str
+    lse_rows: Optional[Callable] = None  # (rowptr) -> rows of lse, when not out's rows
 
 
 _SPECS = {}
@@ -182,7 +183,8 @@ def register(spec: AttentionSpec) -> None:
     @torch.library.register_fake(f"neptune::{spec.name}_forward")
     def _fwd_fake(a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, scalar, dropout, seed):
         shape = spec.out_shape(a, b, c)
-        return a.new_empty(shape), a.new_empty(shape[:2], dtype=acc_dtype(a.dtype))
+        rows = shape[0] if spec.lse_rows is None else spec.lse_rows(rowptr)
+        return a.new_empty(shape), a.new_empty((rows, shape[1]), dtype=acc_dtype(a.dtype))
 
     @torch.library.register_fake(f"neptune::{spec.name}_backward")
     def _bwd_fake(grad_out, a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, out, lse,

@@ -126,5 +126,54 @@ SPEC = attention_spec.AttentionSpec(
         h, ss, sd, src, dst, rows, slope, el, p, seed),
     public="neptune_ext.ops.sparse_graph_attention")
 
+
+
+def gat_self_attention(h: torch.Tensor, att_src: torch.Tensor, att_dst: torch.Tensor, graph: Graph,
+                       negative_slope: float, edge_logits: Optional[torch.Tensor], dropout: float,
+                       training: bool, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The GraphAttention layer's step when sources and destinations are the same N nodes:
+    ``sparse_graph_attention(h, <h, att_src>, <h, att_dst>, graph)[:N]`` in one op call
+    (``neptune::gat_att_forward``; the logit halves, the phantom row of removed self loops
+    and the gradients of ``att_src``/``att_dst`` are computed inside). ``graph`` may have
+    more destination rows than N (their outputs are dropped). Only for inputs the layer
+    built (h from its projection, the graph from its cache): the shapes are its own; the
+    placement is checked. Callers check :func:`gat_self_runs` first."""
+    H, C = h.shape[1], h.shape[2]
+    attention_spec.check_placement(graph, ("x", h), (), ("edge_attr", edge_logits),
+                                   (graph.num_edges, H), dropout)
+    h, att_src, att_dst, edge_logits = promote(h, att_src, att_dst, edge_logits)
+    p, seed = dropout_and_seed(dropout, training, seed)
+    colptr, csc_row, csc_perm = kernel_csc(graph, h, att_src, att_dst, edge_logits)
+    out, _ = torch.ops.neptune.gat_att_forward(
+        h.contiguous(), att_src.reshape(H, C).contiguous(), att_dst.reshape(H, C).contiguous(),
+        graph.rowptr, graph.col, graph.eid, colptr, csc_row, csc_perm,
+        None if edge_logits is None else edge_logits.contiguous(), float(negative_slope), p, seed)
+    return out
+
+
+def gat_self_runs(device_type: str) -> bool:
+    """Whether :func:`gat_self_attention`'s kernel runs here (else the layer takes the
+    general path, which falls back to the reference)."""
+    return attention_spec.runs_kernel("gat_att_forward", device_type)
+
+
+def _gat_self_reference(h, att_src, att_dst, edge_logits, src, dst, rows, slope, p, seed):
+    score_dst = (h * att_dst).sum(-1)
+    if rows > h.shape[0]:
+        score_dst = torch.cat([score_dst, score_dst.new_zeros(rows - h.shape[0], h.shape[1])])
+    out = sparse_graph_attention_reference(h, (h * att_src).sum(-1), score_dst, src, dst, rows,
+                                           slope, edge_logits, p, seed)
+    return out[:h.shape[0]]
+
+
+SELF_SPEC = attention_spec.AttentionSpec(
+    name="gat_att",
+    out_shape=lambda h, a_s, a_d: tuple(h.shape),
+    num_src=lambda h, a_s, a_d: h.shape[0],
+    reference=_gat_self_reference,
+    public="neptune_ext.nn.GraphAttention",
+    lse_rows=lambda rowptr: rowptr.shape[0] - 1)
+
 if _ext._C is not None:
     attention_spec.register(SPEC)
+    attention_spec.register(SELF_SPEC)
