@@ -102,6 +102,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction<V>
     auto [out, lse] = forward_op<V>().call(a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm,
                                            edge, scalar, dropout, seed);
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // no zeros for lse's (absent) gradient
     ctx->save_for_backward({a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm,
                             edge.value_or(Tensor()), out, lse, seed.value_or(Tensor())});
     ctx->saved_data["scalar"] = scalar;
