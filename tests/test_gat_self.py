@@ -106,3 +106,19 @@ def test_bad_shapes_are_clear_errors():
         with pytest.raises(RuntimeError, match="rowptr must have at least"):
             torch.ops.neptune.gat_att_forward(torch.randn(n + 5, 2, 5, dtype=torch.float64), a_s, a_d,
                                               g.rowptr, g.col, g.eid, *g.csc(), el, 0.2, 0.0, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_inputs(device):
+    # h above 2**16 elements: the ATen composition instead of the small-input loops
+    ei, n, _ = random_graph(3000, 3000, 20_000, device)
+    prepared = GATGraph.from_edge_index(ei, n, n, True)
+    h, a_s, a_d, el = inputs(n, prepared.graph.num_edges, 4, 8, device)
+    assert h.numel() > 2**16
+    out = gat_self_attention(h, a_s, a_d, prepared.graph, 0.2, el, 0.0, True)
+    want = reference(h, a_s, a_d, prepared, 0.2, el, 0.0, None)
+    torch.testing.assert_close(out, want)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (h, a_s, a_d, el), go),
+                    torch.autograd.grad(want, (h, a_s, a_d, el), go)):
+        torch.testing.assert_close(a, b)
