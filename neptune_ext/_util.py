@@ -14,10 +14,11 @@ def is_compiling() -> bool:
         return False
 
 
-def check(cond: bool, msg: str) -> None:
-    """ValueError(msg) unless cond: the package's argument checks."""
+def check(cond: bool, msg) -> None:
+    """ValueError(msg) unless cond: the package's argument checks. ``msg`` may be a
+    callable returning the message (hot paths: formatted only when the check fails)."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -31,11 +31,11 @@ from ..graph import Graph
 
 def check_tensors(graph, tensors) -> None:
     """ValueError unless ``graph`` is a Graph and every (name, tensor) a floating-point tensor."""
-    _check(isinstance(graph, Graph), f"graph must be a neptune_ext.Graph, got {type(graph).__name__} "
+    _check(isinstance(graph, Graph), lambda: f"graph must be a neptune_ext.Graph, got {type(graph).__name__} "
            "(build one with Graph.from_edge_index(edge_index))")
     for name, t in tensors:
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.is_floating_point(), f"{name} must be a floating-point tensor, got {t.dtype}")
+        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.is_floating_point(), lambda: f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def check_placement(graph, lead, others, edge, edge_shape, dropout) -> None:
@@ -43,19 +43,19 @@ def check_placement(graph, lead, others, edge, edge_shape, dropout) -> None:
     (name, tensor or None) of shape ``edge_shape`` (E first); dropout in [0, 1)."""
     lead_name, x = lead
     for name, t in others:
-        _check(t.device == x.device, f"{name} is on {t.device} but {lead_name} is on {x.device}")
+        _check(t.device == x.device, lambda: f"{name} is on {t.device} but {lead_name} is on {x.device}")
     _check(graph.device == x.device,
-           f"graph is on {graph.device} but {lead_name} is on {x.device} (use graph.to({str(x.device)!r}))")
+           lambda: f"graph is on {graph.device} but {lead_name} is on {x.device} (use graph.to({str(x.device)!r}))")
     name, t = edge
     if t is not None:
         dims = ", ".join(["E"] + ["H", "C"][:len(edge_shape) - 1])
         _check(isinstance(t, torch.Tensor) and t.is_floating_point(),
-               f"{name} must be a floating-point tensor of shape [{dims}]")
+               lambda: f"{name} must be a floating-point tensor of shape [{dims}]")
         _check(tuple(t.shape) == tuple(edge_shape),
-               f"{name} must have shape [{dims}] = {list(edge_shape)}, got {list(t.shape)}")
-        _check(t.device == x.device, f"{name} is on {t.device} but {lead_name} is on {x.device}")
+               lambda: f"{name} must have shape [{dims}] = {list(edge_shape)}, got {list(t.shape)}")
+        _check(t.device == x.device, lambda: f"{name} is on {t.device} but {lead_name} is on {x.device}")
     _check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
-           f"dropout must be a float in [0, 1), got {dropout!r}")
+           lambda: f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
 # ----------------------------------------------------------------------------

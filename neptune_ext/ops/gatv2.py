@@ -27,15 +27,15 @@ __all__ = ["gatv2_attention", "gatv2_attention_weights"]
 
 def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
     attention_spec.check_tensors(graph, (("x_l", x_l), ("x_r", x_r), ("att", att)))
-    _check(x_l.dim() == 3, f"x_l must have shape [N_src, H, C], got {list(x_l.shape)}")
+    _check(x_l.dim() == 3, lambda: f"x_l must have shape [N_src, H, C], got {list(x_l.shape)}")
     n_src, H, C = x_l.shape
     _check(x_r.dim() == 3 and tuple(x_r.shape[1:]) == (H, C),
-           f"x_r must have shape [N_dst, H, C] with H, C = {H}, {C}, got {list(x_r.shape)}")
+           lambda: f"x_r must have shape [N_dst, H, C] with H, C = {H}, {C}, got {list(x_r.shape)}")
     _check(att.numel() == H * C and att.dim() in (2, 3) and tuple(att.shape[-2:]) == (H, C),
-           f"att must have shape [H, C] or [1, H, C] with H, C = {H}, {C}, got {list(att.shape)}")
-    _check(n_src == graph.num_src, f"x_l has {n_src} source nodes but the graph has num_src = {graph.num_src}")
+           lambda: f"att must have shape [H, C] or [1, H, C] with H, C = {H}, {C}, got {list(att.shape)}")
+    _check(n_src == graph.num_src, lambda: f"x_l has {n_src} source nodes but the graph has num_src = {graph.num_src}")
     _check(x_r.shape[0] <= graph.num_dst,
-           f"x_r has {x_r.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
+           lambda: f"x_r has {x_r.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
     attention_spec.check_placement(graph, ("x_l", x_l), (("x_r", x_r), ("att", att)),
                                    ("edge_feat", edge_feat), (graph.num_edges, H, C), dropout)
     check_slope(negative_slope)

@@ -27,21 +27,21 @@ def check_slope(negative_slope) -> None:
     """ValueError unless ``negative_slope`` is a finite real number."""
     _check(isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool)
            and math.isfinite(negative_slope),
-           f"negative_slope must be a finite float, got {negative_slope!r}")
+           lambda: f"negative_slope must be a finite float, got {negative_slope!r}")
 
 
 def _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout):
     attention_spec.check_tensors(graph, (("h", h), ("score_src", score_src), ("score_dst", score_dst)))
-    _check(h.dim() == 3, f"h must have shape [N_src, H, C], got {list(h.shape)}")
+    _check(h.dim() == 3, lambda: f"h must have shape [N_src, H, C], got {list(h.shape)}")
     n_src, H, _ = h.shape
     _check(score_src.shape == (n_src, H),
-           f"score_src must have shape [N_src, H] = [{n_src}, {H}], got {list(score_src.shape)}")
+           lambda: f"score_src must have shape [N_src, H] = [{n_src}, {H}], got {list(score_src.shape)}")
     _check(score_dst.dim() == 2 and score_dst.shape[1] == H,
-           f"score_dst must have shape [N_dst, H] with H = {H}, got {list(score_dst.shape)}")
+           lambda: f"score_dst must have shape [N_dst, H] with H = {H}, got {list(score_dst.shape)}")
     _check(n_src == graph.num_src,
-           f"h has {n_src} source nodes but the graph has num_src = {graph.num_src}")
+           lambda: f"h has {n_src} source nodes but the graph has num_src = {graph.num_src}")
     _check(score_dst.shape[0] == graph.num_dst,
-           f"score_dst has {score_dst.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
+           lambda: f"score_dst has {score_dst.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
     attention_spec.check_placement(graph, ("h", h), (("score_src", score_src), ("score_dst", score_dst)),
                                    ("edge_logits", edge_logits), (graph.num_edges, H), dropout)
     check_slope(negative_slope)

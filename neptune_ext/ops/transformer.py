@@ -28,18 +28,18 @@ __all__ = ["transformer_attention", "transformer_attention_weights"]
 
 def _validate(q, k, v, graph, scale, edge_feat, dropout):
     attention_spec.check_tensors(graph, (("q", q), ("k", k), ("v", v)))
-    _check(q.dim() == 3 and q.shape[2] > 0, f"q must have shape [N_dst, H, C] with C > 0, got {list(q.shape)}")
+    _check(q.dim() == 3 and q.shape[2] > 0, lambda: f"q must have shape [N_dst, H, C] with C > 0, got {list(q.shape)}")
     H, C = q.shape[1], q.shape[2]
     _check(k.dim() == 3 and tuple(k.shape[1:]) == (H, C),
-           f"k must have shape [N_src, H, C] with H, C = {H}, {C}, got {list(k.shape)}")
-    _check(tuple(v.shape) == tuple(k.shape), f"v must have the shape of k, {list(k.shape)}, got {list(v.shape)}")
-    _check(k.shape[0] == graph.num_src, f"k has {k.shape[0]} source nodes but the graph has num_src = {graph.num_src}")
+           lambda: f"k must have shape [N_src, H, C] with H, C = {H}, {C}, got {list(k.shape)}")
+    _check(tuple(v.shape) == tuple(k.shape), lambda: f"v must have the shape of k, {list(k.shape)}, got {list(v.shape)}")
+    _check(k.shape[0] == graph.num_src, lambda: f"k has {k.shape[0]} source nodes but the graph has num_src = {graph.num_src}")
     _check(q.shape[0] == graph.num_dst,
-           f"q has {q.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
+           lambda: f"q has {q.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
     attention_spec.check_placement(graph, ("q", q), (("k", k), ("v", v)), ("edge_feat", edge_feat),
                                    (graph.num_edges, H, C), dropout)
     _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                             and math.isfinite(scale)), f"scale must be None or a finite float, got {scale!r}")
+                             and math.isfinite(scale)), lambda: f"scale must be None or a finite float, got {scale!r}")
 
 
 def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, graph: Graph,
