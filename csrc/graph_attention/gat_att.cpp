@@ -14,11 +14,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -31,36 +33,45 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Small inputs on the CPU take plain loops instead of a chain of ATen calls: there each
-// ATen call's dispatch costs more than its arithmetic. Larger ones take ATen's (parallel)
-// kernels. Both sum in a fixed order: the results do not depend on the thread count.
-constexpr int64_t kSmall = 1 << 16;  // elements of h
+// On the CPU the logit halves and their gradients are direct loops, parallel over fixed
+// blocks of nodes (a chain of ATen calls costs more in dispatch than in arithmetic on small
+// graphs, and its reductions over [N, H, C] run well below memory speed on large ones).
+// Sums over nodes go block by block in a fixed order: results do not depend on the thread
+// count. On other devices, ATen calls.
+constexpr int64_t kBlock = 1024;  // nodes per block
 
-bool small_cpu(const Tensor& h) { return h.device().is_cpu() && h.numel() <= kSmall; }
+template <typename scalar_t>
+void scores_cpu(const Tensor& h, const Tensor& att, Tensor& s, int64_t rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = h.size(0), H = h.size(1), C = h.size(2);
+  const scalar_t* hp = h.const_data_ptr<scalar_t>();
+  const scalar_t* ap = att.const_data_ptr<scalar_t>();
+  scalar_t* sp = s.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, N, kBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < H; ++k) {
+        const scalar_t* hv = hp + (n * H + k) * C;
+        const scalar_t* av = ap + k * C;
+        acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < C; ++c) acc += static_cast<acc_t>(hv[c]) * static_cast<acc_t>(av[c]);
+        sp[n * H + k] = static_cast<scalar_t>(acc);
+      }
+  });
+  for (int64_t x = N * H; x < rows * H; ++x) sp[x] = scalar_t(0);
+}
 
 // The logit halves [rows, H]: <h[n], att> for the N nodes, zeros for rows beyond N.
 Tensor scores(const Tensor& h, const Tensor& att, int64_t rows) {
   const int64_t N = h.size(0), H = h.size(1), C = h.size(2);
-  if (!small_cpu(h)) {
+  if (!h.device().is_cpu()) {
     Tensor s = at::sum(h * att.unsqueeze(0), {-1});
     if (rows == N) return s;
     return at::cat({s, at::zeros({rows - N, H}, s.options())});
   }
   Tensor s = at::empty({rows, H}, h.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_att_scores", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const scalar_t* ap = att.const_data_ptr<scalar_t>();
-    scalar_t* sp = s.mutable_data_ptr<scalar_t>();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < H; ++k) {
-        acc_t acc = 0;
-        for (int64_t c = 0; c < C; ++c)
-          acc += static_cast<acc_t>(hp[(n * H + k) * C + c]) * static_cast<acc_t>(ap[k * C + c]);
-        sp[n * H + k] = static_cast<scalar_t>(acc);
-      }
-    for (int64_t x = N * H; x < rows * H; ++x) sp[x] = scalar_t(0);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_att_scores",
+                                  [&] { scores_cpu<scalar_t>(h, att, s, rows); });
   return s;
 }
 
@@ -69,7 +80,7 @@ Tensor pad_rows(const Tensor& x, int64_t rows) {
   if (rows == x.size(0)) return x;
   auto shape = x.sizes().vec();
   shape[0] = rows - x.size(0);
-  if (!small_cpu(x)) return at::cat({x, at::zeros(shape, x.options())});
+  if (!x.device().is_cpu()) return at::cat({x, at::zeros(shape, x.options())});
   shape[0] = rows;
   Tensor out = at::empty(shape, x.options());
   const int64_t bytes = x.numel() * x.element_size();
@@ -78,44 +89,71 @@ Tensor pad_rows(const Tensor& x, int64_t rows) {
   return out;
 }
 
+template <typename scalar_t>
+void score_grads_cpu(Tensor& grad_h, const Tensor& h, const Tensor& gss, const Tensor& gsd,
+                     const Tensor& att_src, const Tensor& att_dst, Tensor& ga_src, Tensor& ga_dst) {
+  const int64_t N = h.size(0), H = h.size(1), C = h.size(2), HC = H * C;
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* hp = h.const_data_ptr<scalar_t>();
+  const scalar_t* gs = gss.const_data_ptr<scalar_t>();
+  const scalar_t* gd = gsd.const_data_ptr<scalar_t>();
+  const scalar_t* as = att_src.const_data_ptr<scalar_t>();
+  const scalar_t* ad = att_dst.const_data_ptr<scalar_t>();
+  scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
+  std::vector<acc_t> part(blocks * 2 * HC, acc_t(0));  // per block: sum for att_src, att_dst
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> a_s(HC), a_d(HC);
+    for (int64_t x = 0; x < HC; ++x) a_s[x] = as[x], a_d[x] = ad[x];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      acc_t* ps = part.data() + blk * 2 * HC;
+      acc_t* pd = ps + HC;
+      for (int64_t n = blk * kBlock; n < std::min(N, (blk + 1) * kBlock); ++n)
+        for (int64_t k = 0; k < H; ++k) {
+          const acc_t s = gs[n * H + k], d = gd[n * H + k];
+          scalar_t* g = gh + (n * H + k) * C;
+          const scalar_t* hv = hp + (n * H + k) * C;
+          const acc_t* vs = a_s.data() + k * C;
+          const acc_t* vd = a_d.data() + k * C;
+          acc_t* qs = ps + k * C;
+          acc_t* qd = pd + k * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t hc = static_cast<acc_t>(hv[c]);
+            g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) + s * vs[c] + d * vd[c]);
+            qs[c] += s * hc;
+            qd[c] += d * hc;
+          }
+        }
+    }
+  });
+  scalar_t* os = ga_src.mutable_data_ptr<scalar_t>();
+  scalar_t* od = ga_dst.mutable_data_ptr<scalar_t>();
+  for (int64_t x = 0; x < HC; ++x) {
+    acc_t s = 0, d = 0;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      s += part[blk * 2 * HC + x];
+      d += part[blk * 2 * HC + HC + x];
+    }
+    os[x] = static_cast<scalar_t>(s);
+    od[x] = static_cast<scalar_t>(d);
+  }
+}
+
 // The logit halves' share of the gradients: grad_h += gss att_src + gsd att_dst (in place;
 // grad_h is the kernel's fresh output), grad_att_src = sum_n gss[n] h[n], grad_att_dst
 // likewise with gsd (gss, gsd: [N, H], the first N rows).
 std::tuple<Tensor, Tensor> add_score_grads(Tensor& grad_h, const Tensor& h, const Tensor& gss,
                                            const Tensor& gsd, const Tensor& att_src,
                                            const Tensor& att_dst) {
-  if (!small_cpu(h)) {
+  if (!h.device().is_cpu()) {
     grad_h.add_(gss.unsqueeze(-1) * att_src.unsqueeze(0)).add_(gsd.unsqueeze(-1) * att_dst.unsqueeze(0));
     return {at::sum(gss.unsqueeze(-1) * h, {0}), at::sum(gsd.unsqueeze(-1) * h, {0})};
   }
-  const int64_t N = h.size(0), H = h.size(1), C = h.size(2);
+  const int64_t H = h.size(1), C = h.size(2);
   Tensor ga_src = at::empty({H, C}, h.options()), ga_dst = at::empty({H, C}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_att_grads", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const scalar_t* gs = gss.const_data_ptr<scalar_t>();
-    const scalar_t* gd = gsd.const_data_ptr<scalar_t>();
-    const scalar_t* as = att_src.const_data_ptr<scalar_t>();
-    const scalar_t* ad = att_dst.const_data_ptr<scalar_t>();
-    scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
-    std::vector<acc_t> acc_s(H * C, acc_t(0)), acc_d(H * C, acc_t(0));
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < H; ++k) {
-        const acc_t s = gs[n * H + k], d = gd[n * H + k];
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t x = (n * H + k) * C + c;
-          gh[x] = static_cast<scalar_t>(static_cast<acc_t>(gh[x]) + s * static_cast<acc_t>(as[k * C + c]) +
-                                        d * static_cast<acc_t>(ad[k * C + c]));
-          acc_s[k * C + c] += s * static_cast<acc_t>(hp[x]);
-          acc_d[k * C + c] += d * static_cast<acc_t>(hp[x]);
-        }
-      }
-    scalar_t* os = ga_src.mutable_data_ptr<scalar_t>();
-    scalar_t* od = ga_dst.mutable_data_ptr<scalar_t>();
-    for (int64_t x = 0; x < H * C; ++x) {
-      os[x] = static_cast<scalar_t>(acc_s[x]);
-      od[x] = static_cast<scalar_t>(acc_d[x]);
-    }
+    score_grads_cpu<scalar_t>(grad_h, h, gss, gsd, att_src, att_dst, ga_src, ga_dst);
   });
   return {ga_src, ga_dst};
 }
@@ -181,11 +219,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gat_att_backward(
   TORCH_CHECK(grad_out.sizes() == h.sizes() && out.sizes() == h.sizes(),
               "neptune::gat_att_backward: grad_out and out must be [N, H, C] like h, got ",
               grad_out.sizes(), " and ", out.sizes());
-  // The phantom rows' outputs were dropped: zero gradient, and D = <0, out> = 0 there.
-  auto [gh, gss, gsd, gel] = gat_backward_op().call(
-      pad_rows(grad_out.contiguous(), rows), h, scores(h, att_src, n), scores(h, att_dst, rows),
-      rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits, pad_rows(out, rows), lse,
-      negative_slope, dropout, seed);
+  // The phantom rows' outputs were dropped: they get no gradient. The CPU kernel takes
+  // grad_out and out as they are (rows from N on: none); elsewhere they are padded with zeros
+  // (D = <0, out> = 0 there).
+  Tensor gh, gss, gsd, gel;
+  if (h.device().is_cpu()) {
+    const Tensor ss = scores(h, att_src, n), sd = scores(h, att_dst, rows);
+    // gat_backward's entry checks, but for out's rows (gat_backward_cpu_rows checks those)
+    check_gat_inputs(h, ss, sd, rowptr, col, eid, edge_logits, negative_slope, dropout);
+    check_csr(rowptr, col, eid, n, rows, "neptune::gat_att_backward");
+    check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, n, rows, "neptune::gat_att_backward");
+    TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == h.size(1) &&
+                    lse.scalar_type() == acc_dtype(h.scalar_type()) && lse.is_contiguous() &&
+                    out.scalar_type() == h.scalar_type() && out.is_contiguous() &&
+                    grad_out.scalar_type() == h.scalar_type(),
+                "neptune::gat_att_backward: lse must be [rows, H] in ", acc_dtype(h.scalar_type()),
+                " and out, grad_out contiguous in the dtype of h");
+    std::tie(gh, gss, gsd, gel) = gat_backward_cpu_rows(
+        grad_out.contiguous(), h, ss, sd, rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits,
+        out, lse, negative_slope, dropout, seed);
+  } else {
+    std::tie(gh, gss, gsd, gel) = gat_backward_op().call(
+        pad_rows(grad_out.contiguous(), rows), h, scores(h, att_src, n), scores(h, att_dst, rows),
+        rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits, pad_rows(out, rows), lse,
+        negative_slope, dropout, seed);
+  }
   // d<h, att>/dh = att, d<h, att>/datt = h.
   auto [grad_att_src, grad_att_dst] = add_score_grads(gh, h, gss, gsd.narrow(0, 0, n), att_src, att_dst);
   return {gh, grad_att_src, grad_att_dst, gel};

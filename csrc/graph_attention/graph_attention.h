@@ -123,6 +123,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
     const at::Tensor& out, const at::Tensor& lse, double negative_slope,
     double dropout, const std::optional<at::Tensor>& seed);
 
+// gat_backward_cpu for inputs checked by the caller, where grad_out and out may have fewer
+// rows (n) than the graph: rows from n on get no gradient (gat_att's phantom row).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu_rows(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
+    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
+    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
+    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
+    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
+    const std::optional<at::Tensor>& seed);
+
 // GAT with the logit halves <h, att_src>, <h, att_dst> computed inside (gat_att.cpp):
 // sources and destinations are the same N nodes; rowptr may have more than N rows (the
 // phantom row of removed self loops), whose outputs are dropped. Same calling convention

@@ -111,7 +111,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
                      const at::Tensor& csc_perm_t, const std::optional<at::Tensor>& el_t,
                      const at::Tensor& out_t, const at::Tensor& lse_t, double slope_d,
                      double p_d, uint64_t seed, at::Tensor& gh_t, at::Tensor& gss_t,
-                     at::Tensor& gsd_t, at::Tensor& gel_t) {
+                     at::Tensor& gsd_t, at::Tensor& gel_t, int64_t n_go) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_src = h_t.size(0), n_dst = sd_t.size(0), H = h_t.size(1),
                 C = h_t.size(2), HC = H * C, E = col_t.size(0);
@@ -147,6 +147,16 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
   at::parallel_for(0, n_dst, grain_for(n_dst, E, HC), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> D(H), g_sd(H), base(H);
     for (int64_t i = begin; i < end; ++i) {
+      if (i >= n_go) {  // a row without gradient (grad_out has n_go rows): nothing flows back
+        for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e)
+          for (int64_t k = 0; k < H; ++k) {
+            ds[e * H + k] = 0;
+            ap[e * H + k] = 0;
+            if (gel) gel[eid[e] * H + k] = scalar_t(0);
+          }
+        for (int64_t k = 0; k < H; ++k) gsd[i * H + k] = scalar_t(0);
+        continue;
+      }
       const scalar_t* goi = go + i * HC;
       const scalar_t* oi = out + i * HC;
       for (int64_t k = 0; k < H; ++k) {
@@ -263,6 +273,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, h.size(0), score_dst.size(0),
             "neptune::gat_backward");
   check_gat_backward_tensors(grad_out, out, lse, h, score_dst.size(0));
+  return gat_backward_cpu_rows(grad_out, h, score_src, score_dst, rowptr, col, eid, colptr, csc_row,
+                               csc_perm, edge_logits, out, lse, negative_slope, dropout, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu_rows(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
+    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
+    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
+    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
+    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
+    const std::optional<at::Tensor>& seed) {
+  const int64_t n_go = grad_out.size(0);
+  TORCH_CHECK(n_go <= score_dst.size(0) && out.size(0) == n_go,
+              "neptune::gat_backward: grad_out and out must have the same rows, at most N_dst");
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gh = at::empty_like(h);
   at::Tensor gss = at::empty_like(score_src);
@@ -274,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
       backward_kernel<scalar_t, index_t>(go, h, score_src, score_dst, rowptr, col, eid, colptr,
                                          csc_row, csc_perm, edge_logits, out.contiguous(),
                                          lse.contiguous(), negative_slope, dropout,
-                                         seed_value(seed, dropout), gh, gss, gsd, gel);
+                                         seed_value(seed, dropout), gh, gss, gsd, gel, n_go);
     });
   });
   return {gh, gss, gsd, gel};
