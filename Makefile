@@ -46,14 +46,15 @@ neptune_ext/.built: $(VENV)/.editable $(SOURCES)
 build: neptune_ext/.built
 
 demo: build
-	$(PY) -m neptune_ext.demo
+	$(PY) -m neptune_app.demo
 
 test: build
 	$(PY) -m pytest -q tests
 
 # API reference from the docstrings (pdoc) into docs/api; `make test` checks that it builds.
-DOC_MODULES := neptune_ext neptune_ext.graph neptune_ext.models neptune_ext.reference \
-	neptune_ext.reference_stage neptune_ext.data neptune_ext.train neptune_ext.cli
+# The library (neptune_ext), then the application built on it (neptune_app).
+DOC_MODULES := neptune_ext neptune_ext.graph neptune_ext.reference neptune_ext.reference_stage \
+	neptune_app.models neptune_app.data neptune_app.train neptune_app.cli
 docs: build
 	$(PY) -m pdoc -o docs/api $(DOC_MODULES)
 	@echo "API reference: docs/api/index.html"
@@ -61,7 +62,7 @@ docs: build
 bench: build
 	$(PY) benchmarks/bench_graph_attention.py --what op,layer,gatv2
 	$(PY) benchmarks/bench_stage.py
-	$(PY) -m neptune_ext.bench.stage_cpu --models resnet18,mobilenet_v2 --repeats 7
+	$(PY) -m neptune_app.bench.stage_cpu --models resnet18,mobilenet_v2 --repeats 7
 
 gpu-check:
 	bash scripts/gpu_check.sh

@@ -1,4 +1,4 @@
-"""Stage benchmarks on the CPU (see neptune_ext/bench/stage.py for what and how).
+"""Stage benchmarks on the CPU (see neptune_app/bench/stage.py for what and how).
 
     python benchmarks/bench_stage.py [--quick] [--json FILE] [--threads N] [--only SECTIONS]
 """
@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neptune_ext.bench.stage import main  # noqa: E402
+from neptune_app.bench.stage import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neptune_ext.bench.common import alternate, git_commit, machine, median_ms  # noqa: E402
+from neptune_app.bench.common import alternate, git_commit, machine, median_ms  # noqa: E402
 from neptune_ext.nn import GraphAttention  # noqa: E402
 
 N, E, F, H, C = 2708, 10556, 1433, 8, 8  # Cora's sizes, 8 heads x 8 channels

@@ -1,10 +1,10 @@
-"""Runs neptune_ext/bench/gpu_graph_attention.py (see its docstring): `python benchmarks/gpu_graph_attention.py --help`."""
+"""Runs neptune_app/bench/gpu_graph_attention.py (see its docstring): `python benchmarks/gpu_graph_attention.py --help`."""
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neptune_ext.bench.gpu_graph_attention import main  # noqa: E402
+from neptune_app.bench.gpu_graph_attention import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

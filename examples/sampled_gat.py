@@ -4,16 +4,16 @@
     torchrun --nproc_per_node=2 examples/sampled_gat.py --epochs 3     # DistributedDataParallel
     python examples/sampled_gat.py --data my_graph.pt --device cuda --amp bf16
 
-`--help` lists every option; the module neptune_ext.sampled has the details.
+`--help` lists every option; the module neptune_app.sampled has the details.
 """
 import os
 import sys
 
-from neptune_ext.sampled import main
+from neptune_app.sampled import main
 
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a finished torchrun worker (see neptune_ext/__main__.py)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a finished torchrun worker (see neptune_app/__main__.py)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -146,8 +146,8 @@ fi
 if want usergraphs; then
   for amp in none bf16; do
     AMP=(); [ "$amp" = bf16 ] && AMP=(--amp bf16)
-    step usergraphs "benchmark (neptune_ext.bench.user_graphs --device cuda ${AMP[*]})" "$OUT/user_graphs.log" \
-      "$PY" -m neptune_ext.bench.user_graphs --device cuda "${AMP[@]}" --json "$OUT/user_graphs_$amp.json"
+    step usergraphs "benchmark (neptune_app.bench.user_graphs --device cuda ${AMP[*]})" "$OUT/user_graphs.log" \
+      "$PY" -m neptune_app.bench.user_graphs --device cuda "${AMP[@]}" --json "$OUT/user_graphs_$amp.json"
   done
 fi
 
@@ -170,13 +170,13 @@ fi
 #    fused vs eager (--layers), training steps with memory (a Stage stack, ResNet-18);
 #    cnnbench50: ResNet-50 inference.
 if want cnnbench; then
-  step cnnbench "benchmark (neptune_ext.bench.gpu_cnn --device cuda --models resnet18 --layers)" "$OUT/cnn_bench.log" \
-    "$PY" -m neptune_ext.bench.gpu_cnn --device cuda --models resnet18 --layers --json "$OUT/cnn_bench_resnet18.json"
+  step cnnbench "benchmark (neptune_app.bench.gpu_cnn --device cuda --models resnet18 --layers)" "$OUT/cnn_bench.log" \
+    "$PY" -m neptune_app.bench.gpu_cnn --device cuda --models resnet18 --layers --json "$OUT/cnn_bench_resnet18.json"
   grep -A7 "^resnet\|^training" "$OUT/cnn_bench.log" 2>/dev/null >>"$SUMMARY"
 fi
 if want cnnbench50; then
-  step cnnbench50 "benchmark (neptune_ext.bench.gpu_cnn --device cuda --models resnet50 --no-training)" "$OUT/cnn_bench50.log" \
-    "$PY" -m neptune_ext.bench.gpu_cnn --device cuda --models resnet50 --no-training --json "$OUT/cnn_bench_resnet50.json"
+  step cnnbench50 "benchmark (neptune_app.bench.gpu_cnn --device cuda --models resnet50 --no-training)" "$OUT/cnn_bench50.log" \
+    "$PY" -m neptune_app.bench.gpu_cnn --device cuda --models resnet50 --no-training --json "$OUT/cnn_bench_resnet50.json"
   grep -A7 "^resnet" "$OUT/cnn_bench50.log" 2>/dev/null >>"$SUMMARY"
 fi
 

@@ -7,7 +7,7 @@ pytest.importorskip("torchvision")
 
 
 def test_gpu_cnn_benchmark_smoke_run_on_cpu(tmp_path, capsys):
-    from neptune_ext.bench import gpu_cnn
+    from neptune_app.bench import gpu_cnn
     out = tmp_path / "cnn.json"
     gpu_cnn.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "32",
                   "--rounds", "1", "--reps", "1", "--no-compile", "--json", str(out)])
@@ -28,14 +28,14 @@ def test_gpu_cnn_benchmark_smoke_run_on_cpu(tmp_path, capsys):
 
 
 def test_gpu_cnn_benchmark_rejects_bad_arguments(capsys):
-    from neptune_ext.bench import gpu_cnn
+    from neptune_app.bench import gpu_cnn
     with pytest.raises(SystemExit):
         gpu_cnn.main(["--device", "cpu", "--precisions", "fp8"])
     assert "--precisions: unknown ['fp8']" in capsys.readouterr().err
 
 
 def test_gpu_cnn_layer_benchmark_smoke_run_on_cpu(tmp_path):
-    from neptune_ext.bench import gpu_cnn
+    from neptune_app.bench import gpu_cnn
     out = tmp_path / "layers.json"
     gpu_cnn.main(["--device", "cpu", "--models", "resnet18", "--batch", "1", "--size", "32",
                   "--rounds", "1", "--reps", "1", "--no-compile", "--no-training",

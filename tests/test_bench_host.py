@@ -1,10 +1,10 @@
-"""neptune_ext.bench.host runs and records (a smoke test: nothing here is timed or judged
+"""neptune_app.bench.host runs and records (a smoke test: nothing here is timed or judged
 by speed; the op counts are deterministic and checked for sanity only)."""
 import json
 
 import pytest
 
-from neptune_ext.bench import host
+from neptune_app.bench import host
 
 
 def test_host_bench_records_time_and_op_calls(tmp_path, capsys):

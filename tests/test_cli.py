@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def neptune(*args, check=True):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "neptune_ext.cli", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "neptune_app.cli", *args], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"neptune {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
@@ -25,7 +25,7 @@ def neptune(*args, check=True):
 
 def digit_png(path, index=0, size=40):
     """A digit from the embedded set, drawn dark-on-light and enlarged (like a scan)."""
-    from neptune_ext.data import _digits
+    from neptune_app.data import _digits
     _, test = _digits()
     img = (255 - test.images[index, 0].numpy().astype(np.float32) * 255 / 16).astype(np.uint8)
     PIL.fromarray(img).resize((size, size)).save(path)
@@ -57,7 +57,7 @@ def test_eval_and_predict(trained, tmp_path):
     ev = neptune("eval", "--checkpoint", str(out / "checkpoint.pt"), "--json", str(tmp_path / "e.json"))
     assert "test accuracy" in ev.stdout
     e = json.loads((tmp_path / "e.json").read_text())
-    from neptune_ext.data import _digits
+    from neptune_app.data import _digits
     n_test = len(_digits()[1])
     assert e["images"] == n_test and 0.0 <= e["test_accuracy"] <= 1.0  # the full digits test split
     assert sum(m["support"] for m in e["per_class"].values()) == n_test
@@ -215,7 +215,7 @@ def test_bad_arguments_are_one_line_and_exit_2(args, match, tmp_path, trained):
 
 
 def test_eval_on_a_folder_with_a_subset_of_the_classes_maps_labels_by_name(tmp_path, trained):
-    from neptune_ext.data import _digits
+    from neptune_app.data import _digits
     _, test = _digits()
     root = tmp_path / "subset"
     for c in ("3", "7"):
@@ -236,7 +236,7 @@ def test_eval_on_a_folder_with_a_subset_of_the_classes_maps_labels_by_name(tmp_p
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory):
     """A digits model trained for 10 epochs on the whole set (about 15 s)."""
-    from neptune_ext.train import train
+    from neptune_app.train import train
     out = tmp_path_factory.mktemp("digits10")
     torch.set_num_threads(2)
     train("digits", str(out), epochs=10, progress=False)
@@ -244,7 +244,7 @@ def digits_model(tmp_path_factory):
 
 
 def test_rendered_digits_are_read_like_the_training_digits(digits_model):
-    from neptune_ext.bench.drawn_digits import evaluate, find_fonts
+    from neptune_app.bench.drawn_digits import evaluate, find_fonts
     if not find_fonts():
         pytest.skip("no TrueType fonts on this machine")
     with_pre = evaluate(str(digits_model), preprocess=True)
@@ -258,7 +258,7 @@ def test_rendered_digits_are_read_like_the_training_digits(digits_model):
 
 
 def test_predict_topk_json_and_empty_images(digits_model, tmp_path):
-    from neptune_ext.bench.drawn_digits import find_fonts, render_digit
+    from neptune_app.bench.drawn_digits import find_fonts, render_digit
     fonts = find_fonts()
     render_digit(4, fonts[0] if fonts else None, 120, 0.06, 0.15, True).save(tmp_path / "four.png")
     PIL.new("L", (90, 60), 250).save(tmp_path / "blank.png")
@@ -286,7 +286,7 @@ def colour_folder(root, per_class, size, seed):
 
 
 def test_ema_warms_up_from_the_live_weights():
-    from neptune_ext.train import EMA
+    from neptune_app.train import EMA
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.98)
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -320,7 +320,7 @@ def test_cli_conventions(trained, tmp_path):
     helptext = neptune("train", "--help").stdout
     assert "(default: 64)" in helptext and "(default: 0.003)" in helptext and "(default: 0)" in helptext
     env = dict(os.environ, PYTHONPATH=ROOT)
-    mod = subprocess.run([sys.executable, "-m", "neptune_ext", "info", "--json"], capture_output=True,
+    mod = subprocess.run([sys.executable, "-m", "neptune_app", "info", "--json"], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=300)
     assert mod.returncode == 0 and json.loads(mod.stdout)["neptune_ext"] == __version__
     # A finished run is not overwritten by accident.
@@ -369,14 +369,14 @@ def test_mixed_precision_training_on_the_cpu(tmp_path):
 
 def test_help_and_version_do_not_import_torch():
     env = dict(os.environ, PYTHONPATH=ROOT)
-    code = ("import sys, neptune_cli\n"
-            "try:\n    neptune_cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys, neptune_app.cli\n"
+            "try:\n    neptune_app.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
-    import neptune_cli
-    from neptune_ext.data import DATASETS
-    assert neptune_cli.DATASETS == DATASETS
+    from neptune_app import options
+    from neptune_app.data import DATASETS
+    assert options.DATASETS == DATASETS
 
 
 def test_workers_give_the_same_run_for_any_number_of_processes(tmp_path):

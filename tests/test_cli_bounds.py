@@ -1,6 +1,6 @@
 """The `neptune` command under interrupts and hostile arguments (issue 20, items 9 and 10):
 every file is written atomically, bad bounds and crafted checkpoints are one line and exit
-2 before any work. The command runs in this process (neptune_cli.main) on tiny data."""
+2 before any work. The command runs in this process (neptune_app.cli.main) on tiny data."""
 import json
 import os
 import types
@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-import neptune_cli
-from neptune_ext import _io
+import neptune_app.cli
+from neptune_app import _io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "digits", "--limit", "32", "--batch-size", "32", "--no-progress"]
@@ -19,7 +19,7 @@ def neptune(capsys, *args):
     """(exit status, stdout, stderr) of `neptune ARGS`, run in this process."""
     capsys.readouterr()
     try:
-        code = neptune_cli.main([str(a) for a in args])
+        code = neptune_app.cli.main([str(a) for a in args])
     except SystemExit as exc:  # argparse: bad arguments
         code = exc.code
     out, err = capsys.readouterr()
@@ -37,7 +37,7 @@ def one_line_error(code, out, err, match):
 def base_run(tmp_path_factory):
     """A 1-epoch run of 32 digits (about a second): checkpoint, metrics and plots."""
     out = tmp_path_factory.mktemp("base")
-    code = neptune_cli.main(["-q", "train", "--out", str(out), "--epochs", "1", *TINY])
+    code = neptune_app.cli.main(["-q", "train", "--out", str(out), "--epochs", "1", *TINY])
     assert code == 0
     return out
 
@@ -114,9 +114,9 @@ def test_ctrl_c_during_a_write_keeps_the_last_complete_epoch(victim, base_run, t
 def test_every_file_the_commands_write_goes_through_the_atomic_helper():
     """No plain writes left in the modules that write the commands' files."""
     import re
-    files = ["neptune_ext/cli.py", "neptune_ext/train.py", "neptune_ext/sampled.py", "neptune_cli.py",
-             "examples/sampled_gat.py", "neptune_ext/bench/suite.py", "neptune_ext/bench/common.py",
-             "neptune_ext/bench/scaling.py", "neptune_ext/bench/drawn_digits.py"]
+    files = ["neptune_app/cli.py", "neptune_app/train.py", "neptune_app/sampled.py", "neptune_app/options.py",
+             "examples/sampled_gat.py", "neptune_app/bench/suite.py", "neptune_app/bench/common.py",
+             "neptune_app/bench/scaling.py", "neptune_app/bench/drawn_digits.py"]
     plain = re.compile(r"open\([^)]*['\"][wa]b?['\"]|torch\.save\(|\.savefig\(|json\.dump\(")
     for f in files:
         with open(os.path.join(ROOT, f)) as fh:
@@ -147,7 +147,7 @@ def test_train_bounds_are_one_line_and_exit_2(args, match, tmp_path, capsys):
 
 def test_train_help_states_the_bounds(capsys):
     with pytest.raises(SystemExit):
-        neptune_cli.main(["train", "--help"])
+        neptune_app.cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for words in ("1 to 512", "0 to 32", "at most 1", "0 to 4294967295"):
         assert words in text, words

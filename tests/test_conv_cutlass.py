@@ -116,7 +116,7 @@ def test_fused_resnet_takes_the_cutlass_path_when_asked(monkeypatch):
     torchvision = pytest.importorskip("torchvision")
     if not stage_eval.cutlass_built():
         pytest.skip("this build has no CUTLASS kernels")
-    from neptune_ext.bench.stage import randomize_bn
+    from neptune_app.bench.stage import randomize_bn
     monkeypatch.setenv("NEPTUNE_STAGE_CUTLASS", "1")
     model = randomize_bn(torchvision.models.resnet18()).cuda().eval().to(memory_format=torch.channels_last)
     fused = neptune_ext.fuse_stages(copy.deepcopy(model)).half()

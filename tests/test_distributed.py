@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node=2 -m neptune_ext train ...`: data-parallel training with gloo on the
+"""`torchrun --nproc_per_node=2 -m neptune_app train ...`: data-parallel training with gloo on the
 CPU: rank 0 alone writes, the ranks end bit-identical, accuracy close to one process, resumable."""
 import json
 import os
@@ -21,7 +21,7 @@ def _run(cmd, out):
 
 def torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-            "-m", "neptune_ext", *args]
+            "-m", "neptune_app", *args]
 
 
 def test_two_process_training_matches_one_process(tmp_path):
@@ -31,7 +31,7 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert "2 processes (32 images each per step)" in p.stdout
     assert "weights and EMA bit-identical on every rank" in p.stdout
     assert p.stdout.count("epoch 8/8:") == 1  # rank 0 alone reports
-    _run([sys.executable, "-m", "neptune_ext", *ARGS, "--batch-size", "64", "--out", str(single)], single)
+    _run([sys.executable, "-m", "neptune_app", *ARGS, "--batch-size", "64", "--out", str(single)], single)
     m_ddp = json.loads((ddp / "metrics.json").read_text())
     m_one = json.loads((single / "metrics.json").read_text())
     assert m_ddp["test_accuracy"] >= 0.85 and m_one["test_accuracy"] >= 0.85

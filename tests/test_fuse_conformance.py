@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neptune_ext
-from neptune_ext.bench.stage import randomize_bn
+from neptune_app.bench.stage import randomize_bn
 
 C = 4
 

@@ -12,7 +12,7 @@ from neptune_ext.ops import stage as stage_ops
 
 torchvision = pytest.importorskip("torchvision")
 
-from neptune_ext.bench.stage import randomize_bn  # noqa: E402  (shared with the benchmark)
+from neptune_app.bench.stage import randomize_bn  # noqa: E402  (shared with the benchmark)
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 

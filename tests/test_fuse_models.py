@@ -17,7 +17,7 @@ from neptune_ext.nn.stage import (FusedBatchNorm2d, FusedConv2d, FusedHardswish,
 
 torchvision = pytest.importorskip("torchvision")
 
-from neptune_ext.bench.stage import randomize_bn  # noqa: E402
+from neptune_app.bench.stage import randomize_bn  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 
@@ -303,7 +303,7 @@ def test_stage_paths_tell_how_each_fused_conv_ran():
 
 
 def test_default_keeps_conv_outputs_and_matches_eager_memory_efficient_saves_less():
-    from neptune_ext.bench.stage import saved_bytes
+    from neptune_app.bench.stage import saved_bytes
     model = randomize_bn(torchvision.models.resnet18(num_classes=10)).double().train()
     lean = neptune_ext.fuse_stages(model, memory_efficient=True)
     fast = neptune_ext.fuse_stages(model)  # the default

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_results  # noqa: E402
 import sanitizer_case  # noqa: E402
-from neptune_ext.bench import gpu_graph_attention as gga  # noqa: E402
+from neptune_app.bench import gpu_graph_attention as gga  # noqa: E402
 
 
 def test_gpu_check_dry_run_lists_every_step_with_its_budget(tmp_path):

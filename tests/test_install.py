@@ -66,7 +66,7 @@ def _copy_tree(src):
     """A clone of this checkout with its working tree as it is (uncommitted changes included),
     without build outputs."""
     subprocess.run(["git", "clone", "-q", ROOT, str(src)], check=True)
-    for rel in ("setup.py", "pyproject.toml", "MANIFEST.in", "neptune_cli.py", "build_backend", "neptune_ext",
+    for rel in ("setup.py", "pyproject.toml", "MANIFEST.in", "build_backend", "neptune_ext", "neptune_app",
                 "csrc"):
         s, d = os.path.join(ROOT, rel), os.path.join(src, rel)
         if os.path.isdir(s):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from neptune_ext.models import Neptune, batch_graph, knn_edges, spatial_edges
+from neptune_app.models import Neptune, batch_graph, knn_edges, spatial_edges
 
 
 @pytest.mark.parametrize("in_channels,image_size", [(1, 8), (1, 28), (3, 32), (3, 16), (1, 64)])
@@ -85,7 +85,7 @@ def test_prebuilt_graph_equals_gatconv_self_loops():
     # Neptune hands its blocks a Graph with the self loops appended; that must be the same
     # computation as passing the raw edges and letting the layer add the loops.
     from neptune_ext import Graph
-    from neptune_ext.models.neptune import GraphBlock
+    from neptune_app.models.neptune import GraphBlock
     block = GraphBlock(16, 4).double()
     n = 20
     x = torch.randn(n, 16, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Sampled mini-batch training (neptune_ext.sampled, examples/sampled_gat.py): the sampler's
+"""Sampled mini-batch training (neptune_app.sampled, examples/sampled_gat.py): the sampler's
 subgraphs, one process, and two gloo processes under torchrun."""
 import json
 import os
@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from neptune_ext.sampled import NeighborSampler, synthetic_graph, train_sampled
+from neptune_app.sampled import NeighborSampler, synthetic_graph, train_sampled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "sampled_gat.py")
@@ -84,7 +84,7 @@ def test_user_graphs_benchmark_runs(tmp_path):
     """The user-sized benchmark's machinery (one round of the Cora-sized case, no compile)."""
     import pytest
     pytest.importorskip("torch_geometric")
-    from neptune_ext.bench import user_graphs
+    from neptune_app.bench import user_graphs
     rep = user_graphs.main(["--cases", "cora", "--rounds", "1", "--no-compile", "--json", str(tmp_path / "u.json")])
     r = rep["results"][0]
     assert r["case"] == "cora" and r["median_ms"]["neptune_ext"] > 0 and r["median_ms"]["pyg"] > 0
@@ -102,7 +102,7 @@ def _tiny_graph():
 
 def _sampled(capsys, *args):
     """(exit status, stdout, stderr) of examples/sampled_gat.py ARGS, run in this process."""
-    from neptune_ext.sampled import main
+    from neptune_app.sampled import main
     capsys.readouterr()
     try:
         code = main([str(a) for a in args])
@@ -215,7 +215,7 @@ def test_bad_arguments_are_one_line_and_exit_2(args, words, tmp_path, capsys):
 
 def test_sampled_metrics_survive_ctrl_c(tmp_path, capsys, monkeypatch):
     """sampled_metrics.json is written atomically: an interrupted write keeps the last one."""
-    from neptune_ext import _io
+    from neptune_app import _io
     args = ["--nodes", "40", "--edges", "100", "--out", tmp_path, *TINY_RUN]
     assert _sampled(capsys, *args)[0] == 0
     before = (tmp_path / "sampled_metrics.json").read_bytes()

@@ -317,7 +317,7 @@ def test_copy_and_pickle_after_packing():
         torch.save(stage.state_dict(), buf)
 
 
-from neptune_ext.bench.stage import randomize_bn, saved_bytes  # noqa: E402  (shared with the benchmark)
+from neptune_app.bench.stage import randomize_bn, saved_bytes  # noqa: E402  (shared with the benchmark)
 
 
 def test_stage_stack_saves_at_most_0_6x_eager_activation_memory():

@@ -233,7 +233,7 @@ def test_residual_block_training_saves_less_than_eager():
     anyway), not the conv output: the fused block saves less than eager's."""
     torchvision = pytest.importorskip("torchvision")
     import neptune_ext
-    from neptune_ext.bench.stage import saved_bytes
+    from neptune_app.bench.stage import saved_bytes
     torch.manual_seed(0)
     block = torchvision.models.resnet.BasicBlock(16, 16).train()
     fused = neptune_ext.fuse_stages(block, memory_efficient=True)

@@ -2,7 +2,7 @@
 GraphAttention layer vs PyG's GATConv, GraphAttentionV2 vs GATv2Conv and
 GraphTransformer vs TransformerConv, forward + backward, on a power-law graph.
 
-    python -m neptune_ext.bench.graph_attention [--quick] [--what op,layer,gatv2,transformer]
+    python -m neptune_app.bench.graph_attention [--quick] [--what op,layer,gatv2,transformer]
                                                 [--edge-dim D] [--json FILE]
 
 ``--edge-dim D`` gives the GraphTransformer/TransformerConv pair D edge features per edge.
@@ -136,7 +136,7 @@ def run_benchmark(nodes=100_000, edges=1_000_000, heads=4, channels=32, in_chann
     if memory and device == "cpu":
         for n in names:
             print(f"  measuring peak memory of {n} in its own process", file=sys.stderr, flush=True)
-            r = common.run_isolated("neptune_ext.bench.graph_attention",
+            r = common.run_isolated("neptune_app.bench.graph_attention",
                                     ["--_memory", n, "--nodes", str(nodes), "--edges", str(edges),
                                      "--heads", str(heads), "--channels", str(channels),
                                      "--in-channels", str(in_channels), "--edge-dim", str(edge_dim)])

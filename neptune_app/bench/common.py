@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 from .. import _io
-from .._backend import force_reference  # noqa: F401  (re-exported for the benchmarks)
+from neptune_ext._backend import force_reference  # noqa: F401  (re-exported for the benchmarks)
 from .._util import git_commit  # noqa: F401  (re-exported for the benchmarks)
 
 

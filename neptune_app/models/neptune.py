@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..graph import Graph
-from ..nn import GraphAttention, Stage
+from neptune_ext.graph import Graph
+from neptune_ext.nn import GraphAttention, Stage
 
 
 def spatial_edges(h: int, w: int, device=None) -> torch.Tensor:

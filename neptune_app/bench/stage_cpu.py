@@ -2,7 +2,7 @@
 input (what torchvision's transforms give) and channels_last input, at batch 1 and 8;
 optionally bf16 autocast and a ResNet-18 training step.
 
-    python -m neptune_ext.bench.stage_cpu [--models resnet18,mobilenet_v2] [--batches 1,8]
+    python -m neptune_app.bench.stage_cpu [--models resnet18,mobilenet_v2] [--batches 1,8]
         [--repeats 7] [--image-size 224] [--autocast] [--train] [--json FILE]
 
 Contenders: eager, torch.fx BN folding (``torch.fx.experimental.optimization.fuse``) and

@@ -9,15 +9,15 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from neptune_cli import MAX_IMAGE_SIZE, MAX_LR, MAX_SEED, MAX_WORKERS
+from neptune_ext import __version__, _ext
 
-from . import _ext, distributed
+from . import distributed
+from .options import MAX_IMAGE_SIZE, MAX_LR, MAX_SEED, MAX_WORKERS
 from ._io import save_torch, write_json
 from ._util import git_commit, one_line
 from .metrics import confusion_matrix, evaluate, per_class_metrics, save_plots
 from .checkpoint import (_check_same_setup, _config_vs_weights, _is_int, _is_number, _load_weights,
                          _read_checkpoint, check_checkpoint, model_config)
-from ._version import __version__
 from .data import DatasetError, ImageData, load, normalize, read_drawn_digit, read_image
 
 try:
@@ -437,7 +437,7 @@ def predict(paths: List[str], checkpoint: str, device: str = "cpu", topk: int = 
     probability, topk [(class, probability), ...] and, when empty, the reason.
 
     For models trained on digits (light strokes on dark, cropped to the ink) an image is
-    first made to look like one (:func:`neptune_ext.data.read_drawn_digit`); other models
+    first made to look like one (:func:`neptune_app.data.read_drawn_digit`); other models
     see the whole image resized. ``preprocess=False`` resizes the whole image always."""
     dev = torch.device(device)
     model, ck = load_checkpoint(checkpoint, dev)

@@ -1,4 +1,4 @@
-"""`python -m neptune_ext ...` is the `neptune` command (also under torchrun)."""
+"""`python -m neptune_app ...` is the `neptune` command (also under torchrun)."""
 import os
 import sys
 

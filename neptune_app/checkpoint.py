@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from neptune_cli import MAX_IMAGE_SIZE
+from .options import MAX_IMAGE_SIZE
 
 from ._util import one_line
 from .data import DatasetError

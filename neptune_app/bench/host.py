@@ -7,7 +7,7 @@ nodes), a Cora-sized one, and a mini-batch-sized graph with a fresh ``edge_index
 step (the sampled-training path: the graph is built each step). The graph is otherwise
 cached (the same ``edge_index`` tensor every step), as in full-batch training.
 
-    python -m neptune_ext.bench.host [--json benchmarks/results/cpu-<date>-host.json]
+    python -m neptune_app.bench.host [--json benchmarks/results/cpu-<date>-host.json]
 """
 import argparse
 import datetime
@@ -43,7 +43,7 @@ KINDS = ("gat", "gatv2", "transformer")
 
 
 def _layers(kind):
-    from ..nn import GraphAttention, GraphAttentionV2, GraphTransformer
+    from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
     ours = {"gat": GraphAttention, "gatv2": GraphAttentionV2, "transformer": GraphTransformer}[kind]
     theirs = None
     try:

@@ -1,7 +1,7 @@
 """GraphAttention where users train: small static graphs and sampled mini-batches, forward +
 backward per step, against PyG's GATConv eager and compiled (torch.compile), on CPU or CUDA.
 
-    python -m neptune_ext.bench.user_graphs [--cases cora,pubmed,minibatch] [--device cuda]
+    python -m neptune_app.bench.user_graphs [--cases cora,pubmed,minibatch] [--device cuda]
                                             [--amp bf16] [--rounds 9] [--json FILE]
 
 Cases (random graphs with the sizes of the named data sets):
@@ -58,7 +58,7 @@ def _step_fn(layer, x, graphs, device, amp):
 def run_case(name, device="cpu", amp=None, rounds=9, compiled=True, out=sys.stdout):
     from torch_geometric.nn import GATConv
 
-    from ..nn import GraphAttention
+    from neptune_ext.nn import GraphAttention
     case = CASES[name]
     torch.manual_seed(0)
     x = torch.randn(case["n"], case["fin"], device=device)  # input features: no gradient

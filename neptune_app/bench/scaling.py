@@ -60,7 +60,7 @@ def scaling_plot(path: str, device: str = "cpu", quick: bool = False) -> dict:
                 out[n].append({"edges": E, "skipped": "would not fit in memory"})
                 continue
             print(f"  scaling: {CONTENDERS[n]} at {E:,} edges", file=sys.stderr, flush=True)
-            r = common.run_isolated("neptune_ext.bench.scaling", ["--_point", n, str(E), device])
+            r = common.run_isolated("neptune_app.bench.scaling", ["--_point", n, str(E), device])
             if "error" in r:
                 out[n].append({"edges": E, "error": r["error"]})
                 break

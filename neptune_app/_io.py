@@ -1,6 +1,6 @@
 """Writing files so that an interrupted write never destroys the previous version.
 
-Every file the `neptune` command and `neptune_ext.sampled` write (checkpoints, metrics JSON,
+Every file the `neptune` command and `neptune_app.sampled` write (checkpoints, metrics JSON,
 plots) goes through :func:`atomic_write`: the bytes go to a temporary file in the target's
 folder, are flushed to disk, and only then replace the target with one ``os.replace``. Ctrl-C
 (or any exception) before that leaves the old file as it was and removes the temporary one;

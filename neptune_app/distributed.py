@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun: one process per GPU (or CPU process with gloo).
 
-`torchrun --nproc_per_node=N -m neptune_ext train ...` sets RANK, WORLD_SIZE and LOCAL_RANK;
+`torchrun --nproc_per_node=N -m neptune_app train ...` sets RANK, WORLD_SIZE and LOCAL_RANK;
 :func:`init` joins the process group (NCCL for CUDA, gloo for the CPU) and gives each rank its
 device. Without those variables everything here is a no-op for one process.
 """

@@ -1,10 +1,10 @@
 """Digits drawn with fonts: how `neptune predict` does on images a person makes.
 
-    python -m neptune_ext.bench.drawn_digits --checkpoint runs/demo/checkpoint.pt [--json FILE]
+    python -m neptune_app.bench.drawn_digits --checkpoint runs/demo/checkpoint.pt [--json FILE]
 
 Renders the digits 0-9 with every TrueType font found (DejaVu by default), at two canvas
 sizes, two stroke widths, two margins and both polarities (dark ink on light paper and the
-reverse), and reports the accuracy of `neptune_ext.train.predict` with the preprocessing it
+reverse), and reports the accuracy of `neptune_app.train.predict` with the preprocessing it
 applies (ink found, cropped, squared, centred, resized the way the training images look)
 and without it (the whole image resized).
 """

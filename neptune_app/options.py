@@ -1,17 +1,18 @@
 """The `neptune` command's arguments, parsed without importing torch.
 
-This top-level module is what the `neptune` script runs: `--help`, `--version` and bad
-arguments are answered at once (importing `neptune_ext` loads torch, about 1.5 s); the
-work itself is done by :func:`neptune_ext.cli.run`.
+:func:`neptune_app.cli.main` (the `neptune` script) parses with :func:`build_parser` first, so
+`--help`, `--version` and bad arguments are answered at once (importing torch takes about
+1.5 s); the work itself is done by :func:`neptune_app.cli.run`. This module imports nothing
+from the application or the library.
 """
 import argparse
 import math
 
-# The data sets `neptune train --dataset` accepts (neptune_ext.data.DATASETS; a test keeps
+# The data sets `neptune train --dataset` accepts (neptune_app.data.DATASETS; a test keeps
 # the two equal).
 DATASETS = ("digits", "mnist", "cifar10", "folder")
 
-# Bounds of `neptune train`'s arguments (stated in --help; neptune_ext.train and the
+# Bounds of `neptune train`'s arguments (stated in --help; neptune_app.train and the
 # checkpoint reader apply the same ones).
 MAX_IMAGE_SIZE = 512      # --image-size: a folder's images are held in memory at this size
 MAX_WORKERS = 32          # --workers: loader processes (any N >= 1 gives the same run)
@@ -29,14 +30,16 @@ USAGE = """The neptune command: train, eval, predict, bench, info.
 
 
 def _version() -> str:
-    """The installed version, read without importing the package."""
+    """The library's version, read without importing it (importing it loads torch)."""
+    import importlib.util
     import os
     import re
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "neptune_ext", "_version.py")
     try:
+        spec = importlib.util.find_spec("neptune_ext")  # finds the package, runs none of it
+        here = os.path.join(os.path.dirname(spec.origin), "_version.py")
         with open(here) as f:
             return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError, ImportError, ValueError):
         from importlib.metadata import version
         return version("neptune_ext")
 
@@ -173,17 +176,3 @@ def build_parser() -> argparse.ArgumentParser:
                        description="What was built and what will run (and why kernels are missing).")
     i.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p
-
-
-
-
-def main(argv=None) -> int:
-    """The `neptune` script: parse (no torch yet), then run."""
-    args = build_parser().parse_args(argv)
-    from neptune_ext.cli import run
-    return run(args)
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Stage benchmarks on the CPU: ResNet-18 inference, a single Stage, a training Stage stack.
 
     python benchmarks/bench_stage.py [--quick] [--json FILE] [--threads N] [--only SECTIONS]
-    (or python -m neptune_ext.bench.stage; `neptune bench` runs it too)
+    (or python -m neptune_app.bench.stage; `neptune bench` runs it too)
 
 Contenders run alternately (A B C A B C ...) so drift in machine load hits all of
 them alike; we report medians and ratios. Not a test: nothing here asserts speed.
@@ -25,7 +25,7 @@ from torch import nn
 import neptune_ext
 from .._util import git_commit
 import neptune_ext.info
-from neptune_ext.bench.common import cpu_name, write_json
+from .common import cpu_name, write_json
 from neptune_ext.nn import Stage
 
 
@@ -270,7 +270,7 @@ def main(argv=None):
 
 
 def run(device: str = "cpu", quick: bool = False) -> dict:
-    """The Stage section of `neptune bench` (CPU; the GPU one is neptune_ext/bench/gpu_stage.py)."""
+    """The Stage section of `neptune bench` (CPU; the GPU one is neptune_app/bench/gpu_stage.py)."""
     if device != "cpu":
         print("(the GPU Stage benchmark is benchmarks/gpu_stage.py, run by scripts/gpu_check.sh)")
         return {}

@@ -1,5 +1,8 @@
 """The `neptune` command: train, eval, predict, bench, info.
 
+:func:`main` is the `neptune` script (and `python -m neptune_app`): it parses the arguments
+first, without importing torch (:mod:`neptune_app.options`), then :func:`run` does the work.
+
     neptune train --dataset digits --out runs/digits
     neptune eval --checkpoint runs/digits/checkpoint.pt
     neptune predict my_digit.png --checkpoint runs/digits/checkpoint.pt
@@ -10,15 +13,14 @@ import json
 import os
 import sys
 
-from neptune_cli import build_parser
-
 from ._io import out_dir_problem, write_json
 from ._util import internal_error, one_line
-from .data import DatasetError
+from .options import build_parser
 
 
 def _check_out_dir(path: str) -> None:
     """The output folder exists (or can be made) and is writable: checked before any work."""
+    from .data import DatasetError
     problem = out_dir_problem(path, "--out")
     if problem:
         raise DatasetError(problem)
@@ -26,6 +28,7 @@ def _check_out_dir(path: str) -> None:
 
 def _check_out_file(path: str, flag: str) -> None:
     """`path` can be written (checked before any work, so no result is lost at the end)."""
+    from .data import DatasetError
     if os.path.isdir(path):
         raise DatasetError(f"{flag} {path!r} is a folder, not a file")
     parent = os.path.dirname(os.path.abspath(path))
@@ -36,12 +39,15 @@ def _check_out_file(path: str, flag: str) -> None:
 
 
 def main(argv=None) -> int:
-    """`python -m neptune_ext` / `python -m neptune_ext.cli`: parse and run."""
+    """The `neptune` script, `python -m neptune_app`: parse (no torch yet), then run."""
     return run(build_parser().parse_args(argv))
 
 
 def run(args) -> int:
+    """Do what the parsed arguments ask; the exit status (2: a bad input, said in one line)."""
     import warnings
+
+    from .data import DatasetError
     if not args.verbose:  # other libraries' deprecation notices are not the user's business
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -88,7 +94,7 @@ def run(args) -> int:
             from .bench.suite import run_suite
             run_suite(args.device, args.quick, args.json, args.plot)
         elif args.command == "info":
-            from .info import info, info_dict
+            from neptune_ext.info import info, info_dict
             if args.json:
                 print(json.dumps(info_dict(), indent=2))
             else:

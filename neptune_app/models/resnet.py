@@ -1,7 +1,7 @@
 """torchvision's ResNet-18 with every Conv2d->BatchNorm2d(->ReLU) chain fused."""
 import torch.nn as nn
 
-from ..nn.fuse import fuse_stages
+from neptune_ext.nn import fuse_stages
 
 
 def resnet18_fused(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:

@@ -1,6 +1,6 @@
 """Whole CNNs with fuse_stages against eager, torch.fx BN folding and torch.compile.
 
-    python -m neptune_ext.bench.gpu_cnn [--device cuda] [--models resnet18,resnet50]
+    python -m neptune_app.bench.gpu_cnn [--device cuda] [--models resnet18,resnet50]
         [--batch 64] [--size 224] [--rounds 7] [--reps 10] [--no-compile] [--json FILE]
 
 Inference (eval, no autograd, channels_last), for each model and each precision —
@@ -39,7 +39,7 @@ from torch import nn
 import neptune_ext
 from .common import git_commit, machine, write_json
 from .stage import randomize_bn
-from ..ops.stage_eval import cutlass_built
+from neptune_ext.ops.stage_eval import cutlass_built
 
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 
@@ -88,7 +88,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def bench_inference(name: str, args) -> dict:
     import torchvision
     from torch.fx.experimental.optimization import fuse as fx_fuse
-    from ..ops.stage_eval import eval_path_counts, reset_eval_path_counts
+    from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
 
     dev = args.device
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def bench_layers(name: str, args) -> dict:
     fused call of ours (cuDNN's, and CUTLASS's where built) against eager's conv + BN + ReLU
     (+ add), with TFLOP/s against the device's measured matmul rate."""
     import torchvision
-    from ..ops import stage_eval
+    from neptune_ext.ops import stage_eval
     dev, dtype = args.device, torch.bfloat16
     model = getattr(torchvision.models, name)()
     peak = tensor_core_tflops(dev, dtype) if dev == "cuda" else None
