@@ -78,7 +78,8 @@ def _copy_tree(src):
 
 
 def _env(**kw):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEPTUNE_")}
+    # no PYTHONPATH: a checkout on it would shadow the copy installed into the fresh venv
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEPTUNE_") and k != "PYTHONPATH"}
     env.update(kw)
     return env
 
@@ -120,6 +121,14 @@ def test_pip_install_isolated_builds_against_the_target_torch_and_says_why_cpu_o
     d = json.loads(info.stdout)
     assert d["extension_loaded"] and d["compiled_backends"] == ["cpu"]
     assert "built for the CPU only" in d["build_note"] and "not a CUDA toolkit" in d["build_note"]
+    # the application is installed beside the library, with its embedded data set and the script
+    app = subprocess.run([py, "-c", "import importlib.resources as r, neptune_app.cli; "
+                          "assert (r.files('neptune_app') / 'data' / 'digits.npz').is_file()"],
+                         capture_output=True, text=True, cwd=str(tmp_path), env=_env(), timeout=300)
+    assert app.returncode == 0, app.stderr
+    version = subprocess.run([os.path.join(os.path.dirname(py), "neptune"), "--version"], capture_output=True,
+                             text=True, cwd=str(tmp_path), env=_env(), timeout=300)
+    assert version.returncode == 0 and version.stdout.startswith("neptune_ext "), version.stdout + version.stderr
 
 
 @pytest.mark.slow
