@@ -34,13 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .options import MAX_LR, MAX_SEED, Formatter, OneLineParser, int_in, positive_float
+from neptune_ext.nn import GraphAttention
 
 from . import distributed
 from ._io import out_dir_problem, write_json
 from ._util import internal_error, one_line
+from .options import MAX_LR, MAX_SEED, Formatter, OneLineParser, int_in, positive_float
 from .sampled_data import MAX_CLASSES, SampledError, _as_graph  # noqa: F401 (re-exported)
-from neptune_ext.nn import GraphAttention
 
 __all__ = ["synthetic_graph", "NeighborSampler", "GATStack", "train_sampled", "main"]
 

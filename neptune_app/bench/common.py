@@ -10,8 +10,9 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from .. import _io
 from neptune_ext._backend import force_reference  # noqa: F401  (re-exported for the benchmarks)
+
+from .. import _io
 from .._util import git_commit  # noqa: F401  (re-exported for the benchmarks)
 
 

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 import neptune_ext
+from neptune_ext.ops.stage_eval import cutlass_built
+
 from .common import git_commit, machine, write_json
 from .stage import randomize_bn
-from neptune_ext.ops.stage_eval import cutlass_built
 
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 import neptune_ext
-from .._util import git_commit
 import neptune_ext.info
-from .common import cpu_name, write_json
 from neptune_ext.nn import Stage
+
+from .._util import git_commit
+from .common import cpu_name, write_json
 
 
 def loadavg() -> str:

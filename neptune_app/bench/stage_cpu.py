@@ -25,6 +25,7 @@ from torch import nn
 
 import neptune_ext
 import neptune_ext.info
+
 from .._util import git_commit
 from .common import cpu_name, write_json
 from .stage import loadavg, randomize_bn, rel_err, saved_bytes
