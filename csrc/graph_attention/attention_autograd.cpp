@@ -45,39 +45,28 @@ using ReferenceSig = std::vector<Tensor>(c10::string_view, const Tensor&, const 
 
 // A variant: its op family, which of (a, b, c) holds the source nodes (the transposed
 // graph has one column per source), and the Python function users call.
-struct GatVariant {
-  static constexpr const char* name = "gat";
-  static constexpr int src_input = 0;  // h [N_src, H, C]
-  static constexpr const char* entry = "neptune_ext.ops.sparse_graph_attention";
+struct Variant {
+  const char* name;
+  int src_input;
+  const char* entry;
 };
-struct GatAttVariant {
-  static constexpr const char* name = "gat_att";
-  static constexpr int src_input = 0;  // h [N, H, C]
-  static constexpr const char* entry = "neptune_ext.nn.GraphAttention";
-};
-struct Gatv2Variant {
-  static constexpr const char* name = "gatv2";
-  static constexpr int src_input = 0;  // x_l [N_src, H, C]
-  static constexpr const char* entry = "neptune_ext.ops.gatv2_attention";
-};
-struct TransformerVariant {
-  static constexpr const char* name = "transformer";
-  static constexpr int src_input = 1;  // k [N_src, H, C]
-  static constexpr const char* entry = "neptune_ext.ops.transformer_attention";
-};
+constexpr Variant kGat{"gat", 0, "neptune_ext.ops.sparse_graph_attention"};           // h
+constexpr Variant kGatAtt{"gat_att", 0, "neptune_ext.nn.GraphAttention"};             // h
+constexpr Variant kGatv2{"gatv2", 0, "neptune_ext.ops.gatv2_attention"};              // x_l
+constexpr Variant kTransformer{"transformer", 1, "neptune_ext.ops.transformer_attention"};  // k
 
-template <typename V>
+template <const Variant& V>
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow((std::string("neptune::") + V::name + "_forward").c_str(), "")
+                             .findSchemaOrThrow((std::string("neptune::") + V.name + "_forward").c_str(), "")
                              .template typed<ForwardSig>();
   return op;
 }
 
-template <typename V>
+template <const Variant& V>
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow((std::string("neptune::") + V::name + "_backward").c_str(), "")
+                             .findSchemaOrThrow((std::string("neptune::") + V.name + "_backward").c_str(), "")
                              .template typed<BackwardSig>();
   return op;
 }
@@ -91,7 +80,7 @@ const c10::TypedOperatorHandle<ReferenceSig>& reference_op() {
 
 inline OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-template <typename V>
+template <const Variant& V>
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction<V>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& a, const Tensor& b,
                                const Tensor& c, const Tensor& rowptr, const Tensor& col,
@@ -122,17 +111,17 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction<V>
     Tensor ga, gb, gc, ge;
     if (at::GradMode::is_enabled()) {
       // create_graph=True: gradients that are themselves differentiable, from the reference.
-      const auto g = reference_op().call(V::name, grad_out, a, b, c, rowptr, col, eid,
+      const auto g = reference_op().call(V.name, grad_out, a, b, c, rowptr, col, eid,
                                          optional(edge), scalar, dropout, optional(seed));
       TORCH_CHECK(g.size() == 4, "neptune::attention_grads_reference returned ", g.size(),
                   " gradients, expected 4");
       ga = g[0], gb = g[1], gc = g[2], ge = g[3];
     } else {
-      const Tensor& src = V::src_input == 0 ? a : b;
-      TORCH_SYM_CHECK(colptr.sym_numel().sym_eq(src.sym_size(0) + 1), "neptune::", V::name,
+      const Tensor& src = V.src_input == 0 ? a : b;
+      TORCH_SYM_CHECK(colptr.sym_numel().sym_eq(src.sym_size(0) + 1), "neptune::", V.name,
                   "_forward was called without the transposed graph, so it cannot be "
                   "differentiated; call it through ",
-                  V::entry);
+                  V.entry);
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(ga, gb, gc, ge) =
           backward_op<V>().call(grad_out, a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm,
@@ -160,8 +149,8 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction<V>
 }  // namespace neptune
 
 TORCH_LIBRARY_IMPL(neptune, Autograd, m) {
-  m.impl("gat_forward", &neptune::AttentionFunction<neptune::GatVariant>::apply_op);
-  m.impl("gat_att_forward", &neptune::AttentionFunction<neptune::GatAttVariant>::apply_op);
-  m.impl("gatv2_forward", &neptune::AttentionFunction<neptune::Gatv2Variant>::apply_op);
-  m.impl("transformer_forward", &neptune::AttentionFunction<neptune::TransformerVariant>::apply_op);
+  m.impl("gat_forward", &neptune::AttentionFunction<neptune::kGat>::apply_op);
+  m.impl("gat_att_forward", &neptune::AttentionFunction<neptune::kGatAtt>::apply_op);
+  m.impl("gatv2_forward", &neptune::AttentionFunction<neptune::kGatv2>::apply_op);
+  m.impl("transformer_forward", &neptune::AttentionFunction<neptune::kTransformer>::apply_op);
 }
