@@ -369,3 +369,16 @@ def test_meta_device_gives_shapes(cls):
     x, ei = torch.randn(10, 8, device="meta"), torch.randint(0, 10, (2, 40)).to("meta")
     m = cls(8, 4, heads=2, edge_dim=3).to("meta")
     assert m(x, ei, torch.randn(40, 3, device="meta")).shape == (10, 8)
+
+
+def test_dropout_seed_refused_while_a_cuda_graph_is_captured(monkeypatch):
+    # The rule itself (the capture runs in tests/test_attention_cuda_capture.py on a GPU): a
+    # seed drawn during capture would be baked into the graph, one mask for every replay.
+    from neptune_ext.ops.attention_spec import dropout_and_seed
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(ValueError, match="CUDA graph capture"):
+        dropout_and_seed(0.5, True, None, "cuda")
+    assert dropout_and_seed(0.5, True, None, "cpu")[0] == 0.5  # not a CUDA tensor: no capture
+    assert dropout_and_seed(0.5, False, None, "cuda") == (0.0, None)  # eval: no dropout
+    seed = torch.tensor(7)
+    assert dropout_and_seed(0.5, True, seed, "cuda") == (0.5, seed)  # the caller's seed

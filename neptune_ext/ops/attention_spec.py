@@ -66,13 +66,24 @@ def _new_seed() -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-def dropout_and_seed(dropout, training: bool, seed):
+def dropout_and_seed(dropout, training: bool, seed, device=None):
     """(p, seed) for an attention op: p = dropout when training, else 0; with p > 0 a seed
-    (drawn when none is given, checked otherwise); without dropout no seed."""
+    (drawn when none is given, checked otherwise); without dropout no seed.
+
+    A seed drawn while a CUDA graph is being captured (``device`` on CUDA) would be baked
+    into the graph, and every replay would drop the same edges: that is refused with a
+    ValueError (pass ``seed``, a fresh CPU tensor filled before each replay, or capture in
+    eval mode)."""
     p = float(dropout) if training else 0.0
     if p == 0.0:
         return 0.0, None
     if seed is None:
+        if (device is not None and torch.device(device).type == "cuda" and not _is_compiling()
+                and torch.cuda.is_current_stream_capturing()):
+            raise ValueError(
+                "dropout: attention dropout inside CUDA graph capture would replay one dropout "
+                "mask on every replay; capture with dropout=0 (or the layer in eval mode), or call "
+                "the op with a seed tensor you refill before each replay")
         seed = _new_seed()
     _check(isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
            and seed.device.type == "cpu", "seed must be a CPU int64 tensor with one element")

@@ -78,7 +78,7 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
     if not _is_compiling():
         _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout)
     x_l, x_r, att, edge_feat = promote(x_l, x_r, att, edge_feat)
-    p, seed = dropout_and_seed(dropout, training, seed)
+    p, seed = dropout_and_seed(dropout, training, seed, x_l.device)
     H, C = x_l.shape[1], x_l.shape[2]
     att2 = att.reshape(H, C)
 

@@ -86,7 +86,7 @@ def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: 
     if not _is_compiling():
         _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout)
     h, score_src, score_dst, edge_logits = promote(h, score_src, score_dst, edge_logits)
-    p, seed = dropout_and_seed(dropout, training, seed)
+    p, seed = dropout_and_seed(dropout, training, seed, h.device)
 
     if attention_spec.runs_kernel("gat_forward", h.device.type):
         colptr, csc_row, csc_perm = kernel_csc(graph, h, score_src, score_dst, edge_logits)
@@ -142,7 +142,7 @@ def gat_self_attention(h: torch.Tensor, att_src: torch.Tensor, att_dst: torch.Te
     attention_spec.check_placement(graph, ("x", h), (), ("edge_attr", edge_logits),
                                    (graph.num_edges, H), dropout)
     h, att_src, att_dst, edge_logits = promote(h, att_src, att_dst, edge_logits)
-    p, seed = dropout_and_seed(dropout, training, seed)
+    p, seed = dropout_and_seed(dropout, training, seed, h.device)
     colptr, csc_row, csc_perm = kernel_csc(graph, h, att_src, att_dst, edge_logits)
     out, _ = torch.ops.neptune.gat_att_forward(
         h.contiguous(), att_src.reshape(H, C).contiguous(), att_dst.reshape(H, C).contiguous(),

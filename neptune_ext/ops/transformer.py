@@ -75,7 +75,7 @@ def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gra
     if not _is_compiling():
         _validate(q, k, v, graph, scale, edge_feat, dropout)
     q, k, v, edge_feat = promote(q, k, v, edge_feat)
-    p, seed = dropout_and_seed(dropout, training, seed)
+    p, seed = dropout_and_seed(dropout, training, seed, q.device)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
 
     if attention_spec.runs_kernel("transformer_forward", q.device.type, q.shape[1], q.shape[2],
