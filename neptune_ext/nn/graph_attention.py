@@ -90,7 +90,10 @@ class GraphAttention(AttentionBase):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    scores_from = "auto"  # "auto" | "x" | "h": where the attention halves are computed from
+    # "auto" | "x" | "h": where the attention halves are computed from on the general path
+    # (bipartite inputs, attention weights, explainers, the reference). Same-node inputs on the
+    # kernels compute them from h inside neptune::gat_att.
+    scores_from = "auto"
 
     def _scores_from_h(self, same: bool, x: Tensor, H: int, C: int) -> bool:
         if not same or self.lin is None:  # h_dst would cost a second projection
