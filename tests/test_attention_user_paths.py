@@ -382,3 +382,22 @@ def test_dropout_seed_refused_while_a_cuda_graph_is_captured(monkeypatch):
     assert dropout_and_seed(0.5, False, None, "cuda") == (0.0, None)  # eval: no dropout
     seed = torch.tensor(7)
     assert dropout_and_seed(0.5, True, seed, "cuda") == (0.5, seed)  # the caller's seed
+
+
+@pytest.mark.parametrize("ours_name, theirs_name", PYG_PAIRS)
+def test_forward_mode_ad_matches_pyg(ours_name, theirs_name):
+    """torch.autograd.forward_ad (a jvp through the layer): the C++ autograd of the fused ops
+    has no forward-mode formula, so inside a dual level the layers take the reference."""
+    import torch.autograd.forward_ad as fwAD
+    ours, theirs_cls = _pair(ours_name, theirs_name, 4, 3, heads=2)
+    ours = ours.double()
+    theirs = theirs_cls(4, 3, heads=2).double()
+    theirs.load_state_dict(ours.state_dict())
+    x, v = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    ei = torch.randint(0, 10, (2, 30))
+    tangents = []
+    for m in (ours, theirs):
+        with fwAD.dual_level():
+            out = m(fwAD.make_dual(x, v), ei)
+            tangents.append(fwAD.unpack_dual(out).tangent)
+    torch.testing.assert_close(tangents[0], tangents[1])

@@ -95,19 +95,22 @@ void score_grads_cpu(Tensor& grad_h, const Tensor& h, const Tensor& gss, const T
   const int64_t N = h.size(0), H = h.size(1), C = h.size(2), HC = H * C;
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   using acc_t = at::opmath_type<scalar_t>;
+  // The attention vectors' gradients sum over every node: in float64 (a float32 running sum
+  // over a block of 1,024 nodes would lose digits against autograd's pairwise sums).
+  using sum_t = double;
   const scalar_t* hp = h.const_data_ptr<scalar_t>();
   const scalar_t* gs = gss.const_data_ptr<scalar_t>();
   const scalar_t* gd = gsd.const_data_ptr<scalar_t>();
   const scalar_t* as = att_src.const_data_ptr<scalar_t>();
   const scalar_t* ad = att_dst.const_data_ptr<scalar_t>();
   scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
-  std::vector<acc_t> part(blocks * 2 * HC, acc_t(0));  // per block: sum for att_src, att_dst
+  std::vector<sum_t> part(blocks * 2 * HC, sum_t(0));  // per block: sum for att_src, att_dst
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> a_s(HC), a_d(HC);
     for (int64_t x = 0; x < HC; ++x) a_s[x] = as[x], a_d[x] = ad[x];
     for (int64_t blk = b0; blk < b1; ++blk) {
-      acc_t* ps = part.data() + blk * 2 * HC;
-      acc_t* pd = ps + HC;
+      sum_t* ps = part.data() + blk * 2 * HC;
+      sum_t* pd = ps + HC;
       for (int64_t n = blk * kBlock; n < std::min(N, (blk + 1) * kBlock); ++n)
         for (int64_t k = 0; k < H; ++k) {
           const acc_t s = gs[n * H + k], d = gd[n * H + k];
@@ -115,14 +118,14 @@ void score_grads_cpu(Tensor& grad_h, const Tensor& h, const Tensor& gss, const T
           const scalar_t* hv = hp + (n * H + k) * C;
           const acc_t* vs = a_s.data() + k * C;
           const acc_t* vd = a_d.data() + k * C;
-          acc_t* qs = ps + k * C;
-          acc_t* qd = pd + k * C;
+          sum_t* qs = ps + k * C;
+          sum_t* qd = pd + k * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const acc_t hc = static_cast<acc_t>(hv[c]);
             g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) + s * vs[c] + d * vd[c]);
-            qs[c] += s * hc;
-            qd[c] += d * hc;
+            qs[c] += static_cast<sum_t>(s) * hc;
+            qd[c] += static_cast<sum_t>(d) * hc;
           }
         }
     }
@@ -130,7 +133,7 @@ void score_grads_cpu(Tensor& grad_h, const Tensor& h, const Tensor& gss, const T
   scalar_t* os = ga_src.mutable_data_ptr<scalar_t>();
   scalar_t* od = ga_dst.mutable_data_ptr<scalar_t>();
   for (int64_t x = 0; x < HC; ++x) {
-    acc_t s = 0, d = 0;
+    sum_t s = 0, d = 0;
     for (int64_t blk = 0; blk < blocks; ++blk) {
       s += part[blk * 2 * HC + x];
       d += part[blk * 2 * HC + HC + x];

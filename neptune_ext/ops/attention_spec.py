@@ -146,12 +146,17 @@ def _functorch_active() -> bool:
         return False
 
 
+def _forward_ad_active() -> bool:
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def kernel_allowed() -> bool:
-    """False inside a torch.func transform (vmap, grad, vjp, jacrev, ...): the compiled ops
-    have no batching rule and their autograd is C++, which functorch does not run, so there
-    the attention ops compute through their pure-PyTorch references (exact, E x H x C
-    memory), which every transform handles."""
-    return _is_compiling() or not _functorch_active()
+    """False inside a torch.func transform (vmap, grad, vjp, jacrev, ...) and inside a
+    forward-mode AD level (torch.autograd.forward_ad.dual_level): the compiled ops have no
+    batching rule and their autograd is C++, which functorch does not run and which has no
+    forward-mode formula, so there the attention ops compute through their pure-PyTorch
+    references (exact, E x H x C memory), which every transform handles."""
+    return _is_compiling() or not (_functorch_active() or _forward_ad_active())
 
 
 # The warp-per-row CUDA kernels (GATv2, graph transformer) hold a row's H * C features in one
