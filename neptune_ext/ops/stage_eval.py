@@ -28,33 +28,43 @@ __all__ = ["fold_conv_bn", "conv_bn_act_eval", "replay_eval", "conv_bias_relu", 
 #   conv+bias          conv2d with its bias (+ an in-place add and activation): every other case
 #   autograd           under autograd (differentiable fold, conv2d, out-of-place add/activation)
 _PATHS = {}
+_PATHS_LOCK = threading.Lock()
 
-
-_LAST = [None]  # the path the latest Stage computation took (eval or training)
+# The path the latest Stage computation took (eval or training), per thread: two threads
+# running models at once each read back their own call's path. Not recorded under
+# torch.compile (stage_paths says so).
+_LAST = threading.local()
 
 
 def _count(path: str) -> None:
-    _PATHS[path] = _PATHS.get(path, 0) + 1
-    _LAST[0] = path
+    if _is_compiling():
+        return
+    with _PATHS_LOCK:
+        _PATHS[path] = _PATHS.get(path, 0) + 1
+    _LAST.path = path
 
 
 def note_path(path) -> None:
     """Record the path of a Stage computation that is not an evaluation convolution
-    (training paths, eager): what ``last_path`` reports."""
-    _LAST[0] = path
+    (training paths, eager): what ``last_path`` reports in this thread."""
+    if not _is_compiling():
+        _LAST.path = path
 
 
 def last_path():
-    return _LAST[0]
+    """The path of this thread's latest Stage computation (None before one)."""
+    return getattr(_LAST, "path", None)
 
 
 def eval_path_counts() -> dict:
     """{path: calls} of the evaluation convolutions run so far in this process."""
-    return dict(_PATHS)
+    with _PATHS_LOCK:
+        return dict(_PATHS)
 
 
 def reset_eval_path_counts() -> None:
-    _PATHS.clear()
+    with _PATHS_LOCK:
+        _PATHS.clear()
 
 
 # The activations a Stage can end with, and how each is applied.
@@ -360,7 +370,7 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
     if cacheable and _onednn_eligible(input):
         packed = cache.packed(w, s, p, d, groups, input)
     out = _conv_bias_act(input, w, b, s, p, d, groups, activation, packed, residual)
-    if packed is not None and key is not None and _LAST[0] == "onednn-fused":
+    if packed is not None and key is not None and last_path() == "onednn-fused":
         cache.plan = (key, cache.fold.value, input is not caller_input,
                       (packed, b, list(p), list(s), list(d), groups))
     return out
