@@ -61,7 +61,9 @@ TORCH_LIBRARY(neptune, m) {
   // Sparse graph attention over a CSR-by-destination graph (semantics: README.md).
   // eid maps CSR positions to the caller's edge ids (edge_logits and the
   // dropout RNG use caller ids); colptr/csc_row/csc_perm are the transposed
-  // graph, needed only by backward (pass empty tensors for inference).
+  // graph, needed only by backward (pass empty tensors for inference). On the CPU,
+  // gat_backward's grad_out and out may have fewer rows than the graph (the rows past
+  // them get no gradient: gat_att's phantom row); on CUDA they have N_dst rows.
   m.def(
       "gat_forward(Tensor h, Tensor score_src, Tensor score_dst, Tensor rowptr, "
       "Tensor col, Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, "

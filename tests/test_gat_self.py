@@ -122,3 +122,25 @@ def test_large_inputs(device):
     for a, b in zip(torch.autograd.grad(out, (h, a_s, a_d, el), go),
                     torch.autograd.grad(want, (h, a_s, a_d, el), go)):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_gat_backward_takes_fewer_rows_than_the_graph():
+    # What gat_att's backward relies on: on the CPU, grad_out and out with N rows for a graph
+    # with N + 1 (the phantom row) give the gradients of zero-padded ones, and no more rows
+    # than the graph is an error.
+    ei, n = graphs("cpu")["random"]
+    g = GATGraph.from_edge_index(ei, n, n, True).graph
+    h = torch.randn(n, 2, 3, dtype=torch.float64)
+    ss, sd, el = torch.randn(n, 2, dtype=torch.float64), torch.randn(n + 1, 2, dtype=torch.float64), \
+        torch.randn(g.num_edges, 2, dtype=torch.float64)
+    common = (g.rowptr, g.col, g.eid, *g.csc(), el)
+    out, lse = torch.ops.neptune.gat_forward(h, ss, sd, *common, 0.2, 0.0, None)
+    go = torch.randn(n, 2, 3, dtype=torch.float64)
+    padded = torch.cat([go, go.new_zeros(1, 2, 3)])
+    want = torch.ops.neptune.gat_backward(padded, h, ss, sd, *common, out, lse, 0.2, 0.0, None)
+    got = torch.ops.neptune.gat_backward(go, h, ss, sd, *common, out[:n], lse, 0.2, 0.0, None)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="or fewer rows"):
+        torch.ops.neptune.gat_backward(torch.cat([padded, padded[:1]]), h, ss, sd, *common,
+                                       torch.cat([out, out[:1]]), lse, 0.2, 0.0, None)

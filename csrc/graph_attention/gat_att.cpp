@@ -21,7 +21,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -75,18 +74,12 @@ Tensor scores(const Tensor& h, const Tensor& att, int64_t rows) {
   return s;
 }
 
-// x [N, ...] (contiguous) with zero rows appended up to `rows`.
+// x [N, ...] with zero rows appended up to `rows` (for the CUDA kernel; the CPU one needs none).
 Tensor pad_rows(const Tensor& x, int64_t rows) {
   if (rows == x.size(0)) return x;
   auto shape = x.sizes().vec();
   shape[0] = rows - x.size(0);
-  if (!x.device().is_cpu()) return at::cat({x, at::zeros(shape, x.options())});
-  shape[0] = rows;
-  Tensor out = at::empty(shape, x.options());
-  const int64_t bytes = x.numel() * x.element_size();
-  std::memcpy(out.mutable_data_ptr(), x.const_data_ptr(), bytes);
-  std::memset(static_cast<char*>(out.mutable_data_ptr()) + bytes, 0, out.numel() * out.element_size() - bytes);
-  return out;
+  return at::cat({x, at::zeros(shape, x.options())});
 }
 
 template <typename scalar_t>
@@ -208,8 +201,9 @@ std::tuple<Tensor, Tensor> gat_att_forward(const Tensor& h, const Tensor& att_sr
   auto [out, lse] = gat_forward_op().call(h, scores(h, att_src, n), scores(h, att_dst, rows),
                                           rowptr, col, eid, colptr, csc_row, csc_perm,
                                           edge_logits, negative_slope, dropout, seed);
-  // lse keeps every row (backward needs the phantom row's); out only the N nodes'.
-  return {rows == n ? out : out.narrow(0, 0, n).contiguous(), lse};
+  // lse keeps every row (backward needs the phantom row's); out only the N nodes' (the
+  // first rows of the kernel's output: a contiguous view, no copy).
+  return {rows == n ? out : out.narrow(0, 0, n), lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gat_att_backward(
@@ -223,30 +217,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gat_att_backward(
               "neptune::gat_att_backward: grad_out and out must be [N, H, C] like h, got ",
               grad_out.sizes(), " and ", out.sizes());
   // The phantom rows' outputs were dropped: they get no gradient. The CPU kernel takes
-  // grad_out and out as they are (rows from N on: none); elsewhere they are padded with zeros
-  // (D = <0, out> = 0 there).
-  Tensor gh, gss, gsd, gel;
-  if (h.device().is_cpu()) {
-    const Tensor ss = scores(h, att_src, n), sd = scores(h, att_dst, rows);
-    // gat_backward's entry checks, but for out's rows (gat_backward_cpu_rows checks those)
-    check_gat_inputs(h, ss, sd, rowptr, col, eid, edge_logits, negative_slope, dropout);
-    check_csr(rowptr, col, eid, n, rows, "neptune::gat_att_backward");
-    check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, n, rows, "neptune::gat_att_backward");
-    TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == h.size(1) &&
-                    lse.scalar_type() == acc_dtype(h.scalar_type()) && lse.is_contiguous() &&
-                    out.scalar_type() == h.scalar_type() && out.is_contiguous() &&
-                    grad_out.scalar_type() == h.scalar_type(),
-                "neptune::gat_att_backward: lse must be [rows, H] in ", acc_dtype(h.scalar_type()),
-                " and out, grad_out contiguous in the dtype of h");
-    std::tie(gh, gss, gsd, gel) = gat_backward_cpu_rows(
-        grad_out.contiguous(), h, ss, sd, rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits,
-        out, lse, negative_slope, dropout, seed);
-  } else {
-    std::tie(gh, gss, gsd, gel) = gat_backward_op().call(
-        pad_rows(grad_out.contiguous(), rows), h, scores(h, att_src, n), scores(h, att_dst, rows),
-        rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits, pad_rows(out, rows), lse,
-        negative_slope, dropout, seed);
-  }
+  // grad_out and out with fewer rows than the graph (the rows past them get none); the CUDA
+  // kernel takes them padded with zeros (D = <0, out> = 0 there).
+  const bool pad = !h.device().is_cpu();
+  auto [gh, gss, gsd, gel] = gat_backward_op().call(
+      pad ? pad_rows(grad_out.contiguous(), rows) : grad_out, h, scores(h, att_src, n),
+      scores(h, att_dst, rows), rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits,
+      pad ? pad_rows(out, rows) : out, lse, negative_slope, dropout, seed);
   // d<h, att>/dh = att, d<h, att>/datt = h.
   auto [grad_att_src, grad_att_dst] = add_score_grads(gh, h, gss, gsd.narrow(0, 0, n), att_src, att_dst);
   return {gh, grad_att_src, grad_att_dst, gel};

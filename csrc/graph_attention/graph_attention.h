@@ -73,16 +73,18 @@ inline uint64_t seed_value(const std::optional<at::Tensor>& seed, double dropout
 }
 
 // Backward's saved tensors and incoming gradient, checked once for both back ends.
+// out (and grad_out) have N_dst rows; with fewer_rows (the CPU kernel), at most N_dst:
+// the rows past them get no gradient (gat_att's phantom row, gat_att.cpp).
 inline void check_gat_backward_tensors(const at::Tensor& grad_out, const at::Tensor& out,
                                        const at::Tensor& lse, const at::Tensor& h,
-                                       int64_t n_dst) {
+                                       int64_t n_dst, bool fewer_rows = false) {
   const auto H = h.size(1), C = h.size(2);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == h.scalar_type(),
               "neptune::gat_backward: grad_out must match out in shape and dtype");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == n_dst && out.size(1) == H && out.size(2) == C &&
-                  out.scalar_type() == h.scalar_type(),
-              "neptune::gat_backward: out must be [N_dst, H, C] with the dtype of h, got ",
-              out.sizes());
+  TORCH_CHECK(out.dim() == 3 && (fewer_rows ? out.size(0) <= n_dst : out.size(0) == n_dst) &&
+                  out.size(1) == H && out.size(2) == C && out.scalar_type() == h.scalar_type(),
+              "neptune::gat_backward: out must be [N_dst, H, C]", fewer_rows ? " (or fewer rows)" : "",
+              " with the dtype of h, got ", out.sizes());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == n_dst && lse.size(1) == H &&
                   lse.scalar_type() == acc_dtype(h.scalar_type()),
               "neptune::gat_backward: lse must be [N_dst, H] in ", acc_dtype(h.scalar_type()),
@@ -122,16 +124,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
     const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
     const at::Tensor& out, const at::Tensor& lse, double negative_slope,
     double dropout, const std::optional<at::Tensor>& seed);
-
-// gat_backward_cpu for inputs checked by the caller, where grad_out and out may have fewer
-// rows (n) than the graph: rows from n on get no gradient (gat_att's phantom row).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu_rows(
-    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
-    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
-    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
-    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
-    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed);
 
 // GAT with the logit halves <h, att_src>, <h, att_dst> computed inside (gat_att.cpp):
 // sources and destinations are the same N nodes; rowptr may have more than N rows (the

@@ -272,21 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
   check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, h.size(0), score_dst.size(0),
             "neptune::gat_backward");
-  check_gat_backward_tensors(grad_out, out, lse, h, score_dst.size(0));
-  return gat_backward_cpu_rows(grad_out, h, score_src, score_dst, rowptr, col, eid, colptr, csc_row,
-                               csc_perm, edge_logits, out, lse, negative_slope, dropout, seed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu_rows(
-    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
-    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
-    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
-    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
-    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
+  // grad_out and out may have fewer rows than the graph: the rows past them get no gradient
+  check_gat_backward_tensors(grad_out, out, lse, h, score_dst.size(0), /*fewer_rows=*/true);
   const int64_t n_go = grad_out.size(0);
-  TORCH_CHECK(n_go <= score_dst.size(0) && out.size(0) == n_go,
-              "neptune::gat_backward: grad_out and out must have the same rows, at most N_dst");
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gh = at::empty_like(h);
   at::Tensor gss = at::empty_like(score_src);

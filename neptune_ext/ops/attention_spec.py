@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .. import _backend
+from .. import _backend, _ext
 from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
 from ..graph import Graph
 
@@ -167,7 +167,7 @@ WARP_ROW_MAX_HC = 1024
 def runs_kernel(op: str, device_type: str, H: int = 0, C: int = 0, warp_row: bool = False) -> bool:
     """Whether ``neptune::<op>``'s compiled kernel runs here: the backend's rule
     (:func:`neptune_ext._backend.runs_kernel`), the warp-per-row kernels' width limit on CUDA,
-    and not inside torch.func.vmap."""
+    and :func:`kernel_allowed` (not inside torch.func transforms or forward-mode AD)."""
     if warp_row and device_type == "cuda" and not 0 < H * C <= WARP_ROW_MAX_HC:
         return False
     return _backend.runs_kernel(op, device_type) and kernel_allowed()
@@ -178,15 +178,14 @@ def runs_kernel(op: str, device_type: str, H: int = 0, C: int = 0, warp_row: boo
 
 class AttentionSpec(NamedTuple):
     """name: the op family (``neptune::<name>_forward``/``_backward``); out_shape(a, b, c):
-    the output's shape; num_src(a, b, c): the number of source nodes; reference(a, b, c, edge, src, dst, num_rows, scalar, dropout, seed):
-    the differentiable pure-PyTorch output [num_rows, H, C]; public: the Python function
-    users call (named in errors)."""
+    the output's shape; reference(a, b, c, edge, src, dst, num_rows, scalar, dropout, seed):
+    the differentiable pure-PyTorch output [num_rows, H, C] (or its first rows); lse_rows(rowptr):
+    the log-sum-exp's rows when they are not out's. Which input holds the sources and the
+    function named in errors are the C++ autograd's (attention_autograd.cpp: the variant table)."""
     name: str
     out_shape: Callable
-    num_src: Callable
     reference: Callable
-    public: str
-    lse_rows: Optional[Callable] = None  # (rowptr) -> rows of lse, when not out's rows
+    lse_rows: Optional[Callable] = None
 
 
 _SPECS = {}
@@ -209,11 +208,6 @@ def register(spec: AttentionSpec) -> None:
         return torch.empty_like(a), torch.empty_like(b), torch.empty_like(c), ge
 
     _SPECS[spec.name] = spec
-    if len(_SPECS) == 1:
-        _LIB.impl("attention_grads_reference", _grads_reference, "CompositeImplicitAutograd")
-
-
-_LIB = torch.library.Library("neptune", "IMPL")
 
 
 def _grads_reference(variant, grad_out, a, b, c, rowptr, col, eid, edge, scalar, dropout, seed):
@@ -229,3 +223,8 @@ def _grads_reference(variant, grad_out, a, b, c, rowptr, col, eid, edge, scalar,
         (a, b, c, edge), (0, 1, 2, 3), grad_out, 4)
     like = (a, b, c, edge if edge is not None else a.new_zeros(0))
     return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
+
+
+if _ext._C is not None:  # (the op's schema is the extension's)
+    _LIB = torch.library.Library("neptune", "IMPL")
+    _LIB.impl("attention_grads_reference", _grads_reference, "CompositeImplicitAutograd")

@@ -126,10 +126,8 @@ def gatv2_attention_weights(x_l, x_r, att, graph: Graph, negative_slope: float =
 SPEC = attention_spec.AttentionSpec(
     name="gatv2",
     out_shape=lambda x_l, x_r, att: tuple(x_r.shape),
-    num_src=lambda x_l, x_r, att: x_l.shape[0],
     reference=lambda x_l, x_r, att, ef, src, dst, rows, slope, p, seed: gatv2_attention_reference(
-        x_l, _pad_rows(x_r, rows), att, src, dst, rows, slope, ef, p, seed),
-    public="neptune_ext.ops.gatv2_attention")
+        x_l, _pad_rows(x_r, rows), att, src, dst, rows, slope, ef, p, seed))
 
 if _ext._C is not None and hasattr(torch.ops.neptune, "gatv2_forward"):
     attention_spec.register(SPEC)

@@ -121,11 +121,8 @@ def attention_weights(score_src, score_dst, graph: Graph, negative_slope: float 
 SPEC = attention_spec.AttentionSpec(
     name="gat",
     out_shape=lambda h, ss, sd: (sd.shape[0], h.shape[1], h.shape[2]),
-    num_src=lambda h, ss, sd: h.shape[0],
     reference=lambda h, ss, sd, el, src, dst, rows, slope, p, seed: sparse_graph_attention_reference(
-        h, ss, sd, src, dst, rows, slope, el, p, seed),
-    public="neptune_ext.ops.sparse_graph_attention")
-
+        h, ss, sd, src, dst, rows, slope, el, p, seed))
 
 
 def gat_self_attention(h: torch.Tensor, att_src: torch.Tensor, att_dst: torch.Tensor, graph: Graph,
@@ -169,9 +166,7 @@ def _gat_self_reference(h, att_src, att_dst, edge_logits, src, dst, rows, slope,
 SELF_SPEC = attention_spec.AttentionSpec(
     name="gat_att",
     out_shape=lambda h, a_s, a_d: tuple(h.shape),
-    num_src=lambda h, a_s, a_d: h.shape[0],
     reference=_gat_self_reference,
-    public="neptune_ext.nn.GraphAttention",
     lse_rows=lambda rowptr: rowptr.shape[0] - 1)
 
 if _ext._C is not None:

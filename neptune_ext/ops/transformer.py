@@ -109,10 +109,8 @@ def transformer_attention_weights(q, k, graph: Graph, scale: Optional[float] = N
 SPEC = attention_spec.AttentionSpec(
     name="transformer",
     out_shape=lambda q, k, v: tuple(q.shape),
-    num_src=lambda q, k, v: k.shape[0],
     reference=lambda q, k, v, e, src, dst, rows, scale, p, seed: transformer_attention_reference(
-        q, k, v, src, dst, rows, scale, e, p, seed),
-    public="neptune_ext.ops.transformer_attention")
+        q, k, v, src, dst, rows, scale, e, p, seed))
 
 if _ext._C is not None and hasattr(torch.ops.neptune, "transformer_forward"):
     attention_spec.register(SPEC)
