@@ -62,7 +62,7 @@ void scores_cpu(const Tensor& h, const Tensor& att, Tensor& s, int64_t rows) {
 
 // The logit halves [rows, H]: <h[n], att> for the N nodes, zeros for rows beyond N.
 Tensor scores(const Tensor& h, const Tensor& att, int64_t rows) {
-  const int64_t N = h.size(0), H = h.size(1), C = h.size(2);
+  const int64_t N = h.size(0), H = h.size(1);
   if (!h.device().is_cpu()) {
     Tensor s = at::sum(h * att.unsqueeze(0), {-1});
     if (rows == N) return s;

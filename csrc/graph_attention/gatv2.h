@@ -26,7 +26,7 @@
 
 #include <tuple>
 
-#include "graph_attention.h"
+#include "attention.h"
 
 namespace neptune {
 
@@ -49,28 +49,8 @@ inline void check_gatv2_inputs(const at::Tensor& xl, const at::Tensor& xr, const
   TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) >= xr.size(0) + 1,
               "neptune::gatv2: rowptr must be [R + 1] with R >= N_dst = ", xr.size(0), ", got ",
               rowptr.sizes());
-  TORCH_CHECK(col.dim() == 1 && eid.dim() == 1 && eid.size(0) == col.size(0),
-              "neptune::gatv2: col and eid must be [E] vectors of the same length");
-  TORCH_CHECK(rowptr.scalar_type() == col.scalar_type() &&
-                  eid.scalar_type() == col.scalar_type(),
-              "neptune::gatv2: rowptr, col and eid must share one integer dtype");
-  TORCH_CHECK(xr.scalar_type() == xl.scalar_type() && att.scalar_type() == xl.scalar_type(),
-              "neptune::gatv2: x_l, x_r and att must share one dtype");
-  TORCH_CHECK(xl.is_contiguous() && xr.is_contiguous() && att.is_contiguous() &&
-                  rowptr.is_contiguous() && col.is_contiguous() && eid.is_contiguous(),
-              "neptune::gatv2: inputs must be contiguous");
-  if (edge_feat.has_value()) {
-    const auto& ef = *edge_feat;
-    TORCH_CHECK(ef.dim() == 3 && ef.size(0) == col.size(0) && ef.size(1) == H && ef.size(2) == C,
-                "neptune::gatv2: edge_feat must be [E, H, C] = [", col.size(0), ", ", H, ", ", C,
-                "], got ", ef.sizes());
-    TORCH_CHECK(ef.scalar_type() == xl.scalar_type() && ef.is_contiguous(),
-                "neptune::gatv2: edge_feat must be contiguous with the dtype of x_l");
-  }
-  TORCH_CHECK(dropout >= 0.0 && dropout < 1.0,
-              "neptune::gatv2: dropout must be in [0, 1), got ", dropout);
-  TORCH_CHECK(std::isfinite(negative_slope),
-              "neptune::gatv2: negative_slope must be finite, got ", negative_slope);
+  check_attention_args("neptune::gatv2", {xl, xr, att}, "x_l, x_r and att", rowptr, col, eid,
+                       edge_feat, "edge_feat", {H, C}, negative_slope, "negative_slope", dropout);
 }
 
 // What every GATv2 kernel entry (CPU and CUDA, forward and backward) checks first:
@@ -83,48 +63,10 @@ inline void check_gatv2_entry(const at::Tensor& xl, const at::Tensor& xr, const 
   check_csr(rowptr, col, eid, xl.size(0), rowptr.size(0) - 1, op);
 }
 
-inline void check_gatv2_backward_tensors(const at::Tensor& grad_out, const at::Tensor& out,
-                                         const at::Tensor& lse, const at::Tensor& xr) {
-  TORCH_CHECK(out.sizes() == xr.sizes() && out.scalar_type() == xr.scalar_type(),
-              "neptune::gatv2_backward: out must be [N_dst, H, C] like x_r, got ", out.sizes());
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == out.scalar_type(),
-              "neptune::gatv2_backward: grad_out must match out in shape and dtype");
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == xr.size(0) && lse.size(1) == xr.size(1) &&
-                  lse.scalar_type() == acc_dtype(xr.scalar_type()),
-              "neptune::gatv2_backward: lse must be [N_dst, H] in ", acc_dtype(xr.scalar_type()),
-              ", got ", lse.sizes(), " ", lse.scalar_type());
-}
-
-// Forward: (out [N_dst, H, C], lse [N_dst, H] in float32/float64).
-std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
-    const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att, const at::Tensor& rowptr,
-    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
-    const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed);
-
-// Backward: (grad_x_l, grad_x_r, grad_att, grad_edge_feat).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
-    double negative_slope, double dropout, const std::optional<at::Tensor>& seed);
-
-// CUDA kernels (gatv2_fwd_cuda.cu, gatv2_bwd_cuda.cu), same signatures and semantics; H * C <= 1024.
-// Declared unconditionally, defined only in CUDA builds.
-std::tuple<at::Tensor, at::Tensor> gatv2_forward_cuda(
-    const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att, const at::Tensor& rowptr,
-    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
-    const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
-    double negative_slope, double dropout, const std::optional<at::Tensor>& seed);
+// (x_l [N_src, H, C], x_r [N_dst, H, C], att [H, C]) -> (out, lse); backward:
+// (grad_x_l, grad_x_r, grad_att, grad_edge_feat). The CUDA kernels (gatv2_{fwd,bwd}_cuda.cu;
+// H * C <= 1024) are declared unconditionally, defined only in CUDA builds.
+AttentionForward gatv2_forward_cpu, gatv2_forward_cuda;
+AttentionBackward gatv2_backward_cpu, gatv2_backward_cuda;
 
 }  // namespace neptune

@@ -173,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
   check_cuda(csc_perm, xl, "csc_perm");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, xl.size(0), rowptr.size(0) - 1,
             "neptune::gatv2_backward");
-  check_gatv2_backward_tensors(grad_out, out, lse, xr);
+  check_attention_backward_tensors("neptune::gatv2_backward", grad_out, out, lse, xr.scalar_type(),
+                                   xr.size(0), xr.size(1), xr.size(2));
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(xl.device());
   const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
@@ -190,45 +191,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
   const int64_t n_blocks = ceil_div(n_dst, kAttRowsPerBlock);
   at::Tensor part = new_tensor({n_blocks, HC}, acc_opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xl.scalar_type(), "gatv2_backward_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gatv2_backward_cuda_index", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p = common_params<scalar_t, index_t>(xl, xr, att, edge_feat, rowptr, col, eid,
-                                                negative_slope, dropout, seed_v);
-      p.go = go.data_ptr<scalar_t>();
-      p.out = out_c.data_ptr<scalar_t>();
-      p.lse_in = lse_c.data_ptr<acc_t>();
-      p.colptr = colptr.data_ptr<index_t>();
-      p.csc_row = csc_row.data_ptr<index_t>();
-      p.csc_perm = csc_perm.data_ptr<index_t>();
-      p.ds = ds.data_ptr<acc_t>();
-      p.ap = ap.data_ptr<acc_t>();
-      p.ga_rows = ga_rows.data_ptr<acc_t>();
-      p.gxl = gxl.data_ptr<scalar_t>();
-      p.gxr = gxr.data_ptr<scalar_t>();
-      p.gef = edge_feat.has_value() ? gef.data_ptr<scalar_t>() : nullptr;
-      with_layout(HC, C, [&](auto nf, auto pow2) {
-        constexpr int NF = decltype(nf)::value;
-        auto pass1 = gatv2_pass1_kernel<scalar_t, index_t, NF, decltype(pow2)::value>;
-        auto pass2 = gatv2_pass2_kernel<scalar_t, index_t, NF>;
-        if (n_dst > 0) NEPTUNE_LAUNCH(pass1, warp_blocks(n_dst), stream, p);
-        p.n_rows = n_src;
-        if (n_src > 0) NEPTUNE_LAUNCH(pass2, warp_blocks(n_src), stream, p);
-      });
-      if (p.gef && n_rows > n_dst) {
-        auto zero_ignored = gatv2_zero_ignored_kernel<scalar_t, index_t>;
-        NEPTUNE_LAUNCH(zero_ignored, warp_blocks(n_rows - n_dst), stream, p.rowptr, p.eid, p.gef, n_dst,
-                       n_rows, HC);
-      }
-      acc_t* part_p = part.data_ptr<acc_t>();
-      if (n_blocks > 0) {
-        auto partial = gatv2_att_partial_kernel<acc_t>;
-        NEPTUNE_LAUNCH(partial, ceil_div(n_blocks * HC, kBlock), stream, p.ga_rows, part_p, n_dst, HC,
-                       n_blocks);
-      }
-      auto final_sum = gatv2_att_final_kernel<scalar_t, acc_t>;
-      NEPTUNE_LAUNCH(final_sum, ceil_div(HC, kBlock), stream, part_p, gatt.data_ptr<scalar_t>(), n_blocks, HC);
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(xl.scalar_type(), col.scalar_type(), "gatv2_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = common_params<scalar_t, index_t>(xl, xr, att, edge_feat, rowptr, col, eid,
+                                              negative_slope, dropout, seed_v);
+    p.go = go.data_ptr<scalar_t>();
+    p.out = out_c.data_ptr<scalar_t>();
+    p.lse_in = lse_c.data_ptr<acc_t>();
+    p.colptr = colptr.data_ptr<index_t>();
+    p.csc_row = csc_row.data_ptr<index_t>();
+    p.csc_perm = csc_perm.data_ptr<index_t>();
+    p.ds = ds.data_ptr<acc_t>();
+    p.ap = ap.data_ptr<acc_t>();
+    p.ga_rows = ga_rows.data_ptr<acc_t>();
+    p.gxl = gxl.data_ptr<scalar_t>();
+    p.gxr = gxr.data_ptr<scalar_t>();
+    p.gef = edge_feat.has_value() ? gef.data_ptr<scalar_t>() : nullptr;
+    with_layout(HC, C, [&](auto nf, auto pow2) {
+      constexpr int NF = decltype(nf)::value;
+      auto pass1 = gatv2_pass1_kernel<scalar_t, index_t, NF, decltype(pow2)::value>;
+      auto pass2 = gatv2_pass2_kernel<scalar_t, index_t, NF>;
+      if (n_dst > 0) NEPTUNE_LAUNCH(pass1, warp_blocks(n_dst), stream, p);
+      p.n_rows = n_src;
+      if (n_src > 0) NEPTUNE_LAUNCH(pass2, warp_blocks(n_src), stream, p);
     });
+    if (p.gef && n_rows > n_dst) {
+      auto zero_ignored = gatv2_zero_ignored_kernel<scalar_t, index_t>;
+      NEPTUNE_LAUNCH(zero_ignored, warp_blocks(n_rows - n_dst), stream, p.rowptr, p.eid, p.gef, n_dst,
+                     n_rows, HC);
+    }
+    acc_t* part_p = part.data_ptr<acc_t>();
+    if (n_blocks > 0) {
+      auto partial = gatv2_att_partial_kernel<acc_t>;
+      NEPTUNE_LAUNCH(partial, ceil_div(n_blocks * HC, kBlock), stream, p.ga_rows, part_p, n_dst, HC,
+                     n_blocks);
+    }
+    auto final_sum = gatv2_att_final_kernel<scalar_t, acc_t>;
+    NEPTUNE_LAUNCH(final_sum, ceil_div(HC, kBlock), stream, part_p, gatt.data_ptr<scalar_t>(), n_blocks, HC);
   });
   return {gxl, gxr, gatt, gef};
 }

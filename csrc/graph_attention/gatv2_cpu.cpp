@@ -16,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_gather.h"
+#include "attention_cpu.h"
 #include "gatv2.h"
 #include "graph_attention_math.h"
 
@@ -155,73 +155,59 @@ inline void src_update(acc_t* acc, const uint32_t* signs, int64_t c0, const scal
     acc[c] += static_cast<acc_t>(go[c]) * w + att[c] * (sign_bit(signs, c0 + c) ? acc_t(1) : slope) * d;
 }
 
+// GATv2's logit and value for the shared forward pass (attention_cpu.h):
+//   logit_ij = <att, LeakyReLU(x_l[j] + x_r[i] (+ edge_feat[e]))>, value_ij = x_l[j].
+template <typename scalar_t, typename acc_t>
+struct Gatv2Forward {
+  const scalar_t* xl;
+  const scalar_t* xr;
+  const scalar_t* ef;
+  const acc_t* att;
+  int64_t H, C;
+  acc_t slope;
+  int64_t edge_cost = 2;
+  struct Row {
+    std::vector<acc_t> xri;
+    explicit Row(const Gatv2Forward& v) : xri(v.H * v.C) {}
+  };
+  void begin_row(Row& r, int64_t i) const { load_scaled(r.xri.data(), xr + i * H * C, acc_t(1), H * C); }
+  void prefetch(int64_t j, int64_t edge) const {
+    prefetch_row(xl + j * H * C, H * C);
+    if (ef) prefetch_row(ef + edge * H * C, H * C);
+  }
+  acc_t logit(const Row& r, int64_t j, int64_t edge, int64_t k) const {
+    const int64_t o = k * C;
+    return head_logit<false, scalar_t, acc_t>(xl + j * H * C + o, r.xri.data() + o,
+                                              ef ? ef + edge * H * C + o : nullptr, att + o, C,
+                                              slope, nullptr, nullptr, 0);
+  }
+  void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t, int64_t k) const {
+    axpy_rescaled<scalar_t, acc_t>(a, rescale, w, xl + (j * H + k) * C, nullptr, C);
+  }
+};
+
+// att in the accumulation type.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> att_values(const at::Tensor& att_t) {
+  std::vector<acc_t> att(att_t.numel());
+  load_scaled(att.data(), att_t.data_ptr<scalar_t>(), acc_t(1), att_t.numel());
+  return att;
+}
+
 template <typename scalar_t, typename index_t>
 void forward_kernel(const at::Tensor& xl_t, const at::Tensor& xr_t, const at::Tensor& att_t,
                     const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& eid_t,
                     const std::optional<at::Tensor>& ef_t, at::Tensor& out_t, at::Tensor& lse_t,
                     double slope_d, double p_d, uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_dst = xr_t.size(0), H = xl_t.size(1), C = xl_t.size(2), HC = H * C;
-  const int64_t E = col_t.size(0);
-  const scalar_t* xl = xl_t.data_ptr<scalar_t>();
-  const scalar_t* xr = xr_t.data_ptr<scalar_t>();
-  const scalar_t* ef = ef_t.has_value() ? ef_t->data_ptr<scalar_t>() : nullptr;
-  const index_t* rowptr = rowptr_t.data_ptr<index_t>();
-  const index_t* col = col_t.data_ptr<index_t>();
-  const index_t* eid = eid_t.data_ptr<index_t>();
-  scalar_t* out = out_t.data_ptr<scalar_t>();
-  acc_t* lse = lse_t.data_ptr<acc_t>();
-  const acc_t slope = static_cast<acc_t>(slope_d);
-  const bool use_dropout = p_d > 0.0;
-  const float p = static_cast<float>(p_d);
-  const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
-  std::vector<acc_t> att(HC);
-  for (int64_t c = 0; c < HC; ++c) att[c] = static_cast<acc_t>(att_t.data_ptr<scalar_t>()[c]);
-
-  at::parallel_for(0, n_dst, grain_for(n_dst, E, HC, 16384), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(HC), xri(HC), m(H), s(H);
-    for (int64_t i = begin; i < end; ++i) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(s.begin(), s.end(), acc_t(0));
-      for (int64_t c = 0; c < HC; ++c) xri[c] = static_cast<acc_t>(xr[i * HC + c]);
-      const int64_t e_end = rowptr[i + 1];
-      for (int64_t e = rowptr[i]; e < e_end; ++e) {
-        if (e + kPrefetchDistance < E) {
-          prefetch_row(xl + static_cast<int64_t>(col[e + kPrefetchDistance]) * HC, HC);
-          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
-        }
-        const int64_t j = col[e], edge = eid[e];
-        const scalar_t* xlj = xl + j * HC;
-        const scalar_t* efe = ef ? ef + edge * HC : nullptr;
-        for (int64_t k = 0; k < H; ++k) {
-          const acc_t x = head_logit<false, scalar_t, acc_t>(
-              xlj + k * C, xri.data() + k * C, efe ? efe + k * C : nullptr, att.data() + k * C, C,
-              slope, nullptr, nullptr, 0);
-          acc_t rescale, w;
-          online_softmax_step(x, m[k], s[k], rescale, w);
-          if (use_dropout) w = dropout_keep(seed, edge, k, p) ? w * keep_scale : acc_t(0);
-          acc_t* a = acc.data() + k * C;
-          const scalar_t* hv = xlj + k * C;
-          if (rescale != acc_t(1)) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a[c] = a[c] * rescale + w * static_cast<acc_t>(hv[c]);
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<acc_t>(hv[c]);
-          }
-        }
-      }
-      for (int64_t k = 0; k < H; ++k) {
-        const bool any = softmax_has_mass(s[k]);
-        const acc_t inv = any ? acc_t(1) / s[k] : acc_t(0);
-        lse[i * H + k] = any ? m[k] + std::log(s[k]) : acc_t(0);
-        scalar_t* o = out + i * HC + k * C;
-        const acc_t* a = acc.data() + k * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
-      }
-    }
-  });
+  const int64_t H = xl_t.size(1), C = xl_t.size(2);
+  const std::vector<acc_t> att = att_values<scalar_t, acc_t>(att_t);
+  const Gatv2Forward<scalar_t, acc_t> var{xl_t.data_ptr<scalar_t>(), xr_t.data_ptr<scalar_t>(),
+                                          data_or_null<scalar_t>(ef_t), att.data(), H, C,
+                                          static_cast<acc_t>(slope_d)};
+  attention_forward_rows<scalar_t, acc_t, index_t>(var, CsrView<index_t>(rowptr_t, col_t, eid_t),
+                                                   xr_t.size(0), H, C, Dropout<acc_t>(p_d, seed),
+                                                   out_t.data_ptr<scalar_t>(), lse_t.data_ptr<acc_t>());
 }
 
 template <typename scalar_t, typename index_t>
@@ -238,24 +224,17 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
   const scalar_t* go = go_t.data_ptr<scalar_t>();
   const scalar_t* xl = xl_t.data_ptr<scalar_t>();
   const scalar_t* xr = xr_t.data_ptr<scalar_t>();
-  const scalar_t* ef = ef_t.has_value() ? ef_t->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* ef = data_or_null<scalar_t>(ef_t);
   const scalar_t* out = out_t.data_ptr<scalar_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
-  const index_t* rowptr = rowptr_t.data_ptr<index_t>();
-  const index_t* col = col_t.data_ptr<index_t>();
-  const index_t* eid = eid_t.data_ptr<index_t>();
-  const index_t* colptr = colptr_t.data_ptr<index_t>();
-  const index_t* csc_row = csc_row_t.data_ptr<index_t>();
-  const index_t* csc_perm = csc_perm_t.data_ptr<index_t>();
+  const CsrView<index_t> csr(rowptr_t, col_t, eid_t);
+  const CscView<index_t> csc(colptr_t, csc_row_t, csc_perm_t);
   scalar_t* gxl = gxl_t.data_ptr<scalar_t>();
   scalar_t* gxr = gxr_t.data_ptr<scalar_t>();
   scalar_t* gef = ef ? gef_t.data_ptr<scalar_t>() : nullptr;
   const acc_t slope = static_cast<acc_t>(slope_d);
-  const bool use_dropout = p_d > 0.0;
-  const float p = static_cast<float>(p_d);
-  const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
-  std::vector<acc_t> att(HC);
-  for (int64_t c = 0; c < HC; ++c) att[c] = static_cast<acc_t>(att_t.data_ptr<scalar_t>()[c]);
+  const Dropout<acc_t> drop(p_d, seed);
+  const std::vector<acc_t> att = att_values<scalar_t, acc_t>(att_t);
 
   // Per-edge dS and a' in CSR order (E x H scratch, backward only).
   at::Tensor ds_t = at::empty({E, H}, lse_t.options());
@@ -272,29 +251,21 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
   // Pass 1: destinations, in fixed blocks.
   const int64_t block_grain = std::max<int64_t>(1, grain_for(n_dst, E, HC, 16384) / kGatv2AttBlock);
   at::parallel_for(0, n_blocks, block_grain, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> z(HC), xri(HC), gxri(HC), D(H), g(H), dS(H);
+    std::vector<acc_t> z(HC), xri(HC), gxri(HC), D(H), dS(H);
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* ga = part + b * HC;
       const int64_t i_end = std::min(n_dst, (b + 1) * kGatv2AttBlock);
       for (int64_t i = b * kGatv2AttBlock; i < i_end; ++i) {
         const scalar_t* goi = go + i * HC;
-        const scalar_t* oi = out + i * HC;
-        for (int64_t c = 0; c < HC; ++c) {
-          xri[c] = static_cast<acc_t>(xr[i * HC + c]);
-          gxri[c] = 0;
-        }
-        for (int64_t k = 0; k < H; ++k) {
-          acc_t d = 0;
-          for (int64_t c = k * C; c < (k + 1) * C; ++c)
-            d += static_cast<acc_t>(goi[c]) * static_cast<acc_t>(oi[c]);
-          D[k] = d;
-        }
-        for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+        load_scaled(xri.data(), xr + i * HC, acc_t(1), HC);
+        std::fill(gxri.begin(), gxri.end(), acc_t(0));
+        row_dots(goi, out + i * HC, H, C, D.data());
+        for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
           if (e + kPrefetchDistance < E) {
-            prefetch_row(xl + static_cast<int64_t>(col[e + kPrefetchDistance]) * HC, HC);
-            if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
+            prefetch_row(xl + static_cast<int64_t>(csr.col[e + kPrefetchDistance]) * HC, HC);
+            if (ef) prefetch_row(ef + static_cast<int64_t>(csr.eid[e + kPrefetchDistance]) * HC, HC);
           }
-          const int64_t j = col[e], edge = eid[e];
+          const int64_t j = csr.col[e], edge = csr.eid[e];
           const scalar_t* xlj = xl + j * HC;
           const scalar_t* efe = ef ? ef + edge * HC : nullptr;
           bool any = false;
@@ -305,14 +276,8 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
                 xlj + k * C, xri.data() + k * C, efe ? efe + k * C : nullptr, att.data() + k * C, C,
                 slope, z.data() + k * C, sg, k * C);
             const acc_t a = std::exp(x - lse[i * H + k]);
-            acc_t a_kept = a;
-            if (use_dropout) a_kept = dropout_keep(seed, edge, k, p) ? a * keep_scale : acc_t(0);
-            acc_t gk = 0;
-            if (a_kept != acc_t(0)) {
-              const scalar_t* hv = xlj + k * C;
-              const scalar_t* gv = goi + k * C;
-              gk = dot<scalar_t, acc_t>(gv, hv, C);
-            }
+            const acc_t a_kept = drop.apply(a, edge, k);
+            const acc_t gk = a_kept != acc_t(0) ? dot<scalar_t, acc_t>(goi + k * C, xlj + k * C, C) : acc_t(0);
             dS[k] = a_kept * gk - a * D[k];
             ds[e * H + k] = dS[k];
             ap[e * H + k] = a_kept;
@@ -334,8 +299,8 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
   });
   // Edges of the ignored rows (>= n_dst): zero gradient.
   if (gef && rowptr_t.size(0) - 1 > n_dst) {
-    for (int64_t e = rowptr[n_dst]; e < E; ++e)
-      std::fill(gef + static_cast<int64_t>(eid[e]) * HC, gef + (static_cast<int64_t>(eid[e]) + 1) * HC,
+    for (int64_t e = csr.rowptr[n_dst]; e < E; ++e)
+      std::fill(gef + static_cast<int64_t>(csr.eid[e]) * HC, gef + (static_cast<int64_t>(csr.eid[e]) + 1) * HC,
                 scalar_t(0));
   }
   // grad att: the blocks in order.
@@ -349,24 +314,24 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
 
   // Pass 2: sources, over the transposed graph. Only dOut_i (and the saved signs)
   // are gathered per edge.
-  at::parallel_for(0, n_src, grain_for(n_src, E, HC, 16384), [&](int64_t begin, int64_t end) {
+  parallel_rows_by_cost(csc.colptr, n_src, HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(HC);
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t t = colptr[j]; t < colptr[j + 1]; ++t) {
+      for (int64_t t = csc.colptr[j]; t < csc.colptr[j + 1]; ++t) {
         if (t + kPrefetchDistance < E) {
-          const int64_t in = csc_row[t + kPrefetchDistance];
+          const int64_t in = csc.row[t + kPrefetchDistance];
           if (in < n_dst) {
-            const int64_t en = csc_perm[t + kPrefetchDistance];
+            const int64_t en = csc.perm[t + kPrefetchDistance];
             prefetch_row(go + in * HC, HC);
             __builtin_prefetch(ds + en * H, 0, 1);
             __builtin_prefetch(ap + en * H, 0, 1);
             __builtin_prefetch(signs + en * W, 0, 1);
           }
         }
-        const int64_t i = csc_row[t];
+        const int64_t i = csc.row[t];
         if (i >= n_dst) continue;
-        const int64_t e = csc_perm[t];
+        const int64_t e = csc.perm[t];
         const scalar_t* goi = go + i * HC;
         for (int64_t k = 0; k < H; ++k) {
           const acc_t w = ap[e * H + k], d = ds[e * H + k];
@@ -393,11 +358,9 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
   const int64_t n_dst = xr.size(0), H = xl.size(1), C = xl.size(2);
   at::Tensor out = at::empty({n_dst, H, C}, xl.options());
   at::Tensor lse = at::empty({n_dst, H}, xl.options().dtype(acc_dtype(xl.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xl.scalar_type(), "gatv2_forward_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gatv2_forward_cpu_index", [&] {
-      forward_kernel<scalar_t, index_t>(xl, xr, att, rowptr, col, eid, edge_feat, out, lse,
-                                        negative_slope, dropout, seed_value(seed, dropout));
-    });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(xl.scalar_type(), col.scalar_type(), "gatv2_forward_cpu", [&] {
+    forward_kernel<scalar_t, index_t>(xl, xr, att, rowptr, col, eid, edge_feat, out, lse,
+                                      negative_slope, dropout, seed_value(seed, dropout));
   });
   return {out, lse};
 }
@@ -412,19 +375,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
                     "neptune::gatv2_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, xl.size(0), rowptr.size(0) - 1,
             "neptune::gatv2_backward");
-  check_gatv2_backward_tensors(grad_out, out, lse, xr);
+  check_attention_backward_tensors("neptune::gatv2_backward", grad_out, out, lse, xr.scalar_type(),
+                                   xr.size(0), xr.size(1), xr.size(2));
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gxl = at::empty_like(xl);
   at::Tensor gxr = at::empty_like(xr);
   at::Tensor gatt = at::empty_like(att);
   at::Tensor gef = edge_feat.has_value() ? at::empty_like(*edge_feat) : at::empty({0}, xl.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xl.scalar_type(), "gatv2_backward_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gatv2_backward_cpu_index", [&] {
-      backward_kernel<scalar_t, index_t>(go, xl, xr, att, rowptr, col, eid, colptr, csc_row,
-                                         csc_perm, edge_feat, out.contiguous(), lse.contiguous(),
-                                         negative_slope, dropout, seed_value(seed, dropout), gxl,
-                                         gxr, gatt, gef);
-    });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(xl.scalar_type(), col.scalar_type(), "gatv2_backward_cpu", [&] {
+    backward_kernel<scalar_t, index_t>(go, xl, xr, att, rowptr, col, eid, colptr, csc_row,
+                                       csc_perm, edge_feat, out.contiguous(), lse.contiguous(),
+                                       negative_slope, dropout, seed_value(seed, dropout), gxl,
+                                       gxr, gatt, gef);
   });
   return {gxl, gxr, gatt, gef};
 }

@@ -75,17 +75,15 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cuda(
   at::Tensor lse = new_tensor({n_dst, H}, xl.options().dtype(acc_dtype(xl.scalar_type())));
   if (n_dst == 0) return {out, lse};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xl.scalar_type(), "gatv2_forward_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gatv2_forward_cuda_index", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p = common_params<scalar_t, index_t>(xl, xr, att, edge_feat, rowptr, col, eid,
-                                                negative_slope, dropout, seed_v);
-      p.out_w = out.data_ptr<scalar_t>();
-      p.lse = lse.data_ptr<acc_t>();
-      with_layout(H * C, C, [&](auto nf, auto pow2) {
-        auto kernel = gatv2_forward_kernel<scalar_t, index_t, decltype(nf)::value, decltype(pow2)::value>;
-        NEPTUNE_LAUNCH(kernel, warp_blocks(n_dst), stream, p);
-      });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(xl.scalar_type(), col.scalar_type(), "gatv2_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = common_params<scalar_t, index_t>(xl, xr, att, edge_feat, rowptr, col, eid,
+                                              negative_slope, dropout, seed_v);
+    p.out_w = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<acc_t>();
+    with_layout(H * C, C, [&](auto nf, auto pow2) {
+      auto kernel = gatv2_forward_kernel<scalar_t, index_t, decltype(nf)::value, decltype(pow2)::value>;
+      NEPTUNE_LAUNCH(kernel, warp_blocks(n_dst), stream, p);
     });
   });
   return {out, lse};

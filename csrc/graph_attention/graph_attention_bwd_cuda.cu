@@ -268,7 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   const int64_t n_src = h.size(0), n_dst = score_dst.size(0), H = h.size(1), C = h.size(2),
                 E = col.size(0);
-  check_gat_backward_tensors(grad_out, out, lse, h, n_dst);
+  check_attention_backward_tensors("neptune::gat_backward", grad_out, out, lse, h.scalar_type(), n_dst,
+                                   h.size(1), h.size(2));
   for (const auto& [t, name] :
        {std::pair<const at::Tensor&, const char*>{h, "h"}, {grad_out, "grad_out"},
         {score_src, "score_src"}, {score_dst, "score_dst"}, {rowptr, "rowptr"}, {col, "col"},
@@ -295,53 +296,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
   // (dS, a') per (CSR position, head): the one E x H intermediate, backward only.
   at::Tensor dsap = new_tensor({E, H, 2}, lse_c.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_backward_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gat_backward_cuda_index", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      constexpr int kVec = vec_width<scalar_t>();
-      DsAp<acc_t>* dsap_p = reinterpret_cast<DsAp<acc_t>*>(dsap.data_ptr<acc_t>());
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(h.scalar_type(), col.scalar_type(), "gat_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVec = vec_width<scalar_t>();
+    DsAp<acc_t>* dsap_p = reinterpret_cast<DsAp<acc_t>*>(dsap.data_ptr<acc_t>());
 
-      Bwd1Params<scalar_t, index_t> p1;
-      p1.go = go.data_ptr<scalar_t>();
-      p1.h = h.data_ptr<scalar_t>();
-      p1.ss = score_src.data_ptr<scalar_t>();
-      p1.sd = score_dst.data_ptr<scalar_t>();
-      p1.el = edge_logits.has_value() ? edge_logits->data_ptr<scalar_t>() : nullptr;
-      p1.out = out_c.data_ptr<scalar_t>();
-      p1.lse = lse_c.data_ptr<acc_t>();
-      p1.ptr = rowptr.data_ptr<index_t>();
-      p1.col = col.data_ptr<index_t>();
-      p1.eid = eid.data_ptr<index_t>();
-      p1.dsap = dsap_p;
-      p1.gel = edge_logits.has_value() ? gel.data_ptr<scalar_t>() : nullptr;
-      p1.gsd = gsd.data_ptr<scalar_t>();
-      p1.slope = static_cast<acc_t>(negative_slope);
-      p1.dropout = dropout > 0.0;
-      p1.p = static_cast<float>(dropout);
-      p1.keep_scale = dropout_keep_scale<acc_t>(dropout);
-      p1.seed = seed_v;
-      bool vec1 = false;
-      if constexpr (kVec > 1) {
-        if (vec_ok && C % kVec == 0) {
-          vec1 = true;
-          run_tree<Backward1<scalar_t, index_t, kVec>>(p1, make_layout(H, C, kVec, 1, true),
-                                                       n_dst, E, lse_c.options(), stream);
-        }
+    Bwd1Params<scalar_t, index_t> p1;
+    p1.go = go.data_ptr<scalar_t>();
+    p1.h = h.data_ptr<scalar_t>();
+    p1.ss = score_src.data_ptr<scalar_t>();
+    p1.sd = score_dst.data_ptr<scalar_t>();
+    p1.el = edge_logits.has_value() ? edge_logits->data_ptr<scalar_t>() : nullptr;
+    p1.out = out_c.data_ptr<scalar_t>();
+    p1.lse = lse_c.data_ptr<acc_t>();
+    p1.ptr = rowptr.data_ptr<index_t>();
+    p1.col = col.data_ptr<index_t>();
+    p1.eid = eid.data_ptr<index_t>();
+    p1.dsap = dsap_p;
+    p1.gel = edge_logits.has_value() ? gel.data_ptr<scalar_t>() : nullptr;
+    p1.gsd = gsd.data_ptr<scalar_t>();
+    p1.slope = static_cast<acc_t>(negative_slope);
+    p1.dropout = dropout > 0.0;
+    p1.p = static_cast<float>(dropout);
+    p1.keep_scale = dropout_keep_scale<acc_t>(dropout);
+    p1.seed = seed_v;
+    bool vec1 = false;
+    if constexpr (kVec > 1) {
+      if (vec_ok && C % kVec == 0) {
+        vec1 = true;
+        run_tree<Backward1<scalar_t, index_t, kVec>>(p1, make_layout(H, C, kVec, 1, true),
+                                                     n_dst, E, lse_c.options(), stream);
       }
-      if (!vec1)
-        run_tree<Backward1<scalar_t, index_t, 1>>(p1, make_layout(H, C, 1, 1, true), n_dst, E,
-                                                  lse_c.options(), stream);
+    }
+    if (!vec1)
+      run_tree<Backward1<scalar_t, index_t, 1>>(p1, make_layout(H, C, 1, 1, true), n_dst, E,
+                                                lse_c.options(), stream);
 
-      Bwd2Params<scalar_t, index_t> p2;
-      p2.go = go.data_ptr<scalar_t>();
-      p2.dsap = dsap_p;
-      p2.ptr = colptr.data_ptr<index_t>();
-      p2.row = csc_row.data_ptr<index_t>();
-      p2.perm = csc_perm.data_ptr<index_t>();
-      p2.gh = gh.data_ptr<scalar_t>();
-      p2.gss = gss.data_ptr<scalar_t>();
-      run_wide<Backward2, scalar_t, index_t>(p2, H, C, vec_ok, n_src, E, lse_c.options(), stream);
-    });
+    Bwd2Params<scalar_t, index_t> p2;
+    p2.go = go.data_ptr<scalar_t>();
+    p2.dsap = dsap_p;
+    p2.ptr = colptr.data_ptr<index_t>();
+    p2.row = csc_row.data_ptr<index_t>();
+    p2.perm = csc_perm.data_ptr<index_t>();
+    p2.gh = gh.data_ptr<scalar_t>();
+    p2.gss = gss.data_ptr<scalar_t>();
+    run_wide<Backward2, scalar_t, index_t>(p2, H, C, vec_ok, n_src, E, lse_c.options(), stream);
   });
   return {gh, gss, gsd, gel};
 }

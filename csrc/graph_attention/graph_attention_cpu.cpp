@@ -26,11 +26,44 @@
 #include <vector>
 
 #include "graph_attention.h"
-#include "cpu_gather.h"
+#include "attention_cpu.h"
 #include "graph_attention_math.h"
 
 namespace neptune {
 namespace {
+
+// GAT's logit and value for the shared forward pass (attention_cpu.h):
+//   logit_ij = LeakyReLU(score_dst[i] + score_src[j] (+ edge_logits[e])), value_ij = h[j].
+template <typename scalar_t, typename acc_t>
+struct GatForward {
+  const scalar_t* h;
+  const scalar_t* ss;
+  const scalar_t* sd;
+  const scalar_t* el;
+  int64_t H, C;
+  acc_t slope;
+  int64_t edge_cost = 1;
+  struct Row {
+    std::vector<acc_t> base;
+    explicit Row(const GatForward& v) : base(v.H) {}
+  };
+  void begin_row(Row& r, int64_t i) const {
+    for (int64_t k = 0; k < H; ++k) r.base[k] = static_cast<acc_t>(sd[i * H + k]);
+  }
+  void prefetch(int64_t j, int64_t edge) const {
+    prefetch_row(h + j * H * C, H * C);
+    __builtin_prefetch(ss + j * H, 0, 1);
+    if (el) __builtin_prefetch(el + edge * H, 0, 1);
+  }
+  acc_t logit(const Row& r, int64_t j, int64_t edge, int64_t k) const {
+    acc_t raw = r.base[k] + static_cast<acc_t>(ss[j * H + k]);
+    if (el) raw += static_cast<acc_t>(el[edge * H + k]);
+    return leaky_relu(raw, slope);
+  }
+  void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t, int64_t k) const {
+    axpy_rescaled<scalar_t, acc_t>(a, rescale, w, h + (j * H + k) * C, nullptr, C);
+  }
+};
 
 template <typename scalar_t, typename index_t>
 void forward_kernel(const at::Tensor& h_t, const at::Tensor& ss_t, const at::Tensor& sd_t,
@@ -39,68 +72,13 @@ void forward_kernel(const at::Tensor& h_t, const at::Tensor& ss_t, const at::Ten
                     at::Tensor& out_t, at::Tensor& lse_t, double slope_d, double p_d,
                     uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_dst = sd_t.size(0), H = h_t.size(1), C = h_t.size(2), HC = H * C;
-  const int64_t n_edges = col_t.size(0);
-  const scalar_t* h = h_t.data_ptr<scalar_t>();
-  const scalar_t* ss = ss_t.data_ptr<scalar_t>();
-  const scalar_t* sd = sd_t.data_ptr<scalar_t>();
-  const scalar_t* el = el_t.has_value() ? el_t->data_ptr<scalar_t>() : nullptr;
-  const index_t* rowptr = rowptr_t.data_ptr<index_t>();
-  const index_t* col = col_t.data_ptr<index_t>();
-  const index_t* eid = eid_t.data_ptr<index_t>();
-  scalar_t* out = out_t.data_ptr<scalar_t>();
-  acc_t* lse = lse_t.data_ptr<acc_t>();
-  const acc_t slope = static_cast<acc_t>(slope_d);
-  const bool use_dropout = p_d > 0.0;
-  const float p = static_cast<float>(p_d);
-  const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
-
-  at::parallel_for(0, n_dst, grain_for(n_dst, col_t.size(0), HC), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(HC), m(H), s(H), base(H);
-    for (int64_t i = begin; i < end; ++i) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(s.begin(), s.end(), acc_t(0));
-      for (int64_t k = 0; k < H; ++k) base[k] = static_cast<acc_t>(sd[i * H + k]);
-      const int64_t e_end = rowptr[i + 1];
-      for (int64_t e = rowptr[i]; e < e_end; ++e) {
-        if (e + kPrefetchDistance < n_edges) {
-          const int64_t jn = col[e + kPrefetchDistance];
-          prefetch_row(h + jn * HC, HC);
-          __builtin_prefetch(ss + jn * H, 0, 1);
-          if (el) __builtin_prefetch(el + static_cast<int64_t>(eid[e + kPrefetchDistance]) * H, 0, 1);
-        }
-        const int64_t j = col[e];
-        const int64_t edge = eid[e];
-        const scalar_t* hj = h + j * HC;
-        for (int64_t k = 0; k < H; ++k) {
-          acc_t raw = base[k] + static_cast<acc_t>(ss[j * H + k]);
-          if (el) raw += static_cast<acc_t>(el[edge * H + k]);
-          const acc_t x = leaky_relu(raw, slope);
-          acc_t rescale, w;
-          online_softmax_step(x, m[k], s[k], rescale, w);
-          if (use_dropout) w = dropout_keep(seed, edge, k, p) ? w * keep_scale : acc_t(0);
-          acc_t* a = acc.data() + k * C;
-          const scalar_t* hv = hj + k * C;
-          if (rescale != acc_t(1)) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a[c] = a[c] * rescale + w * static_cast<acc_t>(hv[c]);
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<acc_t>(hv[c]);
-          }
-        }
-      }
-      for (int64_t k = 0; k < H; ++k) {
-        const bool any = softmax_has_mass(s[k]);
-        const acc_t inv = any ? acc_t(1) / s[k] : acc_t(0);
-        lse[i * H + k] = any ? m[k] + std::log(s[k]) : acc_t(0);
-        scalar_t* o = out + i * HC + k * C;
-        const acc_t* a = acc.data() + k * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
-      }
-    }
-  });
+  const int64_t H = h_t.size(1), C = h_t.size(2);
+  const GatForward<scalar_t, acc_t> var{h_t.data_ptr<scalar_t>(), ss_t.data_ptr<scalar_t>(),
+                                        sd_t.data_ptr<scalar_t>(), data_or_null<scalar_t>(el_t),
+                                        H, C, static_cast<acc_t>(slope_d)};
+  attention_forward_rows<scalar_t, acc_t, index_t>(var, CsrView<index_t>(rowptr_t, col_t, eid_t),
+                                                   sd_t.size(0), H, C, Dropout<acc_t>(p_d, seed),
+                                                   out_t.data_ptr<scalar_t>(), lse_t.data_ptr<acc_t>());
 }
 
 template <typename scalar_t, typename index_t>
@@ -119,23 +97,17 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
   const scalar_t* h = h_t.data_ptr<scalar_t>();
   const scalar_t* ss = ss_t.data_ptr<scalar_t>();
   const scalar_t* sd = sd_t.data_ptr<scalar_t>();
-  const scalar_t* el = el_t.has_value() ? el_t->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* el = data_or_null<scalar_t>(el_t);
   const scalar_t* out = out_t.data_ptr<scalar_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
-  const index_t* rowptr = rowptr_t.data_ptr<index_t>();
-  const index_t* col = col_t.data_ptr<index_t>();
-  const index_t* eid = eid_t.data_ptr<index_t>();
-  const index_t* colptr = colptr_t.data_ptr<index_t>();
-  const index_t* csc_row = csc_row_t.data_ptr<index_t>();
-  const index_t* csc_perm = csc_perm_t.data_ptr<index_t>();
+  const CsrView<index_t> csr(rowptr_t, col_t, eid_t);
+  const CscView<index_t> csc(colptr_t, csc_row_t, csc_perm_t);
   scalar_t* gh = gh_t.data_ptr<scalar_t>();
   scalar_t* gss = gss_t.data_ptr<scalar_t>();
   scalar_t* gsd = gsd_t.data_ptr<scalar_t>();
   scalar_t* gel = el ? gel_t.data_ptr<scalar_t>() : nullptr;
   const acc_t slope = static_cast<acc_t>(slope_d);
-  const bool use_dropout = p_d > 0.0;
-  const float p = static_cast<float>(p_d);
-  const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
+  const Dropout<acc_t> drop(p_d, seed);
 
   // Per-edge dS and a' in CSR order: E x H scratch (backward only).
   at::Tensor ds_t = at::empty({E, H}, lse_t.options());
@@ -144,57 +116,46 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
   acc_t* ap = ap_t.data_ptr<acc_t>();
 
   // Pass 1: destinations.
-  at::parallel_for(0, n_dst, grain_for(n_dst, E, HC), [&](int64_t begin, int64_t end) {
+  parallel_rows_by_cost(csr.rowptr, n_dst, HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> D(H), g_sd(H), base(H);
     for (int64_t i = begin; i < end; ++i) {
       if (i >= n_go) {  // a row without gradient (grad_out has n_go rows): nothing flows back
-        for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e)
+        for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e)
           for (int64_t k = 0; k < H; ++k) {
             ds[e * H + k] = 0;
             ap[e * H + k] = 0;
-            if (gel) gel[eid[e] * H + k] = scalar_t(0);
+            if (gel) gel[csr.eid[e] * H + k] = scalar_t(0);
           }
         for (int64_t k = 0; k < H; ++k) gsd[i * H + k] = scalar_t(0);
         continue;
       }
       const scalar_t* goi = go + i * HC;
-      const scalar_t* oi = out + i * HC;
+      row_dots(goi, out + i * HC, H, C, D.data());
       for (int64_t k = 0; k < H; ++k) {
-        acc_t d = 0;
-        for (int64_t c = 0; c < C; ++c)
-          d += static_cast<acc_t>(goi[k * C + c]) * static_cast<acc_t>(oi[k * C + c]);
-        D[k] = d;
         g_sd[k] = 0;
         base[k] = static_cast<acc_t>(sd[i * H + k]);
       }
-      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
         if (e + kPrefetchDistance < E) {
-          const int64_t jn = col[e + kPrefetchDistance];
+          const int64_t jn = csr.col[e + kPrefetchDistance];
           prefetch_row(h + jn * HC, HC);
           __builtin_prefetch(ss + jn * H, 0, 1);
           if (el) {
-            const int64_t en = eid[e + kPrefetchDistance];
+            const int64_t en = csr.eid[e + kPrefetchDistance];
             __builtin_prefetch(el + en * H, 0, 1);
             __builtin_prefetch(gel + en * H, 1, 1);
           }
         }
-        const int64_t j = col[e];
-        const int64_t edge = eid[e];
+        const int64_t j = csr.col[e];
+        const int64_t edge = csr.eid[e];
         const scalar_t* hj = h + j * HC;
         for (int64_t k = 0; k < H; ++k) {
           acc_t raw = base[k] + static_cast<acc_t>(ss[j * H + k]);
           if (el) raw += static_cast<acc_t>(el[edge * H + k]);
           const acc_t a = std::exp(leaky_relu(raw, slope) - lse[i * H + k]);
-          acc_t a_kept = a;
-          if (use_dropout) a_kept = dropout_keep(seed, edge, k, p) ? a * keep_scale : acc_t(0);
-          acc_t g = 0;
-          if (a_kept != acc_t(0)) {
-            const scalar_t* hv = hj + k * C;
-            const scalar_t* gv = goi + k * C;
-#pragma omp simd reduction(+ : g)
-            for (int64_t c = 0; c < C; ++c) g += static_cast<acc_t>(gv[c]) * static_cast<acc_t>(hv[c]);
-          }
-          const acc_t dS = logit_grad(a_kept, g, a, D[k], raw, slope);
+          const acc_t a_kept = drop.apply(a, edge, k);
+          const acc_t gk = a_kept != acc_t(0) ? dot_channels<acc_t>(goi + k * C, hj + k * C, C) : acc_t(0);
+          const acc_t dS = logit_grad(a_kept, gk, a, D[k], raw, slope);
           g_sd[k] += dS;
           ds[e * H + k] = dS;
           ap[e * H + k] = a_kept;
@@ -206,30 +167,26 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
   });
 
   // Pass 2: sources, over the transposed graph.
-  at::parallel_for(0, n_src, grain_for(n_src, E, HC), [&](int64_t begin, int64_t end) {
+  parallel_rows_by_cost(csc.colptr, n_src, HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(HC), g_ss(H);
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(g_ss.begin(), g_ss.end(), acc_t(0));
-      for (int64_t t = colptr[j]; t < colptr[j + 1]; ++t) {
+      for (int64_t t = csc.colptr[j]; t < csc.colptr[j + 1]; ++t) {
         if (t + kPrefetchDistance < E) {
-          const int64_t in = csc_row[t + kPrefetchDistance];
-          const int64_t en = csc_perm[t + kPrefetchDistance];
+          const int64_t in = csc.row[t + kPrefetchDistance];
+          const int64_t en = csc.perm[t + kPrefetchDistance];
           prefetch_row(go + in * HC, HC);
           __builtin_prefetch(ds + en * H, 0, 1);
           __builtin_prefetch(ap + en * H, 0, 1);
         }
-        const int64_t i = csc_row[t];
-        const int64_t e = csc_perm[t];
+        const int64_t i = csc.row[t];
+        const int64_t e = csc.perm[t];
         const scalar_t* goi = go + i * HC;
         for (int64_t k = 0; k < H; ++k) {
           g_ss[k] += ds[e * H + k];
           const acc_t w = ap[e * H + k];
-          if (w == acc_t(0)) continue;
-          acc_t* a = acc.data() + k * C;
-          const scalar_t* gv = goi + k * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<acc_t>(gv[c]);
+          if (w != acc_t(0)) axpy_rescaled<scalar_t, acc_t>(acc.data() + k * C, acc_t(1), w, goi + k * C, nullptr, C);
         }
       }
       for (int64_t x = 0; x < HC; ++x) gh[j * HC + x] = static_cast<scalar_t>(acc[x]);
@@ -251,12 +208,10 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2);
   at::Tensor out = at::empty({n_dst, H, C}, h.options());
   at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(acc_dtype(h.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_forward_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gat_forward_cpu_index", [&] {
-      forward_kernel<scalar_t, index_t>(h, score_src, score_dst, rowptr, col, eid, edge_logits,
-                                        out, lse, negative_slope, dropout,
-                                        seed_value(seed, dropout));
-    });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(h.scalar_type(), col.scalar_type(), "gat_forward_cpu", [&] {
+    forward_kernel<scalar_t, index_t>(h, score_src, score_dst, rowptr, col, eid, edge_logits,
+                                      out, lse, negative_slope, dropout,
+                                      seed_value(seed, dropout));
   });
   return {out, lse};
 }
@@ -273,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, h.size(0), score_dst.size(0),
             "neptune::gat_backward");
   // grad_out and out may have fewer rows than the graph: the rows past them get no gradient
-  check_gat_backward_tensors(grad_out, out, lse, h, score_dst.size(0), /*fewer_rows=*/true);
+  check_attention_backward_tensors("neptune::gat_backward", grad_out, out, lse, h.scalar_type(),
+                                   score_dst.size(0), h.size(1), h.size(2), /*fewer_rows=*/true);
   const int64_t n_go = grad_out.size(0);
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gh = at::empty_like(h);
@@ -281,13 +237,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
   at::Tensor gsd = at::empty_like(score_dst);
   at::Tensor gel = edge_logits.has_value() ? at::empty_like(*edge_logits)
                                            : at::empty({0}, h.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_backward_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gat_backward_cpu_index", [&] {
-      backward_kernel<scalar_t, index_t>(go, h, score_src, score_dst, rowptr, col, eid, colptr,
-                                         csc_row, csc_perm, edge_logits, out.contiguous(),
-                                         lse.contiguous(), negative_slope, dropout,
-                                         seed_value(seed, dropout), gh, gss, gsd, gel, n_go);
-    });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(h.scalar_type(), col.scalar_type(), "gat_backward_cpu", [&] {
+    backward_kernel<scalar_t, index_t>(go, h, score_src, score_dst, rowptr, col, eid, colptr,
+                                       csc_row, csc_perm, edge_logits, out.contiguous(),
+                                       lse.contiguous(), negative_slope, dropout,
+                                       seed_value(seed, dropout), gh, gss, gsd, gel, n_go);
   });
   return {gh, gss, gsd, gel};
 }

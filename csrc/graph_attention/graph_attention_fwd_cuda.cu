@@ -179,26 +179,24 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool vec_ok = aligned16(h) && aligned16(out);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_forward_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "gat_forward_cuda_index", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      FwdParams<scalar_t, index_t> p;
-      p.h = h.data_ptr<scalar_t>();
-      p.ss = score_src.data_ptr<scalar_t>();
-      p.sd = score_dst.data_ptr<scalar_t>();
-      p.el = edge_logits.has_value() ? edge_logits->data_ptr<scalar_t>() : nullptr;
-      p.ptr = rowptr.data_ptr<index_t>();
-      p.col = col.data_ptr<index_t>();
-      p.eid = eid.data_ptr<index_t>();
-      p.out = out.data_ptr<scalar_t>();
-      p.lse = lse.data_ptr<acc_t>();
-      p.slope = static_cast<acc_t>(negative_slope);
-      p.dropout = dropout > 0.0;
-      p.p = static_cast<float>(dropout);
-      p.keep_scale = dropout_keep_scale<acc_t>(dropout);
-      p.seed = seed_v;
-      run_wide<Forward, scalar_t, index_t>(p, H, C, vec_ok, n_dst, E, lse.options(), stream);
-    });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(h.scalar_type(), col.scalar_type(), "gat_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FwdParams<scalar_t, index_t> p;
+    p.h = h.data_ptr<scalar_t>();
+    p.ss = score_src.data_ptr<scalar_t>();
+    p.sd = score_dst.data_ptr<scalar_t>();
+    p.el = edge_logits.has_value() ? edge_logits->data_ptr<scalar_t>() : nullptr;
+    p.ptr = rowptr.data_ptr<index_t>();
+    p.col = col.data_ptr<index_t>();
+    p.eid = eid.data_ptr<index_t>();
+    p.out = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<acc_t>();
+    p.slope = static_cast<acc_t>(negative_slope);
+    p.dropout = dropout > 0.0;
+    p.p = static_cast<float>(dropout);
+    p.keep_scale = dropout_keep_scale<acc_t>(dropout);
+    p.seed = seed_v;
+    run_wide<Forward, scalar_t, index_t>(p, H, C, vec_ok, n_dst, E, lse.options(), stream);
   });
   return {out, lse};
 }

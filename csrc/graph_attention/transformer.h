@@ -33,8 +33,7 @@
 #include <cmath>
 #include <tuple>
 
-#include "common.h"
-#include "graph/graph.h"
+#include "attention.h"
 
 namespace neptune {
 
@@ -51,71 +50,16 @@ inline void check_transformer_entry(const at::Tensor& q, const at::Tensor& k, co
               v.sizes());
   TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) == q.size(0) + 1, op,
               ": rowptr must be [N_dst + 1] = [", q.size(0) + 1, "], got ", rowptr.sizes());
-  TORCH_CHECK(col.dim() == 1 && eid.dim() == 1 && eid.size(0) == col.size(0), op,
-              ": col and eid must be [E] vectors of the same length");
-  TORCH_CHECK(rowptr.scalar_type() == col.scalar_type() && eid.scalar_type() == col.scalar_type(),
-              op, ": rowptr, col and eid must share one integer dtype");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must share one dtype");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
-                  rowptr.is_contiguous() && col.is_contiguous() && eid.is_contiguous(),
-              op, ": inputs must be contiguous");
-  if (edge_feat.has_value()) {
-    const auto& ef = *edge_feat;
-    TORCH_CHECK(ef.dim() == 3 && ef.size(0) == col.size(0) && ef.size(1) == H && ef.size(2) == C,
-                op, ": edge_feat must be [E, H, C] = [", col.size(0), ", ", H, ", ", C, "], got ",
-                ef.sizes());
-    TORCH_CHECK(ef.scalar_type() == q.scalar_type() && ef.is_contiguous(), op,
-                ": edge_feat must be contiguous with the dtype of q");
-  }
-  TORCH_CHECK(dropout >= 0.0 && dropout < 1.0, op, ": dropout must be in [0, 1), got ", dropout);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_attention_args(op, {q, k, v}, "q, k and v", rowptr, col, eid, edge_feat, "edge_feat",
+                       {H, C}, scale, "scale", dropout);
   check_csr(rowptr, col, eid, k.size(0), q.size(0), op);
 }
 
-inline void check_transformer_backward_tensors(const at::Tensor& grad_out, const at::Tensor& out,
-                                               const at::Tensor& lse, const at::Tensor& q) {
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
-              "neptune::transformer_backward: out must be [N_dst, H, C] like q, got ", out.sizes());
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == out.scalar_type(),
-              "neptune::transformer_backward: grad_out must match out in shape and dtype");
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.scalar_type() == acc_dtype(q.scalar_type()),
-              "neptune::transformer_backward: lse must be [N_dst, H] in ", acc_dtype(q.scalar_type()),
-              ", got ", lse.sizes(), " ", lse.scalar_type());
-}
-
-// Forward: (out [N_dst, H, C], lse [N_dst, H] in float32/float64).
-std::tuple<at::Tensor, at::Tensor> transformer_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rowptr,
-    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
-    const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, double scale, double dropout,
-    const std::optional<at::Tensor>& seed);
-
-// Backward: (grad_q, grad_k, grad_v, grad_edge_feat).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
-    double scale, double dropout, const std::optional<at::Tensor>& seed);
-
-// CUDA kernels (transformer_fwd_cuda.cu, transformer_bwd_cuda.cu), same signatures and
-// semantics; H * C <= 1024 (one warp holds a row: transformer_cuda.cuh).
-// Declared unconditionally, defined only in CUDA builds.
-std::tuple<at::Tensor, at::Tensor> transformer_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rowptr,
-    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
-    const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, double scale, double dropout,
-    const std::optional<at::Tensor>& seed);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
-    double scale, double dropout, const std::optional<at::Tensor>& seed);
+// (q [N_dst, H, C], k [N_src, H, C], v [N_src, H, C]) -> (out, lse); backward:
+// (grad_q, grad_k, grad_v, grad_edge_feat). The CUDA kernels (transformer_{fwd,bwd}_cuda.cu;
+// H * C <= 1024: one warp holds a row) are declared unconditionally, defined only in CUDA
+// builds.
+AttentionForward transformer_forward_cpu, transformer_forward_cuda;
+AttentionBackward transformer_backward_cpu, transformer_backward_cuda;
 
 }  // namespace neptune

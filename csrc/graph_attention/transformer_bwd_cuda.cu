@@ -177,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
                          "neptune::transformer_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, k.size(0), q.size(0),
             "neptune::transformer_backward");
-  check_transformer_backward_tensors(grad_out, out, lse, q);
+  check_attention_backward_tensors("neptune::transformer_backward", grad_out, out, lse,
+                                   q.scalar_type(), q.size(0), q.size(1), q.size(2));
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
@@ -191,31 +192,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
   const auto acc_opts = lse_c.options();
   at::Tensor ds = new_tensor({E, H}, acc_opts), ap = new_tensor({E, H}, acc_opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "transformer_backward_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "transformer_backward_cuda_index", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p = transformer_params<scalar_t, index_t>(q, k, v, edge_feat, rowptr, col, eid, scale,
-                                                     dropout, seed_v);
-      p.go = go.data_ptr<scalar_t>();
-      p.out = out_c.data_ptr<scalar_t>();
-      p.lse_in = lse_c.data_ptr<acc_t>();
-      p.colptr = colptr.data_ptr<index_t>();
-      p.csc_row = csc_row.data_ptr<index_t>();
-      p.csc_perm = csc_perm.data_ptr<index_t>();
-      p.ds = ds.data_ptr<acc_t>();
-      p.ap = ap.data_ptr<acc_t>();
-      p.gq = gq.data_ptr<scalar_t>();
-      p.gk = gk.data_ptr<scalar_t>();
-      p.gv = gv.data_ptr<scalar_t>();
-      p.gef = edge_feat.has_value() ? gef.data_ptr<scalar_t>() : nullptr;
-      with_layout(HC, C, [&](auto nf, auto pow2) {
-        constexpr int NF = decltype(nf)::value;
-        auto pass1 = transformer_pass1_kernel<scalar_t, index_t, NF, decltype(pow2)::value>;
-        auto pass2 = transformer_pass2_kernel<scalar_t, index_t, NF>;
-        // Pass 2 reads what pass 1 wrote: the same stream orders them.
-        if (n_dst > 0) NEPTUNE_LAUNCH(pass1, warp_blocks(n_dst), stream, p);
-        if (n_src > 0) NEPTUNE_LAUNCH(pass2, warp_blocks(n_src), stream, p);
-      });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = transformer_params<scalar_t, index_t>(q, k, v, edge_feat, rowptr, col, eid, scale,
+                                                   dropout, seed_v);
+    p.go = go.data_ptr<scalar_t>();
+    p.out = out_c.data_ptr<scalar_t>();
+    p.lse_in = lse_c.data_ptr<acc_t>();
+    p.colptr = colptr.data_ptr<index_t>();
+    p.csc_row = csc_row.data_ptr<index_t>();
+    p.csc_perm = csc_perm.data_ptr<index_t>();
+    p.ds = ds.data_ptr<acc_t>();
+    p.ap = ap.data_ptr<acc_t>();
+    p.gq = gq.data_ptr<scalar_t>();
+    p.gk = gk.data_ptr<scalar_t>();
+    p.gv = gv.data_ptr<scalar_t>();
+    p.gef = edge_feat.has_value() ? gef.data_ptr<scalar_t>() : nullptr;
+    with_layout(HC, C, [&](auto nf, auto pow2) {
+      constexpr int NF = decltype(nf)::value;
+      auto pass1 = transformer_pass1_kernel<scalar_t, index_t, NF, decltype(pow2)::value>;
+      auto pass2 = transformer_pass2_kernel<scalar_t, index_t, NF>;
+      // Pass 2 reads what pass 1 wrote: the same stream orders them.
+      if (n_dst > 0) NEPTUNE_LAUNCH(pass1, warp_blocks(n_dst), stream, p);
+      if (n_src > 0) NEPTUNE_LAUNCH(pass2, warp_blocks(n_src), stream, p);
     });
   });
   return {gq, gk, gv, gef};

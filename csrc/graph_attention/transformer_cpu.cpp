@@ -17,8 +17,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_gather.h"
-#include "graph_attention.h"  // seed_value
+#include "attention_cpu.h"
 #include "graph_attention_math.h"
 #include "transformer.h"
 
@@ -43,27 +42,33 @@ inline acc_t dot_keyed(const acc_t* a, const scalar_t* b, const scalar_t* e, int
   return s;
 }
 
-// acc = acc * rescale + w * (v (+ e)).
 template <typename scalar_t, typename acc_t>
-inline void axpy_rescaled(acc_t* acc, acc_t rescale, acc_t w, const scalar_t* v, const scalar_t* e,
-                          int64_t C) {
-  if (e) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c)
-      acc[c] = acc[c] * rescale + w * (static_cast<acc_t>(v[c]) + static_cast<acc_t>(e[c]));
-  } else if (rescale != acc_t(1)) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] * rescale + w * static_cast<acc_t>(v[c]);
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(v[c]);
+struct TransformerForward {
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const scalar_t* ef;
+  int64_t H, C;
+  acc_t scale;
+  int64_t edge_cost = 2;
+  struct Row {
+    std::vector<acc_t> qi;
+    explicit Row(const TransformerForward& t) : qi(t.H * t.C) {}
+  };
+  void begin_row(Row& r, int64_t i) const { load_scaled(r.qi.data(), q + i * H * C, scale, H * C); }
+  void prefetch(int64_t j, int64_t edge) const {
+    prefetch_row(k + j * H * C, H * C);
+    prefetch_row(v + j * H * C, H * C);
+    if (ef) prefetch_row(ef + edge * H * C, H * C);
   }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void load_scaled(acc_t* dst, const scalar_t* src, acc_t scale, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<acc_t>(src[c]) * scale;
-}
+  const scalar_t* edge_row(int64_t edge, int64_t h) const { return ef ? ef + (edge * H + h) * C : nullptr; }
+  acc_t logit(const Row& r, int64_t j, int64_t edge, int64_t h) const {
+    return dot_keyed<scalar_t, acc_t>(r.qi.data() + h * C, k + (j * H + h) * C, edge_row(edge, h), C);
+  }
+  void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t edge, int64_t h) const {
+    axpy_rescaled<scalar_t, acc_t>(a, rescale, w, v + (j * H + h) * C, edge_row(edge, h), C);
+  }
+};
 
 template <typename scalar_t, typename index_t>
 void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t,
@@ -71,60 +76,13 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
                     const std::optional<at::Tensor>& ef_t, at::Tensor& out_t, at::Tensor& lse_t,
                     double scale_d, double p_d, uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_dst = q_t.size(0), H = q_t.size(1), C = q_t.size(2), HC = H * C;
-  const int64_t E = col_t.size(0);
-  const scalar_t* q = q_t.data_ptr<scalar_t>();
-  const scalar_t* k = k_t.data_ptr<scalar_t>();
-  const scalar_t* v = v_t.data_ptr<scalar_t>();
-  const scalar_t* ef = ef_t.has_value() ? ef_t->data_ptr<scalar_t>() : nullptr;
-  const index_t* rowptr = rowptr_t.data_ptr<index_t>();
-  const index_t* col = col_t.data_ptr<index_t>();
-  const index_t* eid = eid_t.data_ptr<index_t>();
-  scalar_t* out = out_t.data_ptr<scalar_t>();
-  acc_t* lse = lse_t.data_ptr<acc_t>();
-  const acc_t scale = static_cast<acc_t>(scale_d);
-  const bool use_dropout = p_d > 0.0;
-  const float p = static_cast<float>(p_d);
-  const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
-
-  parallel_rows_by_cost(rowptr, n_dst, 2 * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(HC), qi(HC), m(H), s(H);
-    for (int64_t i = begin; i < end; ++i) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(s.begin(), s.end(), acc_t(0));
-      load_scaled(qi.data(), q + i * HC, scale, HC);
-      const int64_t e_end = rowptr[i + 1];
-      for (int64_t e = rowptr[i]; e < e_end; ++e) {
-        if (e + kPrefetchDistance < E) {
-          const int64_t jn = col[e + kPrefetchDistance];
-          prefetch_row(k + jn * HC, HC);
-          prefetch_row(v + jn * HC, HC);
-          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
-        }
-        const int64_t j = col[e], edge = eid[e];
-        const scalar_t* efe = ef ? ef + edge * HC : nullptr;
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t o = h * C;
-          const acc_t x = dot_keyed<scalar_t, acc_t>(qi.data() + o, k + j * HC + o,
-                                                     efe ? efe + o : nullptr, C);
-          acc_t rescale, w;
-          online_softmax_step(x, m[h], s[h], rescale, w);
-          if (use_dropout) w = dropout_keep(seed, edge, h, p) ? w * keep_scale : acc_t(0);
-          axpy_rescaled<scalar_t, acc_t>(acc.data() + o, rescale, w, v + j * HC + o,
-                                         efe ? efe + o : nullptr, C);
-        }
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        const bool any = softmax_has_mass(s[h]);
-        const acc_t inv = any ? acc_t(1) / s[h] : acc_t(0);
-        lse[i * H + h] = any ? m[h] + std::log(s[h]) : acc_t(0);
-        scalar_t* o = out + i * HC + h * C;
-        const acc_t* a = acc.data() + h * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
-      }
-    }
-  });
+  const int64_t H = q_t.size(1), C = q_t.size(2);
+  const TransformerForward<scalar_t, acc_t> var{q_t.data_ptr<scalar_t>(), k_t.data_ptr<scalar_t>(),
+                                                v_t.data_ptr<scalar_t>(), data_or_null<scalar_t>(ef_t),
+                                                H, C, static_cast<acc_t>(scale_d)};
+  attention_forward_rows<scalar_t, acc_t, index_t>(var, CsrView<index_t>(rowptr_t, col_t, eid_t),
+                                                   q_t.size(0), H, C, Dropout<acc_t>(p_d, seed),
+                                                   out_t.data_ptr<scalar_t>(), lse_t.data_ptr<acc_t>());
 }
 
 template <typename scalar_t, typename index_t>
@@ -142,23 +100,17 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
   const scalar_t* q = q_t.data_ptr<scalar_t>();
   const scalar_t* k = k_t.data_ptr<scalar_t>();
   const scalar_t* v = v_t.data_ptr<scalar_t>();
-  const scalar_t* ef = ef_t.has_value() ? ef_t->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* ef = data_or_null<scalar_t>(ef_t);
   const scalar_t* out = out_t.data_ptr<scalar_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
-  const index_t* rowptr = rowptr_t.data_ptr<index_t>();
-  const index_t* col = col_t.data_ptr<index_t>();
-  const index_t* eid = eid_t.data_ptr<index_t>();
-  const index_t* colptr = colptr_t.data_ptr<index_t>();
-  const index_t* csc_row = csc_row_t.data_ptr<index_t>();
-  const index_t* csc_perm = csc_perm_t.data_ptr<index_t>();
+  const CsrView<index_t> csr(rowptr_t, col_t, eid_t);
+  const CscView<index_t> csc(colptr_t, csc_row_t, csc_perm_t);
   scalar_t* gq = gq_t.data_ptr<scalar_t>();
   scalar_t* gk = gk_t.data_ptr<scalar_t>();
   scalar_t* gv = gv_t.data_ptr<scalar_t>();
   scalar_t* gef = ef ? gef_t.data_ptr<scalar_t>() : nullptr;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const bool use_dropout = p_d > 0.0;
-  const float p = static_cast<float>(p_d);
-  const acc_t keep_scale = dropout_keep_scale<acc_t>(p_d);
+  const Dropout<acc_t> drop(p_d, seed);
 
   // D_i = sum_j a'_ij g_ij = <dOut_i, out_i> per head. With float32/float64 inputs `out`
   // holds the accumulated sum to its last bit and the dot product is used. A bfloat16 or
@@ -169,34 +121,26 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
   at::Tensor d_t = at::empty({n_dst, H}, lse_t.options());
   acc_t* Dv = d_t.data_ptr<acc_t>();
   constexpr bool kExactD = !std::is_same_v<scalar_t, acc_t>;
-  parallel_rows_by_cost(rowptr, n_dst, kExactD ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> goi(HC), qi(HC);
+  const TransformerForward<scalar_t, acc_t> fwd{q, k, v, ef, H, C, scale};
+  parallel_rows_by_cost(csr.rowptr, n_dst, kExactD ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
+    typename TransformerForward<scalar_t, acc_t>::Row row(fwd);
+    std::vector<acc_t> goi(HC);
     for (int64_t i = begin; i < end; ++i) {
-      load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
       if constexpr (!kExactD) {
-        for (int64_t h = 0; h < H; ++h)
-          Dv[i * H + h] = dot_keyed<scalar_t, acc_t>(goi.data() + h * C, out + i * HC + h * C, nullptr, C);
+        row_dots(go + i * HC, out + i * HC, H, C, Dv + i * H);
         continue;
       }
-      load_scaled(qi.data(), q + i * HC, scale, HC);
+      load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
+      fwd.begin_row(row, i);
       for (int64_t h = 0; h < H; ++h) Dv[i * H + h] = 0;
-      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
-        if (e + kPrefetchDistance < E) {
-          const int64_t jn = col[e + kPrefetchDistance];
-          prefetch_row(k + jn * HC, HC);
-          prefetch_row(v + jn * HC, HC);
-          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
-        }
-        const int64_t j = col[e];
-        const int64_t edge = (ef || use_dropout) ? static_cast<int64_t>(eid[e]) : 0;
-        const scalar_t* efe = ef ? ef + edge * HC : nullptr;
+      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
+        if (e + kPrefetchDistance < E) fwd.prefetch(csr.col[e + kPrefetchDistance], csr.eid[e + kPrefetchDistance]);
+        const int64_t j = csr.col[e], edge = csr.eid[e];
         for (int64_t h = 0; h < H; ++h) {
-          const int64_t o = h * C;
-          const acc_t x = dot_keyed<scalar_t, acc_t>(qi.data() + o, k + j * HC + o, efe ? efe + o : nullptr, C);
-          acc_t a = std::exp(x - lse[i * H + h]);
-          if (use_dropout) a = dropout_keep(seed, edge, h, p) ? a * keep_scale : acc_t(0);
+          const acc_t a = drop.apply(std::exp(fwd.logit(row, j, edge, h) - lse[i * H + h]), edge, h);
           if (a != acc_t(0))
-            Dv[i * H + h] += a * dot_keyed<scalar_t, acc_t>(goi.data() + o, v + j * HC + o, efe ? efe + o : nullptr, C);
+            Dv[i * H + h] += a * dot_keyed<scalar_t, acc_t>(goi.data() + h * C, v + (j * H + h) * C,
+                                                            fwd.edge_row(edge, h), C);
         }
       }
     }
@@ -210,25 +154,25 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
   const int64_t S = ef ? 2 * H : H;
   at::Tensor ds_t = at::empty({E, S}, lse_t.options());
   acc_t* ds = ds_t.data_ptr<acc_t>();
-  parallel_rows_by_cost(colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
+  parallel_rows_by_cost(csc.colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> vj(HC), qs(HC), ak(HC), av(HC);
     for (int64_t j = begin; j < end; ++j) {
       load_scaled(vj.data(), v + j * HC, acc_t(1), HC);
       std::fill(ak.begin(), ak.end(), acc_t(0));
       std::fill(av.begin(), av.end(), acc_t(0));
-      for (int64_t t = colptr[j]; t < colptr[j + 1]; ++t) {
+      for (int64_t t = csc.colptr[j]; t < csc.colptr[j + 1]; ++t) {
         if (t + kPrefetchDistance < E) {
-          const int64_t in = csc_row[t + kPrefetchDistance], en = csc_perm[t + kPrefetchDistance];
+          const int64_t in = csc.row[t + kPrefetchDistance], en = csc.perm[t + kPrefetchDistance];
           prefetch_row(go + in * HC, HC);
           prefetch_row(q + in * HC, HC);
           __builtin_prefetch(lse + in * H, 0, 1);
           __builtin_prefetch(Dv + in * H, 0, 1);
           __builtin_prefetch(ds + en * S, 1, 1);  // written below: a random write per edge
-          if (ef || use_dropout) __builtin_prefetch(eid + en, 0, 1);
-          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[en]) * HC, HC);
+          if (ef || drop.on) __builtin_prefetch(csr.eid + en, 0, 1);
+          if (ef) prefetch_row(ef + static_cast<int64_t>(csr.eid[en]) * HC, HC);
         }
-        const int64_t i = csc_row[t], e = csc_perm[t];
-        const int64_t edge = (ef || use_dropout) ? static_cast<int64_t>(eid[e]) : 0;
+        const int64_t i = csc.row[t], e = csc.perm[t];
+        const int64_t edge = (ef || drop.on) ? static_cast<int64_t>(csr.eid[e]) : 0;
         const scalar_t* qi = q + i * HC;
         const scalar_t* goi = go + i * HC;
         const scalar_t* efe = ef ? ef + edge * HC : nullptr;
@@ -240,8 +184,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
           // operands), so that a = exp(x - lse) is the forward's weight to the bit.
           const acc_t x = dot_keyed<scalar_t, acc_t>(qs.data() + o, k + j * HC + o, eh, C);
           const acc_t a = std::exp(x - lse[i * H + h]);
-          acc_t a_kept = a;
-          if (use_dropout) a_kept = dropout_keep(seed, edge, h, p) ? a * keep_scale : acc_t(0);
+          const acc_t a_kept = drop.apply(a, edge, h);
           acc_t g = 0;
           if (a_kept != acc_t(0)) {
             g = dot_keyed<scalar_t, acc_t>(vj.data() + o, goi + o, nullptr, C);
@@ -273,7 +216,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
 
   // Pass 2: destinations: grad q = scale sum_j dS k'_ij (k_j gathered once per edge), and
   // grad edge_feat = scale dS q_i + a' dOut_i (each edge written once, where it is read).
-  parallel_rows_by_cost(rowptr, n_dst, ef ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
+  parallel_rows_by_cost(csr.rowptr, n_dst, ef ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> gqi(HC), qs(HC), goi(HC);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(gqi.begin(), gqi.end(), acc_t(0));
@@ -281,13 +224,13 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
         load_scaled(qs.data(), q + i * HC, scale, HC);
         load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
       }
-      for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
         if (e + kPrefetchDistance < E) {
-          prefetch_row(k + static_cast<int64_t>(col[e + kPrefetchDistance]) * HC, HC);
-          if (ef) prefetch_row(ef + static_cast<int64_t>(eid[e + kPrefetchDistance]) * HC, HC);
+          prefetch_row(k + static_cast<int64_t>(csr.col[e + kPrefetchDistance]) * HC, HC);
+          if (ef) prefetch_row(ef + static_cast<int64_t>(csr.eid[e + kPrefetchDistance]) * HC, HC);
         }
-        const int64_t j = col[e];
-        const int64_t edge = ef ? static_cast<int64_t>(eid[e]) : 0;
+        const int64_t j = csr.col[e];
+        const int64_t edge = ef ? static_cast<int64_t>(csr.eid[e]) : 0;
         const scalar_t* efe = ef ? ef + edge * HC : nullptr;
         for (int64_t h = 0; h < H; ++h) {
           const acc_t d = ds[e * S + h];
@@ -333,11 +276,9 @@ std::tuple<at::Tensor, at::Tensor> transformer_forward_cpu(
   const int64_t n_dst = q.size(0), H = q.size(1), C = q.size(2);
   at::Tensor out = at::empty({n_dst, H, C}, q.options());
   at::Tensor lse = at::empty({n_dst, H}, q.options().dtype(acc_dtype(q.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "transformer_forward_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "transformer_forward_cpu_index", [&] {
-      forward_kernel<scalar_t, index_t>(q, k, v, rowptr, col, eid, edge_feat, out, lse, scale,
-                                        dropout, seed_value(seed, dropout));
-    });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_forward_cpu", [&] {
+    forward_kernel<scalar_t, index_t>(q, k, v, rowptr, col, eid, edge_feat, out, lse, scale,
+                                      dropout, seed_value(seed, dropout));
   });
   return {out, lse};
 }
@@ -352,18 +293,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
                           "neptune::transformer_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, k.size(0), q.size(0),
             "neptune::transformer_backward");
-  check_transformer_backward_tensors(grad_out, out, lse, q);
+  check_attention_backward_tensors("neptune::transformer_backward", grad_out, out, lse,
+                                   q.scalar_type(), q.size(0), q.size(1), q.size(2));
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gq = at::empty_like(q);
   at::Tensor gk = at::empty_like(k);
   at::Tensor gv = at::empty_like(v);
   at::Tensor gef = edge_feat.has_value() ? at::empty_like(*edge_feat) : at::empty({0}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "transformer_backward_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "transformer_backward_cpu_index", [&] {
-      backward_kernel<scalar_t, index_t>(go, q, k, v, rowptr, col, eid, colptr, csc_row, csc_perm,
-                                         edge_feat, out.contiguous(), lse.contiguous(), scale,
-                                         dropout, seed_value(seed, dropout), gq, gk, gv, gef);
-    });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_backward_cpu", [&] {
+    backward_kernel<scalar_t, index_t>(go, q, k, v, rowptr, col, eid, colptr, csc_row, csc_perm,
+                                       edge_feat, out.contiguous(), lse.contiguous(), scale,
+                                       dropout, seed_value(seed, dropout), gq, gk, gv, gef);
   });
   return {gq, gk, gv, gef};
 }

@@ -82,18 +82,16 @@ std::tuple<at::Tensor, at::Tensor> transformer_forward_cuda(
   at::Tensor lse = new_tensor({n_dst, H}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (n_dst == 0) return {out, lse};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "transformer_forward_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "transformer_forward_cuda_index", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p = transformer_params<scalar_t, index_t>(q, k, v, edge_feat, rowptr, col, eid, scale,
-                                                     dropout, seed_v);
-      p.out_w = out.data_ptr<scalar_t>();
-      p.lse = lse.data_ptr<acc_t>();
-      with_layout(H * C, C, [&](auto nf, auto pow2) {
-        auto kernel = transformer_forward_kernel<scalar_t, index_t, decltype(nf)::value,
-                                                 decltype(pow2)::value>;
-        NEPTUNE_LAUNCH(kernel, warp_blocks(n_dst), stream, p);
-      });
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = transformer_params<scalar_t, index_t>(q, k, v, edge_feat, rowptr, col, eid, scale,
+                                                   dropout, seed_v);
+    p.out_w = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<acc_t>();
+    with_layout(H * C, C, [&](auto nf, auto pow2) {
+      auto kernel = transformer_forward_kernel<scalar_t, index_t, decltype(nf)::value,
+                                               decltype(pow2)::value>;
+      NEPTUNE_LAUNCH(kernel, warp_blocks(n_dst), stream, p);
     });
   });
   return {out, lse};
