@@ -10,6 +10,8 @@
 // all of them take the same softmax steps.
 #pragma once
 
+#include <type_traits>
+
 #include "graph_attention_cuda.cuh"
 
 namespace neptune {
@@ -92,6 +94,55 @@ void with_layout(int64_t HC, int64_t C, F&& f) {
   else if (per_lane <= 8) go(std::integral_constant<int, 8>{});
   else if (per_lane <= 16) go(std::integral_constant<int, 16>{});
   else go(std::integral_constant<int, 32>{});
+}
+
+// The fields the warp-per-row kernels of every variant share (a variant's params
+// derive from it and add their own node tensors): the graph, the saved statistics, the
+// per-edge scratch, dropout and the shape.
+template <typename scalar_t, typename index_t>
+struct WarpRowParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* ef;   // nullable
+  const scalar_t* go;   // backward
+  const scalar_t* out;  // backward: the forward's output
+  const acc_t* lse_in;  // backward
+  const index_t* rowptr;
+  const index_t* col;
+  const index_t* eid;
+  const index_t* colptr;
+  const index_t* csc_row;
+  const index_t* csc_perm;
+  scalar_t* out_w;  // forward
+  acc_t* lse;       // forward
+  acc_t* ds;        // [E, H] in CSR order, pass 1 -> pass 2
+  acc_t* ap;        // [E, H] a' (after dropout)
+  scalar_t* gef;    // nullable
+  int64_t n_dst, H, C, HC;
+  acc_t keep_scale;
+  float p;
+  uint64_t seed;
+  bool dropout;
+};
+
+template <typename P>
+void fill_warp_row_params(P& p, const std::optional<at::Tensor>& edge_feat, const at::Tensor& rowptr,
+                          const at::Tensor& col, const at::Tensor& eid, int64_t n_dst, int64_t H,
+                          int64_t C, double dropout, uint64_t seed) {
+  using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(p.ef)>>;
+  using index_t = std::remove_const_t<std::remove_pointer_t<decltype(p.rowptr)>>;
+  using acc_t = at::opmath_type<scalar_t>;
+  p.ef = edge_feat.has_value() ? edge_feat->data_ptr<scalar_t>() : nullptr;
+  p.rowptr = rowptr.data_ptr<index_t>();
+  p.col = col.data_ptr<index_t>();
+  p.eid = eid.data_ptr<index_t>();
+  p.n_dst = n_dst;
+  p.H = H;
+  p.C = C;
+  p.HC = H * C;
+  p.dropout = dropout > 0.0;
+  p.p = static_cast<float>(dropout);
+  p.keep_scale = dropout_keep_scale<acc_t>(dropout);
+  p.seed = seed;
 }
 
 }  // namespace

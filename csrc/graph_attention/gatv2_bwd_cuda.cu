@@ -165,12 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
     double negative_slope, double dropout, const std::optional<at::Tensor>& seed) {
   check_v2_cuda(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
                 "neptune::gatv2_backward");
-  check_cuda(grad_out, xl, "grad_out");
-  check_cuda(out, xl, "out");
-  check_cuda(lse, xl, "lse");
-  check_cuda(colptr, xl, "colptr");
-  check_cuda(csc_row, xl, "csc_row");
-  check_cuda(csc_perm, xl, "csc_perm");
+  check_on_device("neptune::gatv2_backward", {{xl, "x_l"}, {grad_out, "grad_out"}, {out, "out"},
+                  {lse, "lse"}, {colptr, "colptr"}, {csc_row, "csc_row"}, {csc_perm, "csc_perm"}},
+                  std::nullopt, "");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, xl.size(0), rowptr.size(0) - 1,
             "neptune::gatv2_backward");
   check_attention_backward_tensors("neptune::gatv2_backward", grad_out, out, lse, xr.scalar_type(),

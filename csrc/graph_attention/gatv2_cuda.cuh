@@ -24,34 +24,16 @@ constexpr int64_t kGatv2MaxHC = kWarpRowMaxHC;  // 1024
 constexpr int64_t kAttRowsPerBlock = 256;  // rows summed per partial of grad att
 
 template <typename scalar_t, typename index_t>
-struct V2Params {
+struct V2Params : WarpRowParams<scalar_t, index_t> {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* xl;
   const scalar_t* xr;
   const scalar_t* att;
-  const scalar_t* ef;  // nullable
-  const scalar_t* go;  // backward
-  const scalar_t* out;  // backward: the forward's output
-  const acc_t* lse_in;  // backward
-  const index_t* rowptr;
-  const index_t* col;
-  const index_t* eid;
-  const index_t* colptr;
-  const index_t* csc_row;
-  const index_t* csc_perm;
-  scalar_t* out_w;  // forward
-  acc_t* lse;       // forward
-  acc_t* ds;        // [E, H] pass 1 -> pass 2
-  acc_t* ap;        // [E, H]
-  acc_t* ga_rows;   // [n_dst, HC] per-row grad att
+  acc_t* ga_rows;  // [n_dst, HC] per-row grad att
   scalar_t* gxl;
   scalar_t* gxr;
-  scalar_t* gef;  // nullable
-  int64_t n_rows, n_dst, H, C, HC;
-  acc_t slope, keep_scale;
-  float p;
-  uint64_t seed;
-  bool dropout;
+  int64_t n_rows;
+  acc_t slope;
 };
 
 // The entry checks of gatv2.h, plus: every tensor on x_l's GPU, rows a warp can hold.
@@ -60,13 +42,8 @@ inline void check_v2_cuda(const at::Tensor& xl, const at::Tensor& xr, const at::
                    const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
                    const char* op) {
   check_gatv2_inputs(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout);
-  check_cuda(xl, xl, "x_l");
-  check_cuda(xr, xl, "x_r");
-  check_cuda(att, xl, "att");
-  check_cuda(rowptr, xl, "rowptr");
-  check_cuda(col, xl, "col");
-  check_cuda(eid, xl, "eid");
-  if (edge_feat.has_value()) check_cuda(*edge_feat, xl, "edge_feat");
+  check_on_device(op, {{xl, "x_l"}, {xr, "x_r"}, {att, "att"}, {rowptr, "rowptr"}, {col, "col"},
+                       {eid, "eid"}}, edge_feat, "edge_feat");
   TORCH_CHECK(xl.size(2) > 0 && xl.size(1) * xl.size(2) <= kGatv2MaxHC,
               "neptune::gatv2 (CUDA): H * C must be in [1, ", kGatv2MaxHC, "], got H = ", xl.size(1),
               ", C = ", xl.size(2));
@@ -80,24 +57,12 @@ V2Params<scalar_t, index_t> common_params(const at::Tensor& xl, const at::Tensor
                                           const at::Tensor& rowptr, const at::Tensor& col,
                                           const at::Tensor& eid, double negative_slope, double dropout,
                                           uint64_t seed) {
-  using acc_t = at::opmath_type<scalar_t>;
   V2Params<scalar_t, index_t> p{};
+  fill_warp_row_params(p, edge_feat, rowptr, col, eid, xr.size(0), xl.size(1), xl.size(2), dropout, seed);
   p.xl = xl.data_ptr<scalar_t>();
   p.xr = xr.data_ptr<scalar_t>();
   p.att = att.data_ptr<scalar_t>();
-  p.ef = edge_feat.has_value() ? edge_feat->data_ptr<scalar_t>() : nullptr;
-  p.rowptr = rowptr.data_ptr<index_t>();
-  p.col = col.data_ptr<index_t>();
-  p.eid = eid.data_ptr<index_t>();
-  p.n_dst = xr.size(0);
-  p.H = xl.size(1);
-  p.C = xl.size(2);
-  p.HC = p.H * p.C;
-  p.slope = static_cast<acc_t>(negative_slope);
-  p.dropout = dropout > 0.0;
-  p.p = static_cast<float>(dropout);
-  p.keep_scale = dropout_keep_scale<acc_t>(dropout);
-  p.seed = seed;
+  p.slope = static_cast<at::opmath_type<scalar_t>>(negative_slope);
   return p;
 }
 

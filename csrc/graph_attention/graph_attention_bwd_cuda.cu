@@ -270,13 +270,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
                 E = col.size(0);
   check_attention_backward_tensors("neptune::gat_backward", grad_out, out, lse, h.scalar_type(), n_dst,
                                    h.size(1), h.size(2));
-  for (const auto& [t, name] :
-       {std::pair<const at::Tensor&, const char*>{h, "h"}, {grad_out, "grad_out"},
-        {score_src, "score_src"}, {score_dst, "score_dst"}, {rowptr, "rowptr"}, {col, "col"},
-        {eid, "eid"}, {colptr, "colptr"}, {csc_row, "csc_row"}, {csc_perm, "csc_perm"},
-        {out, "out"}, {lse, "lse"}})
-    check_cuda(t, h, name);
-  if (edge_logits.has_value()) check_cuda(*edge_logits, h, "edge_logits");
+  check_on_device("neptune::gat_backward",
+                  {{h, "h"}, {grad_out, "grad_out"}, {score_src, "score_src"}, {score_dst, "score_dst"},
+                   {rowptr, "rowptr"}, {col, "col"}, {eid, "eid"}, {colptr, "colptr"},
+                   {csc_row, "csc_row"}, {csc_perm, "csc_perm"}, {out, "out"}, {lse, "lse"}},
+                  edge_logits, "edge_logits");
   check_csr(rowptr, col, eid, n_src, n_dst, "neptune::gat_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, n_src, n_dst, "neptune::gat_backward");
   const uint64_t seed_v = seed_value(seed, dropout);

@@ -161,13 +161,8 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
     const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
     const std::optional<at::Tensor>& seed) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
-  check_cuda(h, h, "h");
-  check_cuda(score_src, h, "score_src");
-  check_cuda(score_dst, h, "score_dst");
-  check_cuda(rowptr, h, "rowptr");
-  check_cuda(col, h, "col");
-  check_cuda(eid, h, "eid");
-  if (edge_logits.has_value()) check_cuda(*edge_logits, h, "edge_logits");
+  check_on_device("neptune::gat_forward", {{h, "h"}, {score_src, "score_src"}, {score_dst, "score_dst"},
+                  {rowptr, "rowptr"}, {col, "col"}, {eid, "eid"}}, edge_logits, "edge_logits");
   check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(h.device());

@@ -167,12 +167,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
     const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
     const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
     double scale, double dropout, const std::optional<at::Tensor>& seed) {
-  check_cuda(grad_out, q, "grad_out");
-  check_cuda(out, q, "out");
-  check_cuda(lse, q, "lse");
-  check_cuda(colptr, q, "colptr");
-  check_cuda(csc_row, q, "csc_row");
-  check_cuda(csc_perm, q, "csc_perm");
+  check_on_device("neptune::transformer_backward", {{q, "q"}, {grad_out, "grad_out"}, {out, "out"},
+                  {lse, "lse"}, {colptr, "colptr"}, {csc_row, "csc_row"}, {csc_perm, "csc_perm"}},
+                  std::nullopt, "");
   check_transformer_cuda(q, k, v, rowptr, col, eid, edge_feat, scale, dropout,
                          "neptune::transformer_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, k.size(0), q.size(0),
