@@ -1,17 +1,17 @@
 """Evaluation Stage: BN folded into the convolution, conv + bias (+ ReLU) in one
 oneDNN primitive on prepacked weights where the installed torch exposes it."""
-import functools
-import os
 import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
 from .fold_cache import FoldCache, PackCache, _stamps, fold_conv_bn, pack_conv_weight
 from .._util import check as _check, is_compiling as _is_compiling
-from .stage_checks import _pair, _validate_conv
+from .stage_activations import ACTIVATIONS, ONEDNN_UNARY, apply_activation, check_activation
+from .stage_capabilities import CUDNN_REFUSED, cutlass_built, onednn_dtypes, onednn_fused_available
+from .stage_checks import _pair, _validate_conv, conv_output_shape
+from .stage_cutlass import cutlass_eligible as _cutlass_eligible, cutlass_enabled, cutlass_fused
 
 __all__ = ["fold_conv_bn", "conv_bn_act_eval", "replay_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
            "onednn_fused_available", "eval_path_counts", "reset_eval_path_counts", "ACTIVATIONS",
@@ -67,54 +67,13 @@ def reset_eval_path_counts() -> None:
         _PATHS.clear()
 
 
-# The activations a Stage can end with, and how each is applied.
-ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "none")
-# oneDNN's name and scalars for each (its post-op after a convolution).
-_ONEDNN_UNARY = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", []),
-                 "hardswish": ("hardswish", []), "none": ("none", [])}
-
-
-def check_activation(activation, name: str = "activation") -> str:
-    """``activation`` as one of ACTIVATIONS (None means "none"); a ValueError naming ``name``
-    otherwise."""
-    if activation is None:
-        return "none"
-    if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in ACTIVATIONS)} "
-                         f"or None, got {activation!r}")
-    return activation.lower()
-
-
-def apply_activation(out: torch.Tensor, activation: str, inplace: bool) -> torch.Tensor:
-    """``activation(out)``, written into ``out`` when ``inplace``."""
-    if activation == "relu":
-        # Out of place a clamp (its backward keeps the input, not the output), so a later
-        # in-place ReLU on the result stays legal under autograd, as in eager.
-        return out.relu_() if inplace else out.clamp_min(0)
-    if activation == "relu6":
-        return F.hardtanh(out, 0.0, 6.0, inplace=inplace)
-    if activation == "silu":
-        return F.silu(out, inplace=inplace)
-    if activation == "hardswish":
-        return F.hardswish(out, inplace=inplace)
-    return out
-
-
-# cuDNN's fused convolutions, per (op, dtype, memory format, kind of convolution): None =
-# not tried yet, False = cuDNN refused it once (that combination then takes conv2d +
-# in-place ops).
-_CUDNN_OK = {}
-
-
 def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
     """conv + bias (+ residual) + ReLU as one cuDNN call, or None where cuDNN refuses it."""
     name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
-    # What cuDNN may refuse for one convolution and not another: dtype, layout, grouping,
-    # kernel size, stride, dilation. (A refusal of a depthwise conv must not turn the
-    # fused path off for every other conv.)
-    key = (name, input.dtype, input.is_contiguous(), groups == 1, tuple(weight.shape[2:]),
-           tuple(s), tuple(d))
-    if not (torch.backends.cudnn.enabled and _CUDNN_OK.get(key, True) and hasattr(torch, name)):
+    # What cuDNN may refuse for one convolution and not another (see LibraryRefusals).
+    kind = (name, input.dtype, input.is_contiguous(), groups == 1, tuple(weight.shape[2:]),
+            tuple(s), tuple(d))
+    if not (torch.backends.cudnn.enabled and not CUDNN_REFUSED.refused(kind) and hasattr(torch, name)):
         return None
     try:  # (cuDNN picks the memory format as conv2d does: channels_last if either is)
         if residual is None:
@@ -122,84 +81,14 @@ def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
         else:
             out = torch.cudnn_convolution_add_relu(input, weight, residual, 1.0, bias, list(s),
                                                    list(p), list(d), groups)
-    except RuntimeError:
-        _CUDNN_OK[key] = False
+    except RuntimeError:  # (that kind then takes conv2d + in-place ops)
+        CUDNN_REFUSED.refuse(kind)
         return None
-    _CUDNN_OK[key] = True
     return out
-
-
-# The CUTLASS implicit-GEMM convolution (csrc/stage/conv_cutlass*.cu), opt-in with
-# NEPTUNE_STAGE_CUTLASS=1 until a GPU run has measured it against cuDNN's fused calls.
-_CUTLASS_OK = {}
-
-
-cutlass_built = _backend.cutlass_built
-
-
-def cutlass_enabled() -> bool:
-    return os.environ.get("NEPTUNE_STAGE_CUTLASS", "0") == "1" and cutlass_built()
-
-
-def _cutlass_eligible(input, weight, residual, activation, groups, d) -> bool:
-    """What the instantiated kernels take: float16/bfloat16 channels_last input, groups 1,
-    no dilation, channel counts that are multiples of 8 (128-bit accesses), ReLU or no
-    activation (a residual only with ReLU)."""
-    return (input.dtype in (torch.float16, torch.bfloat16) and groups == 1 and tuple(d) == (1, 1)
-            and input.is_contiguous(memory_format=torch.channels_last)
-            and input.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
-            and (activation == "relu" or (activation == "none" and residual is None)))
-
-
-def _cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation):
-    """conv + bias (+ residual) (+ ReLU) as one CUTLASS kernel, or None where not taken."""
-    if not (cutlass_enabled() and _cutlass_eligible(input, weight, residual, activation, groups, d)):
-        return None
-    key = (input.dtype, tuple(weight.shape[1:]), tuple(s), residual is None, activation)
-    if _CUTLASS_OK.get(key) is False:
-        return None
-    try:
-        out = torch.ops.neptune.conv_bias_act(input, weight, bias, residual, list(s), list(p),
-                                              list(d), 1 if activation == "relu" else 0)
-    except RuntimeError:
-        _CUTLASS_OK[key] = False
-        return None
-    _CUTLASS_OK[key] = True
-    return out
-
-
-def conv_output_shape(input: torch.Tensor, weight: torch.Tensor, s, p, d):
-    """[N, C_out, H_out, W_out] of conv2d(input, weight) with stride s, padding p, dilation d."""
-    hw = [(input.shape[i] + 2 * p[i - 2] - d[i - 2] * (weight.shape[i] - 1) - 1) // s[i - 2] + 1
-          for i in (2, 3)]
-    return [input.shape[0], weight.shape[0]] + hw
 
 
 # ----------------------------------------------------------------------------
 # Evaluation: folded BN, conv + bias + ReLU
-
-@functools.lru_cache(maxsize=None)
-def onednn_fused_available() -> bool:
-    """Whether this torch exposes oneDNN's fused convolution + pointwise op and weight
-    prepacking (``torch.ops.mkldnn._convolution_pointwise`` / ``_reorder_convolution_weight``)."""
-    try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-                and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
-    except Exception:  # noqa: BLE001 - any failure means "not available"
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def _onednn_dtypes() -> frozenset:
-    dts = {torch.float32}
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            dts.add(torch.bfloat16)
-    except Exception:  # noqa: BLE001
-        pass
-    return frozenset(dts)
-
 
 def _onednn_eligible(input: torch.Tensor) -> bool:
     """oneDNN's fused path runs for CPU float32 (bf16 where supported) channels_last
@@ -207,7 +96,7 @@ def _onednn_eligible(input: torch.Tensor) -> bool:
     (a layout change a drop-in layer must not make), so NCHW takes conv + relu_."""
     if not (input.device.type == "cpu" and torch.backends.mkldnn.enabled and onednn_fused_available()):
         return False
-    return (input.dtype in _onednn_dtypes() and not input.is_contiguous()
+    return (input.dtype in onednn_dtypes() and not input.is_contiguous()
             and input.is_contiguous(memory_format=torch.channels_last))
 
 
@@ -228,7 +117,7 @@ def _to_channels_last(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     channels_last ``weight`` eager's conv2d returns channels_last itself: no NCHW to restore.)"""
     if not (LAYOUT.active and input.device.type == "cpu" and input.is_contiguous()
             and not input.is_contiguous(memory_format=torch.channels_last)
-            and input.dtype in _onednn_dtypes() and torch.backends.mkldnn.enabled
+            and input.dtype in onednn_dtypes() and torch.backends.mkldnn.enabled
             and onednn_fused_available()):
         return input
     if weight.is_contiguous():
@@ -257,7 +146,7 @@ def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activ
         w = packed_weight if packed_weight is not None else weight
         op = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
-            unary, scalars = _ONEDNN_UNARY[activation]
+            unary, scalars = ONEDNN_UNARY[activation]
             _count("onednn-fused")
             return op(input, w, bias, list(p), list(s), list(d), groups, unary, scalars, "")
         # After an add oneDNN fuses only a ReLU: other activations follow in place.
@@ -267,7 +156,7 @@ def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activ
         _count("onednn-fused" if fused_act else "onednn+activation")
         return out if fused_act else apply_activation(out, activation, inplace=True)
     if not grad and fusable and input.is_cuda:
-        out = _cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation)
+        out = cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation)
         if out is not None:
             _count("cutlass-fused")
             return out
@@ -411,7 +300,7 @@ def replay_eval(cache: FoldCache, input, conv_weight, conv_bias, bn_weight, bn_b
     op = torch.ops.mkldnn._convolution_pointwise
     _count("onednn-fused")
     if residual is None:
-        unary, scalars = _ONEDNN_UNARY[activation]
+        unary, scalars = ONEDNN_UNARY[activation]
         return op(input, packed, b, p, s, d, groups, unary, scalars, "")
     return op.binary(input, residual, packed, b, p, s, d, groups, "add", 1.0,
                      "relu" if activation == "relu" else None, [], "")
