@@ -25,7 +25,7 @@ def info_dict() -> dict:
         "num_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "stage_eval_paths": _stage_paths(),
+        "stage_eval_paths": _stage_eval_path_counts(),
     }
 
 
@@ -38,10 +38,11 @@ def _cutlass_state(build: dict) -> str:
     return "on" if os.environ.get("NEPTUNE_STAGE_CUTLASS", "0") == "1" else "built, off (NEPTUNE_STAGE_CUTLASS=1)"
 
 
-def _stage_paths() -> dict:
+def _stage_eval_path_counts() -> dict:
     """How many evaluation convolutions of Stages ran on each path so far (see
-    neptune_ext.ops.stage_eval): which one a model's Stages take on this machine."""
-    from .ops.stage_eval import eval_path_counts
+    neptune_ext.ops.stage_eval_paths): which one a model's Stages take on this machine.
+    (``neptune_ext.stage_paths(model)`` is another thing: each module's latest path.)"""
+    from .ops.stage_eval_paths import eval_path_counts
     return eval_path_counts()
 
 

@@ -102,6 +102,8 @@ class Stage(nn.Module):
       computation; eval without autograd folds the BN in float32 and runs the fused
       convolution in autocast's dtype (equal to eager within that dtype's rounding).
 
+    ``stage.last_path`` names how the latest call was computed (see :func:`stage_paths`).
+
     ``activation`` can be changed later (``stage.activation = "silu"``); a name outside
     the list above is a ValueError at the assignment. A ``residual`` must have the output's
     shape ``[N, out_channels, H_out, W_out]`` or broadcast to it (ValueError otherwise).
@@ -124,6 +126,7 @@ class Stage(nn.Module):
 
     activation = _ActivationAttribute("relu")
     __setattr__ = _set_attribute
+    last_path: Optional[str] = None  # see stage_paths
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
                  padding: Union[int, Tuple[int, int], str] = 0, dilation=1, groups: int = 1,
@@ -191,8 +194,8 @@ class Stage(nn.Module):
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = self._fold if getattr(self, "cache_fold", True) else None
-        return _stage_forward(self.conv, self.bn, input, self.memory_efficient, cache,
-                              self.activation, residual)
+        return _recorded(self, _stage_forward(self.conv, self.bn, input, self.memory_efficient,
+                                              cache, self.activation, residual))
 
     def clear_cache(self) -> None:
         """Forget the eval-mode fold (see ``cache_fold``)."""
@@ -256,7 +259,8 @@ class FusedConv2d(nn.Conv2d):
     folded convolution in eval. A residual tail's conv also takes the identity:
     ``conv(x, identity)`` is ``residual_activation(bn(conv(x)) + identity)`` (one
     argument: ``bn(conv(x))``, which the block's own code then adds and activates).
-    The fold cache behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`).
+    The fold cache behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`), and so
+    does ``last_path``.
     ``activation`` and ``residual_activation`` are checked on assignment as Stage's.
 
     Hooks registered on the conv, its BN or the activation *after* fusion see the fused
@@ -268,6 +272,7 @@ class FusedConv2d(nn.Conv2d):
     activation = _ActivationAttribute("relu")
     residual_activation = _ActivationAttribute(None, optional=True)
     __setattr__ = _set_attribute
+    last_path: Optional[str] = None  # see stage_paths
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if residual is None:
@@ -277,8 +282,9 @@ class FusedConv2d(nn.Conv2d):
                              "one input")
         else:
             activation = self.residual_activation
-        return _stage_forward(self, self.fused_bn, input, self.memory_efficient,
-                              self._fold if self.cache_fold else None, activation, residual)
+        return _recorded(self, _stage_forward(self, self.fused_bn, input, self.memory_efficient,
+                                              self._fold if self.cache_fold else None, activation,
+                                              residual))
 
     @classmethod
     def convert(cls, conv: nn.Conv2d, bn: "FusedBatchNorm2d", activation: Optional[str],
@@ -371,16 +377,22 @@ def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
 
 def stage_paths(model: nn.Module) -> dict:
     """{module name: path} of every Stage and fused conv of ``model``: how its latest call
-    was computed (None before the first, and not recorded under torch.compile). Evaluation:
+    was computed, as the module keeps it in ``last_path`` (None before the first, and not
+    recorded under torch.compile). Evaluation:
     ``onednn-fused``, ``cutlass-fused``,
     ``onednn+activation``, ``cudnn-fused``, ``conv+bias``, ``autograd`` (see
     ``neptune_ext.ops.stage_eval``); training: ``bn-relu-kernel`` (conv, then the fused
     BN+ReLU kernel), ``conv-bn-recompute`` (ATen's BN, recomputing backward), ``eager`` (the
     eager modules' computation: autocast rules, SiLU/Hardswish, broadcasting residuals)."""
-    paths = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Stage):
-            paths[name] = m.conv.__dict__.get("last_path")
-        elif isinstance(m, FusedConv2d):
-            paths[name] = m.__dict__.get("last_path")
-    return paths
+    return {name: m.last_path for name, m in model.named_modules()
+            if isinstance(m, (Stage, FusedConv2d))}
+
+
+def _recorded(module: nn.Module, result) -> torch.Tensor:
+    """The output of ``(output, path)`` from the dispatch; the path kept on ``module`` as
+    ``last_path`` (None, under torch.compile: nothing is recorded). Each module holds its own
+    latest path, so threads running different models read back their own."""
+    out, path = result
+    if path is not None:
+        module.__dict__["last_path"] = path  # (a plain attribute: no nn.Module bookkeeping)
+    return out

@@ -1,15 +1,19 @@
 """Which path a Stage call takes, and the calls themselves: autocast, the folded eval
-convolution, the fused BN+ReLU training kernel, the recomputing training Function, or eager;
-each leaves its name on the conv module (``neptune_ext.stage_paths`` reports them per model).
-The modules (nn/stage.py) hold parameters and call :func:`_stage_forward`."""
-from typing import Optional
+convolution, the fused BN+ReLU training kernel, the recomputing training Function, or eager.
+:func:`_stage_forward` returns the output and the name of the path that computed it; the
+modules (nn/stage.py) keep that name on themselves (``neptune_ext.stage_paths`` reports
+them per model)."""
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from .._util import is_compiling
 from ..ops import stage as ops
-from ..ops.stage_eval import last_path, note_path
+from ..ops.stage_eval import conv_bn_act_eval_with_path
+from ..ops.stage_eval_paths import EVAL_PATH_TALLY, EVAL_PATHS
+
+Result = Tuple[torch.Tensor, Optional[str]]  # (output, the name of the path that computed it)
 
 def _autocast_on(t: torch.Tensor) -> bool:
     try:
@@ -31,7 +35,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype:
 
 
 def _autocast_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, memory_efficient: bool,
-                    cache, activation: str, residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                    cache, activation: str, residual: Optional[torch.Tensor]) -> Optional[Result]:
     """The fused paths under autocast, with the convolution in autocast's dtype as autocast
     runs eager's conv (statistics and folds in float32), or None where eager must run.
 
@@ -62,52 +66,53 @@ def _autocast_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, me
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
         return None
     with torch.autocast(device, enabled=False):
-        return ops.conv_bn_act_eval(
+        return conv_bn_act_eval_with_path(
             input.to(dtype), conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
             bn.running_var, bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups,
             cache=cache, activation=activation, residual=residual, dtype=dtype)
 
 
 def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activation: str,
-           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+           residual: Optional[torch.Tensor] = None) -> Result:
     """What the eager modules compute: activation(bn(conv(input)) (+ residual)). Used where
     their rules are the reference (autocast with autograd in eval, parameters autocast does
     not cast) or no fused path exists (batch statistics with SiLU/Hardswish, a broadcasting
     residual, ``memory_efficient=False`` with anything but ReLU)."""
-    note_path("eager")
     y = nn.BatchNorm2d.forward(bn, nn.Conv2d.forward(conv, input))
     if residual is None:
         # Out of place: a model may reapply a shared in-place ReLU to the result.
-        return ops.apply_activation(y, activation, inplace=False)
+        return ops.apply_activation(y, activation, inplace=False), "eager"
     # The sum is a fresh tensor: activate it in place, as the residual blocks' own
     # ReLU(inplace=True) does (autograd keeps one tensor, not two).
-    return ops.apply_activation(y + residual, activation, inplace=activation in ("relu", "relu6"))
+    return ops.apply_activation(y + residual, activation,
+                                inplace=activation in ("relu", "relu6")), "eager"
 
 
 def _stage_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
                    memory_efficient: bool, cache, activation: str = "relu",
-                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   residual: Optional[torch.Tensor] = None) -> Result:
     """activation(bn(conv(input)) (+ residual)) exactly as the eager modules compute it, in
-    the BN's mode; the path taken is left in ``conv.last_path`` (see :func:`stage_paths`)."""
+    the BN's mode, and the name of the path that computed it (None under torch.compile:
+    nothing is recorded there). An evaluation convolution's path is added to the
+    process-wide tally (``neptune_ext.ops.stage_eval_paths``)."""
     if is_compiling():
-        return _stage_forward_impl(conv, bn, input, memory_efficient, cache, activation, residual)
+        return _stage_forward_impl(conv, bn, input, memory_efficient, cache, activation, residual)[0], None
+    result = None
     if getattr(cache, "plan", None) is not None and not _batch_statistics(bn) and (
             isinstance(input, torch.Tensor) and not _autocast_on(input)):
-        out = ops.replay_eval(cache, input, conv.weight, conv.bias, bn.weight, bn.bias,
-                              bn.running_mean, bn.running_var, bn.eps, conv.stride, conv.padding,
-                              conv.dilation, conv.groups, activation, residual)
-        if out is not None:
-            conv.__dict__["last_path"] = "onednn-fused"
-            return out
-    note_path(None)
-    out = _stage_forward_impl(conv, bn, input, memory_efficient, cache, activation, residual)
-    conv.__dict__["last_path"] = last_path()
-    return out
+        result = ops.replay_eval(cache, input, conv.weight, conv.bias, bn.weight, bn.bias,
+                                 bn.running_mean, bn.running_var, bn.eps, conv.stride, conv.padding,
+                                 conv.dilation, conv.groups, activation, residual)
+    if result is None:
+        result = _stage_forward_impl(conv, bn, input, memory_efficient, cache, activation, residual)
+    if result[1] in EVAL_PATHS:
+        EVAL_PATH_TALLY.add(result[1])
+    return result
 
 
 def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
                         memory_efficient: bool, cache, activation: str,
-                        residual: Optional[torch.Tensor]) -> torch.Tensor:
+                        residual: Optional[torch.Tensor]) -> Result:
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise ValueError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -118,22 +123,23 @@ def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor
     if residual is not None:
         _check_residual_shape(residual, input, conv)
     if autocast:
-        out = _autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)
-        return _eager(conv, bn, input, activation, residual) if out is None else out
+        result = _autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)
+        return _eager(conv, bn, input, activation, residual) if result is None else result
     bn_training = _batch_statistics(bn)
     if not bn_training:
-        return ops.conv_bn_act_eval(
+        return conv_bn_act_eval_with_path(
             input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
             bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, cache=cache,
             activation=activation, residual=residual)
     if activation != "relu" or residual is not None:
-        out = _train_other(conv, bn, input, conv.weight, memory_efficient, activation, residual)
-        return _eager(conv, bn, input, activation, residual) if out is None else out
+        result = _train_other(conv, bn, input, conv.weight, memory_efficient, activation, residual)
+        return _eager(conv, bn, input, activation, residual) if result is None else result
     return _train_bn_relu(conv, bn, input, conv.weight, memory_efficient)
 
 
 def _train_other(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, weight: torch.Tensor,
-                 memory_efficient: bool, activation: str, residual: Optional[torch.Tensor]):
+                 memory_efficient: bool, activation: str, residual: Optional[torch.Tensor]
+                 ) -> Optional[Result]:
     """Batch statistics with ReLU6 / no activation / a residual add: the recomputing
     conv_bn_act_train where it applies (ReLU, ReLU6 or none; a residual of the output's
     shape), else None: the caller runs the eager modules' computation (with the caller's
@@ -143,19 +149,16 @@ def _train_other(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, weigh
             residual is not None and list(residual.shape) != ops.conv_output_shape(input, weight, s, p, d))):
         return None  # (a broadcasting add, SiLU, ...)
 
-    note_path("conv-bn-recompute")
-
     def run(bn_w, bn_b):
         return ops.conv_bn_act_train(input, weight, bn_w, bn_b, residual, s, p, d, conv.groups,
                                      bn.eps, activation, conv_bias=conv.bias)
-    return _with_running_stats(conv, bn, run)
+    return _with_running_stats(conv, bn, run), "conv-bn-recompute"
 
 
 def _train_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
-                   weight: torch.Tensor, memory_efficient: bool) -> torch.Tensor:
+                   weight: torch.Tensor, memory_efficient: bool) -> Result:
     """relu(bn(conv(input))) with batch statistics (conv with ``weight``: conv.weight or its
     autocast copy), the running statistics updated as nn.BatchNorm2d.forward does."""
-    note_path("bn-relu-kernel")
 
     def run(bn_w, bn_b):
         if bn_w is None:  # affine=False
@@ -165,7 +168,7 @@ def _train_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor,
         return ops.conv_bn_relu_train(input, weight, bn_w, bn_b, conv.stride, conv.padding,
                                       conv.dilation, conv.groups, bn.eps, recompute=memory_efficient,
                                       conv_bias=conv.bias)
-    return _with_running_stats(conv, bn, run)
+    return _with_running_stats(conv, bn, run), "bn-relu-kernel"
 
 
 def _with_running_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, run) -> torch.Tensor:

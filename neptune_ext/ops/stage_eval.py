@@ -1,7 +1,11 @@
 """Evaluation Stage: BN folded into the convolution, conv + bias (+ ReLU) in one
-oneDNN primitive on prepacked weights where the installed torch exposes it."""
+oneDNN primitive on prepacked weights where the installed torch exposes it.
+
+The functions that pick a library call return the path they took with the output
+(``*_with_path``; the names are in ``stage_eval_paths``); the public ops return the output
+and add the path to the process-wide tally (``eval_path_counts``)."""
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,60 +16,11 @@ from .stage_activations import ACTIVATIONS, ONEDNN_UNARY, apply_activation, chec
 from .stage_capabilities import CUDNN_REFUSED, cutlass_built, onednn_dtypes, onednn_fused_available
 from .stage_checks import _pair, _validate_conv, conv_output_shape
 from .stage_cutlass import cutlass_eligible as _cutlass_eligible, cutlass_enabled, cutlass_fused
+from .stage_eval_paths import EVAL_PATH_TALLY, eval_path_counts, reset_eval_path_counts
 
-__all__ = ["fold_conv_bn", "conv_bn_act_eval", "replay_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
+__all__ = ["fold_conv_bn", "conv_bn_act_eval", "conv_bn_act_eval_with_path", "replay_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
            "onednn_fused_available", "eval_path_counts", "reset_eval_path_counts", "ACTIVATIONS",
            "check_activation", "apply_activation"]
-
-# How many evaluation convolutions ran on each path (neptune_ext.info() shows them):
-#   onednn-fused       CPU: one oneDNN primitive, conv + bias (+ residual) (+ activation)
-#   onednn+activation  CPU: one oneDNN primitive for conv + bias + residual, then the
-#                      activation in place (oneDNN fuses only ReLU after an add)
-#   cutlass-fused      CUDA: conv + bias (+ residual) (+ ReLU) in one CUTLASS kernel
-#                      (NEPTUNE_STAGE_CUTLASS=1; float16/bfloat16 channels_last)
-#   cudnn-fused        CUDA: conv + bias (+ residual) + ReLU in one cuDNN call
-#                      (torch.cudnn_convolution_relu / torch.cudnn_convolution_add_relu)
-#   conv+bias          conv2d with its bias (+ an in-place add and activation): every other case
-#   autograd           under autograd (differentiable fold, conv2d, out-of-place add/activation)
-_PATHS = {}
-_PATHS_LOCK = threading.Lock()
-
-# The path the latest Stage computation took (eval or training), per thread: two threads
-# running models at once each read back their own call's path. Not recorded under
-# torch.compile (stage_paths says so).
-_LAST = threading.local()
-
-
-def _count(path: str) -> None:
-    if _is_compiling():
-        return
-    with _PATHS_LOCK:
-        _PATHS[path] = _PATHS.get(path, 0) + 1
-    _LAST.path = path
-
-
-def note_path(path) -> None:
-    """Record the path of a Stage computation that is not an evaluation convolution
-    (training paths, eager): what ``last_path`` reports in this thread."""
-    if not _is_compiling():
-        _LAST.path = path
-
-
-def last_path():
-    """The path of this thread's latest Stage computation (None before one)."""
-    return getattr(_LAST, "path", None)
-
-
-def eval_path_counts() -> dict:
-    """{path: calls} of the evaluation convolutions run so far in this process."""
-    with _PATHS_LOCK:
-        return dict(_PATHS)
-
-
-def reset_eval_path_counts() -> None:
-    with _PATHS_LOCK:
-        _PATHS.clear()
-
 
 def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
     """conv + bias (+ residual) + ReLU as one cuDNN call, or None where cuDNN refuses it."""
@@ -133,8 +88,10 @@ def _residual_fusable(residual: torch.Tensor, input: torch.Tensor, out_shape) ->
 
 
 def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activation: str,
-                   packed_weight=None, residual: Optional[torch.Tensor] = None):
-    """``activation(conv2d(input, weight, bias) (+ residual))`` on the fastest path there is."""
+                   packed_weight=None, residual: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, str]:
+    """``activation(conv2d(input, weight, bias) (+ residual))`` on the fastest path there is,
+    and the name of that path."""
     s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or bias.requires_grad
@@ -147,30 +104,34 @@ def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activ
         op = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
             unary, scalars = ONEDNN_UNARY[activation]
-            _count("onednn-fused")
-            return op(input, w, bias, list(p), list(s), list(d), groups, unary, scalars, "")
+            return (op(input, w, bias, list(p), list(s), list(d), groups, unary, scalars, ""),
+                    "onednn-fused")
         # After an add oneDNN fuses only a ReLU: other activations follow in place.
         fused_act = activation in ("relu", "none")
         out = op.binary(input, residual, w, bias, list(p), list(s), list(d), groups, "add", 1.0,
                         "relu" if activation == "relu" else None, [], "")
-        _count("onednn-fused" if fused_act else "onednn+activation")
-        return out if fused_act else apply_activation(out, activation, inplace=True)
+        if fused_act:
+            return out, "onednn-fused"
+        return apply_activation(out, activation, inplace=True), "onednn+activation"
     if not grad and fusable and input.is_cuda:
         out = cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation)
         if out is not None:
-            _count("cutlass-fused")
-            return out
+            return out, "cutlass-fused"
     if not grad and fusable and activation == "relu" and input.is_cuda:
         out = _cudnn_fused(input, weight, bias, residual, s, p, d, groups)
         if out is not None:
-            _count("cudnn-fused")
-            return out
-    _count("autograd" if grad else "conv+bias")
+            return out, "cudnn-fused"
     out = F.conv2d(input, weight, bias, s, p, d, groups)
     if residual is not None:
         # In place only where that is the same elementwise add (no broadcast or promotion).
         out = out.add_(residual) if not grad and fusable else out + residual
-    return apply_activation(out, activation, inplace=not grad)
+    return apply_activation(out, activation, inplace=not grad), "autograd" if grad else "conv+bias"
+
+
+def _tallied(result: Tuple[torch.Tensor, Optional[str]]) -> torch.Tensor:
+    """The output of ``(output, path)``, the path added to the process-wide tally."""
+    EVAL_PATH_TALLY.add(result[1])
+    return result[0]
 
 
 def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride=1,
@@ -183,8 +144,8 @@ def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     :func:`pack_conv_weight`); otherwise conv2d with bias and an in-place ReLU.
     The output has the memory format eager conv2d would give.
     """
-    return _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, "relu",
-                          packed_weight)
+    return _tallied(_conv_bias_act(input, weight, bias, stride, padding, dilation, groups, "relu",
+                                   packed_weight))
 
 
 def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_bias,
@@ -205,6 +166,18 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
     (``input`` must have it) with the fold made in float64 from the parameters' dtype
     (what autocast needs); default the parameters' dtype.
     """
+    return _tallied(conv_bn_act_eval_with_path(
+        input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+        stride, padding, dilation, groups, cache, activation, residual, dtype))
+
+
+def conv_bn_act_eval_with_path(input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                               running_var, eps, stride=1, padding=0, dilation=1, groups=1,
+                               cache=None, activation="relu", residual=None, dtype=None
+                               ) -> Tuple[torch.Tensor, Optional[str]]:
+    """:func:`conv_bn_act_eval`'s output and the path that computed it (one of
+    ``stage_eval_paths.EVAL_PATHS``; None under torch.compile, which traces the plain
+    expression). Adds nothing to the tally: the caller does."""
     activation = check_activation(activation)
     if _is_compiling():
         # Under torch.compile: the plain expression (no caches, no library calls the
@@ -214,7 +187,8 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
         if dtype is not None:
             w, b = w.to(dtype), b.to(dtype)
         out = F.conv2d(input, w, b, s, p, d, groups)
-        return apply_activation(out if residual is None else out + residual, activation, inplace=False)
+        out = apply_activation(out if residual is None else out + residual, activation, inplace=False)
+        return out, None
     # The checks ran for the cache's previous call: skip them for a call with the same
     # shapes, dtypes and devices (per-call overhead matters at batch 1).
     signature = None
@@ -240,11 +214,10 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
         w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
         if dtype is not None:
             w, b = w.to(dtype), b.to(dtype)
-        _count("autograd")
         out = F.conv2d(input, w, b, s, p, d, groups)
         if residual is not None:
             out = out + residual
-        return apply_activation(out, activation, inplace=False)
+        return apply_activation(out, activation, inplace=False), "autograd"
     cache = cache if cache is not None else FoldCache()
     key = None if signature is None else _replay_key(input, conv_weight, stride, padding, dilation,
                                                       groups, eps, activation, residual, dtype)
@@ -258,11 +231,11 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
     packed = None
     if cacheable and _onednn_eligible(input):
         packed = cache.packed(w, s, p, d, groups, input)
-    out = _conv_bias_act(input, w, b, s, p, d, groups, activation, packed, residual)
-    if packed is not None and key is not None and last_path() == "onednn-fused":
+    out, path = _conv_bias_act(input, w, b, s, p, d, groups, activation, packed, residual)
+    if packed is not None and key is not None and path == "onednn-fused":
         cache.plan = (key, cache.fold.value, input is not caller_input,
                       (packed, b, list(p), list(s), list(d), groups))
-    return out
+    return out, path
 
 
 def _replay_key(input, conv_weight, stride, padding, dilation, groups, eps, activation, residual,
@@ -278,8 +251,9 @@ def replay_eval(cache: FoldCache, input, conv_weight, conv_bias, bn_weight, bn_b
                 running_var, eps, stride, padding, dilation, groups, activation, residual):
     """The previous call's oneDNN fused convolution again (no checks, no path decisions)
     when this call is of the same kind (shapes, strides, dtypes, devices, convolution, no
-    autograd) and the fold is current (its sources unchanged, as FoldCache checks), else
-    None. Cuts a fused conv's per-call Python to a few microseconds (batch 1)."""
+    autograd) and the fold is current (its sources unchanged, as FoldCache checks):
+    ``(output, "onednn-fused")``; else None. Cuts a fused conv's per-call Python to a few
+    microseconds (batch 1). Adds nothing to the tally: the caller does."""
     plan = getattr(cache, "plan", None)
     if plan is None or torch.is_grad_enabled() or not isinstance(input, torch.Tensor):
         return None
@@ -298,12 +272,11 @@ def replay_eval(cache: FoldCache, input, conv_weight, conv_bias, bn_weight, bn_b
         input = _to_channels_last(input, conv_weight)
     packed, b, p, s, d, groups = call
     op = torch.ops.mkldnn._convolution_pointwise
-    _count("onednn-fused")
     if residual is None:
         unary, scalars = ONEDNN_UNARY[activation]
-        return op(input, packed, b, p, s, d, groups, unary, scalars, "")
+        return op(input, packed, b, p, s, d, groups, unary, scalars, ""), "onednn-fused"
     return op.binary(input, residual, packed, b, p, s, d, groups, "add", 1.0,
-                     "relu" if activation == "relu" else None, [], "")
+                     "relu" if activation == "relu" else None, [], ""), "onednn-fused"
 
 
 def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride=1,
@@ -313,8 +286,7 @@ def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     autograd, one oneDNN primitive on a weight prepacked once (in ``cache``)."""
     s, p, d = _validate_conv(input, weight, stride, padding, dilation, groups)
     if bias is None:
-        _count("conv+bias")
-        return F.conv2d(input, weight, None, s, p, d, groups)
+        return _tallied((F.conv2d(input, weight, None, s, p, d, groups), "conv+bias"))
     packed = None
     grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                         or bias.requires_grad)
@@ -322,4 +294,4 @@ def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         input = _to_channels_last(input, weight)
     if cache is not None and not grad and _onednn_eligible(input) and _stamps((weight,)) is not None:
         packed = cache.packed(weight, s, p, d, groups, input)
-    return _conv_bias_act(input, weight, bias, s, p, d, groups, "none", packed)
+    return _tallied(_conv_bias_act(input, weight, bias, s, p, d, groups, "none", packed))
