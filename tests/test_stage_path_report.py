@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import neptune_ext
 from neptune_ext.nn import Stage, stage_paths
-from neptune_ext.nn.stage_dispatch import _stage_forward
+from neptune_ext.nn.stage_dispatch import stage_forward
 from neptune_ext.ops.stage_eval_paths import EVAL_PATHS, eval_path_counts, reset_eval_path_counts
 
 
@@ -19,7 +19,7 @@ def _model():
 def test_the_dispatch_returns_the_path_and_the_module_keeps_it():
     stage = Stage(3, 8, 3, padding=1).train()
     x = torch.randn(2, 3, 6, 6)
-    out, path = _stage_forward(stage.conv, stage.bn, x, True, None, "relu", None)
+    out, path = stage_forward(stage.conv, stage.bn, x, True, None, "relu", None)
     assert path == "bn-relu-kernel" and out.shape == (2, 8, 6, 6)
     assert stage.last_path is None  # the dispatch records nothing itself
     stage(x)

@@ -5,7 +5,7 @@ The functions that pick a library call return the path they took with the output
 (``*_with_path``; the names are in ``stage_eval_paths``); the public ops return the output
 and add the path to the process-wide tally (``eval_path_counts``)."""
 import threading
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from .fold_cache import FoldCache, PackCache, _stamps, fold_conv_bn, pack_conv_weight
 from .._util import check as _check, is_compiling as _is_compiling
 from .stage_activations import ACTIVATIONS, ONEDNN_UNARY, apply_activation, check_activation
-from .stage_capabilities import CUDNN_REFUSED, cutlass_built, onednn_dtypes, onednn_fused_available
+from .stage_capabilities import CUDNN_REFUSED, onednn_dtypes, onednn_fused_available
 from .stage_checks import _pair, _validate_conv, conv_output_shape
-from .stage_cutlass import cutlass_eligible as _cutlass_eligible, cutlass_enabled, cutlass_fused
-from .stage_eval_paths import EVAL_PATH_TALLY, eval_path_counts, reset_eval_path_counts
+from .stage_cutlass import cutlass_fused
+# (asked of this module by tests and neptune_app's benchmarks)
+from .stage_capabilities import cutlass_built  # noqa: F401
+from .stage_cutlass import cutlass_eligible as _cutlass_eligible, cutlass_enabled  # noqa: F401
+from .stage_eval_paths import EVAL_PATH_TALLY, PathResult, eval_path_counts, reset_eval_path_counts
 
 __all__ = ["fold_conv_bn", "conv_bn_act_eval", "conv_bn_act_eval_with_path", "replay_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
            "onednn_fused_available", "eval_path_counts", "reset_eval_path_counts", "ACTIVATIONS",
@@ -88,8 +91,7 @@ def _residual_fusable(residual: torch.Tensor, input: torch.Tensor, out_shape) ->
 
 
 def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activation: str,
-                   packed_weight=None, residual: Optional[torch.Tensor] = None
-                   ) -> Tuple[torch.Tensor, str]:
+                   packed_weight=None, residual: Optional[torch.Tensor] = None) -> PathResult:
     """``activation(conv2d(input, weight, bias) (+ residual))`` on the fastest path there is,
     and the name of that path."""
     s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -128,7 +130,7 @@ def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activ
     return apply_activation(out, activation, inplace=not grad), "autograd" if grad else "conv+bias"
 
 
-def _tallied(result: Tuple[torch.Tensor, Optional[str]]) -> torch.Tensor:
+def _tallied(result: PathResult) -> torch.Tensor:
     """The output of ``(output, path)``, the path added to the process-wide tally."""
     EVAL_PATH_TALLY.add(result[1])
     return result[0]
@@ -174,7 +176,7 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
 def conv_bn_act_eval_with_path(input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                running_var, eps, stride=1, padding=0, dilation=1, groups=1,
                                cache=None, activation="relu", residual=None, dtype=None
-                               ) -> Tuple[torch.Tensor, Optional[str]]:
+                               ) -> PathResult:
     """:func:`conv_bn_act_eval`'s output and the path that computed it (one of
     ``stage_eval_paths.EVAL_PATHS``; None under torch.compile, which traces the plain
     expression). Adds nothing to the tally: the caller does."""

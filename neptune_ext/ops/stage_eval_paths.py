@@ -9,11 +9,16 @@ dispatch); no computation reads it. It is kept under a lock (threads may run mod
 once), and nothing is added while torch.compile traces.
 """
 import threading
-from typing import Optional
+from typing import Optional, Tuple
+
+import torch
 
 from .._util import is_compiling
 
-__all__ = ["EVAL_PATHS", "EVAL_PATH_TALLY", "eval_path_counts", "reset_eval_path_counts"]
+__all__ = ["EVAL_PATHS", "EVAL_PATH_TALLY", "PathResult", "eval_path_counts",
+           "reset_eval_path_counts"]
+
+PathResult = Tuple[torch.Tensor, Optional[str]]  # (output, the name of the path that computed it)
 
 # onednn-fused       CPU: one oneDNN primitive, conv + bias (+ residual) (+ activation)
 # onednn+activation  CPU: one oneDNN primitive for conv + bias + residual, then the
