@@ -201,7 +201,7 @@ class Stage(nn.Module):
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = self._fold if getattr(self, "cache_fold", True) else None
         return _recorded(self, stage_forward(self.conv, self.bn, input, self.memory_efficient,
-                                              cache, self.activation, residual))
+                                             cache, self.activation, residual))
 
     def clear_cache(self) -> None:
         """Forget the eval-mode fold (see ``cache_fold``)."""
@@ -289,8 +289,8 @@ class FusedConv2d(nn.Conv2d):
         else:
             activation = self.residual_activation
         return _recorded(self, stage_forward(self, self.fused_bn, input, self.memory_efficient,
-                                              self._fold if self.cache_fold else None, activation,
-                                              residual))
+                                             self._fold if self.cache_fold else None, activation,
+                                             residual))
 
     @classmethod
     def convert(cls, conv: nn.Conv2d, bn: "FusedBatchNorm2d", activation: Optional[str],
@@ -332,17 +332,12 @@ class FusedConv2d(nn.Conv2d):
         return super().extra_repr() + "," + tail
 
 
-
-
-
-
 def stage_paths(model: nn.Module) -> dict:
     """{module name: path} of every Stage and fused conv of ``model``: how its latest call
     was computed, as the module keeps it in ``last_path`` (None before the first, and not
-    recorded under torch.compile). Evaluation:
-    ``onednn-fused``, ``cutlass-fused``,
+    recorded under torch.compile). Evaluation: ``onednn-fused``, ``cutlass-fused``,
     ``onednn+activation``, ``cudnn-fused``, ``conv+bias``, ``autograd`` (see
-    ``neptune_ext.ops.stage_eval``); training: ``bn-relu-kernel`` (conv, then the fused
+    ``neptune_ext.ops.stage_eval_paths``); training: ``bn-relu-kernel`` (conv, then the fused
     BN+ReLU kernel), ``conv-bn-recompute`` (ATen's BN, recomputing backward), ``eager`` (the
     eager modules' computation: autocast rules, SiLU/Hardswish, broadcasting residuals)."""
     return {name: m.last_path for name, m in model.named_modules()

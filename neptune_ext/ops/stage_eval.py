@@ -16,14 +16,16 @@ from .stage_activations import ACTIVATIONS, ONEDNN_UNARY, apply_activation, chec
 from .stage_capabilities import CUDNN_REFUSED, onednn_dtypes, onednn_fused_available
 from .stage_checks import _pair, _validate_conv, conv_output_shape
 from .stage_cutlass import cutlass_fused
+from .stage_eval_paths import EVAL_PATH_TALLY, PathResult, eval_path_counts, reset_eval_path_counts
 # (asked of this module by tests and neptune_app's benchmarks)
 from .stage_capabilities import cutlass_built  # noqa: F401
 from .stage_cutlass import cutlass_eligible as _cutlass_eligible, cutlass_enabled  # noqa: F401
-from .stage_eval_paths import EVAL_PATH_TALLY, PathResult, eval_path_counts, reset_eval_path_counts
 
-__all__ = ["fold_conv_bn", "conv_bn_act_eval", "conv_bn_act_eval_with_path", "replay_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
-           "onednn_fused_available", "eval_path_counts", "reset_eval_path_counts", "ACTIVATIONS",
-           "check_activation", "apply_activation"]
+__all__ = ["fold_conv_bn", "conv_bn_act_eval", "conv_bn_act_eval_with_path", "replay_eval",
+           "conv_bias_relu", "conv_bias", "pack_conv_weight", "onednn_fused_available",
+           "eval_path_counts", "reset_eval_path_counts", "ACTIVATIONS", "check_activation",
+           "apply_activation"]
+
 
 def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
     """conv + bias (+ residual) + ReLU as one cuDNN call, or None where cuDNN refuses it."""
