@@ -21,27 +21,29 @@ def info_dict() -> dict:
         "compiled_backends": sorted(_ext.compiled_backends()),
         "cuda_archs": build.get("cuda_archs", "").split(",") if build.get("cuda") == "1" else [],
         "openmp": build.get("openmp") == "1",
-        "cutlass_conv": _cutlass_state(build),
+        "cutlass_conv": _cutlass_state(),
         "num_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "stage_eval_paths": _stage_paths(),
+        "stage_eval_paths": _stage_eval_path_counts(),
     }
 
 
-def _cutlass_state(build: dict) -> str:
+def _cutlass_state() -> str:
     """The CUTLASS convolution: not built / built, off (NEPTUNE_STAGE_CUTLASS=1 turns it on)
-    / on."""
-    if build.get("cutlass") != "1":
+    / on (as the evaluation Stages decide: ops/stage_cutlass.py)."""
+    from .ops.stage_capabilities import cutlass_built
+    from .ops.stage_cutlass import cutlass_enabled
+    if not cutlass_built():
         return "not built"
-    import os
-    return "on" if os.environ.get("NEPTUNE_STAGE_CUTLASS", "0") == "1" else "built, off (NEPTUNE_STAGE_CUTLASS=1)"
+    return "on" if cutlass_enabled() else "built, off (NEPTUNE_STAGE_CUTLASS=1)"
 
 
-def _stage_paths() -> dict:
+def _stage_eval_path_counts() -> dict:
     """How many evaluation convolutions of Stages ran on each path so far (see
-    neptune_ext.ops.stage_eval): which one a model's Stages take on this machine."""
-    from .ops.stage_eval import eval_path_counts
+    neptune_ext.ops.stage_eval_paths): which one a model's Stages take on this machine.
+    (``neptune_ext.stage_paths(model)`` is another thing: each module's latest path.)"""
+    from .ops.stage_eval_paths import eval_path_counts
     return eval_path_counts()
 
 

@@ -10,9 +10,9 @@ method, in place or not) is fused.
 The trace is used for analysis only. The model keeps its own code and its own
 module tree: each fused conv module becomes a :class:`~neptune_ext.nn.stage.FusedConv2d`
 in place (same parameters), its BN a pass-through
-:class:`~neptune_ext.nn.stage.FusedBatchNorm2d` that keeps its parameters and
+:class:`~neptune_ext.nn.stage_passthrough.FusedBatchNorm2d` that keeps its parameters and
 buffers, and an activation module used only there a pass-through
-(:class:`~neptune_ext.nn.stage.FusedReLU`, ...). A ReLU or ReLU6 that is shared or a
+(:class:`~neptune_ext.nn.stage_passthrough.FusedReLU`, ...). A ReLU or ReLU6 that is shared or a
 function call stays and reapplies itself to its own output (a no-op); a shared or
 functional SiLU/Hardswish (not idempotent) is left out of the fusion (Conv+BN only).
 So the fused model has the original's type, attributes, methods and state-dict
@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import fuse_checks as checks, fuse_layout
-from .stage import (FoldedConv2d, FusedBatchNorm2d, FusedConv2d, FusedHardswish, FusedReLU,
-                    FusedReLU6, FusedSiLU, Stage, _explicit_padding)
+from .stage import FoldedConv2d, FusedConv2d, Stage, _explicit_padding
+from .stage_passthrough import FusedBatchNorm2d, FusedHardswish, FusedReLU, FusedReLU6, FusedSiLU
 
 __all__ = ["fuse_stages"]
 

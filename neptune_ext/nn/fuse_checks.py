@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .stage import FusedBatchNorm2d, FusedConv2d, Stage, _PassThrough
+from .stage import FusedConv2d, Stage
+from .stage_passthrough import FusedBatchNorm2d, _PassThrough
 
 INPUTS = "<inputs>"  # the one root of every placeholder
 

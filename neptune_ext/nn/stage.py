@@ -5,8 +5,14 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..ops import stage as ops
-from .stage_dispatch import _bn_with_shifted_mean, _stage_forward
+from ..ops.fold_cache import FoldCache, PackCache
+from ..ops.stage_activations import check_activation
+from ..ops.stage_eval import conv_bias
+from .stage_dispatch import stage_forward
+# (the pass-through modules' first home: fused models pickled then name them from here)
+from .stage_passthrough import (FusedBatchNorm2d, FusedHardswish, FusedReLU,  # noqa: F401
+                                FusedReLU6, FusedSiLU)
+from .stage_state_dict import bn_with_shifted_mean, load_sequential_state_dict
 
 __all__ = ["Stage", "FoldedConv2d", "FusedConv2d", "FusedBatchNorm2d", "FusedReLU", "FusedReLU6",
            "FusedSiLU", "FusedHardswish", "stage_paths"]
@@ -51,7 +57,7 @@ class _ActivationAttribute:
 
     def __set__(self, obj, value):
         if not (self.optional and value is None):
-            value = ops.check_activation(value, self.name)
+            value = check_activation(value, self.name)
         obj.__dict__[self.slot] = value
 
 
@@ -102,6 +108,8 @@ class Stage(nn.Module):
       computation; eval without autograd folds the BN in float32 and runs the fused
       convolution in autocast's dtype (equal to eager within that dtype's rounding).
 
+    ``stage.last_path`` names how the latest call was computed (see :func:`stage_paths`).
+
     ``activation`` can be changed later (``stage.activation = "silu"``); a name outside
     the list above is a ValueError at the assignment. A ``residual`` must have the output's
     shape ``[N, out_channels, H_out, W_out]`` or broadcast to it (ValueError otherwise).
@@ -124,6 +132,7 @@ class Stage(nn.Module):
 
     activation = _ActivationAttribute("relu")
     __setattr__ = _set_attribute
+    last_path: Optional[str] = None  # see stage_paths
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
                  padding: Union[int, Tuple[int, int], str] = 0, dilation=1, groups: int = 1,
@@ -143,8 +152,8 @@ class Stage(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         self.memory_efficient = memory_efficient
         self.cache_fold = True
-        self._fold = ops.FoldCache()
-        self.register_load_state_dict_pre_hook(_load_hook)
+        self._fold = FoldCache()
+        self.register_load_state_dict_pre_hook(load_sequential_state_dict)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, activation: Optional[str] = "relu",
@@ -178,21 +187,21 @@ class Stage(nn.Module):
             new_conv.weight = conv.weight
             new_conv.train(conv.training)
             if conv.bias is not None:
-                bn = _bn_with_shifted_mean(bn, conv.bias.detach())
+                bn = bn_with_shifted_mean(bn, conv.bias.detach())
             conv = new_conv
         stage.conv, stage.bn = conv, bn
         stage.activation = activation
         stage.memory_efficient = memory_efficient
         stage.cache_fold = True
-        stage._fold = ops.FoldCache()
-        stage.register_load_state_dict_pre_hook(_load_hook)
+        stage._fold = FoldCache()
+        stage.register_load_state_dict_pre_hook(load_sequential_state_dict)
         stage.training = bn.training
         return stage
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = self._fold if getattr(self, "cache_fold", True) else None
-        return _stage_forward(self.conv, self.bn, input, self.memory_efficient, cache,
-                              self.activation, residual)
+        return _recorded(self, stage_forward(self.conv, self.bn, input, self.memory_efficient,
+                                             cache, self.activation, residual))
 
     def clear_cache(self) -> None:
         """Forget the eval-mode fold (see ``cache_fold``)."""
@@ -205,7 +214,7 @@ class Stage(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         state = dict(state)
-        state["_fold"] = ops.FoldCache()  # oneDNN-packed tensors do not copy or pickle
+        state["_fold"] = FoldCache()  # oneDNN-packed tensors do not copy or pickle
         return state
 
     def extra_repr(self) -> str:
@@ -225,12 +234,12 @@ class FoldedConv2d(nn.Conv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._pack = ops.PackCache()
+        self._pack = PackCache()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(input)
-        return ops.conv_bias(input, self.weight, self.bias, self.stride, self.padding,
+        return conv_bias(input, self.weight, self.bias, self.stride, self.padding,
                              self.dilation, self.groups, cache=self._pack)
 
     def _apply(self, fn, *args, **kwargs):
@@ -239,7 +248,7 @@ class FoldedConv2d(nn.Conv2d):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state["_pack"] = ops.PackCache()
+        state["_pack"] = PackCache()
         return state
 
 
@@ -256,7 +265,8 @@ class FusedConv2d(nn.Conv2d):
     folded convolution in eval. A residual tail's conv also takes the identity:
     ``conv(x, identity)`` is ``residual_activation(bn(conv(x)) + identity)`` (one
     argument: ``bn(conv(x))``, which the block's own code then adds and activates).
-    The fold cache behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`).
+    The fold cache behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`), and so
+    does ``last_path``.
     ``activation`` and ``residual_activation`` are checked on assignment as Stage's.
 
     Hooks registered on the conv, its BN or the activation *after* fusion see the fused
@@ -268,6 +278,7 @@ class FusedConv2d(nn.Conv2d):
     activation = _ActivationAttribute("relu")
     residual_activation = _ActivationAttribute(None, optional=True)
     __setattr__ = _set_attribute
+    last_path: Optional[str] = None  # see stage_paths
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if residual is None:
@@ -277,8 +288,9 @@ class FusedConv2d(nn.Conv2d):
                              "one input")
         else:
             activation = self.residual_activation
-        return _stage_forward(self, self.fused_bn, input, self.memory_efficient,
-                              self._fold if self.cache_fold else None, activation, residual)
+        return _recorded(self, stage_forward(self, self.fused_bn, input, self.memory_efficient,
+                                             self._fold if self.cache_fold else None, activation,
+                                             residual))
 
     @classmethod
     def convert(cls, conv: nn.Conv2d, bn: "FusedBatchNorm2d", activation: Optional[str],
@@ -292,7 +304,7 @@ class FusedConv2d(nn.Conv2d):
         conv.residual_activation = residual_activation
         conv.memory_efficient = True
         conv.cache_fold = True
-        conv._fold = ops.FoldCache()
+        conv._fold = FoldCache()
         return conv
 
     @property
@@ -309,7 +321,7 @@ class FusedConv2d(nn.Conv2d):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state["_fold"] = ops.FoldCache()
+        state["_fold"] = FoldCache()
         return state
 
     def extra_repr(self) -> str:
@@ -320,67 +332,23 @@ class FusedConv2d(nn.Conv2d):
         return super().extra_repr() + "," + tail
 
 
-class FusedBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d whose work the :class:`FusedConv2d` before it does: it keeps its
-    parameters and buffers (and state-dict keys) and passes its input through."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
-
-
-class _PassThrough:
-    """An activation module whose work the :class:`FusedConv2d` before it does: it keeps its
-    type's attributes and passes its input through. (One named subclass per activation type,
-    so fused models pickle.)"""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
-
-
-class FusedReLU(_PassThrough, nn.ReLU):
-    """A ReLU applied by the :class:`FusedConv2d` before it: passes its input through."""
-
-
-class FusedReLU6(_PassThrough, nn.ReLU6):
-    """A ReLU6 applied by the :class:`FusedConv2d` before it: passes its input through."""
-
-
-class FusedSiLU(_PassThrough, nn.SiLU):
-    """A SiLU applied by the :class:`FusedConv2d` before it: passes its input through."""
-
-
-class FusedHardswish(_PassThrough, nn.Hardswish):
-    """A Hardswish applied by the :class:`FusedConv2d` before it: passes its input through."""
-
-
-def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
-               unexpected_keys, error_msgs):
-    """Accept nn.Sequential(conv, bn, relu) keys (0.* -> conv.*, 1.* -> bn.*) and fold a
-    conv bias into bn.running_mean (exact: see Stage.from_modules)."""
-    if not any(k.startswith(prefix + "conv.") for k in state_dict):
-        for old, new in (("0.", "conv."), ("1.", "bn.")):
-            for key in [k for k in state_dict if k.startswith(prefix + old)]:
-                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
-    if module.conv.bias is not None:
-        return
-    bias = state_dict.pop(prefix + "conv.bias", None)
-    rm_key = prefix + "bn.running_mean"
-    if bias is not None and rm_key in state_dict:
-        state_dict[rm_key] = state_dict[rm_key] - bias.to(state_dict[rm_key].dtype)
-
-
 def stage_paths(model: nn.Module) -> dict:
     """{module name: path} of every Stage and fused conv of ``model``: how its latest call
-    was computed (None before the first, and not recorded under torch.compile). Evaluation:
-    ``onednn-fused``, ``cutlass-fused``,
+    was computed, as the module keeps it in ``last_path`` (None before the first, and not
+    recorded under torch.compile). Evaluation: ``onednn-fused``, ``cutlass-fused``,
     ``onednn+activation``, ``cudnn-fused``, ``conv+bias``, ``autograd`` (see
-    ``neptune_ext.ops.stage_eval``); training: ``bn-relu-kernel`` (conv, then the fused
+    ``neptune_ext.ops.stage_eval_paths``); training: ``bn-relu-kernel`` (conv, then the fused
     BN+ReLU kernel), ``conv-bn-recompute`` (ATen's BN, recomputing backward), ``eager`` (the
     eager modules' computation: autocast rules, SiLU/Hardswish, broadcasting residuals)."""
-    paths = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Stage):
-            paths[name] = m.conv.__dict__.get("last_path")
-        elif isinstance(m, FusedConv2d):
-            paths[name] = m.__dict__.get("last_path")
-    return paths
+    return {name: m.last_path for name, m in model.named_modules()
+            if isinstance(m, (Stage, FusedConv2d))}
+
+
+def _recorded(module: nn.Module, result) -> torch.Tensor:
+    """The output of ``(output, path)`` from the dispatch; the path kept on ``module`` as
+    ``last_path`` (None, under torch.compile: nothing is recorded). Each module holds its own
+    latest path, so threads running different models read back their own."""
+    out, path = result
+    if path is not None:
+        module.__dict__["last_path"] = path  # (a plain attribute: no nn.Module bookkeeping)
+    return out

@@ -22,11 +22,11 @@ Without the compiled extension (or for devices it has no Stage kernel for) the
 pure-PyTorch reference in ``neptune_ext.reference_stage`` runs instead.
 """
 from .stage_bn_relu import bn_relu
-from .fold_cache import FoldCache, PackCache
-from .stage_eval import (ACTIVATIONS, apply_activation, check_activation, conv_bias,
-                         conv_bias_relu, conv_bn_act_eval, fold_conv_bn, onednn_fused_available,
-                         pack_conv_weight)
-from .stage_eval import conv_output_shape, replay_eval
+from .fold_cache import FoldCache, PackCache, fold_conv_bn, pack_conv_weight
+from .stage_activations import ACTIVATIONS, apply_activation, check_activation
+from .stage_capabilities import onednn_fused_available
+from .stage_checks import conv_output_shape
+from .stage_eval import conv_bias, conv_bias_relu, conv_bn_act_eval
 from .stage_train import conv_bn_act_train, conv_bn_relu_train, update_running_stats
 
 __all__ = ["bn_relu", "conv_bn_relu_train", "conv_bn_act_train", "conv_output_shape",

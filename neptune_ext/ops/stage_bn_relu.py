@@ -119,12 +119,6 @@ def _register():
 
     torch.library.register_autograd(lib, backward, setup_context=setup_context)
 
-    @torch.library.register_fake("neptune::conv_bias_act")
-    def _conv_bias_act_fake(input, weight, bias, residual, stride, padding, dilation, activation):
-        from .stage_eval import conv_output_shape
-        shape = conv_output_shape(input, weight, stride, padding, dilation)
-        return input.new_empty(shape).contiguous(memory_format=torch.channels_last)
-
 
 if _ext._C is not None:
     _register()

@@ -66,3 +66,10 @@ def _validate_conv(input, conv_weight, stride, padding, dilation, groups, weight
                f"input {name} {input.shape[i]} (+ padding) is smaller than the effective kernel "
                f"size {k_eff}")
     return s, p, d
+
+
+def conv_output_shape(input: torch.Tensor, weight: torch.Tensor, s, p, d):
+    """[N, C_out, H_out, W_out] of conv2d(input, weight) with stride s, padding p, dilation d."""
+    hw = [(input.shape[i] + 2 * p[i - 2] - d[i - 2] * (weight.shape[i] - 1) - 1) // s[i - 2] + 1
+          for i in (2, 3)]
+    return [input.shape[0], weight.shape[0]] + hw

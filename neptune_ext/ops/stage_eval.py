@@ -1,120 +1,39 @@
 """Evaluation Stage: BN folded into the convolution, conv + bias (+ ReLU) in one
-oneDNN primitive on prepacked weights where the installed torch exposes it."""
-import functools
-import os
+oneDNN primitive on prepacked weights where the installed torch exposes it.
+
+The functions that pick a library call return the path they took with the output
+(``*_with_path``; the names are in ``stage_eval_paths``); the public ops return the output
+and add the path to the process-wide tally (``eval_path_counts``)."""
 import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
 from .fold_cache import FoldCache, PackCache, _stamps, fold_conv_bn, pack_conv_weight
 from .._util import check as _check, is_compiling as _is_compiling
-from .stage_checks import _pair, _validate_conv
+from .stage_activations import ACTIVATIONS, ONEDNN_UNARY, apply_activation, check_activation
+from .stage_capabilities import CUDNN_REFUSED, onednn_dtypes, onednn_fused_available
+from .stage_checks import _pair, _validate_conv, conv_output_shape
+from .stage_cutlass import cutlass_fused
+from .stage_eval_paths import EVAL_PATH_TALLY, PathResult, eval_path_counts, reset_eval_path_counts
+# (asked of this module by tests and neptune_app's benchmarks)
+from .stage_capabilities import cutlass_built  # noqa: F401
+from .stage_cutlass import cutlass_eligible as _cutlass_eligible, cutlass_enabled  # noqa: F401
 
-__all__ = ["fold_conv_bn", "conv_bn_act_eval", "replay_eval", "conv_bias_relu", "conv_bias", "pack_conv_weight",
-           "onednn_fused_available", "eval_path_counts", "reset_eval_path_counts", "ACTIVATIONS",
-           "check_activation", "apply_activation"]
-
-# How many evaluation convolutions ran on each path (neptune_ext.info() shows them):
-#   onednn-fused       CPU: one oneDNN primitive, conv + bias (+ residual) (+ activation)
-#   onednn+activation  CPU: one oneDNN primitive for conv + bias + residual, then the
-#                      activation in place (oneDNN fuses only ReLU after an add)
-#   cutlass-fused      CUDA: conv + bias (+ residual) (+ ReLU) in one CUTLASS kernel
-#                      (NEPTUNE_STAGE_CUTLASS=1; float16/bfloat16 channels_last)
-#   cudnn-fused        CUDA: conv + bias (+ residual) + ReLU in one cuDNN call
-#                      (torch.cudnn_convolution_relu / torch.cudnn_convolution_add_relu)
-#   conv+bias          conv2d with its bias (+ an in-place add and activation): every other case
-#   autograd           under autograd (differentiable fold, conv2d, out-of-place add/activation)
-_PATHS = {}
-_PATHS_LOCK = threading.Lock()
-
-# The path the latest Stage computation took (eval or training), per thread: two threads
-# running models at once each read back their own call's path. Not recorded under
-# torch.compile (stage_paths says so).
-_LAST = threading.local()
-
-
-def _count(path: str) -> None:
-    if _is_compiling():
-        return
-    with _PATHS_LOCK:
-        _PATHS[path] = _PATHS.get(path, 0) + 1
-    _LAST.path = path
-
-
-def note_path(path) -> None:
-    """Record the path of a Stage computation that is not an evaluation convolution
-    (training paths, eager): what ``last_path`` reports in this thread."""
-    if not _is_compiling():
-        _LAST.path = path
-
-
-def last_path():
-    """The path of this thread's latest Stage computation (None before one)."""
-    return getattr(_LAST, "path", None)
-
-
-def eval_path_counts() -> dict:
-    """{path: calls} of the evaluation convolutions run so far in this process."""
-    with _PATHS_LOCK:
-        return dict(_PATHS)
-
-
-def reset_eval_path_counts() -> None:
-    with _PATHS_LOCK:
-        _PATHS.clear()
-
-
-# The activations a Stage can end with, and how each is applied.
-ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "none")
-# oneDNN's name and scalars for each (its post-op after a convolution).
-_ONEDNN_UNARY = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", []),
-                 "hardswish": ("hardswish", []), "none": ("none", [])}
-
-
-def check_activation(activation, name: str = "activation") -> str:
-    """``activation`` as one of ACTIVATIONS (None means "none"); a ValueError naming ``name``
-    otherwise."""
-    if activation is None:
-        return "none"
-    if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in ACTIVATIONS)} "
-                         f"or None, got {activation!r}")
-    return activation.lower()
-
-
-def apply_activation(out: torch.Tensor, activation: str, inplace: bool) -> torch.Tensor:
-    """``activation(out)``, written into ``out`` when ``inplace``."""
-    if activation == "relu":
-        # Out of place a clamp (its backward keeps the input, not the output), so a later
-        # in-place ReLU on the result stays legal under autograd, as in eager.
-        return out.relu_() if inplace else out.clamp_min(0)
-    if activation == "relu6":
-        return F.hardtanh(out, 0.0, 6.0, inplace=inplace)
-    if activation == "silu":
-        return F.silu(out, inplace=inplace)
-    if activation == "hardswish":
-        return F.hardswish(out, inplace=inplace)
-    return out
-
-
-# cuDNN's fused convolutions, per (op, dtype, memory format, kind of convolution): None =
-# not tried yet, False = cuDNN refused it once (that combination then takes conv2d +
-# in-place ops).
-_CUDNN_OK = {}
+__all__ = ["fold_conv_bn", "conv_bn_act_eval", "conv_bn_act_eval_with_path", "replay_eval",
+           "conv_bias_relu", "conv_bias", "pack_conv_weight", "onednn_fused_available",
+           "eval_path_counts", "reset_eval_path_counts", "ACTIVATIONS", "check_activation",
+           "apply_activation"]
 
 
 def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
     """conv + bias (+ residual) + ReLU as one cuDNN call, or None where cuDNN refuses it."""
     name = "cudnn_convolution_relu" if residual is None else "cudnn_convolution_add_relu"
-    # What cuDNN may refuse for one convolution and not another: dtype, layout, grouping,
-    # kernel size, stride, dilation. (A refusal of a depthwise conv must not turn the
-    # fused path off for every other conv.)
-    key = (name, input.dtype, input.is_contiguous(), groups == 1, tuple(weight.shape[2:]),
-           tuple(s), tuple(d))
-    if not (torch.backends.cudnn.enabled and _CUDNN_OK.get(key, True) and hasattr(torch, name)):
+    # What cuDNN may refuse for one convolution and not another (see LibraryRefusals).
+    kind = (name, input.dtype, input.is_contiguous(), groups == 1, tuple(weight.shape[2:]),
+            tuple(s), tuple(d))
+    if not (torch.backends.cudnn.enabled and not CUDNN_REFUSED.refused(kind) and hasattr(torch, name)):
         return None
     try:  # (cuDNN picks the memory format as conv2d does: channels_last if either is)
         if residual is None:
@@ -122,84 +41,14 @@ def _cudnn_fused(input, weight, bias, residual, s, p, d, groups):
         else:
             out = torch.cudnn_convolution_add_relu(input, weight, residual, 1.0, bias, list(s),
                                                    list(p), list(d), groups)
-    except RuntimeError:
-        _CUDNN_OK[key] = False
+    except RuntimeError:  # (that kind then takes conv2d + in-place ops)
+        CUDNN_REFUSED.refuse(kind)
         return None
-    _CUDNN_OK[key] = True
     return out
-
-
-# The CUTLASS implicit-GEMM convolution (csrc/stage/conv_cutlass*.cu), opt-in with
-# NEPTUNE_STAGE_CUTLASS=1 until a GPU run has measured it against cuDNN's fused calls.
-_CUTLASS_OK = {}
-
-
-cutlass_built = _backend.cutlass_built
-
-
-def cutlass_enabled() -> bool:
-    return os.environ.get("NEPTUNE_STAGE_CUTLASS", "0") == "1" and cutlass_built()
-
-
-def _cutlass_eligible(input, weight, residual, activation, groups, d) -> bool:
-    """What the instantiated kernels take: float16/bfloat16 channels_last input, groups 1,
-    no dilation, channel counts that are multiples of 8 (128-bit accesses), ReLU or no
-    activation (a residual only with ReLU)."""
-    return (input.dtype in (torch.float16, torch.bfloat16) and groups == 1 and tuple(d) == (1, 1)
-            and input.is_contiguous(memory_format=torch.channels_last)
-            and input.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
-            and (activation == "relu" or (activation == "none" and residual is None)))
-
-
-def _cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation):
-    """conv + bias (+ residual) (+ ReLU) as one CUTLASS kernel, or None where not taken."""
-    if not (cutlass_enabled() and _cutlass_eligible(input, weight, residual, activation, groups, d)):
-        return None
-    key = (input.dtype, tuple(weight.shape[1:]), tuple(s), residual is None, activation)
-    if _CUTLASS_OK.get(key) is False:
-        return None
-    try:
-        out = torch.ops.neptune.conv_bias_act(input, weight, bias, residual, list(s), list(p),
-                                              list(d), 1 if activation == "relu" else 0)
-    except RuntimeError:
-        _CUTLASS_OK[key] = False
-        return None
-    _CUTLASS_OK[key] = True
-    return out
-
-
-def conv_output_shape(input: torch.Tensor, weight: torch.Tensor, s, p, d):
-    """[N, C_out, H_out, W_out] of conv2d(input, weight) with stride s, padding p, dilation d."""
-    hw = [(input.shape[i] + 2 * p[i - 2] - d[i - 2] * (weight.shape[i] - 1) - 1) // s[i - 2] + 1
-          for i in (2, 3)]
-    return [input.shape[0], weight.shape[0]] + hw
 
 
 # ----------------------------------------------------------------------------
 # Evaluation: folded BN, conv + bias + ReLU
-
-@functools.lru_cache(maxsize=None)
-def onednn_fused_available() -> bool:
-    """Whether this torch exposes oneDNN's fused convolution + pointwise op and weight
-    prepacking (``torch.ops.mkldnn._convolution_pointwise`` / ``_reorder_convolution_weight``)."""
-    try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-                and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
-    except Exception:  # noqa: BLE001 - any failure means "not available"
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def _onednn_dtypes() -> frozenset:
-    dts = {torch.float32}
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            dts.add(torch.bfloat16)
-    except Exception:  # noqa: BLE001
-        pass
-    return frozenset(dts)
-
 
 def _onednn_eligible(input: torch.Tensor) -> bool:
     """oneDNN's fused path runs for CPU float32 (bf16 where supported) channels_last
@@ -207,7 +56,7 @@ def _onednn_eligible(input: torch.Tensor) -> bool:
     (a layout change a drop-in layer must not make), so NCHW takes conv + relu_."""
     if not (input.device.type == "cpu" and torch.backends.mkldnn.enabled and onednn_fused_available()):
         return False
-    return (input.dtype in _onednn_dtypes() and not input.is_contiguous()
+    return (input.dtype in onednn_dtypes() and not input.is_contiguous()
             and input.is_contiguous(memory_format=torch.channels_last))
 
 
@@ -228,7 +77,7 @@ def _to_channels_last(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     channels_last ``weight`` eager's conv2d returns channels_last itself: no NCHW to restore.)"""
     if not (LAYOUT.active and input.device.type == "cpu" and input.is_contiguous()
             and not input.is_contiguous(memory_format=torch.channels_last)
-            and input.dtype in _onednn_dtypes() and torch.backends.mkldnn.enabled
+            and input.dtype in onednn_dtypes() and torch.backends.mkldnn.enabled
             and onednn_fused_available()):
         return input
     if weight.is_contiguous():
@@ -244,8 +93,9 @@ def _residual_fusable(residual: torch.Tensor, input: torch.Tensor, out_shape) ->
 
 
 def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activation: str,
-                   packed_weight=None, residual: Optional[torch.Tensor] = None):
-    """``activation(conv2d(input, weight, bias) (+ residual))`` on the fastest path there is."""
+                   packed_weight=None, residual: Optional[torch.Tensor] = None) -> PathResult:
+    """``activation(conv2d(input, weight, bias) (+ residual))`` on the fastest path there is,
+    and the name of that path."""
     s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or bias.requires_grad
@@ -257,31 +107,35 @@ def _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, activ
         w = packed_weight if packed_weight is not None else weight
         op = torch.ops.mkldnn._convolution_pointwise
         if residual is None:
-            unary, scalars = _ONEDNN_UNARY[activation]
-            _count("onednn-fused")
-            return op(input, w, bias, list(p), list(s), list(d), groups, unary, scalars, "")
+            unary, scalars = ONEDNN_UNARY[activation]
+            return (op(input, w, bias, list(p), list(s), list(d), groups, unary, scalars, ""),
+                    "onednn-fused")
         # After an add oneDNN fuses only a ReLU: other activations follow in place.
         fused_act = activation in ("relu", "none")
         out = op.binary(input, residual, w, bias, list(p), list(s), list(d), groups, "add", 1.0,
                         "relu" if activation == "relu" else None, [], "")
-        _count("onednn-fused" if fused_act else "onednn+activation")
-        return out if fused_act else apply_activation(out, activation, inplace=True)
+        if fused_act:
+            return out, "onednn-fused"
+        return apply_activation(out, activation, inplace=True), "onednn+activation"
     if not grad and fusable and input.is_cuda:
-        out = _cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation)
+        out = cutlass_fused(input, weight, bias, residual, s, p, d, groups, activation)
         if out is not None:
-            _count("cutlass-fused")
-            return out
+            return out, "cutlass-fused"
     if not grad and fusable and activation == "relu" and input.is_cuda:
         out = _cudnn_fused(input, weight, bias, residual, s, p, d, groups)
         if out is not None:
-            _count("cudnn-fused")
-            return out
-    _count("autograd" if grad else "conv+bias")
+            return out, "cudnn-fused"
     out = F.conv2d(input, weight, bias, s, p, d, groups)
     if residual is not None:
         # In place only where that is the same elementwise add (no broadcast or promotion).
         out = out.add_(residual) if not grad and fusable else out + residual
-    return apply_activation(out, activation, inplace=not grad)
+    return apply_activation(out, activation, inplace=not grad), "autograd" if grad else "conv+bias"
+
+
+def _tallied(result: PathResult) -> torch.Tensor:
+    """The output of ``(output, path)``, the path added to the process-wide tally."""
+    EVAL_PATH_TALLY.add(result[1])
+    return result[0]
 
 
 def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride=1,
@@ -294,8 +148,8 @@ def conv_bias_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     :func:`pack_conv_weight`); otherwise conv2d with bias and an in-place ReLU.
     The output has the memory format eager conv2d would give.
     """
-    return _conv_bias_act(input, weight, bias, stride, padding, dilation, groups, "relu",
-                          packed_weight)
+    return _tallied(_conv_bias_act(input, weight, bias, stride, padding, dilation, groups, "relu",
+                                   packed_weight))
 
 
 def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_bias,
@@ -316,6 +170,18 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
     (``input`` must have it) with the fold made in float64 from the parameters' dtype
     (what autocast needs); default the parameters' dtype.
     """
+    return _tallied(conv_bn_act_eval_with_path(
+        input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+        stride, padding, dilation, groups, cache, activation, residual, dtype))
+
+
+def conv_bn_act_eval_with_path(input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                               running_var, eps, stride=1, padding=0, dilation=1, groups=1,
+                               cache=None, activation="relu", residual=None, dtype=None
+                               ) -> PathResult:
+    """:func:`conv_bn_act_eval`'s output and the path that computed it (one of
+    ``stage_eval_paths.EVAL_PATHS``; None under torch.compile, which traces the plain
+    expression). Adds nothing to the tally: the caller does."""
     activation = check_activation(activation)
     if _is_compiling():
         # Under torch.compile: the plain expression (no caches, no library calls the
@@ -325,7 +191,8 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
         if dtype is not None:
             w, b = w.to(dtype), b.to(dtype)
         out = F.conv2d(input, w, b, s, p, d, groups)
-        return apply_activation(out if residual is None else out + residual, activation, inplace=False)
+        out = apply_activation(out if residual is None else out + residual, activation, inplace=False)
+        return out, None
     # The checks ran for the cache's previous call: skip them for a call with the same
     # shapes, dtypes and devices (per-call overhead matters at batch 1).
     signature = None
@@ -351,11 +218,10 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
         w, b = fold_conv_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
         if dtype is not None:
             w, b = w.to(dtype), b.to(dtype)
-        _count("autograd")
         out = F.conv2d(input, w, b, s, p, d, groups)
         if residual is not None:
             out = out + residual
-        return apply_activation(out, activation, inplace=False)
+        return apply_activation(out, activation, inplace=False), "autograd"
     cache = cache if cache is not None else FoldCache()
     key = None if signature is None else _replay_key(input, conv_weight, stride, padding, dilation,
                                                       groups, eps, activation, residual, dtype)
@@ -369,11 +235,11 @@ def conv_bn_act_eval(input: torch.Tensor, conv_weight, conv_bias, bn_weight, bn_
     packed = None
     if cacheable and _onednn_eligible(input):
         packed = cache.packed(w, s, p, d, groups, input)
-    out = _conv_bias_act(input, w, b, s, p, d, groups, activation, packed, residual)
-    if packed is not None and key is not None and last_path() == "onednn-fused":
+    out, path = _conv_bias_act(input, w, b, s, p, d, groups, activation, packed, residual)
+    if packed is not None and key is not None and path == "onednn-fused":
         cache.plan = (key, cache.fold.value, input is not caller_input,
                       (packed, b, list(p), list(s), list(d), groups))
-    return out
+    return out, path
 
 
 def _replay_key(input, conv_weight, stride, padding, dilation, groups, eps, activation, residual,
@@ -389,8 +255,9 @@ def replay_eval(cache: FoldCache, input, conv_weight, conv_bias, bn_weight, bn_b
                 running_var, eps, stride, padding, dilation, groups, activation, residual):
     """The previous call's oneDNN fused convolution again (no checks, no path decisions)
     when this call is of the same kind (shapes, strides, dtypes, devices, convolution, no
-    autograd) and the fold is current (its sources unchanged, as FoldCache checks), else
-    None. Cuts a fused conv's per-call Python to a few microseconds (batch 1)."""
+    autograd) and the fold is current (its sources unchanged, as FoldCache checks):
+    ``(output, "onednn-fused")``; else None. Cuts a fused conv's per-call Python to a few
+    microseconds (batch 1). Adds nothing to the tally: the caller does."""
     plan = getattr(cache, "plan", None)
     if plan is None or torch.is_grad_enabled() or not isinstance(input, torch.Tensor):
         return None
@@ -409,12 +276,11 @@ def replay_eval(cache: FoldCache, input, conv_weight, conv_bias, bn_weight, bn_b
         input = _to_channels_last(input, conv_weight)
     packed, b, p, s, d, groups = call
     op = torch.ops.mkldnn._convolution_pointwise
-    _count("onednn-fused")
     if residual is None:
-        unary, scalars = _ONEDNN_UNARY[activation]
-        return op(input, packed, b, p, s, d, groups, unary, scalars, "")
+        unary, scalars = ONEDNN_UNARY[activation]
+        return op(input, packed, b, p, s, d, groups, unary, scalars, ""), "onednn-fused"
     return op.binary(input, residual, packed, b, p, s, d, groups, "add", 1.0,
-                     "relu" if activation == "relu" else None, [], "")
+                     "relu" if activation == "relu" else None, [], ""), "onednn-fused"
 
 
 def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride=1,
@@ -424,8 +290,7 @@ def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     autograd, one oneDNN primitive on a weight prepacked once (in ``cache``)."""
     s, p, d = _validate_conv(input, weight, stride, padding, dilation, groups)
     if bias is None:
-        _count("conv+bias")
-        return F.conv2d(input, weight, None, s, p, d, groups)
+        return _tallied((F.conv2d(input, weight, None, s, p, d, groups), "conv+bias"))
     packed = None
     grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                         or bias.requires_grad)
@@ -433,4 +298,4 @@ def conv_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         input = _to_channels_last(input, weight)
     if cache is not None and not grad and _onednn_eligible(input) and _stamps((weight,)) is not None:
         packed = cache.packed(weight, s, p, d, groups, input)
-    return _conv_bias_act(input, weight, bias, s, p, d, groups, "none", packed)
+    return _tallied(_conv_bias_act(input, weight, bias, s, p, d, groups, "none", packed))

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from .._util import check as _check, is_compiling as _is_compiling
 from .stage_bn_relu import _bn_relu_backward_impl, _bn_relu_forward_impl
-from .stage_checks import _pair, _validate_conv, _validate_tensor
-from .stage_eval import apply_activation, conv_output_shape
+from .stage_activations import apply_activation
+from .stage_checks import _pair, _validate_conv, _validate_tensor, conv_output_shape
 
 __all__ = ["conv_bn_relu_train", "conv_bn_act_train", "update_running_stats"]
 
