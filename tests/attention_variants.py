@@ -40,6 +40,8 @@ class Variant:
     # whether the op takes fewer destination rows than the graph has (GATConv's phantom row:
     # the rows beyond give no output and no gradient)
     fewer_rows: bool = False
+    src_inputs: Tuple[int, ...] = ()  # which of the inputs have a row per source node
+    dst_inputs: Tuple[int, ...] = ()  # ... per destination node
 
     def __str__(self):
         return self.name
@@ -97,15 +99,18 @@ def _transformer(q, k, v, graph, edge=None, **kw):
 GAT = Variant(
     "gat", "gat", ("h", "score_src", "score_dst", "edge_logits"), "negative_slope", 0.1,
     lambda n_src, n_dst, E, H, C: ((n_src, H, C), (n_src, H), (n_dst, H), (E, H)),
-    _gat, sparse_graph_attention_reference, lambda: float(torch.rand(())), 1e-12)
+    _gat, sparse_graph_attention_reference, lambda: float(torch.rand(())), 1e-12,
+    src_inputs=(0, 1), dst_inputs=(2,))
 GATV2 = Variant(
     "gatv2", "gatv2", ("x_l", "x_r", "att", "edge_feat"), "negative_slope", 0.1,
     lambda n_src, n_dst, E, H, C: ((n_src, H, C), (n_dst, H, C), (H, C), (E, H, C)),
-    _gatv2, gatv2_attention_reference, lambda: float(torch.rand(())), 1e-11, fewer_rows=True)
+    _gatv2, gatv2_attention_reference, lambda: float(torch.rand(())), 1e-11, fewer_rows=True,
+    src_inputs=(0,), dst_inputs=(1,))
 TRANSFORMER = Variant(
     "transformer", "transformer", ("q", "k", "v", "edge_feat"), "scale", 0.7,
     lambda n_src, n_dst, E, H, C: ((n_dst, H, C), (n_src, H, C), (n_src, H, C), (E, H, C)),
-    _transformer, transformer_attention_reference, lambda: float(torch.rand(())) + 0.1, 1e-11)
+    _transformer, transformer_attention_reference, lambda: float(torch.rand(())) + 0.1, 1e-11,
+    src_inputs=(1, 2), dst_inputs=(0,))
 
 VARIANTS = [GAT, GATV2, TRANSFORMER]
 variants = pytest.mark.parametrize("variant", VARIANTS, ids=str)
