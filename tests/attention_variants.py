@@ -136,21 +136,3 @@ def with_index(g: Graph, index: str) -> Graph:
         assert g.rowptr.dtype == torch.int32
         return g
     return as_int64(g)
-
-
-def same_bits_across_thread_counts(fn, counts=None):
-    """Runs fn() (a sequence of tensors) at the current thread count, at 1, at least 2 and
-    at the current count again, and asserts every run gives the same bits."""
-    threads = torch.get_num_threads()
-    counts = (threads, 1, max(threads, 2), threads) if counts is None else counts
-    results = []
-    for n in counts:
-        torch.set_num_threads(n)
-        try:
-            results.append(list(fn()))
-        finally:
-            torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert len(other) == len(results[0])
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)

@@ -14,9 +14,8 @@ import torch
 from neptune_ext import Graph
 from neptune_ext.reference import dropout_keep_mask
 
-from attention_variants import GAT, GATV2, TRANSFORMER, VARIANTS, grads, same_bits_across_thread_counts, \
-    variants, with_index
-from conftest import _SEED, DEVICES
+from attention_variants import GAT, GATV2, TRANSFORMER, VARIANTS, grads, variants, with_index
+from conftest import _SEED, DEVICES, same_bits_across_thread_counts
 from graph_attention_checks import rel_err
 from graphs import cases, hub_graph, power_law_graph
 
