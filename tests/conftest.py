@@ -48,3 +48,20 @@ def cuda_param(*values):
 
 
 DEVICES = ["cpu", cuda_param("cuda")]
+
+
+def same_bits_across_thread_counts(fn):
+    """Runs fn() (a sequence of tensors) at the current thread count, at 1, at least 2 and
+    at the current count again, and asserts every run gives the same bits."""
+    threads = torch.get_num_threads()
+    results = []
+    for n in (threads, 1, max(threads, 2), threads):
+        torch.set_num_threads(n)
+        try:
+            results.append(list(fn()))
+        finally:
+            torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

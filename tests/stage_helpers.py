@@ -1,4 +1,4 @@
-"""Helpers shared by the BN+ReLU op tests and the Stage layer tests."""
+"""Helpers shared by the BN+ReLU op tests, the Stage layer tests and the fuse_stages tests."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,3 +27,14 @@ def needs_ext(device="cpu"):
         pytest.skip("extension not built")
     if not bn_relu_ops._has_stage_kernel(torch.device(device).type):
         pytest.skip(f"no compiled Stage kernel for {device} (the reference runs there)")
+
+
+def fused_double(make, train: bool, seed=0):
+    """make() built under torch.manual_seed(seed) (None: no reseed), in float64 with random
+    BatchNorm statistics and affine parameters, in train or eval mode; and fuse_stages of
+    it: (model, fused)."""
+    from neptune_app.bench.stage import randomize_bn  # (shared with the benchmark)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = randomize_bn(make().double()).train(train)
+    return model, neptune_ext.fuse_stages(model)

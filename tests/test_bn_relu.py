@@ -6,7 +6,7 @@ import torch
 from neptune_ext import ops
 from neptune_ext.reference_stage import bn_relu_backward_reference, bn_relu_forward_reference
 
-from conftest import DEVICES
+from conftest import DEVICES, same_bits_across_thread_counts
 from stage_helpers import F64, LAYOUTS, eager_bn_relu, layout, needs_ext
 
 
@@ -104,18 +104,12 @@ def test_bn_relu_bitwise_deterministic_across_threads(kind, device):
     x = layout(torch.randn(4, 24, 60, 50, device=device), kind)
     w, b = torch.randn(24, device=device), torch.randn(24, device=device)
     g = torch.randn_like(x)
-    threads = torch.get_num_threads()
-    results = []
-    for n in (threads, 1, threads):
-        torch.set_num_threads(n)
-        try:
-            y, mean, var, invstd = torch.ops.neptune.bn_relu_forward(x, w, b, 1e-5)
-            results.append((y, mean, var) + torch.ops.neptune.bn_relu_backward(g, x, w, b, mean, invstd))
-        finally:
-            torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, e in zip(results[0], other):
-            assert torch.equal(a, e)
+
+    def run():
+        y, mean, var, invstd = torch.ops.neptune.bn_relu_forward(x, w, b, 1e-5)
+        return (y, mean, var) + torch.ops.neptune.bn_relu_backward(g, x, w, b, mean, invstd)
+
+    same_bits_across_thread_counts(run)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,6 +14,7 @@ from neptune_ext.nn.stage import FoldedConv2d, FusedBatchNorm2d, FusedConv2d
 torchvision = pytest.importorskip("torchvision")
 
 from neptune_app.bench.stage import randomize_bn  # noqa: E402  (shared with the benchmark)
+from stage_helpers import fused_double  # noqa: E402
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -142,9 +143,7 @@ class Patterns(nn.Module):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_patterns(train):
-    torch.manual_seed(0)
-    model = randomize_bn(Patterns().double()).train(train)
-    fused = neptune_ext.fuse_stages(model)
+    model, fused = fused_double(Patterns, train)
     stages = [r for r in fused.fusion_report if r.endswith("-> Stage")]
     assert stages == ["convs.0+bns.0+relu -> Stage", "convs.1+bns.1+relu -> Stage",
                       "convs.2+bns.2+relu -> Stage", "convs.3+bns.3+relu -> Stage",
@@ -178,8 +177,7 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_model_is_fused_per_child():
-    model = randomize_bn(Untraceable().double()).eval()
-    fused = neptune_ext.fuse_stages(model)
+    model, fused = fused_double(Untraceable, False, seed=None)
     assert type(fused) is Untraceable
     assert fused.fusion_report == ["a.0+1+2 -> Stage", "b.0+1+2 -> Stage"]
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
@@ -243,8 +241,7 @@ class ModeDependent(nn.Module):
 
 @pytest.mark.parametrize("fuse_in_train", [True, False])
 def test_mode_switches_after_fusion_behave_like_the_original(fuse_in_train):
-    model = randomize_bn(ModeDependent().double()).train(fuse_in_train)
-    fused = neptune_ext.fuse_stages(model)
+    model, fused = fused_double(ModeDependent, fuse_in_train, seed=None)
     assert type(fused) is ModeDependent
     assert fused.fusion_report == ["a.0+1+2 -> Stage", "b.0+1+2 -> Stage"]
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)

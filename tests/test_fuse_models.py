@@ -18,6 +18,7 @@ from neptune_ext.nn.stage import (FusedBatchNorm2d, FusedConv2d, FusedHardswish,
 torchvision = pytest.importorskip("torchvision")
 
 from neptune_app.bench.stage import randomize_bn  # noqa: E402
+from stage_helpers import fused_double  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 
@@ -87,9 +88,7 @@ class ResidualPatterns(nn.Module):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_activation_patterns(train):
-    torch.manual_seed(0)
-    model = randomize_bn(ActivationPatterns().double()).train(train)
-    fused = neptune_ext.fuse_stages(model)
+    model, fused = fused_double(ActivationPatterns, train)
     assert fused.fusion_report == [
         "convs.0+bns.0+relu6 -> Stage", "convs.1+bns.1+relu6 -> Stage",
         "convs.2+bns.2+silu -> Stage", "convs.3+bns.3 -> Conv+BN", "convs.4+bns.4 -> Conv+BN",
@@ -104,9 +103,7 @@ def test_activation_patterns(train):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_residual_patterns(train):
-    torch.manual_seed(0)
-    model = randomize_bn(ResidualPatterns().double()).train(train)
-    fused = neptune_ext.fuse_stages(model)
+    model, fused = fused_double(ResidualPatterns, train)
     tails = [r for r in fused.fusion_report if r.endswith("Stage+residual")]
     assert tails == ["convs.0+bns.0+add+relu -> Stage+residual",
                      "convs.1+bns.1+add+relu -> Stage+residual",
@@ -143,9 +140,7 @@ class AliasedInplaceAdd(nn.Module):
 
 
 def test_inplace_add_into_an_aliased_tensor_is_not_replaced():
-    torch.manual_seed(0)
-    model = randomize_bn(AliasedInplaceAdd().double()).eval()
-    fused = neptune_ext.fuse_stages(model)
+    model, fused = fused_double(AliasedInplaceAdd, False)
     assert fused.fusion_report == ["conv+bn -> Conv+BN"] and "_fused_graph_module" not in vars(fused)
     check_same(model, fused, (2, 4, 5, 5))
 

@@ -1,6 +1,6 @@
 """CUDA-specific checks of the fused graph-attention kernels.
 
-tests/test_graph_attention.py already runs every semantic test on "cuda" too; this
+tests/test_attention_ops.py already runs every semantic test on "cuda" too; this
 file covers what only the CUDA kernels have: the hub split (leaf records and merge
 levels), the thread layouts (vector widths, lane groups, tiles of wide H x C), the
 scalar fallback for misaligned inputs, index types, streams, and the absence of
