@@ -145,5 +145,63 @@ void fill_warp_row_params(P& p, const std::optional<at::Tensor>& edge_feat, cons
   p.seed = seed;
 }
 
+// The forward pass of the warp-per-row variants: one warp per destination, an online
+// softmax per head over its in-edges (every lane of a head takes the same steps), then
+// out and lse. The variant V supplies, per slot k of a lane (feature f = lane + 32 k,
+// ok = f < H * C):
+//   template <int NF, typename acc_t> struct Row      the row's state, loaded once
+//   load(Row&, p, row, k, f, ok)                      fill slot k of the row's state
+//   edge(const Row&, p, j, edge, k, f, ok, x, val)    slot k's part of the logit (0 when
+//                                                     !ok; summed over the head's lanes
+//                                                     by head_sum) and of the value
+template <typename V, typename scalar_t, int NF, bool POW2, typename P>
+__device__ __forceinline__ void warp_forward_row(const P& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= p.n_dst) return;  // the whole warp
+  const int64_t H = p.H, C = p.C, HC = p.HC;
+  bool ok[NF];
+  int head[NF];  // < kWarpRowMaxHC: 32 bits
+  typename V::template Row<NF, acc_t> r;
+  acc_t acc[NF], m[NF], s[NF];
+#pragma unroll
+  for (int k = 0; k < NF; ++k) {
+    const int64_t f = lane + 32 * k;
+    ok[k] = f < HC;
+    head[k] = ok[k] ? static_cast<int>(f / C) : 0;
+    V::load(r, p, row, k, f, ok[k]);
+    acc[k] = 0;
+    m[k] = -std::numeric_limits<acc_t>::infinity();
+    s[k] = 0;
+  }
+  const bool need_eid = p.ef != nullptr || p.dropout;
+  const int64_t e_end = p.rowptr[row + 1];
+  for (int64_t e = p.rowptr[row]; e < e_end; ++e) {
+    const int64_t j = p.col[e];
+    const int64_t edge = need_eid ? static_cast<int64_t>(p.eid[e]) : 0;
+    acc_t x[NF], val[NF];
+#pragma unroll
+    for (int k = 0; k < NF; ++k) V::edge(r, p, j, edge, k, lane + 32 * k, ok[k], x[k], val[k]);
+    head_sum<NF, POW2>(x, lane, C, H, HC);
+#pragma unroll
+    for (int k = 0; k < NF; ++k) {
+      acc_t rescale, w;
+      online_softmax_step(x[k], m[k], s[k], rescale, w);
+      if (p.dropout) w = dropout_keep(p.seed, edge, head[k], p.p) ? w * p.keep_scale : acc_t(0);
+      acc[k] = acc[k] * rescale + w * val[k];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < NF; ++k) {
+    const int64_t f = lane + 32 * k;
+    if (!ok[k]) continue;
+    const bool any = softmax_has_mass(s[k]);
+    const acc_t inv = any ? acc_t(1) / s[k] : acc_t(0);
+    p.out_w[row * HC + f] = static_cast<scalar_t>(acc[k] * inv);
+    if (f % C == 0) p.lse[row * H + head[k]] = any ? m[k] + acc_log(s[k]) : acc_t(0);
+  }
+}
+
 }  // namespace
 }  // namespace neptune

@@ -4,58 +4,32 @@
 namespace neptune {
 namespace {
 
+// GATv2's logit and value for the shared warp forward (attention_cuda_common.cuh):
+// x_r[i] and att stay in registers; x_l[j] (and edge_feat) are gathered per edge.
+struct Gatv2Forward {
+  template <int NF, typename acc_t>
+  struct Row {
+    acc_t xr[NF], att[NF];
+  };
+  template <typename R, typename P>
+  __device__ __forceinline__ static void load(R& r, const P& p, int64_t row, int k, int64_t f, bool ok) {
+    using acc_t = std::remove_reference_t<decltype(r.xr[0])>;
+    r.xr[k] = ld<acc_t>(p.xr + row * p.HC + f, ok);
+    r.att[k] = ld<acc_t>(p.att + f, ok);
+  }
+  template <typename R, typename P, typename acc_t>
+  __device__ __forceinline__ static void edge(const R& r, const P& p, int64_t j, int64_t edge, int k,
+                                              int64_t f, bool ok, acc_t& x, acc_t& val) {
+    val = ld<acc_t>(p.xl + j * p.HC + f, ok);
+    acc_t z = val + r.xr[k];
+    if (p.ef) z += ld<acc_t>(p.ef + edge * p.HC + f, ok);
+    x = ok ? r.att[k] * leaky_relu(z, p.slope) : acc_t(0);
+  }
+};
+
 template <typename scalar_t, typename index_t, int NF, bool POW2>
 __global__ void __launch_bounds__(kBlock) gatv2_forward_kernel(V2Params<scalar_t, index_t> p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (row >= p.n_dst) return;  // the whole warp
-  const int64_t H = p.H, C = p.C, HC = p.HC;
-  bool ok[NF];
-  int64_t head[NF];
-  acc_t xr[NF], att[NF], acc[NF], m[NF], s[NF];
-#pragma unroll
-  for (int k = 0; k < NF; ++k) {
-    const int64_t f = lane + 32 * k;
-    ok[k] = f < HC;
-    head[k] = ok[k] ? f / C : 0;
-    xr[k] = ld<acc_t>(p.xr + row * HC + f, ok[k]);
-    att[k] = ld<acc_t>(p.att + f, ok[k]);
-    acc[k] = 0;
-    m[k] = -std::numeric_limits<acc_t>::infinity();
-    s[k] = 0;
-  }
-  const bool need_eid = p.ef != nullptr || p.dropout;
-  const int64_t e_end = p.rowptr[row + 1];
-  for (int64_t e = p.rowptr[row]; e < e_end; ++e) {
-    const int64_t j = p.col[e];
-    const int64_t edge = need_eid ? static_cast<int64_t>(p.eid[e]) : 0;
-    acc_t xl[NF], v[NF];
-#pragma unroll
-    for (int k = 0; k < NF; ++k) {
-      const int64_t f = lane + 32 * k;
-      xl[k] = ld<acc_t>(p.xl + j * HC + f, ok[k]);
-      acc_t z = xl[k] + xr[k];
-      if (p.ef) z += ld<acc_t>(p.ef + edge * HC + f, ok[k]);
-      v[k] = ok[k] ? att[k] * leaky_relu(z, p.slope) : acc_t(0);
-    }
-    head_sum<NF, POW2>(v, lane, C, H, HC);
-#pragma unroll
-    for (int k = 0; k < NF; ++k) {
-      acc_t rescale, w;
-      online_softmax_step(v[k], m[k], s[k], rescale, w);
-      if (p.dropout) w = dropout_keep(p.seed, edge, head[k], p.p) ? w * p.keep_scale : acc_t(0);
-      acc[k] = acc[k] * rescale + w * xl[k];
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < NF; ++k) {
-    const int64_t f = lane + 32 * k;
-    if (!ok[k]) continue;
-    const bool any = softmax_has_mass(s[k]);
-    p.out_w[row * HC + f] = static_cast<scalar_t>(any ? acc[k] / s[k] : acc_t(0));
-    if (f % C == 0) p.lse[row * H + head[k]] = any ? m[k] + acc_log(s[k]) : acc_t(0);
-  }
+  warp_forward_row<Gatv2Forward, scalar_t, NF, POW2>(p);
 }
 
 }  // namespace

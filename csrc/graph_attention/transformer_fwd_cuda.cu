@@ -5,64 +5,37 @@
 namespace neptune {
 namespace {
 
-// One warp per destination: an online softmax over its in-edges; out and lse.
+// The graph transformer's logit and value for the shared warp forward
+// (attention_cuda_common.cuh): q_i (scaled once per row) stays in registers; k_j, v_j
+// (and e_ij) are gathered per edge.
+struct TransformerForward {
+  template <int NF, typename acc_t>
+  struct Row {
+    acc_t qs[NF];
+  };
+  template <typename R, typename P>
+  __device__ __forceinline__ static void load(R& r, const P& p, int64_t row, int k, int64_t f, bool ok) {
+    using acc_t = std::remove_reference_t<decltype(r.qs[0])>;
+    r.qs[k] = ld<acc_t>(p.q + row * p.HC + f, ok) * p.scale;
+  }
+  template <typename R, typename P, typename acc_t>
+  __device__ __forceinline__ static void edge(const R& r, const P& p, int64_t j, int64_t edge, int k,
+                                              int64_t f, bool ok, acc_t& x, acc_t& val) {
+    acc_t key = ld<acc_t>(p.k + j * p.HC + f, ok);
+    val = ld<acc_t>(p.v + j * p.HC + f, ok);
+    if (p.ef) {
+      const acc_t ef = ld<acc_t>(p.ef + edge * p.HC + f, ok);
+      key += ef;
+      val += ef;
+    }
+    x = r.qs[k] * key;  // 0 past H * C
+  }
+};
+
 template <typename scalar_t, typename index_t, int NF, bool POW2>
 __global__ void __launch_bounds__(kBlock)
     transformer_forward_kernel(TransformerParams<scalar_t, index_t> p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (row >= p.n_dst) return;  // the whole warp
-  const int64_t H = p.H, C = p.C, HC = p.HC;
-  bool ok[NF];
-  int head[NF];  // < kTransformerMaxHC: 32 bits
-  acc_t qs[NF], acc[NF], m[NF], s[NF];
-#pragma unroll
-  for (int k = 0; k < NF; ++k) {
-    const int64_t f = lane + 32 * k;
-    ok[k] = f < HC;
-    head[k] = ok[k] ? static_cast<int>(f / C) : 0;
-    qs[k] = ld<acc_t>(p.q + row * HC + f, ok[k]) * p.scale;  // scale q_i once per row
-    acc[k] = 0;
-    m[k] = -std::numeric_limits<acc_t>::infinity();
-    s[k] = 0;
-  }
-  const bool need_eid = p.ef != nullptr || p.dropout;
-  const int64_t e_end = p.rowptr[row + 1];
-  for (int64_t e = p.rowptr[row]; e < e_end; ++e) {
-    const int64_t j = p.col[e];
-    const int64_t edge = need_eid ? static_cast<int64_t>(p.eid[e]) : 0;
-    acc_t x[NF], val[NF];
-#pragma unroll
-    for (int k = 0; k < NF; ++k) {
-      const int64_t f = lane + 32 * k;
-      acc_t key = ld<acc_t>(p.k + j * HC + f, ok[k]);
-      val[k] = ld<acc_t>(p.v + j * HC + f, ok[k]);
-      if (p.ef) {
-        const acc_t ef = ld<acc_t>(p.ef + edge * HC + f, ok[k]);
-        key += ef;
-        val[k] += ef;
-      }
-      x[k] = qs[k] * key;  // 0 past H * C
-    }
-    head_sum<NF, POW2>(x, lane, C, H, HC);
-#pragma unroll
-    for (int k = 0; k < NF; ++k) {
-      acc_t rescale, w;
-      online_softmax_step(x[k], m[k], s[k], rescale, w);
-      if (p.dropout) w = dropout_keep(p.seed, edge, head[k], p.p) ? w * p.keep_scale : acc_t(0);
-      acc[k] = acc[k] * rescale + w * val[k];
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < NF; ++k) {
-    const int64_t f = lane + 32 * k;
-    if (!ok[k]) continue;
-    const bool any = softmax_has_mass(s[k]);
-    const acc_t inv = any ? acc_t(1) / s[k] : acc_t(0);
-    p.out_w[row * HC + f] = static_cast<scalar_t>(acc[k] * inv);
-    if (f % C == 0) p.lse[row * H + head[k]] = any ? m[k] + acc_log(s[k]) : acc_t(0);
-  }
+  warp_forward_row<TransformerForward, scalar_t, NF, POW2>(p);
 }
 
 }  // namespace
