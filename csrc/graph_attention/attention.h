@@ -106,6 +106,21 @@ inline uint64_t seed_value(const std::optional<at::Tensor>& seed, double dropout
 
 }  // namespace neptune
 
+// The parameter lists of AttentionForward and AttentionBackward for a kernel's
+// definition, with the variant's names for its node inputs, edge tensor and scalar.
+#define NEPTUNE_ATTENTION_FORWARD_PARAMS(A, B, C, EDGE, PARAM)                                 \
+  const at::Tensor &A, const at::Tensor &B, const at::Tensor &C, const at::Tensor &rowptr,      \
+      const at::Tensor &col, const at::Tensor &eid, const at::Tensor &colptr,                   \
+      const at::Tensor &csc_row, const at::Tensor &csc_perm,                                    \
+      const std::optional<at::Tensor> &EDGE, double PARAM, double dropout,                      \
+      const std::optional<at::Tensor> &seed
+#define NEPTUNE_ATTENTION_BACKWARD_PARAMS(A, B, C, EDGE, PARAM)                                \
+  const at::Tensor &grad_out, const at::Tensor &A, const at::Tensor &B, const at::Tensor &C,    \
+      const at::Tensor &rowptr, const at::Tensor &col, const at::Tensor &eid,                   \
+      const at::Tensor &colptr, const at::Tensor &csc_row, const at::Tensor &csc_perm,          \
+      const std::optional<at::Tensor> &EDGE, const at::Tensor &out, const at::Tensor &lse,      \
+      double PARAM, double dropout, const std::optional<at::Tensor> &seed
+
 // Runs the statements with scalar_t bound to the floating dtype (float64, float32,
 // float16, bfloat16) and index_t to the index dtype (int32, int64).
 #define NEPTUNE_DISPATCH_FLOAT_AND_INDEX(FLOAT_TYPE, INDEX_TYPE, NAME, ...)                     \

@@ -189,13 +189,8 @@ const c10::TypedOperatorHandle<decltype(gat_backward_cpu)>& gat_backward_op() {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> gat_att_forward(const Tensor& h, const Tensor& att_src,
-                                           const Tensor& att_dst, const Tensor& rowptr,
-                                           const Tensor& col, const Tensor& eid,
-                                           const Tensor& colptr, const Tensor& csc_row,
-                                           const Tensor& csc_perm, const OptTensor& edge_logits,
-                                           double negative_slope, double dropout,
-                                           const OptTensor& seed) {
+std::tuple<Tensor, Tensor> gat_att_forward(
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(h, att_src, att_dst, edge_logits, negative_slope)) {
   check_gat_att(h, att_src, att_dst, rowptr, "neptune::gat_att_forward");
   const int64_t n = h.size(0), rows = rowptr.size(0) - 1;
   auto [out, lse] = gat_forward_op().call(h, scores(h, att_src, n), scores(h, att_dst, rows),
@@ -207,10 +202,7 @@ std::tuple<Tensor, Tensor> gat_att_forward(const Tensor& h, const Tensor& att_sr
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gat_att_backward(
-    const Tensor& grad_out, const Tensor& h, const Tensor& att_src, const Tensor& att_dst,
-    const Tensor& rowptr, const Tensor& col, const Tensor& eid, const Tensor& colptr,
-    const Tensor& csc_row, const Tensor& csc_perm, const OptTensor& edge_logits, const Tensor& out,
-    const Tensor& lse, double negative_slope, double dropout, const OptTensor& seed) {
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(h, att_src, att_dst, edge_logits, negative_slope)) {
   check_gat_att(h, att_src, att_dst, rowptr, "neptune::gat_att_backward");
   const int64_t n = h.size(0), rows = rowptr.size(0) - 1;
   TORCH_CHECK(grad_out.sizes() == h.sizes() && out.sizes() == h.sizes(),

@@ -158,11 +158,7 @@ __global__ void __launch_bounds__(kBlock)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
-    double negative_slope, double dropout, const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(xl, xr, att, edge_feat, negative_slope)) {
   check_v2_cuda(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
                 "neptune::gatv2_backward");
   check_on_device("neptune::gatv2_backward", {{xl, "x_l"}, {grad_out, "grad_out"}, {out, "out"},

@@ -348,11 +348,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
-    const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att, const at::Tensor& rowptr,
-    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
-    const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(xl, xr, att, edge_feat, negative_slope)) {
   check_gatv2_entry(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
                     "neptune::gatv2_forward");
   const int64_t n_dst = xr.size(0), H = xl.size(1), C = xl.size(2);
@@ -366,11 +362,7 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
-    double negative_slope, double dropout, const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(xl, xr, att, edge_feat, negative_slope)) {
   check_gatv2_entry(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
                     "neptune::gatv2_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, xl.size(0), rowptr.size(0) - 1,

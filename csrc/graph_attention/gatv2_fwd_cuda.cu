@@ -35,11 +35,7 @@ __global__ void __launch_bounds__(kBlock) gatv2_forward_kernel(V2Params<scalar_t
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gatv2_forward_cuda(
-    const at::Tensor& xl, const at::Tensor& xr, const at::Tensor& att, const at::Tensor& rowptr,
-    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
-    const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(xl, xr, att, edge_feat, negative_slope)) {
   check_v2_cuda(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
                 "neptune::gatv2_forward");
   const uint64_t seed_v = seed_value(seed, dropout);

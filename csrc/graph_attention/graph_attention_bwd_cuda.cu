@@ -259,12 +259,7 @@ struct Backward2 {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
-    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
-    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
-    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
-    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(h, score_src, score_dst, edge_logits, negative_slope)) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   const int64_t n_src = h.size(0), n_dst = score_dst.size(0), H = h.size(1), C = h.size(2),
                 E = col.size(0);

@@ -198,11 +198,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Te
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
-    const at::Tensor& h, const at::Tensor& score_src, const at::Tensor& score_dst,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(h, score_src, score_dst, edge_logits, negative_slope)) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
   const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2);
@@ -217,12 +213,7 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& score_src,
-    const at::Tensor& score_dst, const at::Tensor& rowptr, const at::Tensor& col,
-    const at::Tensor& eid, const at::Tensor& colptr, const at::Tensor& csc_row,
-    const at::Tensor& csc_perm, const std::optional<at::Tensor>& edge_logits,
-    const at::Tensor& out, const at::Tensor& lse, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(h, score_src, score_dst, edge_logits, negative_slope)) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, h.size(0), score_dst.size(0),

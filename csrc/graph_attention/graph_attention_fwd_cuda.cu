@@ -155,11 +155,7 @@ struct Forward {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gat_forward_cuda(
-    const at::Tensor& h, const at::Tensor& score_src, const at::Tensor& score_dst,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_logits, double negative_slope, double dropout,
-    const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(h, score_src, score_dst, edge_logits, negative_slope)) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   check_on_device("neptune::gat_forward", {{h, "h"}, {score_src, "score_src"}, {score_dst, "score_dst"},
                   {rowptr, "rowptr"}, {col, "col"}, {eid, "eid"}}, edge_logits, "edge_logits");

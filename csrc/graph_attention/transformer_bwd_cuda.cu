@@ -162,11 +162,7 @@ __global__ void __launch_bounds__(kBlock)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
-    double scale, double dropout, const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(q, k, v, edge_feat, scale)) {
   check_on_device("neptune::transformer_backward", {{q, "q"}, {grad_out, "grad_out"}, {out, "out"},
                   {lse, "lse"}, {colptr, "colptr"}, {csc_row, "csc_row"}, {csc_perm, "csc_perm"}},
                   std::nullopt, "");

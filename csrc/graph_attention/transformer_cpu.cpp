@@ -266,11 +266,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> transformer_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rowptr,
-    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
-    const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, double scale, double dropout,
-    const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(q, k, v, edge_feat, scale)) {
   check_transformer_entry(q, k, v, rowptr, col, eid, edge_feat, scale, dropout,
                           "neptune::transformer_forward");
   const int64_t n_dst = q.size(0), H = q.size(1), C = q.size(2);
@@ -284,11 +280,7 @@ std::tuple<at::Tensor, at::Tensor> transformer_forward_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
-    const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, const at::Tensor& out, const at::Tensor& lse,
-    double scale, double dropout, const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(q, k, v, edge_feat, scale)) {
   check_transformer_entry(q, k, v, rowptr, col, eid, edge_feat, scale, dropout,
                           "neptune::transformer_backward");
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, k.size(0), q.size(0),

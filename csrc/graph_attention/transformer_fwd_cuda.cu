@@ -41,11 +41,7 @@ __global__ void __launch_bounds__(kBlock)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> transformer_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rowptr,
-    const at::Tensor& col, const at::Tensor& eid, const at::Tensor& colptr,
-    const at::Tensor& csc_row, const at::Tensor& csc_perm,
-    const std::optional<at::Tensor>& edge_feat, double scale, double dropout,
-    const std::optional<at::Tensor>& seed) {
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(q, k, v, edge_feat, scale)) {
   check_transformer_cuda(q, k, v, rowptr, col, eid, edge_feat, scale, dropout,
                          "neptune::transformer_forward");
   const uint64_t seed_v = seed_value(seed, dropout);
