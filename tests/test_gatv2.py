@@ -36,3 +36,55 @@ def test_extra_graph_rows_are_ignored(device):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
     torch.testing.assert_close(g_out[3][mask], g_exp[3], rtol=1e-10, atol=1e-11)
     assert torch.equal(g_out[3][~mask], torch.zeros_like(g_out[3][~mask]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", ["all", "fewer"])
+def test_flat_heads_form(device, rows):
+    """x_l/x_r as [N, H * C] (a Linear layer's output) with att [1, H, C]: the heads come from
+    att, out takes x_r's form, and every number (output, gradients, attention weights) is the
+    [N, H, C] form's, also with graph rows beyond x_r."""
+    from neptune_ext.ops import gatv2_attention
+    ei, n_src, n_dst = CASES["random"]
+    g = Graph.from_edge_index(ei, (n_src, n_dst)).to(device)
+    keep = n_dst if rows == "all" else n_dst - 3
+    H, C = 3, 5
+    xl, xr, att, ef = GATV2.inputs(n_src, keep, ei.shape[1], H, C, device=device)
+    flat = [xl.detach().reshape(n_src, H * C).requires_grad_(), xr.detach().reshape(keep, H * C).requires_grad_(),
+            att.detach().reshape(1, H, C).requires_grad_(), ef.detach().clone().requires_grad_()]
+    want, alpha_want = gatv2_attention(xl, xr, att, g, 0.2, ef, return_attention=True)
+    got, alpha_got = gatv2_attention(*flat[:3], g, 0.2, flat[3], return_attention=True)
+    assert got.shape == (keep, H * C)
+    torch.testing.assert_close(got, want.reshape(keep, H * C), rtol=0, atol=0)
+    torch.testing.assert_close(alpha_got, alpha_want, rtol=0, atol=0)
+    go = torch.randn_like(want)
+    g_want = grads(want, (xl, xr, att, ef), go)
+    g_got = grads(got, flat, go.reshape(keep, H * C))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b.reshape(a.shape), rtol=0, atol=0)
+    if device == "cpu" and rows == "all":  # twice differentiable in this form too
+        sg = Graph.from_edge_index(torch.randint(0, 6, (2, 15)), (6, 6))
+        small = [torch.randn(6, H * C, dtype=torch.float64, requires_grad=True),
+                 torch.randn(6, H * C, dtype=torch.float64, requires_grad=True),
+                 torch.randn(1, H, C, dtype=torch.float64, requires_grad=True)]
+        assert torch.autograd.gradgradcheck(lambda a, b, c: gatv2_attention(a, b, c, sg, 0.2), small)
+
+
+def test_flat_heads_form_opcheck_and_errors():
+    """The compiled op in the flat form: opcheck (schema, fake kernel, autograd), and a width
+    that does not match att is a clear error on the Python and the direct path."""
+    from neptune_ext.ops import gatv2_attention
+    ei, n_src, n_dst = CASES["random"]
+    g = Graph.from_edge_index(ei, (n_src, n_dst))
+    H, C = 2, 4
+    xl = torch.randn(n_src, H * C, dtype=torch.float64, requires_grad=True)
+    xr = torch.randn(n_dst, H * C, dtype=torch.float64, requires_grad=True)
+    att = torch.randn(1, H, C, dtype=torch.float64, requires_grad=True)
+    args = (xl, xr, att, g.rowptr, g.col, g.eid, *g.csc(), None, 0.2, 0.0, None)
+    torch.library.opcheck(torch.ops.neptune.gatv2_forward.default, args)
+    with pytest.raises(ValueError, match=r"x_l must have shape \[N_src, H \* C\]"):
+        gatv2_attention(xl[:, :-1], xr, att, g)
+    with pytest.raises(ValueError, match="x_r must have shape"):
+        gatv2_attention(xl, xr.view(n_dst, H, C), att, g)
+    with pytest.raises(RuntimeError, match="x_l must be"):
+        torch.ops.neptune.gatv2_forward(xl[:, :-1].contiguous(), xr, att, *args[3:])

@@ -75,23 +75,25 @@ inline void check_attention_args(const char* op, std::initializer_list<at::Tenso
   TORCH_CHECK(std::isfinite(param), op, ": ", param_name, " must be finite, got ", param);
 }
 
-// Backward's saved tensors and incoming gradient: out and grad_out are [N_dst, H, C]
-// (with fewer_rows, at most N_dst rows: the rows past them get no gradient) in `dtype`,
-// lse is [N_dst, H] in the accumulation type.
+// Backward's saved tensors and incoming gradient: out and grad_out have the shape
+// `out_shape` (with fewer_rows, at most its rows: the rows past them get no gradient) in
+// `dtype`; lse is [out_shape[0], H] in the accumulation type.
 inline void check_attention_backward_tensors(const char* op, const at::Tensor& grad_out,
                                              const at::Tensor& out, const at::Tensor& lse,
-                                             at::ScalarType dtype, int64_t n_dst, int64_t H,
-                                             int64_t C, bool fewer_rows = false) {
+                                             at::ScalarType dtype, at::IntArrayRef out_shape,
+                                             int64_t H, bool fewer_rows = false) {
   TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == dtype, op,
               ": grad_out must match out in shape and dtype");
-  TORCH_CHECK(out.dim() == 3 && (fewer_rows ? out.size(0) <= n_dst : out.size(0) == n_dst) &&
-                  out.size(1) == H && out.size(2) == C && out.scalar_type() == dtype,
-              op, ": out must be [N_dst, H, C] = [", n_dst, ", ", H, ", ", C, "]",
+  const bool shape_ok =
+      fewer_rows ? out.dim() == static_cast<int64_t>(out_shape.size()) && out.size(0) <= out_shape[0] &&
+                       out.sizes().slice(1) == out_shape.slice(1)
+                 : out.sizes() == out_shape;
+  TORCH_CHECK(shape_ok && out.scalar_type() == dtype, op, ": out must be ", out_shape,
               fewer_rows ? " (or fewer rows)" : "", " in ", dtype, ", got ", out.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == n_dst && lse.size(1) == H &&
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == out_shape[0] && lse.size(1) == H &&
                   lse.scalar_type() == acc_dtype(dtype),
-              op, ": lse must be [N_dst, H] in ", acc_dtype(dtype), ", got ", lse.sizes(), " ",
-              lse.scalar_type());
+              op, ": lse must be [", out_shape[0], ", ", H, "] in ", acc_dtype(dtype), ", got ",
+              lse.sizes(), " ", lse.scalar_type());
 }
 
 // The dropout seed travels as an optional int64 scalar tensor on the CPU, so

@@ -5,6 +5,9 @@
 //   a_ij  = softmax over j in N(i) of s_ij
 //   out_i = sum_j a_ij x_l[j]                                  (no in-edges: 0)
 //
+// x_l, x_r and out are [N, H, C] or, as a Linear layer returns them, [N, H * C]; H and C
+// come from att ([H, C] or the layer's [1, H, C]); out has the shape of x_r.
+//
 // Same kernel shape as GAT v1: the row x_l[j] gathered for the sum also gives the
 // logit, one pass per destination with an online softmax; only out and the
 // log-sum-exp are saved. The CSR may have more rows than x_r: the extra rows
@@ -39,18 +42,26 @@ inline void check_gatv2_inputs(const at::Tensor& xl, const at::Tensor& xr, const
                                const at::Tensor& eid,
                                const std::optional<at::Tensor>& edge_feat,
                                double negative_slope, double dropout) {
-  TORCH_CHECK(xl.dim() == 3, "neptune::gatv2: x_l must be [N_src, H, C], got ", xl.sizes());
-  const auto H = xl.size(1), C = xl.size(2);
-  TORCH_CHECK(xr.dim() == 3 && xr.size(1) == H && xr.size(2) == C,
-              "neptune::gatv2: x_r must be [N_dst, H, C] with H = ", H, ", C = ", C, ", got ",
+  TORCH_CHECK(att.dim() == 2 || (att.dim() == 3 && att.size(0) == 1),
+              "neptune::gatv2: att must be [H, C] or [1, H, C], got ", att.sizes());
+  const auto H = att.size(-2), C = att.size(-1);
+  TORCH_CHECK((xl.dim() == 3 && xl.size(1) == H && xl.size(2) == C) ||
+                  (xl.dim() == 2 && xl.size(1) == H * C),
+              "neptune::gatv2: x_l must be [N_src, H, C] or [N_src, H * C] with H, C = ", H, ", ",
+              C, " (the shape of att), got ", xl.sizes());
+  TORCH_CHECK(xr.dim() == xl.dim() && xr.sizes().slice(1) == xl.sizes().slice(1),
+              "neptune::gatv2: x_r must be [N_dst, ", xl.sizes().slice(1), "] like x_l, got ",
               xr.sizes());
-  TORCH_CHECK(att.dim() == 2 && att.size(0) == H && att.size(1) == C,
-              "neptune::gatv2: att must be [H, C] = [", H, ", ", C, "], got ", att.sizes());
   TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) >= xr.size(0) + 1,
               "neptune::gatv2: rowptr must be [R + 1] with R >= N_dst = ", xr.size(0), ", got ",
               rowptr.sizes());
   check_attention_args("neptune::gatv2", {xl, xr, att}, "x_l, x_r and att", rowptr, col, eid,
                        edge_feat, "edge_feat", {H, C}, negative_slope, "negative_slope", dropout);
+}
+
+// Heads and channels: att's last two dimensions.
+inline std::pair<int64_t, int64_t> gatv2_heads(const at::Tensor& att) {
+  return {att.size(-2), att.size(-1)};
 }
 
 // What every GATv2 kernel entry (CPU and CUDA, forward and backward) checks first:

@@ -167,11 +167,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, xl.size(0), rowptr.size(0) - 1,
             "neptune::gatv2_backward");
   check_attention_backward_tensors("neptune::gatv2_backward", grad_out, out, lse, xr.scalar_type(),
-                                   xr.size(0), xr.size(1), xr.size(2));
+                                   xr.sizes(), gatv2_heads(att).first);
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(xl.device());
   const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
-  const int64_t n_src = xl.size(0), n_dst = xr.size(0), H = xl.size(1), C = xl.size(2), HC = H * C;
+  const auto [H, C] = gatv2_heads(att);
+  const int64_t n_src = xl.size(0), n_dst = xr.size(0), HC = H * C;
   const int64_t E = col.size(0), n_rows = rowptr.size(0) - 1;
   at::Tensor gxl = new_tensor(xl.sizes(), xl.options());
   at::Tensor gxr = new_tensor(xr.sizes(), xl.options());

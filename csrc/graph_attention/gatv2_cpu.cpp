@@ -200,7 +200,7 @@ void forward_kernel(const at::Tensor& xl_t, const at::Tensor& xr_t, const at::Te
                     const std::optional<at::Tensor>& ef_t, at::Tensor& out_t, at::Tensor& lse_t,
                     double slope_d, double p_d, uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = xl_t.size(1), C = xl_t.size(2);
+  const auto [H, C] = gatv2_heads(att_t);
   const std::vector<acc_t> att = att_values<scalar_t, acc_t>(att_t);
   const Gatv2Forward<scalar_t, acc_t> var{xl_t.data_ptr<scalar_t>(), xr_t.data_ptr<scalar_t>(),
                                           data_or_null<scalar_t>(ef_t), att.data(), H, C,
@@ -219,7 +219,8 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
                      const at::Tensor& lse_t, double slope_d, double p_d, uint64_t seed,
                      at::Tensor& gxl_t, at::Tensor& gxr_t, at::Tensor& gatt_t, at::Tensor& gef_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_src = xl_t.size(0), n_dst = xr_t.size(0), H = xl_t.size(1), C = xl_t.size(2),
+  const auto [H, C] = gatv2_heads(att_t);
+  const int64_t n_src = xl_t.size(0), n_dst = xr_t.size(0),
                 HC = H * C, E = col_t.size(0);
   const scalar_t* go = go_t.data_ptr<scalar_t>();
   const scalar_t* xl = xl_t.data_ptr<scalar_t>();
@@ -351,8 +352,8 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
     NEPTUNE_ATTENTION_FORWARD_PARAMS(xl, xr, att, edge_feat, negative_slope)) {
   check_gatv2_entry(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
                     "neptune::gatv2_forward");
-  const int64_t n_dst = xr.size(0), H = xl.size(1), C = xl.size(2);
-  at::Tensor out = at::empty({n_dst, H, C}, xl.options());
+  const int64_t n_dst = xr.size(0), H = gatv2_heads(att).first;
+  at::Tensor out = at::empty(xr.sizes(), xl.options());
   at::Tensor lse = at::empty({n_dst, H}, xl.options().dtype(acc_dtype(xl.scalar_type())));
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(xl.scalar_type(), col.scalar_type(), "gatv2_forward_cpu", [&] {
     forward_kernel<scalar_t, index_t>(xl, xr, att, rowptr, col, eid, edge_feat, out, lse,
@@ -368,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, xl.size(0), rowptr.size(0) - 1,
             "neptune::gatv2_backward");
   check_attention_backward_tensors("neptune::gatv2_backward", grad_out, out, lse, xr.scalar_type(),
-                                   xr.size(0), xr.size(1), xr.size(2));
+                                   xr.sizes(), gatv2_heads(att).first);
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gxl = at::empty_like(xl);
   at::Tensor gxr = at::empty_like(xr);

@@ -44,9 +44,10 @@ inline void check_v2_cuda(const at::Tensor& xl, const at::Tensor& xr, const at::
   check_gatv2_inputs(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout);
   check_on_device(op, {{xl, "x_l"}, {xr, "x_r"}, {att, "att"}, {rowptr, "rowptr"}, {col, "col"},
                        {eid, "eid"}}, edge_feat, "edge_feat");
-  TORCH_CHECK(xl.size(2) > 0 && xl.size(1) * xl.size(2) <= kGatv2MaxHC,
-              "neptune::gatv2 (CUDA): H * C must be in [1, ", kGatv2MaxHC, "], got H = ", xl.size(1),
-              ", C = ", xl.size(2));
+  const auto [H, C] = gatv2_heads(att);
+  TORCH_CHECK(C > 0 && H * C <= kGatv2MaxHC,
+              "neptune::gatv2 (CUDA): H * C must be in [1, ", kGatv2MaxHC, "], got H = ", H,
+              ", C = ", C);
   check_csr(rowptr, col, eid, xl.size(0), rowptr.size(0) - 1, op);
 }
 
@@ -58,7 +59,8 @@ V2Params<scalar_t, index_t> common_params(const at::Tensor& xl, const at::Tensor
                                           const at::Tensor& eid, double negative_slope, double dropout,
                                           uint64_t seed) {
   V2Params<scalar_t, index_t> p{};
-  fill_warp_row_params(p, edge_feat, rowptr, col, eid, xr.size(0), xl.size(1), xl.size(2), dropout, seed);
+  fill_warp_row_params(p, edge_feat, rowptr, col, eid, xr.size(0), att.size(-2), att.size(-1), dropout,
+                       seed);
   p.xl = xl.data_ptr<scalar_t>();
   p.xr = xr.data_ptr<scalar_t>();
   p.att = att.data_ptr<scalar_t>();

@@ -40,8 +40,9 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cuda(
                 "neptune::gatv2_forward");
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(xl.device());
-  const int64_t n_dst = xr.size(0), H = xl.size(1), C = xl.size(2);
-  at::Tensor out = new_tensor({n_dst, H, C}, xl.options());
+  const int64_t n_dst = xr.size(0);
+  const auto [H, C] = gatv2_heads(att);
+  at::Tensor out = new_tensor(xr.sizes(), xl.options());
   at::Tensor lse = new_tensor({n_dst, H}, xl.options().dtype(acc_dtype(xl.scalar_type())));
   if (n_dst == 0) return {out, lse};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

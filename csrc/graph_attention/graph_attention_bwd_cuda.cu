@@ -263,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cuda(
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   const int64_t n_src = h.size(0), n_dst = score_dst.size(0), H = h.size(1), C = h.size(2),
                 E = col.size(0);
-  check_attention_backward_tensors("neptune::gat_backward", grad_out, out, lse, h.scalar_type(), n_dst,
-                                   h.size(1), h.size(2));
+  check_attention_backward_tensors("neptune::gat_backward", grad_out, out, lse, h.scalar_type(),
+                                   {n_dst, H, C}, H);
   check_on_device("neptune::gat_backward",
                   {{h, "h"}, {grad_out, "grad_out"}, {score_src, "score_src"}, {score_dst, "score_dst"},
                    {rowptr, "rowptr"}, {col, "col"}, {eid, "eid"}, {colptr, "colptr"},

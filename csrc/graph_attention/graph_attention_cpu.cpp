@@ -220,7 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
             "neptune::gat_backward");
   // grad_out and out may have fewer rows than the graph: the rows past them get no gradient
   check_attention_backward_tensors("neptune::gat_backward", grad_out, out, lse, h.scalar_type(),
-                                   score_dst.size(0), h.size(1), h.size(2), /*fewer_rows=*/true);
+                                   {score_dst.size(0), h.size(1), h.size(2)}, h.size(1),
+                                   /*fewer_rows=*/true);
   const int64_t n_go = grad_out.size(0);
   const at::Tensor go = grad_out.contiguous();
   at::Tensor gh = at::empty_like(h);

@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, k.size(0), q.size(0),
             "neptune::transformer_backward");
   check_attention_backward_tensors("neptune::transformer_backward", grad_out, out, lse,
-                                   q.scalar_type(), q.size(0), q.size(1), q.size(2));
+                                   q.scalar_type(), q.sizes(), q.size(1));
   const uint64_t seed_v = seed_value(seed, dropout);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();

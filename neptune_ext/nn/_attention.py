@@ -340,7 +340,11 @@ class AttentionBase(_Base):
 
     # ------------------------------------------------------------------ output
     def _head(self, out: Tensor, res: Optional[Tensor]) -> Tensor:
-        out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
+        # out is [N, H, C], or [N, H * C] (GATv2's op returns the form of its inputs)
+        if self.concat:
+            out = out if out.dim() == 2 else out.reshape(-1, self.heads * self.out_channels)
+        else:
+            out = (out if out.dim() == 3 else out.view(-1, self.heads, self.out_channels)).mean(dim=1)
         if res is not None:
             out = out + res
         if self.bias is not None:

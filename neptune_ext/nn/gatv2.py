@@ -88,8 +88,9 @@ class GraphAttentionV2(AttentionBase):
                                (self.res, x_dst, "x_dst")):
             materialize(lin, inp, "x" if same else name)
         res = self.res(x_dst) if self.res is not None else None
-        x_l = self.lin_l(x_src).view(-1, H, C)
-        x_r = x_l if (same and self.share_weights) else self.lin_r(x_dst).view(-1, H, C)
+        # [N, H * C] as the Linear layers return them: the op reads the heads from att
+        x_l = self.lin_l(x_src)
+        x_r = x_l if (same and self.share_weights) else self.lin_r(x_dst)
 
         num_src, num_dst = self._sizes(x_src, x_dst, edge_index, size)
         prepared = self._prepare(edge_index, num_src, num_dst)
@@ -100,7 +101,8 @@ class GraphAttentionV2(AttentionBase):
         if self._explaining():
             alpha = gatv2_attention_weights(x_l, x_r, self.att, graph, self.negative_slope, edge_feat,
                                             *dropout_and_seed(self.dropout, self.training, None))
-            out = self._explain_aggregate(x_l, alpha[prepared.kept_edges()], prepared, num_src, num_dst)
+            out = self._explain_aggregate(x_l.view(-1, H, C), alpha[prepared.kept_edges()], prepared,
+                                          num_src, num_dst)
         else:
             result = gatv2_attention(x_l, x_r, self.att, graph, self.negative_slope, edge_feat,
                                      self.dropout, self.training, return_attention=want_alpha)

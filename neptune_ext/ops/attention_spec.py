@@ -180,12 +180,14 @@ class AttentionSpec(NamedTuple):
     """name: the op family (``neptune::<name>_forward``/``_backward``); out_shape(a, b, c):
     the output's shape; reference(a, b, c, edge, src, dst, num_rows, scalar, dropout, seed):
     the differentiable pure-PyTorch output [num_rows, H, C] (or its first rows); lse_rows(rowptr):
-    the log-sum-exp's rows when they are not out's. Which input holds the sources and the
+    the log-sum-exp's rows when they are not out's; heads(a, b, c): H when out is not
+    [rows, H, C] (GATv2's out takes x_r's form, [rows, H * C] included). Which input holds the sources and the
     function named in errors are the C++ autograd's (attention_autograd.cpp: the variant table)."""
     name: str
     out_shape: Callable
     reference: Callable
     lse_rows: Optional[Callable] = None
+    heads: Optional[Callable] = None
 
 
 _SPECS = {}
@@ -199,7 +201,8 @@ def register(spec: AttentionSpec) -> None:
     def _fwd_fake(a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, scalar, dropout, seed):
         shape = spec.out_shape(a, b, c)
         rows = shape[0] if spec.lse_rows is None else spec.lse_rows(rowptr)
-        return a.new_empty(shape), a.new_empty((rows, shape[1]), dtype=acc_dtype(a.dtype))
+        heads = shape[1] if spec.heads is None else spec.heads(a, b, c)
+        return a.new_empty(shape), a.new_empty((rows, heads), dtype=acc_dtype(a.dtype))
 
     @torch.library.register_fake(f"neptune::{spec.name}_backward")
     def _bwd_fake(grad_out, a, b, c, rowptr, col, eid, colptr, csc_row, csc_perm, edge, out, lse,
