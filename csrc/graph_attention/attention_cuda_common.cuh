@@ -145,6 +145,27 @@ void fill_warp_row_params(P& p, const std::optional<at::Tensor>& edge_feat, cons
   p.seed = seed;
 }
 
+// The backward's shared fields: the incoming gradient, the saved output and
+// log-sum-exp, the CSC and the per-edge scratch (dS, a'); gef only with edge features.
+template <typename P>
+void fill_warp_row_backward(P& p, const at::Tensor& go, const at::Tensor& out, const at::Tensor& lse,
+                            const at::Tensor& colptr, const at::Tensor& csc_row,
+                            const at::Tensor& csc_perm, const at::Tensor& ds, const at::Tensor& ap,
+                            const at::Tensor& gef) {
+  using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(p.ef)>>;
+  using index_t = std::remove_const_t<std::remove_pointer_t<decltype(p.rowptr)>>;
+  using acc_t = at::opmath_type<scalar_t>;
+  p.go = go.data_ptr<scalar_t>();
+  p.out = out.data_ptr<scalar_t>();
+  p.lse_in = lse.data_ptr<acc_t>();
+  p.colptr = colptr.data_ptr<index_t>();
+  p.csc_row = csc_row.data_ptr<index_t>();
+  p.csc_perm = csc_perm.data_ptr<index_t>();
+  p.ds = ds.data_ptr<acc_t>();
+  p.ap = ap.data_ptr<acc_t>();
+  p.gef = p.ef ? gef.data_ptr<scalar_t>() : nullptr;
+}
+
 // The forward pass of the warp-per-row variants: one warp per destination, an online
 // softmax per head over its in-edges (every lane of a head takes the same steps), then
 // out and lse. The variant V supplies, per slot k of a lane (feature f = lane + 32 k,

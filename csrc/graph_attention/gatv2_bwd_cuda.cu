@@ -189,18 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     auto p = common_params<scalar_t, index_t>(xl, xr, att, edge_feat, rowptr, col, eid,
                                               negative_slope, dropout, seed_v);
-    p.go = go.data_ptr<scalar_t>();
-    p.out = out_c.data_ptr<scalar_t>();
-    p.lse_in = lse_c.data_ptr<acc_t>();
-    p.colptr = colptr.data_ptr<index_t>();
-    p.csc_row = csc_row.data_ptr<index_t>();
-    p.csc_perm = csc_perm.data_ptr<index_t>();
-    p.ds = ds.data_ptr<acc_t>();
-    p.ap = ap.data_ptr<acc_t>();
+    fill_warp_row_backward(p, go, out_c, lse_c, colptr, csc_row, csc_perm, ds, ap, gef);
     p.ga_rows = ga_rows.data_ptr<acc_t>();
     p.gxl = gxl.data_ptr<scalar_t>();
     p.gxr = gxr.data_ptr<scalar_t>();
-    p.gef = edge_feat.has_value() ? gef.data_ptr<scalar_t>() : nullptr;
     with_layout(HC, C, [&](auto nf, auto pow2) {
       constexpr int NF = decltype(nf)::value;
       auto pass1 = gatv2_pass1_kernel<scalar_t, index_t, NF, decltype(pow2)::value>;

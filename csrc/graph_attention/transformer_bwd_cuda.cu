@@ -186,21 +186,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
   at::Tensor ds = new_tensor({E, H}, acc_opts), ap = new_tensor({E, H}, acc_opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     auto p = transformer_params<scalar_t, index_t>(q, k, v, edge_feat, rowptr, col, eid, scale,
                                                    dropout, seed_v);
-    p.go = go.data_ptr<scalar_t>();
-    p.out = out_c.data_ptr<scalar_t>();
-    p.lse_in = lse_c.data_ptr<acc_t>();
-    p.colptr = colptr.data_ptr<index_t>();
-    p.csc_row = csc_row.data_ptr<index_t>();
-    p.csc_perm = csc_perm.data_ptr<index_t>();
-    p.ds = ds.data_ptr<acc_t>();
-    p.ap = ap.data_ptr<acc_t>();
+    fill_warp_row_backward(p, go, out_c, lse_c, colptr, csc_row, csc_perm, ds, ap, gef);
     p.gq = gq.data_ptr<scalar_t>();
     p.gk = gk.data_ptr<scalar_t>();
     p.gv = gv.data_ptr<scalar_t>();
-    p.gef = edge_feat.has_value() ? gef.data_ptr<scalar_t>() : nullptr;
     with_layout(HC, C, [&](auto nf, auto pow2) {
       constexpr int NF = decltype(nf)::value;
       auto pass1 = transformer_pass1_kernel<scalar_t, index_t, NF, decltype(pow2)::value>;
