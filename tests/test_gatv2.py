@@ -88,3 +88,14 @@ def test_flat_heads_form_opcheck_and_errors():
         gatv2_attention(xl, xr.view(n_dst, H, C), att, g)
     with pytest.raises(RuntimeError, match="x_l must be"):
         torch.ops.neptune.gatv2_forward(xl[:, :-1].contiguous(), xr, att, *args[3:])
+
+
+def test_bad_att_is_named():
+    """An att that is neither [H, C] nor [1, H, C] is named as the bad argument, also when
+    x_l is [N, H * C] (the heads come from att)."""
+    from neptune_ext.ops import gatv2_attention
+    g = Graph.from_edge_index(torch.tensor([[0, 1, 2], [1, 2, 1]]))
+    x = torch.randn(3, 6)
+    for att in (torch.randn(6), torch.randn(1, 1, 2, 3), torch.randn(2, 1, 3)):
+        with pytest.raises(ValueError, match=r"att must have shape \[H, C\] or \[1, H, C\]"):
+            gatv2_attention(x, x, att, g)

@@ -158,7 +158,7 @@ void check_csc(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
   const int64_t E = col.size(0);
   TORCH_CHECK_VALUE(colptr.dim() == 1 && colptr.size(0) == n_src + 1, op,
                     ": colptr must be [N_src + 1] = [", n_src + 1, "], got ", colptr.sizes(),
-                    " (pass the transposed graph to gat_forward when gradients are needed)");
+                    " (pass the transposed graph to the forward op when gradients are needed)");
   TORCH_CHECK_VALUE(csc_row.dim() == 1 && csc_row.size(0) == E && csc_perm.dim() == 1 &&
                         csc_perm.size(0) == E,
                     op, ": csc_row and csc_perm must be [E] = [", E, "]");

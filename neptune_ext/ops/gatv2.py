@@ -34,8 +34,10 @@ def _heads(x_l, att):
 
 def _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout):
     attention_spec.check_tensors(graph, (("x_l", x_l), ("x_r", x_r), ("att", att)))
-    _check(x_l.dim() == 3 or (x_l.dim() == 2 and att.dim() in (2, 3)),
+    _check(x_l.dim() in (2, 3),
            lambda: f"x_l must have shape [N_src, H, C] (or [N_src, H * C]), got {list(x_l.shape)}")
+    _check(att.dim() in (2, 3) and (att.dim() == 2 or att.shape[0] == 1),
+           lambda: f"att must have shape [H, C] or [1, H, C], got {list(att.shape)}")
     n_src = x_l.shape[0]
     H, C = _heads(x_l, att)
     _check(tuple(x_l.shape[1:]) in ((H, C), (H * C,)),
