@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <utility>
 #include <tuple>
 
 #include "common.h"
@@ -95,6 +96,29 @@ inline void check_attention_backward_tensors(const char* op, const at::Tensor& g
               op, ": lse must be [", out_shape[0], ", ", H, "] in ", acc_dtype(dtype), ", got ",
               lse.sizes(), " ", lse.scalar_type());
 }
+
+// Internal linkage: the CUDA emulation build (tests/cuda_emulation) compiles its own
+// version, which must not be interposed by the extension's.
+namespace {
+using NamedTensor = std::pair<const at::Tensor&, const char*>;
+
+// Every tensor (and the optional edge tensor) on the first one's GPU (under the
+// emulation: on its device). `op` names the op in the message.
+inline void check_on_device(const char* op, std::initializer_list<NamedTensor> ts,
+                            const std::optional<at::Tensor>& edge, const char* edge_name) {
+  const at::Device dev = ts.begin()->first.device();
+  auto check = [&](const at::Tensor& t, const char* name) {
+#ifdef NEPTUNE_CUDA_EMULATION
+    const bool ok = t.device() == dev;
+#else
+    const bool ok = t.is_cuda() && t.device() == dev;
+#endif
+    TORCH_CHECK(ok, op, " (CUDA): ", name, " must be on ", dev, ", got ", t.device());
+  };
+  for (const auto& [t, name] : ts) check(t, name);
+  if (edge.has_value()) check(*edge, edge_name);
+}
+}  // namespace
 
 // The dropout seed travels as an optional int64 scalar tensor on the CPU, so
 // torch.compile can trace a fresh seed per step without recompiling.

@@ -484,24 +484,5 @@ void run_wide(const typename M<scalar_t, index_t, 1, 2>::Params& p, int64_t H, i
 }
 
 
-using NamedTensor = std::pair<const at::Tensor&, const char*>;
-
-// Every tensor (and the optional edge tensor) on the first one's GPU (under the
-// emulation: on its device). `op` names the op in the message.
-inline void check_on_device(const char* op, std::initializer_list<NamedTensor> ts,
-                            const std::optional<at::Tensor>& edge, const char* edge_name) {
-  const at::Device dev = ts.begin()->first.device();
-  auto check = [&](const at::Tensor& t, const char* name) {
-#ifdef NEPTUNE_CUDA_EMULATION
-    const bool ok = t.device() == dev;
-#else
-    const bool ok = t.is_cuda() && t.device() == dev;
-#endif
-    TORCH_CHECK(ok, op, " (CUDA): ", name, " must be on ", dev, ", got ", t.device());
-  };
-  for (const auto& [t, name] : ts) check(t, name);
-  if (edge.has_value()) check(*edge, edge_name);
-}
-
 }  // namespace
 }  // namespace neptune
