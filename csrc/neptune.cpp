@@ -53,7 +53,7 @@ TORCH_LIBRARY(neptune, m) {
   // per node), and the transpose of a CSR graph. See graph/graph.h.
   m.def(
       "build_csr(Tensor edge_index, int num_src, int num_dst, ScalarType dtype, "
-      "bool gat_self_loops) -> (Tensor rowptr, Tensor col, Tensor eid)");
+      "bool replace_self_loops) -> (Tensor rowptr, Tensor col, Tensor eid)");
   m.def(
       "build_csc(Tensor rowptr, Tensor col, Tensor eid, int num_src) "
       "-> (Tensor colptr, Tensor csc_row, Tensor csc_perm)");
@@ -156,37 +156,31 @@ at::Tensor conv_bias_act_unavailable(const at::Tensor& input, const at::Tensor&,
 }
 }  // namespace neptune
 
+// The kernels every device has, `dev` naming their suffix (cpu, cuda). The graph builders
+// and the GAT-with-attention-vectors entry are device-generic (they dispatch inside).
+#define NEPTUNE_DEVICE_KERNELS(m, dev)                                     \
+  m.impl("build_csr", &neptune::build_csr);                                \
+  m.impl("build_csc", &neptune::build_csc);                                \
+  m.impl("gat_forward", &neptune::gat_forward_##dev);                      \
+  m.impl("gat_backward", &neptune::gat_backward_##dev);                    \
+  m.impl("gat_att_forward", &neptune::gat_att_forward);                    \
+  m.impl("gat_att_backward", &neptune::gat_att_backward);                  \
+  m.impl("gatv2_forward", &neptune::gatv2_forward_##dev);                  \
+  m.impl("gatv2_backward", &neptune::gatv2_backward_##dev);                \
+  m.impl("transformer_forward", &neptune::transformer_forward_##dev);      \
+  m.impl("transformer_backward", &neptune::transformer_backward_##dev);    \
+  m.impl("bn_relu_forward", &neptune::bn_relu_forward_##dev);              \
+  m.impl("bn_relu_backward", &neptune::bn_relu_backward_##dev)
+
 TORCH_LIBRARY_IMPL(neptune, CPU, m) {
+  NEPTUNE_DEVICE_KERNELS(m, cpu);
   m.impl("csr_from_index", &neptune::csr_from_index_cpu);
-  m.impl("build_csr", &neptune::build_csr);
-  m.impl("build_csc", &neptune::build_csc);
-  m.impl("gat_forward", &neptune::gat_forward_cpu);
-  m.impl("gat_backward", &neptune::gat_backward_cpu);
-  m.impl("gat_att_forward", &neptune::gat_att_forward);
-  m.impl("gat_att_backward", &neptune::gat_att_backward);
-  m.impl("gatv2_forward", &neptune::gatv2_forward_cpu);
-  m.impl("gatv2_backward", &neptune::gatv2_backward_cpu);
-  m.impl("transformer_forward", &neptune::transformer_forward_cpu);
-  m.impl("transformer_backward", &neptune::transformer_backward_cpu);
-  m.impl("bn_relu_forward", &neptune::bn_relu_forward_cpu);
-  m.impl("bn_relu_backward", &neptune::bn_relu_backward_cpu);
   m.impl("conv_bias_act", &neptune::conv_bias_act_unavailable);
 }
 
 #ifdef NEPTUNE_WITH_CUDA
 TORCH_LIBRARY_IMPL(neptune, CUDA, m) {
-  m.impl("build_csr", &neptune::build_csr);
-  m.impl("build_csc", &neptune::build_csc);
-  m.impl("gat_forward", &neptune::gat_forward_cuda);
-  m.impl("gat_backward", &neptune::gat_backward_cuda);
-  m.impl("gat_att_forward", &neptune::gat_att_forward);
-  m.impl("gat_att_backward", &neptune::gat_att_backward);
-  m.impl("gatv2_forward", &neptune::gatv2_forward_cuda);
-  m.impl("gatv2_backward", &neptune::gatv2_backward_cuda);
-  m.impl("transformer_forward", &neptune::transformer_forward_cuda);
-  m.impl("transformer_backward", &neptune::transformer_backward_cuda);
-  m.impl("bn_relu_forward", &neptune::bn_relu_forward_cuda);
-  m.impl("bn_relu_backward", &neptune::bn_relu_backward_cuda);
+  NEPTUNE_DEVICE_KERNELS(m, cuda);
 #ifdef NEPTUNE_WITH_CUTLASS
   m.impl("conv_bias_act", &neptune::conv_bias_act_cuda);
 #else

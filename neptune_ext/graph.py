@@ -24,7 +24,6 @@ from ._util import is_compiling as _is_compiling
 _INT32_MAX = 2**31 - 1
 
 SizeLike = Union[None, int, Tuple[Optional[int], Optional[int]], Sequence[Optional[int]]]
-_FILL_REDUCE = {"mean": "mean", "add": "sum", "sum": "sum", "min": "amin", "max": "amax", "mul": "prod"}
 
 
 def _index_dtype(num_edges: int, num_nodes: int) -> torch.dtype:
@@ -48,9 +47,9 @@ if _ext._C is not None:
         return index.new_empty((num_rows + 1,), dtype=dtype), index.new_empty(index.shape, dtype=dtype)
 
     @torch.library.register_fake("neptune::build_csr")
-    def _build_csr_fake(edge_index, num_src, num_dst, dtype, gat_self_loops):
-        loops = min(num_src, num_dst) if gat_self_loops else 0
-        rows = num_dst + (1 if gat_self_loops else 0)
+    def _build_csr_fake(edge_index, num_src, num_dst, dtype, replace_self_loops):
+        loops = min(num_src, num_dst) if replace_self_loops else 0
+        rows = num_dst + (1 if replace_self_loops else 0)
         E = edge_index.shape[1] + loops
         return (edge_index.new_empty((rows + 1,), dtype=dtype), edge_index.new_empty((E,), dtype=dtype),
                 edge_index.new_empty((E,), dtype=dtype))
@@ -106,17 +105,15 @@ class Graph:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def from_edge_index(cls, edge_index: torch.Tensor, size: SizeLike = None,
-                        validate: bool = True) -> "Graph":
+    def from_edge_index(cls, edge_index: torch.Tensor, size: SizeLike = None) -> "Graph":
         """Build from COO ``edge_index`` [2, E] (row 0 = source, row 1 = destination).
 
         ``size`` is ``num_nodes`` (same for both sides), ``(num_src, num_dst)`` (an
         entry may be None), or None; missing sizes are inferred as max id + 1 over
         *both* rows (as PyG does), so an isolated node with the largest id needs an
-        explicit size. Raises ValueError for anything that is not a valid edge list.
-
-        ``validate`` is kept for compatibility: node ids are always checked (the check
-        is part of building the CSR, one host synchronization on CUDA).
+        explicit size. Raises ValueError for anything that is not a valid edge list: node
+        ids are always checked (the check is part of building the CSR, one host
+        synchronization on CUDA).
         """
         ei = _check_edge_index(edge_index)
         num_src, num_dst = _complete_size(ei, _parse_size(size))
@@ -228,107 +225,6 @@ class Graph:
     def __repr__(self) -> str:
         return (f"Graph(num_src={self.num_src}, num_dst={self.num_dst}, num_edges={self.num_edges}, "
                 f"index_dtype={self.index_dtype}, device={self.device})")
-
-
-class GATGraph:
-    """A graph with self loops handled the way ``GATConv(add_self_loops=True)`` does.
-
-    Existing self loops are not removed (that would give the graph a data-dependent
-    size, which torch.compile cannot trace); they are *redirected* to a phantom
-    destination row ``num_dst`` whose output is discarded, which removes them from
-    every softmax and every gradient exactly. Then one loop i -> i is appended per
-    node i < min(num_src, num_dst). ``graph`` is the kernels' Graph (``num_dst + 1``
-    destination rows); :meth:`edge_attr` completes edge attributes with the loops'
-    ``fill_value``; :meth:`kept_edges` / :meth:`output_edge_index` give the edges of
-    the returned attention weights in GATConv's order.
-
-    Without loops (``add_loops=False``, or a ready :class:`Graph`), it wraps the graph
-    as is.
-    """
-
-    def __init__(self, graph: Graph, num_dst: int, input_edges: Optional[torch.Tensor] = None,
-                 num_loops: int = 0):
-        self.graph = graph
-        self.num_dst = num_dst
-        self.add_loops = input_edges is not None
-        self._input_edges = input_edges  # the caller's [2, E] edges (int64), with loops only
-        self._is_loop = None
-        self.num_loops = num_loops
-
-    @property
-    def is_loop(self) -> Optional[torch.Tensor]:
-        """[E] which input edges are self loops (computed on first use: a training step that
-        wants neither attention weights nor edge attributes never pays for it)."""
-        if self._is_loop is None and self.add_loops:
-            self._is_loop = self._input_edges[0] == self._input_edges[1]
-        return self._is_loop
-
-    @classmethod
-    def from_edge_index(cls, edge_index: torch.Tensor, num_src: int, num_dst: int,
-                        add_loops: bool) -> "GATGraph":
-        ei = _check_edge_index(edge_index)
-        if not add_loops:
-            return cls(Graph._build(ei, num_src, num_dst), num_dst)
-        n = min(num_src, num_dst)
-        ei = ei.to(torch.int64)
-
-        def prepared_edge_index():
-            dst = torch.where(ei[0] == ei[1], torch.full_like(ei[1], num_dst), ei[1])
-            loops = torch.arange(n, device=ei.device, dtype=torch.int64)
-            return torch.cat([torch.stack([ei[0], dst]), torch.stack([loops, loops])], dim=1)
-
-        if _use_graph_ops(ei.device):
-            itype = _index_dtype(ei.shape[1] + n, max(num_src, num_dst + 1))
-            rowptr, col, eid = torch.ops.neptune.build_csr(ei, num_src, num_dst, itype, True)
-            graph = Graph(rowptr, col, eid, prepared_edge_index, num_src, num_dst + 1)
-        else:
-            if not _is_compiling():
-                check_node_ids(ei, num_src, num_dst)
-            graph = Graph._build(prepared_edge_index(), num_src, num_dst + 1)
-        return cls(graph, num_dst, ei, n)
-
-    @property
-    def num_input_edges(self) -> int:
-        """The number of the caller's edges (before the added self loops)."""
-        return self._input_edges.shape[1] if self.add_loops else self.graph.num_edges
-
-    def edge_attr(self, edge_attr: torch.Tensor, fill_value) -> torch.Tensor:
-        """Edge attributes for the prepared edges: the input ones plus the loop fill."""
-        if not self.add_loops:
-            return edge_attr
-        n = self.num_loops
-        if isinstance(fill_value, str):
-            # Reduce the attributes of the (non-loop) edges entering each node; input
-            # self loops go to the phantom slot num_dst and are dropped.
-            reduce = _FILL_REDUCE[fill_value]
-            dst = self.graph.edge_index[1, :self.num_input_edges]  # input edges, loops -> num_dst
-            idx = dst.view(-1, *([1] * (edge_attr.dim() - 1))).expand_as(edge_attr)
-            shape = (self.num_dst + 1,) + tuple(edge_attr.shape[1:])
-            if reduce == "mean":
-                total = edge_attr.new_zeros(shape).scatter_add(0, idx, edge_attr)
-                count = edge_attr.new_zeros(self.num_dst + 1).index_add(
-                    0, dst, torch.ones_like(dst, dtype=edge_attr.dtype))
-                loop_attr = total / count.clamp(min=1).view(-1, *([1] * (edge_attr.dim() - 1)))
-            else:
-                loop_attr = edge_attr.new_zeros(shape).scatter_reduce(0, idx, edge_attr, reduce=reduce,
-                                                                       include_self=False)
-            loop_attr = loop_attr[:n]
-        else:
-            fill = fill_value if isinstance(fill_value, torch.Tensor) else torch.tensor(fill_value)
-            loop_attr = fill.to(edge_attr.dtype).to(edge_attr.device).expand(
-                (n,) + tuple(edge_attr.shape[1:])).clone()
-        return torch.cat([edge_attr, loop_attr], dim=0)
-
-    def kept_edges(self) -> torch.Tensor:
-        if not self.add_loops:
-            return torch.ones(self.graph.num_edges, dtype=torch.bool, device=self.graph.device)
-        return torch.cat([~self.is_loop, torch.ones(self.num_loops, dtype=torch.bool,
-                                                    device=self.is_loop.device)])
-
-    def output_edge_index(self) -> torch.Tensor:
-        """The edge list of the returned attention weights (GATConv's order)."""
-        ei = self.graph.edge_index
-        return ei[:, self.kept_edges()] if self.add_loops else ei
 
 
 def sparse_to_edge_index(adj: torch.Tensor) -> torch.Tensor:

@@ -59,11 +59,17 @@ def run(g, H, C, dtype, p):
     h = torch.randn(n, H, C, device=dev).to(dtype)
     ss, sd = torch.randn(n, H, device=dev).to(dtype), torch.randn(n, H, device=dev).to(dtype)
     el = torch.randn(E, H, device=dev).to(dtype)
+    _forward_backward("gat", g, (h, ss, sd), el, 0.2, p)
+
+
+def _forward_backward(family, g, inputs, edge, scalar, p):
+    """neptune::<family>_forward and _backward called directly (no autograd, no checks in
+    Python: the kernels' own entry checks), every result checked finite."""
     seed = torch.tensor(3) if p > 0 else None
-    out, lse = torch.ops.neptune.gat_forward(h, ss, sd, g.rowptr, g.col, g.eid, *g.csc(), el, 0.2,
-                                             p, seed)
-    grads = torch.ops.neptune.gat_backward(torch.randn_like(out), h, ss, sd, g.rowptr, g.col, g.eid,
-                                           *g.csc(), el, out, lse, 0.2, p, seed)
+    graph = (g.rowptr, g.col, g.eid, *g.csc())
+    out, lse = getattr(torch.ops.neptune, family + "_forward")(*inputs, *graph, edge, scalar, p, seed)
+    grads = getattr(torch.ops.neptune, family + "_backward")(torch.randn_like(out), *inputs, *graph,
+                                                             edge, out, lse, scalar, p, seed)
     _all_finite(out, lse, *grads)
 
 
@@ -75,12 +81,7 @@ def run_v2(g, H, C, dtype, p, rows=None):
     xl, xr = torch.randn(n, H, C, device=dev).to(dtype), torch.randn(rows, H, C, device=dev).to(dtype)
     att = (torch.randn(H, C, device=dev) / C**0.5).to(dtype)
     ef = torch.randn(E, H, C, device=dev).to(dtype)
-    seed = torch.tensor(3) if p > 0 else None
-    out, lse = torch.ops.neptune.gatv2_forward(xl, xr, att, g.rowptr, g.col, g.eid, *g.csc(), ef, 0.2,
-                                               p, seed)
-    grads = torch.ops.neptune.gatv2_backward(torch.randn_like(out), xl, xr, att, g.rowptr, g.col, g.eid,
-                                             *g.csc(), ef, out, lse, 0.2, p, seed)
-    _all_finite(out, lse, *grads)
+    _forward_backward("gatv2", g, (xl, xr, att), ef, 0.2, p)
 
 
 def run_transformer(g, H, C, dtype, p, edge_feat=True):

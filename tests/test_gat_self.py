@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import neptune_ext
-from neptune_ext.graph import GATGraph
+from neptune_ext.nn._gat_graph import GATGraph
 from neptune_ext.ops.graph_attention import gat_self_attention
 from neptune_ext.reference import sparse_graph_attention_reference
 

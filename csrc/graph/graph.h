@@ -31,13 +31,15 @@ std::tuple<at::Tensor, at::Tensor> csr_from_index_cpu(const at::Tensor& index, i
                                                       at::ScalarType dtype);
 
 // COO edge_index [2, E] -> CSR by destination (rowptr, col, eid), ids checked
-// (ValueError naming edge_index). With gat_self_loops, existing self loops are
-// redirected to a phantom destination row num_dst and one loop i -> i is
-// appended per i < min(num_src, num_dst): the CSR then has num_dst + 1 rows.
+// (ValueError naming edge_index). With replace_self_loops, the graph's self loops are
+// replaced by one loop i -> i per i < min(num_src, num_dst) without a data-dependent
+// size: the existing loops move to an extra destination row num_dst (the CSR has
+// num_dst + 1 rows; a caller ignores that row's output) and the new loops are appended.
+// (PyG's remove_self_loops + add_self_loops, as GATConv applies them.)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> build_csr(const at::Tensor& edge_index,
                                                          int64_t num_src, int64_t num_dst,
                                                          at::ScalarType dtype,
-                                                         bool gat_self_loops);
+                                                         bool replace_self_loops);
 
 // The transpose of a CSR graph: (colptr [num_src + 1], csc_row [E], csc_perm [E]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> build_csc(const at::Tensor& rowptr,

@@ -55,26 +55,26 @@ constexpr Variant kGatAtt{"gat_att", 0, "neptune_ext.nn.GraphAttention"};       
 constexpr Variant kGatv2{"gatv2", 0, "neptune_ext.ops.gatv2_attention"};              // x_l
 constexpr Variant kTransformer{"transformer", 1, "neptune_ext.ops.transformer_attention"};  // k
 
+// The op neptune::<name>, looked up once.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const std::string& name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(("neptune::" + name).c_str(), "").template typed<Sig>();
+}
+
 template <const Variant& V>
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow((std::string("neptune::") + V.name + "_forward").c_str(), "")
-                             .template typed<ForwardSig>();
+  static const auto op = find_op<ForwardSig>(std::string(V.name) + "_forward");
   return op;
 }
 
 template <const Variant& V>
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow((std::string("neptune::") + V.name + "_backward").c_str(), "")
-                             .template typed<BackwardSig>();
+  static const auto op = find_op<BackwardSig>(std::string(V.name) + "_backward");
   return op;
 }
 
 const c10::TypedOperatorHandle<ReferenceSig>& reference_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("neptune::attention_grads_reference", "")
-                             .typed<ReferenceSig>();
+  static const auto op = find_op<ReferenceSig>("attention_grads_reference");
   return op;
 }
 

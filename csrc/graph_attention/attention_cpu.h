@@ -4,7 +4,9 @@
 // online softmax per destination; a variant supplies only its logit and its value).
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -15,6 +17,7 @@
 #include <optional>
 #include <vector>
 
+#include "attention.h"
 #include "graph_attention_math.h"
 
 namespace neptune {
@@ -78,9 +81,10 @@ struct CsrView {
   const index_t* col;
   const index_t* eid;
   int64_t E;
+  int64_t n_rows;
   CsrView(const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& eid_t)
       : rowptr(rowptr_t.data_ptr<index_t>()), col(col_t.data_ptr<index_t>()),
-        eid(eid_t.data_ptr<index_t>()), E(col_t.size(0)) {}
+        eid(eid_t.data_ptr<index_t>()), E(col_t.size(0)), n_rows(rowptr_t.size(0) - 1) {}
 };
 
 template <typename index_t>
@@ -109,6 +113,47 @@ struct Dropout {
     return dropout_keep(seed, edge, head, p) ? w * keep_scale : acc_t(0);
   }
 };
+
+// What every CPU backward reads besides its variant's own inputs: dOut, the saved output
+// and log-sum-exp (contiguous), the graph both ways, the dropout and the edge count. The
+// entry builds it from its arguments (NEPTUNE_BACKWARD_COMMON); a kernel takes it first and
+// names its parts with NEPTUNE_UNPACK_BACKWARD(b).
+template <typename scalar_t, typename index_t>
+struct BackwardCommon {
+  using acc_t = at::opmath_type<scalar_t>;
+  CsrView<index_t> csr;
+  CscView<index_t> csc;
+  int64_t E;
+  Dropout<acc_t> drop;
+  const scalar_t* go;
+  const scalar_t* out;
+  const acc_t* lse;
+  at::TensorOptions scratch;  // of accumulation-type scratch tensors (lse's)
+  // go, out and lse must be contiguous and outlive the struct.
+  BackwardCommon(const at::Tensor& go_t, const at::Tensor& out_t, const at::Tensor& lse_t,
+                 const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+                 const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
+                 double dropout, uint64_t seed)
+      : csr(rowptr, col, eid), csc(colptr, csc_row, csc_perm), E(col.size(0)), drop(dropout, seed),
+        go(go_t.data_ptr<scalar_t>()), out(out_t.data_ptr<scalar_t>()),
+        lse(lse_t.data_ptr<acc_t>()), scratch(lse_t.options()) {}
+};
+
+// In a backward entry (NEPTUNE_ATTENTION_BACKWARD_PARAMS) inside the dtype dispatch, with
+// `go`, `out_c` and `lse_c` the contiguous grad_out, out and lse: its BackwardCommon.
+#define NEPTUNE_BACKWARD_COMMON                                                          \
+  BackwardCommon<scalar_t, index_t>(go, out_c, lse_c, rowptr, col, eid, colptr, csc_row, \
+                                    csc_perm, dropout, seed_value(seed, dropout))
+
+// The common parts of a BackwardCommon as local names (lambdas capture them by reference).
+#define NEPTUNE_UNPACK_BACKWARD(b)                                                 \
+  const auto* go = (b).go;                                                         \
+  const auto* out = (b).out;                                                       \
+  const auto* lse = (b).lse;                                                       \
+  const auto& csr = (b).csr;                                                       \
+  const auto& csc = (b).csc;                                                       \
+  const auto& drop = (b).drop;                                                     \
+  const int64_t E = (b).E
 
 // The data of an optional tensor, or nullptr.
 template <typename T>
@@ -160,31 +205,38 @@ inline void row_dots(const scalar_t* go, const scalar_t* out, int64_t H, int64_t
 //   out_i = sum_j softmax_j(logit_ij) * value_ij,   lse_i = max + log(sum)
 // (a row without in-edges, or whose logits are all -inf, gets 0 and lse 0). Nothing of
 // size E x H is allocated. The variant V supplies, with acc_t its accumulation type:
-//   typename V::Row                     per-thread scratch, V::Row(const V&)
-//   void begin_row(Row&, i)             load what the row's logits need
+//   int64_t row_size()                  the size of the row's scratch (acc_t values)
+//   void begin_row(acc_t* row, i)       load what the row's logits need into the scratch
 //   void prefetch(j, edge)              prefetch a coming edge's rows
-//   acc_t logit(const Row&, j, edge, h)
+//   acc_t logit(const acc_t* row, j, edge, h)
 //   void accumulate(acc_t* acc_h, rescale, w, j, edge, h)   acc_h = acc_h * rescale + w value
+//   int64_t H, C                        heads and channels per head
 //   int64_t edge_cost                   the split's cost of an edge, in channels (H C = 1)
-template <typename scalar_t, typename acc_t, typename index_t, typename V>
-void attention_forward_rows(const V& var, const CsrView<index_t>& g, int64_t n_dst, int64_t H,
-                            int64_t C, const Dropout<acc_t>& drop, scalar_t* out, acc_t* lse) {
-  const int64_t HC = H * C;
+// out [N_dst, H, C] (or [N_dst, H * C]) and lse [N_dst, H] are written; N_dst = out's rows.
+template <typename scalar_t, typename index_t, typename V>
+void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                            const at::Tensor& eid_t, double dropout, uint64_t seed,
+                            at::Tensor& out_t, at::Tensor& lse_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const CsrView<index_t> g(rowptr_t, col_t, eid_t);
+  const Dropout<acc_t> drop(dropout, seed);
+  const int64_t n_dst = out_t.size(0), H = var.H, C = var.C, HC = H * C;
+  scalar_t* out = out_t.data_ptr<scalar_t>();
+  acc_t* lse = lse_t.data_ptr<acc_t>();
   parallel_rows_by_cost(g.rowptr, n_dst, var.edge_cost * HC, [&](int64_t begin, int64_t end) {
-    typename V::Row row(var);
-    std::vector<acc_t> acc(HC), m(H), s(H);
+    std::vector<acc_t> row(var.row_size()), acc(HC), m(H), s(H);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(s.begin(), s.end(), acc_t(0));
-      var.begin_row(row, i);
+      var.begin_row(row.data(), i);
       const int64_t e_end = g.rowptr[i + 1];
       for (int64_t e = g.rowptr[i]; e < e_end; ++e) {
         if (e + kPrefetchDistance < g.E)
           var.prefetch(g.col[e + kPrefetchDistance], g.eid[e + kPrefetchDistance]);
         const int64_t j = g.col[e], edge = g.eid[e];
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t x = var.logit(row, j, edge, h);
+          const acc_t x = var.logit(row.data(), j, edge, h);
           acc_t rescale, w;
           online_softmax_step(x, m[h], s[h], rescale, w);
           var.accumulate(acc.data() + h * C, rescale, drop.apply(w, edge, h), j, edge, h);
@@ -201,5 +253,24 @@ void attention_forward_rows(const V& var, const CsrView<index_t>& g, int64_t n_d
     }
   });
 }
+
+// A CPU forward entry after its variant's checks: out (out_sizes, in `like`'s dtype) and
+// lse [out rows, H] allocated, and, inside the dtype x index dispatch,
+// make(static_cast<scalar_t*>(nullptr)) builds the variant that attention_forward_rows runs.
+template <typename MakeVariant>
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& like, at::IntArrayRef out_sizes, int64_t H, const at::Tensor& rowptr,
+    const at::Tensor& col, const at::Tensor& eid, double dropout,
+    const std::optional<at::Tensor>& seed, MakeVariant make) {
+  at::Tensor out = at::empty(out_sizes, like.options());
+  at::Tensor lse = at::empty({out_sizes[0], H}, like.options().dtype(acc_dtype(like.scalar_type())));
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(like.scalar_type(), col.scalar_type(), "attention_forward_cpu", [&] {
+    const auto var = make(static_cast<scalar_t*>(nullptr));
+    attention_forward_rows<scalar_t, index_t>(var, rowptr, col, eid, dropout,
+                                              seed_value(seed, dropout), out, lse);
+  });
+  return {out, lse};
+}
+
 
 }  // namespace neptune

@@ -162,23 +162,20 @@ struct Gatv2Forward {
   const scalar_t* xl;
   const scalar_t* xr;
   const scalar_t* ef;
-  const acc_t* att;
+  std::vector<acc_t> att;  // in the accumulation type
   int64_t H, C;
   acc_t slope;
   int64_t edge_cost = 2;
-  struct Row {
-    std::vector<acc_t> xri;
-    explicit Row(const Gatv2Forward& v) : xri(v.H * v.C) {}
-  };
-  void begin_row(Row& r, int64_t i) const { load_scaled(r.xri.data(), xr + i * H * C, acc_t(1), H * C); }
+  int64_t row_size() const { return H * C; }  // the row's scratch: x_r[i]
+  void begin_row(acc_t* xri, int64_t i) const { load_scaled(xri, xr + i * H * C, acc_t(1), H * C); }
   void prefetch(int64_t j, int64_t edge) const {
     prefetch_row(xl + j * H * C, H * C);
     if (ef) prefetch_row(ef + edge * H * C, H * C);
   }
-  acc_t logit(const Row& r, int64_t j, int64_t edge, int64_t k) const {
+  acc_t logit(const acc_t* xri, int64_t j, int64_t edge, int64_t k) const {
     const int64_t o = k * C;
-    return head_logit<false, scalar_t, acc_t>(xl + j * H * C + o, r.xri.data() + o,
-                                              ef ? ef + edge * H * C + o : nullptr, att + o, C,
+    return head_logit<false, scalar_t, acc_t>(xl + j * H * C + o, xri + o,
+                                              ef ? ef + edge * H * C + o : nullptr, att.data() + o, C,
                                               slope, nullptr, nullptr, 0);
   }
   void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t, int64_t k) const {
@@ -195,58 +192,33 @@ std::vector<acc_t> att_values(const at::Tensor& att_t) {
 }
 
 template <typename scalar_t, typename index_t>
-void forward_kernel(const at::Tensor& xl_t, const at::Tensor& xr_t, const at::Tensor& att_t,
-                    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& eid_t,
-                    const std::optional<at::Tensor>& ef_t, at::Tensor& out_t, at::Tensor& lse_t,
-                    double slope_d, double p_d, uint64_t seed) {
+void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tensor& xl_t,
+                     const at::Tensor& xr_t, const at::Tensor& att_t,
+                     const std::optional<at::Tensor>& ef_t, double slope_d, at::Tensor& gxl_t,
+                     at::Tensor& gxr_t, at::Tensor& gatt_t, at::Tensor& gef_t) {
   using acc_t = at::opmath_type<scalar_t>;
+  NEPTUNE_UNPACK_BACKWARD(b);
   const auto [H, C] = gatv2_heads(att_t);
-  const std::vector<acc_t> att = att_values<scalar_t, acc_t>(att_t);
-  const Gatv2Forward<scalar_t, acc_t> var{xl_t.data_ptr<scalar_t>(), xr_t.data_ptr<scalar_t>(),
-                                          data_or_null<scalar_t>(ef_t), att.data(), H, C,
-                                          static_cast<acc_t>(slope_d)};
-  attention_forward_rows<scalar_t, acc_t, index_t>(var, CsrView<index_t>(rowptr_t, col_t, eid_t),
-                                                   xr_t.size(0), H, C, Dropout<acc_t>(p_d, seed),
-                                                   out_t.data_ptr<scalar_t>(), lse_t.data_ptr<acc_t>());
-}
-
-template <typename scalar_t, typename index_t>
-void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::Tensor& xr_t,
-                     const at::Tensor& att_t, const at::Tensor& rowptr_t, const at::Tensor& col_t,
-                     const at::Tensor& eid_t, const at::Tensor& colptr_t,
-                     const at::Tensor& csc_row_t, const at::Tensor& csc_perm_t,
-                     const std::optional<at::Tensor>& ef_t, const at::Tensor& out_t,
-                     const at::Tensor& lse_t, double slope_d, double p_d, uint64_t seed,
-                     at::Tensor& gxl_t, at::Tensor& gxr_t, at::Tensor& gatt_t, at::Tensor& gef_t) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto [H, C] = gatv2_heads(att_t);
-  const int64_t n_src = xl_t.size(0), n_dst = xr_t.size(0),
-                HC = H * C, E = col_t.size(0);
-  const scalar_t* go = go_t.data_ptr<scalar_t>();
+  const int64_t n_src = xl_t.size(0), n_dst = xr_t.size(0), HC = H * C;
   const scalar_t* xl = xl_t.data_ptr<scalar_t>();
   const scalar_t* xr = xr_t.data_ptr<scalar_t>();
   const scalar_t* ef = data_or_null<scalar_t>(ef_t);
-  const scalar_t* out = out_t.data_ptr<scalar_t>();
-  const acc_t* lse = lse_t.data_ptr<acc_t>();
-  const CsrView<index_t> csr(rowptr_t, col_t, eid_t);
-  const CscView<index_t> csc(colptr_t, csc_row_t, csc_perm_t);
   scalar_t* gxl = gxl_t.data_ptr<scalar_t>();
   scalar_t* gxr = gxr_t.data_ptr<scalar_t>();
   scalar_t* gef = ef ? gef_t.data_ptr<scalar_t>() : nullptr;
   const acc_t slope = static_cast<acc_t>(slope_d);
-  const Dropout<acc_t> drop(p_d, seed);
   const std::vector<acc_t> att = att_values<scalar_t, acc_t>(att_t);
 
   // Per-edge dS and a' in CSR order (E x H scratch, backward only).
-  at::Tensor ds_t = at::empty({E, H}, lse_t.options());
-  at::Tensor ap_t = at::empty({E, H}, lse_t.options());
+  at::Tensor ds_t = at::empty({E, H}, b.scratch);
+  at::Tensor ap_t = at::empty({E, H}, b.scratch);
   acc_t* ds = ds_t.data_ptr<acc_t>();
   acc_t* ap = ap_t.data_ptr<acc_t>();
   const int64_t W = (HC + 31) / 32;  // sign words per edge
-  at::Tensor signs_t = at::empty({E * W}, lse_t.options().dtype(at::kInt));
+  at::Tensor signs_t = at::empty({E * W}, b.scratch.dtype(at::kInt));
   uint32_t* signs = reinterpret_cast<uint32_t*>(signs_t.data_ptr<int32_t>());
   const int64_t n_blocks = (n_dst + kGatv2AttBlock - 1) / kGatv2AttBlock;
-  at::Tensor part_t = at::zeros({std::max<int64_t>(n_blocks, 1), HC}, lse_t.options());
+  at::Tensor part_t = at::zeros({std::max<int64_t>(n_blocks, 1), HC}, b.scratch);
   acc_t* part = part_t.data_ptr<acc_t>();
 
   // Pass 1: destinations, in fixed blocks.
@@ -299,7 +271,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& xl_t, const at::T
     }
   });
   // Edges of the ignored rows (>= n_dst): zero gradient.
-  if (gef && rowptr_t.size(0) - 1 > n_dst) {
+  if (gef && csr.n_rows > n_dst) {
     for (int64_t e = csr.rowptr[n_dst]; e < E; ++e)
       std::fill(gef + static_cast<int64_t>(csr.eid[e]) * HC, gef + (static_cast<int64_t>(csr.eid[e]) + 1) * HC,
                 scalar_t(0));
@@ -352,14 +324,15 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(
     NEPTUNE_ATTENTION_FORWARD_PARAMS(xl, xr, att, edge_feat, negative_slope)) {
   check_gatv2_entry(xl, xr, att, rowptr, col, eid, edge_feat, negative_slope, dropout,
                     "neptune::gatv2_forward");
-  const int64_t n_dst = xr.size(0), H = gatv2_heads(att).first;
-  at::Tensor out = at::empty(xr.sizes(), xl.options());
-  at::Tensor lse = at::empty({n_dst, H}, xl.options().dtype(acc_dtype(xl.scalar_type())));
-  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(xl.scalar_type(), col.scalar_type(), "gatv2_forward_cpu", [&] {
-    forward_kernel<scalar_t, index_t>(xl, xr, att, rowptr, col, eid, edge_feat, out, lse,
-                                      negative_slope, dropout, seed_value(seed, dropout));
+  const auto [H, C] = gatv2_heads(att);
+  return attention_forward_cpu(xl, xr.sizes(), H, rowptr, col, eid, dropout, seed, [&](auto* type) {
+    using scalar_t = std::remove_pointer_t<decltype(type)>;
+    using acc_t = at::opmath_type<scalar_t>;
+    return Gatv2Forward<scalar_t, acc_t>{xl.data_ptr<scalar_t>(), xr.data_ptr<scalar_t>(),
+                                         data_or_null<scalar_t>(edge_feat),
+                                         att_values<scalar_t, acc_t>(att), H, C,
+                                         static_cast<acc_t>(negative_slope)};
   });
-  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
@@ -370,16 +343,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
             "neptune::gatv2_backward");
   check_attention_backward_tensors("neptune::gatv2_backward", grad_out, out, lse, xr.scalar_type(),
                                    xr.sizes(), gatv2_heads(att).first);
-  const at::Tensor go = grad_out.contiguous();
+  const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor gxl = at::empty_like(xl);
   at::Tensor gxr = at::empty_like(xr);
   at::Tensor gatt = at::empty_like(att);
   at::Tensor gef = edge_feat.has_value() ? at::empty_like(*edge_feat) : at::empty({0}, xl.options());
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(xl.scalar_type(), col.scalar_type(), "gatv2_backward_cpu", [&] {
-    backward_kernel<scalar_t, index_t>(go, xl, xr, att, rowptr, col, eid, colptr, csc_row,
-                                       csc_perm, edge_feat, out.contiguous(), lse.contiguous(),
-                                       negative_slope, dropout, seed_value(seed, dropout), gxl,
-                                       gxr, gatt, gef);
+    backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON, xl, xr, att, edge_feat,
+                                       negative_slope, gxl, gxr, gatt, gef);
   });
   return {gxl, gxr, gatt, gef};
 }

@@ -43,20 +43,17 @@ struct GatForward {
   int64_t H, C;
   acc_t slope;
   int64_t edge_cost = 1;
-  struct Row {
-    std::vector<acc_t> base;
-    explicit Row(const GatForward& v) : base(v.H) {}
-  };
-  void begin_row(Row& r, int64_t i) const {
-    for (int64_t k = 0; k < H; ++k) r.base[k] = static_cast<acc_t>(sd[i * H + k]);
+  int64_t row_size() const { return H; }  // the row's scratch: score_dst[i]
+  void begin_row(acc_t* base, int64_t i) const {
+    for (int64_t k = 0; k < H; ++k) base[k] = static_cast<acc_t>(sd[i * H + k]);
   }
   void prefetch(int64_t j, int64_t edge) const {
     prefetch_row(h + j * H * C, H * C);
     __builtin_prefetch(ss + j * H, 0, 1);
     if (el) __builtin_prefetch(el + edge * H, 0, 1);
   }
-  acc_t logit(const Row& r, int64_t j, int64_t edge, int64_t k) const {
-    acc_t raw = r.base[k] + static_cast<acc_t>(ss[j * H + k]);
+  acc_t logit(const acc_t* base, int64_t j, int64_t edge, int64_t k) const {
+    acc_t raw = base[k] + static_cast<acc_t>(ss[j * H + k]);
     if (el) raw += static_cast<acc_t>(el[edge * H + k]);
     return leaky_relu(raw, slope);
   }
@@ -66,52 +63,27 @@ struct GatForward {
 };
 
 template <typename scalar_t, typename index_t>
-void forward_kernel(const at::Tensor& h_t, const at::Tensor& ss_t, const at::Tensor& sd_t,
-                    const at::Tensor& rowptr_t, const at::Tensor& col_t,
-                    const at::Tensor& eid_t, const std::optional<at::Tensor>& el_t,
-                    at::Tensor& out_t, at::Tensor& lse_t, double slope_d, double p_d,
-                    uint64_t seed) {
+void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tensor& h_t,
+                     const at::Tensor& ss_t, const at::Tensor& sd_t,
+                     const std::optional<at::Tensor>& el_t, double slope_d, at::Tensor& gh_t,
+                     at::Tensor& gss_t, at::Tensor& gsd_t, at::Tensor& gel_t, int64_t n_go) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = h_t.size(1), C = h_t.size(2);
-  const GatForward<scalar_t, acc_t> var{h_t.data_ptr<scalar_t>(), ss_t.data_ptr<scalar_t>(),
-                                        sd_t.data_ptr<scalar_t>(), data_or_null<scalar_t>(el_t),
-                                        H, C, static_cast<acc_t>(slope_d)};
-  attention_forward_rows<scalar_t, acc_t, index_t>(var, CsrView<index_t>(rowptr_t, col_t, eid_t),
-                                                   sd_t.size(0), H, C, Dropout<acc_t>(p_d, seed),
-                                                   out_t.data_ptr<scalar_t>(), lse_t.data_ptr<acc_t>());
-}
-
-template <typename scalar_t, typename index_t>
-void backward_kernel(const at::Tensor& go_t, const at::Tensor& h_t, const at::Tensor& ss_t,
-                     const at::Tensor& sd_t, const at::Tensor& rowptr_t,
-                     const at::Tensor& col_t, const at::Tensor& eid_t,
-                     const at::Tensor& colptr_t, const at::Tensor& csc_row_t,
-                     const at::Tensor& csc_perm_t, const std::optional<at::Tensor>& el_t,
-                     const at::Tensor& out_t, const at::Tensor& lse_t, double slope_d,
-                     double p_d, uint64_t seed, at::Tensor& gh_t, at::Tensor& gss_t,
-                     at::Tensor& gsd_t, at::Tensor& gel_t, int64_t n_go) {
-  using acc_t = at::opmath_type<scalar_t>;
+  NEPTUNE_UNPACK_BACKWARD(b);
   const int64_t n_src = h_t.size(0), n_dst = sd_t.size(0), H = h_t.size(1),
-                C = h_t.size(2), HC = H * C, E = col_t.size(0);
-  const scalar_t* go = go_t.data_ptr<scalar_t>();
+                C = h_t.size(2), HC = H * C;
   const scalar_t* h = h_t.data_ptr<scalar_t>();
   const scalar_t* ss = ss_t.data_ptr<scalar_t>();
   const scalar_t* sd = sd_t.data_ptr<scalar_t>();
   const scalar_t* el = data_or_null<scalar_t>(el_t);
-  const scalar_t* out = out_t.data_ptr<scalar_t>();
-  const acc_t* lse = lse_t.data_ptr<acc_t>();
-  const CsrView<index_t> csr(rowptr_t, col_t, eid_t);
-  const CscView<index_t> csc(colptr_t, csc_row_t, csc_perm_t);
   scalar_t* gh = gh_t.data_ptr<scalar_t>();
   scalar_t* gss = gss_t.data_ptr<scalar_t>();
   scalar_t* gsd = gsd_t.data_ptr<scalar_t>();
   scalar_t* gel = el ? gel_t.data_ptr<scalar_t>() : nullptr;
   const acc_t slope = static_cast<acc_t>(slope_d);
-  const Dropout<acc_t> drop(p_d, seed);
 
   // Per-edge dS and a' in CSR order: E x H scratch (backward only).
-  at::Tensor ds_t = at::empty({E, H}, lse_t.options());
-  at::Tensor ap_t = at::empty({E, H}, lse_t.options());
+  at::Tensor ds_t = at::empty({E, H}, b.scratch);
+  at::Tensor ap_t = at::empty({E, H}, b.scratch);
   acc_t* ds = ds_t.data_ptr<acc_t>();
   acc_t* ap = ap_t.data_ptr<acc_t>();
 
@@ -201,15 +173,16 @@ std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
     NEPTUNE_ATTENTION_FORWARD_PARAMS(h, score_src, score_dst, edge_logits, negative_slope)) {
   check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
   check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
-  const int64_t n_dst = score_dst.size(0), H = h.size(1), C = h.size(2);
-  at::Tensor out = at::empty({n_dst, H, C}, h.options());
-  at::Tensor lse = at::empty({n_dst, H}, h.options().dtype(acc_dtype(h.scalar_type())));
-  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(h.scalar_type(), col.scalar_type(), "gat_forward_cpu", [&] {
-    forward_kernel<scalar_t, index_t>(h, score_src, score_dst, rowptr, col, eid, edge_logits,
-                                      out, lse, negative_slope, dropout,
-                                      seed_value(seed, dropout));
+  const int64_t H = h.size(1), C = h.size(2);
+  return attention_forward_cpu(h, {score_dst.size(0), H, C}, H, rowptr, col, eid, dropout, seed,
+                               [&](auto* type) {
+    using scalar_t = std::remove_pointer_t<decltype(type)>;
+    using acc_t = at::opmath_type<scalar_t>;
+    return GatForward<scalar_t, acc_t>{h.data_ptr<scalar_t>(), score_src.data_ptr<scalar_t>(),
+                                       score_dst.data_ptr<scalar_t>(),
+                                       data_or_null<scalar_t>(edge_logits), H, C,
+                                       static_cast<acc_t>(negative_slope)};
   });
-  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
@@ -223,17 +196,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
                                    {score_dst.size(0), h.size(1), h.size(2)}, h.size(1),
                                    /*fewer_rows=*/true);
   const int64_t n_go = grad_out.size(0);
-  const at::Tensor go = grad_out.contiguous();
+  const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor gh = at::empty_like(h);
   at::Tensor gss = at::empty_like(score_src);
   at::Tensor gsd = at::empty_like(score_dst);
   at::Tensor gel = edge_logits.has_value() ? at::empty_like(*edge_logits)
                                            : at::empty({0}, h.options());
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(h.scalar_type(), col.scalar_type(), "gat_backward_cpu", [&] {
-    backward_kernel<scalar_t, index_t>(go, h, score_src, score_dst, rowptr, col, eid, colptr,
-                                       csc_row, csc_perm, edge_logits, out.contiguous(),
-                                       lse.contiguous(), negative_slope, dropout,
-                                       seed_value(seed, dropout), gh, gss, gsd, gel, n_go);
+    backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON, h, score_src, score_dst,
+                                       edge_logits, negative_slope, gh, gss, gsd, gel, n_go);
   });
   return {gh, gss, gsd, gel};
 }

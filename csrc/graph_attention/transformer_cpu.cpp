@@ -51,19 +51,16 @@ struct TransformerForward {
   int64_t H, C;
   acc_t scale;
   int64_t edge_cost = 2;
-  struct Row {
-    std::vector<acc_t> qi;
-    explicit Row(const TransformerForward& t) : qi(t.H * t.C) {}
-  };
-  void begin_row(Row& r, int64_t i) const { load_scaled(r.qi.data(), q + i * H * C, scale, H * C); }
+  int64_t row_size() const { return H * C; }  // the row's scratch: scale q[i]
+  void begin_row(acc_t* qi, int64_t i) const { load_scaled(qi, q + i * H * C, scale, H * C); }
   void prefetch(int64_t j, int64_t edge) const {
     prefetch_row(k + j * H * C, H * C);
     prefetch_row(v + j * H * C, H * C);
     if (ef) prefetch_row(ef + edge * H * C, H * C);
   }
   const scalar_t* edge_row(int64_t edge, int64_t h) const { return ef ? ef + (edge * H + h) * C : nullptr; }
-  acc_t logit(const Row& r, int64_t j, int64_t edge, int64_t h) const {
-    return dot_keyed<scalar_t, acc_t>(r.qi.data() + h * C, k + (j * H + h) * C, edge_row(edge, h), C);
+  acc_t logit(const acc_t* qi, int64_t j, int64_t edge, int64_t h) const {
+    return dot_keyed<scalar_t, acc_t>(qi + h * C, k + (j * H + h) * C, edge_row(edge, h), C);
   }
   void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t edge, int64_t h) const {
     axpy_rescaled<scalar_t, acc_t>(a, rescale, w, v + (j * H + h) * C, edge_row(edge, h), C);
@@ -71,46 +68,23 @@ struct TransformerForward {
 };
 
 template <typename scalar_t, typename index_t>
-void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t,
-                    const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& eid_t,
-                    const std::optional<at::Tensor>& ef_t, at::Tensor& out_t, at::Tensor& lse_t,
-                    double scale_d, double p_d, uint64_t seed) {
+void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tensor& q_t,
+                     const at::Tensor& k_t, const at::Tensor& v_t,
+                     const std::optional<at::Tensor>& ef_t, double scale_d, at::Tensor& gq_t,
+                     at::Tensor& gk_t, at::Tensor& gv_t, at::Tensor& gef_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = q_t.size(1), C = q_t.size(2);
-  const TransformerForward<scalar_t, acc_t> var{q_t.data_ptr<scalar_t>(), k_t.data_ptr<scalar_t>(),
-                                                v_t.data_ptr<scalar_t>(), data_or_null<scalar_t>(ef_t),
-                                                H, C, static_cast<acc_t>(scale_d)};
-  attention_forward_rows<scalar_t, acc_t, index_t>(var, CsrView<index_t>(rowptr_t, col_t, eid_t),
-                                                   q_t.size(0), H, C, Dropout<acc_t>(p_d, seed),
-                                                   out_t.data_ptr<scalar_t>(), lse_t.data_ptr<acc_t>());
-}
-
-template <typename scalar_t, typename index_t>
-void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Tensor& k_t,
-                     const at::Tensor& v_t, const at::Tensor& rowptr_t, const at::Tensor& col_t,
-                     const at::Tensor& eid_t, const at::Tensor& colptr_t,
-                     const at::Tensor& csc_row_t, const at::Tensor& csc_perm_t,
-                     const std::optional<at::Tensor>& ef_t, const at::Tensor& out_t,
-                     const at::Tensor& lse_t, double scale_d, double p_d, uint64_t seed,
-                     at::Tensor& gq_t, at::Tensor& gk_t, at::Tensor& gv_t, at::Tensor& gef_t) {
-  using acc_t = at::opmath_type<scalar_t>;
+  NEPTUNE_UNPACK_BACKWARD(b);
   const int64_t n_src = k_t.size(0), n_dst = q_t.size(0), H = q_t.size(1), C = q_t.size(2),
-                HC = H * C, E = col_t.size(0);
-  const scalar_t* go = go_t.data_ptr<scalar_t>();
+                HC = H * C;
   const scalar_t* q = q_t.data_ptr<scalar_t>();
   const scalar_t* k = k_t.data_ptr<scalar_t>();
   const scalar_t* v = v_t.data_ptr<scalar_t>();
   const scalar_t* ef = data_or_null<scalar_t>(ef_t);
-  const scalar_t* out = out_t.data_ptr<scalar_t>();
-  const acc_t* lse = lse_t.data_ptr<acc_t>();
-  const CsrView<index_t> csr(rowptr_t, col_t, eid_t);
-  const CscView<index_t> csc(colptr_t, csc_row_t, csc_perm_t);
   scalar_t* gq = gq_t.data_ptr<scalar_t>();
   scalar_t* gk = gk_t.data_ptr<scalar_t>();
   scalar_t* gv = gv_t.data_ptr<scalar_t>();
   scalar_t* gef = ef ? gef_t.data_ptr<scalar_t>() : nullptr;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const Dropout<acc_t> drop(p_d, seed);
 
   // D_i = sum_j a'_ij g_ij = <dOut_i, out_i> per head. With float32/float64 inputs `out`
   // holds the accumulated sum to its last bit and the dot product is used. A bfloat16 or
@@ -118,12 +92,12 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
   // longer sum to 0, and grad q would pick up that residue times the keys' common part (a key
   // bias, say) - so D is summed from the edges again, in the accumulation type (one more
   // gather of k_j and v_j per edge, at half width).
-  at::Tensor d_t = at::empty({n_dst, H}, lse_t.options());
+  at::Tensor d_t = at::empty({n_dst, H}, b.scratch);
   acc_t* Dv = d_t.data_ptr<acc_t>();
   constexpr bool kExactD = !std::is_same_v<scalar_t, acc_t>;
   const TransformerForward<scalar_t, acc_t> fwd{q, k, v, ef, H, C, scale};
   parallel_rows_by_cost(csr.rowptr, n_dst, kExactD ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
-    typename TransformerForward<scalar_t, acc_t>::Row row(fwd);
+    std::vector<acc_t> row(fwd.row_size());
     std::vector<acc_t> goi(HC);
     for (int64_t i = begin; i < end; ++i) {
       if constexpr (!kExactD) {
@@ -131,13 +105,13 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
         continue;
       }
       load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
-      fwd.begin_row(row, i);
+      fwd.begin_row(row.data(), i);
       for (int64_t h = 0; h < H; ++h) Dv[i * H + h] = 0;
       for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
         if (e + kPrefetchDistance < E) fwd.prefetch(csr.col[e + kPrefetchDistance], csr.eid[e + kPrefetchDistance]);
         const int64_t j = csr.col[e], edge = csr.eid[e];
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t a = drop.apply(std::exp(fwd.logit(row, j, edge, h) - lse[i * H + h]), edge, h);
+          const acc_t a = drop.apply(std::exp(fwd.logit(row.data(), j, edge, h) - lse[i * H + h]), edge, h);
           if (a != acc_t(0))
             Dv[i * H + h] += a * dot_keyed<scalar_t, acc_t>(goi.data() + h * C, v + (j * H + h) * C,
                                                             fwd.edge_row(edge, h), C);
@@ -152,7 +126,7 @@ void backward_kernel(const at::Tensor& go_t, const at::Tensor& q_t, const at::Te
   // Scratch per edge (CSR positions): dS, and with edge features a' too (one cache line
   // per edge: pass 2 writes grad edge_feat where it reads edge_feat, from these).
   const int64_t S = ef ? 2 * H : H;
-  at::Tensor ds_t = at::empty({E, S}, lse_t.options());
+  at::Tensor ds_t = at::empty({E, S}, b.scratch);
   acc_t* ds = ds_t.data_ptr<acc_t>();
   parallel_rows_by_cost(csc.colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> vj(HC), qs(HC), ak(HC), av(HC);
@@ -269,14 +243,15 @@ std::tuple<at::Tensor, at::Tensor> transformer_forward_cpu(
     NEPTUNE_ATTENTION_FORWARD_PARAMS(q, k, v, edge_feat, scale)) {
   check_transformer_entry(q, k, v, rowptr, col, eid, edge_feat, scale, dropout,
                           "neptune::transformer_forward");
-  const int64_t n_dst = q.size(0), H = q.size(1), C = q.size(2);
-  at::Tensor out = at::empty({n_dst, H, C}, q.options());
-  at::Tensor lse = at::empty({n_dst, H}, q.options().dtype(acc_dtype(q.scalar_type())));
-  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_forward_cpu", [&] {
-    forward_kernel<scalar_t, index_t>(q, k, v, rowptr, col, eid, edge_feat, out, lse, scale,
-                                      dropout, seed_value(seed, dropout));
+  const int64_t H = q.size(1), C = q.size(2);
+  return attention_forward_cpu(q, q.sizes(), H, rowptr, col, eid, dropout, seed, [&](auto* type) {
+    using scalar_t = std::remove_pointer_t<decltype(type)>;
+    using acc_t = at::opmath_type<scalar_t>;
+    return TransformerForward<scalar_t, acc_t>{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                               v.data_ptr<scalar_t>(),
+                                               data_or_null<scalar_t>(edge_feat), H, C,
+                                               static_cast<acc_t>(scale)};
   });
-  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_cpu(
@@ -287,15 +262,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
             "neptune::transformer_backward");
   check_attention_backward_tensors("neptune::transformer_backward", grad_out, out, lse,
                                    q.scalar_type(), q.sizes(), q.size(1));
-  const at::Tensor go = grad_out.contiguous();
+  const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor gq = at::empty_like(q);
   at::Tensor gk = at::empty_like(k);
   at::Tensor gv = at::empty_like(v);
   at::Tensor gef = edge_feat.has_value() ? at::empty_like(*edge_feat) : at::empty({0}, q.options());
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_backward_cpu", [&] {
-    backward_kernel<scalar_t, index_t>(go, q, k, v, rowptr, col, eid, colptr, csc_row, csc_perm,
-                                       edge_feat, out.contiguous(), lse.contiguous(), scale,
-                                       dropout, seed_value(seed, dropout), gq, gk, gv, gef);
+    backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON, q, k, v, edge_feat, scale, gq, gk,
+                                       gv, gef);
   });
   return {gq, gk, gv, gef};
 }

@@ -19,6 +19,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <tuple>
@@ -52,6 +54,26 @@ inline void check_bn_relu_backward_inputs(const at::Tensor& grad_y, const at::Te
   const auto C = x.size(1);
   TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && invstd.dim() == 1 && invstd.size(0) == C,
               "neptune::bn_relu_backward: mean and invstd must be [C] = [", C, "]");
+}
+
+// The backward's tensors as both devices' kernels read them, after the checks: x dense
+// (channels_last kept), grad_y in x's layout, weight, bias, mean and invstd in the
+// accumulation type, and grad_x, grad_weight, grad_bias allocated (the last two in the
+// accumulation type). Returns (x, gy, w, b, mu, rs, gx, gw, gb).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                  at::Tensor, at::Tensor, at::Tensor>
+bn_relu_backward_operands(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
+                          const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd) {
+  check_bn_relu_backward_inputs(grad_y, x_in, weight, bias, mean, invstd);
+  const auto acc = acc_dtype(x_in.scalar_type());
+  const at::Tensor x = dense(x_in);
+  const int64_t C = x.size(1);
+  return {x,
+          grad_y.contiguous(use_channels_last(x) ? at::MemoryFormat::ChannelsLast
+                                                 : at::MemoryFormat::Contiguous),
+          weight.to(acc).contiguous(), bias.to(acc).contiguous(), mean.to(acc).contiguous(),
+          invstd.to(acc).contiguous(), at::empty_like(x), at::empty({C}, x.options().dtype(acc)),
+          at::empty({C}, x.options().dtype(acc))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cpu(

@@ -338,18 +338,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd) {
-  check_bn_relu_backward_inputs(grad_y, x_in, weight, bias, mean, invstd);
-  const int64_t C = x_in.size(1);
-  const auto acc = acc_dtype(x_in.scalar_type());
-  const at::Tensor x = dense(x_in);
-  const bool cl = use_channels_last(x);
-  // grad_y read in x's layout (a no-op when it already is).
-  const at::Tensor gy = grad_y.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
-  const at::Tensor mu = mean.to(acc).contiguous(), rs = invstd.to(acc).contiguous();
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor gw = at::empty({C}, x.options().dtype(acc));
-  at::Tensor gb = at::empty({C}, x.options().dtype(acc));
+  at::Tensor x, gy, w, b, mu, rs, gx, gw, gb;
+  std::tie(x, gy, w, b, mu, rs, gx, gw, gb) =
+      bn_relu_backward_operands(grad_y, x_in, weight, bias, mean, invstd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cpu", [&] {
     backward_kernel<scalar_t>(gy, x, w, b, mu, rs, gx, gw, gb);
   });

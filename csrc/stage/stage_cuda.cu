@@ -347,24 +347,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd) {
-  check_bn_relu_backward_inputs(grad_y, x_in, weight, bias, mean, invstd);
-  const int64_t C = x_in.size(1);
+  at::Tensor x, gy, w, b, mu, rs, gx, gw, gb;
+  std::tie(x, gy, w, b, mu, rs, gx, gw, gb) =
+      bn_relu_backward_operands(grad_y, x_in, weight, bias, mean, invstd);
+  const int64_t C = x.size(1);
   const auto dev = x_in.device();
   TORCH_CHECK(x_in.is_cuda() && grad_y.device() == dev && weight.device() == dev && bias.device() == dev &&
                   mean.device() == dev && invstd.device() == dev,
               "neptune::bn_relu_backward: all tensors must be on the same CUDA device");
   const c10::cuda::CUDAGuard guard(dev);
   const auto acc = acc_dtype(x_in.scalar_type());
-  const at::Tensor x = dense(x_in);
   const Layout L(x, use_channels_last(x));
   TORCH_CHECK(L.N * C * L.per_plane < (int64_t(1) << 31) && L.pieces < (int64_t(1) << 31) && C < (int64_t(1) << 31),
               "neptune::bn_relu_backward: tensor too large for the CUDA kernel: ", x.sizes());
-  const at::Tensor gy = grad_y.contiguous(L.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
-  const at::Tensor mu = mean.to(acc).contiguous(), rs = invstd.to(acc).contiguous();
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor gw = at::empty({C}, x.options().dtype(acc));
-  at::Tensor gb = at::empty({C}, x.options().dtype(acc));
   at::Tensor coef = at::empty({2 * C}, x.options().dtype(acc));
   at::Tensor kc = at::empty({3 * C}, x.options().dtype(acc));
   at::Tensor part = at::empty({2, L.pieces * C}, x.options().dtype(acc));

@@ -93,21 +93,29 @@ def bench_resnet18(args, name: str = "resnet18") -> dict:
         "fx_fold_channels_last": (cl(fx), x_cl),
         "fuse_stages_channels_last": (cl(ours), x_cl),
     }
-    with torch.no_grad():
-        expected = model(x)
-        errors = {k: rel_err(m(inp), expected) for k, (m, inp) in variants.items()}
-        res = alternate({k: (lambda m=m, inp=inp: m(inp)) for k, (m, inp) in variants.items()},
-                        args.repeats_resnet, 1)
+    res = _versus_eager(variants, args.repeats_resnet, 1)
     for k in res:
-        res[k]["rel_err_vs_eager"] = errors[k]
         res[k]["speedup_vs_fx_fold"] = res["fx_fold"]["median_ms"] / res[k]["median_ms"]
-        res[k]["speedup_vs_eager"] = res["eager"]["median_ms"] / res[k]["median_ms"]
     kinds = {}
     for line in ours.fusion_report:
         kind = line.split("-> ")[1]
         kinds[kind] = kinds.get(kind, 0) + 1
     return {"model": name, "shape": [8, 3, 224, 224], "fusion_report_len": len(ours.fusion_report),
             "fusions": kinds, "results": res}
+
+
+def _versus_eager(variants: dict, repeats: int, warmup: int) -> dict:
+    """{name: (module, input)} timed in alternated rounds (no grad), each with its relative
+    error and its speed-up against the "eager" variant's."""
+    with torch.no_grad():
+        expected = variants["eager"][0](variants["eager"][1])
+        errors = {k: rel_err(m(inp), expected) for k, (m, inp) in variants.items()}
+        res = alternate({k: (lambda m=m, inp=inp: m(inp)) for k, (m, inp) in variants.items()},
+                        repeats, warmup)
+    for k in res:
+        res[k]["rel_err_vs_eager"] = errors[k]
+        res[k]["speedup_vs_eager"] = res["eager"]["median_ms"] / res[k]["median_ms"]
+    return res
 
 
 def bench_single_stage(args) -> dict:
@@ -129,14 +137,7 @@ def bench_single_stage(args) -> dict:
                     "eager_channels_last": (eager, x_cl),
                     "folded_conv_relu_channels_last": (fold, x_cl),
                     "stage_channels_last": (stage, x_cl)}
-        with torch.no_grad():
-            expected = eager(x)
-            errors = {k_: rel_err(m(inp), expected) for k_, (m, inp) in variants.items()}
-            res = alternate({k_: (lambda m=m, inp=inp: m(inp)) for k_, (m, inp) in variants.items()},
-                            args.repeats_small, 3)
-        for k_ in res:
-            res[k_]["rel_err_vs_eager"] = errors[k_]
-            res[k_]["speedup_vs_eager"] = res["eager"]["median_ms"] / res[k_]["median_ms"]
+        res = _versus_eager(variants, args.repeats_small, 3)
         out[name] = {"shape": [8, 32, 112, 112], "kernel": k, "groups": groups, "results": res}
     return out
 

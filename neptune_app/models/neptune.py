@@ -136,6 +136,6 @@ class Neptune(nn.Module):
         loops = torch.arange(B * n, device=x.device).expand(2, -1)
         for block in self.blocks:
             edge_index = torch.cat([batch_graph(x.detach(), self.k, self.spatial), loops], dim=1)
-            graph = Graph.from_edge_index(edge_index, (B * n, B * n), validate=False)
+            graph = Graph.from_edge_index(edge_index, (B * n, B * n))
             x = block(x.reshape(B * n, D), graph).view(B, n, D)
         return self.head(self.norm(x).mean(dim=1))

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from .._util import is_compiling as _is_compiling
-from ..graph import _FILL_REDUCE, GATGraph, Graph, _parse_size, sparse_to_edge_index
+from ..graph import Graph, _parse_size, sparse_to_edge_index
+from ._gat_graph import FILL_REDUCE, GATGraph
 from ..ops.graph_attention import check_slope
 
 Tensor = torch.Tensor
@@ -142,21 +143,16 @@ class AttentionBase(_Base):
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         check_slope(negative_slope)
-        if isinstance(fill_value, str) and fill_value not in _FILL_REDUCE:
-            raise ValueError(f"fill_value must be a number, a tensor or one of {sorted(_FILL_REDUCE)}, "
+        if isinstance(fill_value, str) and fill_value not in FILL_REDUCE:
+            raise ValueError(f"fill_value must be a number, a tensor or one of {sorted(FILL_REDUCE)}, "
                              f"got {fill_value!r}")
         if not (isinstance(in_channels, int) or (isinstance(in_channels, (tuple, list))
                                                  and len(in_channels) == 2)):
             raise ValueError(f"in_channels must be an int or a (src, dst) pair, got {in_channels!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.heads = heads
-        self.concat = concat
-        self.negative_slope = negative_slope
-        self.dropout = dropout
-        self.add_self_loops = add_self_loops
-        self.edge_dim = edge_dim
-        self.fill_value = fill_value
+        # PyG's attribute names: code written against GATConv reads them.
+        self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
+        self.concat, self.negative_slope, self.dropout = concat, negative_slope, dropout
+        self.add_self_loops, self.edge_dim, self.fill_value = add_self_loops, edge_dim, fill_value
         self.residual = residual
         self.cache_graph = True
         self._graph_cache = None

@@ -40,10 +40,11 @@ class GraphAttentionV2(AttentionBase):
 
     Example::
 
-        >>> conv = GraphAttentionV2(16, 8, heads=4)
-        >>> out = conv(torch.randn(10, 16), torch.randint(0, 10, (2, 40)))
-        >>> out.shape
-        torch.Size([10, 32])
+        >>> conv = GraphAttentionV2((16, 12), 8, heads=4, add_self_loops=False)  # bipartite
+        >>> x_src, x_dst = torch.randn(10, 16), torch.randn(6, 12)
+        >>> edge_index = torch.stack([torch.randint(0, 10, (40,)), torch.randint(0, 6, (40,))])
+        >>> conv((x_src, x_dst), edge_index).shape
+        torch.Size([6, 32])
     """
 
     def __init__(self, in_channels: Union[int, Tuple[int, int]], out_channels: int, heads: int = 1,

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .. import _backend, _ext
-from .._util import acc_dtype, check as _check, is_compiling as _is_compiling
+from .._util import acc_dtype, check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 
 
@@ -88,6 +88,17 @@ def dropout_and_seed(dropout, training: bool, seed, device=None):
     _check(isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
            and seed.device.type == "cpu", "seed must be a CPU int64 tensor with one element")
     return p, seed
+
+
+def enter(validate: Callable, a, b, c, graph: Graph, scalar, edge, dropout, training: bool, seed):
+    """The entry every attention op shares: ``validate(a, b, c, graph, scalar, edge, dropout)``
+    (skipped inside compiled code: the checks read tensor values), the four tensors promoted
+    to one floating dtype, and :func:`dropout_and_seed`. Returns (a, b, c, edge, p, seed)."""
+    if not _is_compiling():
+        validate(a, b, c, graph, scalar, edge, dropout)
+    a, b, c, edge = promote(a, b, c, edge)
+    p, seed = dropout_and_seed(dropout, training, seed, a.device)
+    return a, b, c, edge, p, seed
 
 
 def kernel_csc(graph: Graph, *inputs) -> tuple:

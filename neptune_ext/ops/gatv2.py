@@ -15,11 +15,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _ext
-from .._util import check as _check, is_compiling as _is_compiling, promote
+from .._util import check as _check
 from ..graph import Graph
 from ..reference import gatv2_attention_reference, gatv2_attention_weights_reference
 from . import attention_spec
-from .attention_spec import dropout_and_seed, kernel_csc
+from .attention_spec import kernel_csc
 from .graph_attention import check_slope
 
 __all__ = ["gatv2_attention", "gatv2_attention_weights"]
@@ -92,10 +92,8 @@ def gatv2_attention(x_l: torch.Tensor, x_r: torch.Tensor, att: torch.Tensor, gra
         >>> gatv2_attention(x, x, torch.randn(2, 8), g).shape
         torch.Size([3, 2, 8])
     """
-    if not _is_compiling():
-        _validate(x_l, x_r, att, graph, negative_slope, edge_feat, dropout)
-    x_l, x_r, att, edge_feat = promote(x_l, x_r, att, edge_feat)
-    p, seed = dropout_and_seed(dropout, training, seed, x_l.device)
+    x_l, x_r, att, edge_feat, p, seed = attention_spec.enter(
+        _validate, x_l, x_r, att, graph, negative_slope, edge_feat, dropout, training, seed)
     H, C = _heads(x_l, att)
 
     if attention_spec.runs_kernel("gatv2_forward", x_l.device.type, H, C, warp_row=True):

@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _ext
-from .._util import check as _check, is_compiling as _is_compiling, promote
+from .._util import check as _check, promote
 from ..graph import Graph
 from ..reference import attention_weights_reference, sparse_graph_attention_reference
 from . import attention_spec
@@ -83,10 +83,8 @@ def sparse_graph_attention(h: torch.Tensor, score_src: torch.Tensor, score_dst: 
         >>> sparse_graph_attention(h, s, s, g).shape
         torch.Size([3, 2, 8])
     """
-    if not _is_compiling():
-        _validate(h, score_src, score_dst, graph, negative_slope, edge_logits, dropout)
-    h, score_src, score_dst, edge_logits = promote(h, score_src, score_dst, edge_logits)
-    p, seed = dropout_and_seed(dropout, training, seed, h.device)
+    h, score_src, score_dst, edge_logits, p, seed = attention_spec.enter(
+        _validate, h, score_src, score_dst, graph, negative_slope, edge_logits, dropout, training, seed)
 
     if attention_spec.runs_kernel("gat_forward", h.device.type):
         colptr, csc_row, csc_perm = kernel_csc(graph, h, score_src, score_dst, edge_logits)

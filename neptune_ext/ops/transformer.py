@@ -17,11 +17,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _ext
-from .._util import check as _check, is_compiling as _is_compiling, promote
+from .._util import check as _check
 from ..graph import Graph
 from ..reference import transformer_attention_reference, transformer_attention_weights_reference
 from . import attention_spec
-from .attention_spec import dropout_and_seed, kernel_csc
+from .attention_spec import kernel_csc
 
 __all__ = ["transformer_attention", "transformer_attention_weights"]
 
@@ -72,10 +72,8 @@ def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gra
         >>> transformer_attention(x, x, x, g).shape
         torch.Size([3, 2, 8])
     """
-    if not _is_compiling():
-        _validate(q, k, v, graph, scale, edge_feat, dropout)
-    q, k, v, edge_feat = promote(q, k, v, edge_feat)
-    p, seed = dropout_and_seed(dropout, training, seed, q.device)
+    q, k, v, edge_feat, p, seed = attention_spec.enter(
+        _validate, q, k, v, graph, scale, edge_feat, dropout, training, seed)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
 
     if attention_spec.runs_kernel("transformer_forward", q.device.type, q.shape[1], q.shape[2],

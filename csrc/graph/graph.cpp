@@ -119,6 +119,41 @@ void check_ptr(const std::vector<int64_t>& v, size_t at_, int64_t E, const char*
                     ", last ", v[at_ + 1], (v[at_ + 2] < 0 ? ", and a decreasing step" : ""));
 }
 
+// The names a compressed index (CSR or CSC) has in messages.
+struct CompressedNames {
+  const char* ptr;    // rowptr / colptr
+  const char* index;  // col / csc_row
+  const char* ids;    // which node ids index holds: source / destination
+  const char* bound;  // num_src / num_dst
+  const char* perm;   // eid / csc_perm
+};
+
+// What a check of (ptr, index, perm) reads back, in one transfer: ptr_stats, then (E > 0)
+// index's min and max and whether perm is not a permutation.
+std::vector<at::Tensor> compressed_stats(const at::Tensor& ptr, const at::Tensor& index,
+                                         const at::Tensor& perm) {
+  std::vector<at::Tensor> stats = ptr_stats(ptr);
+  if (index.size(0) > 0) {
+    const at::Tensor i = index.to(at::kLong);
+    stats.push_back(i.min());
+    stats.push_back(i.max());
+    stats.push_back(not_a_permutation(perm));
+  }
+  return stats;
+}
+
+// Checks what compressed_stats read back: ptr from 0 to E, index in [0, bound), perm a
+// permutation of [0, E).
+void check_compressed(const std::vector<int64_t>& v, int64_t E, int64_t bound, const char* op,
+                      const CompressedNames& n) {
+  check_ptr(v, 0, E, op, n.ptr);
+  if (E == 0) return;
+  TORCH_CHECK_VALUE(v[3] >= 0 && v[4] < bound, op, ": ", n.index, " (", n.ids,
+                    " ids) must be in [0, ", n.bound, " = ", bound, "), got values from ", v[3],
+                    " to ", v[4]);
+  TORCH_CHECK_VALUE(v[5] == 0, op, ": ", n.perm, " must be a permutation of [0, E = ", E, ")");
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ checks
@@ -135,20 +170,8 @@ void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
                     ": rowptr, col and eid must be on one device");
   if (is_registered({rowptr, col, eid}, {n_src, n_dst})) return;
   const int64_t E = col.size(0);
-  std::vector<at::Tensor> stats = ptr_stats(rowptr);
-  if (E > 0) {
-    const at::Tensor c = col.to(at::kLong);
-    stats.push_back(c.min());
-    stats.push_back(c.max());
-    stats.push_back(not_a_permutation(eid));
-  }
-  const std::vector<int64_t> v = read_back(stats);
-  check_ptr(v, 0, E, op, "rowptr");
-  if (E > 0) {
-    TORCH_CHECK_VALUE(v[3] >= 0 && v[4] < n_src, op, ": col (source ids) must be in [0, num_src = ",
-                      n_src, "), got values from ", v[3], " to ", v[4]);
-    TORCH_CHECK_VALUE(v[5] == 0, op, ": eid must be a permutation of [0, E = ", E, ")");
-  }
+  const std::vector<int64_t> v = read_back(compressed_stats(rowptr, col, eid));
+  check_compressed(v, E, n_src, op, {"rowptr", "col", "source", "num_src", "eid"});
   register_validated({rowptr, col, eid}, {n_src, n_dst});
 }
 
@@ -170,12 +193,9 @@ void check_csc(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
                         csc_perm.device() == col.device(),
                     op, ": the transposed graph must be on the device of col");
   if (is_registered({rowptr, col, eid, colptr, csc_row, csc_perm}, {n_src, n_dst})) return;
-  std::vector<at::Tensor> stats = ptr_stats(colptr);
+  std::vector<at::Tensor> stats = compressed_stats(colptr, csc_row, csc_perm);
   if (E > 0) {
     const at::Tensor r = csc_row.to(at::kLong);
-    stats.push_back(r.min());
-    stats.push_back(r.max());
-    stats.push_back(not_a_permutation(csc_perm));
     // Consistency with the CSR graph, gathered through clamped indices (safe
     // whatever the values; a bad value already fails a check above).
     const at::Tensor p = csc_perm.to(at::kLong).clamp(0, E - 1);
@@ -186,11 +206,8 @@ void check_csc(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
     stats.push_back(row_of_positions(rowptr, E).index_select(0, p).ne(r).any().to(at::kLong));
   }
   const std::vector<int64_t> v = read_back(stats);
-  check_ptr(v, 0, E, op, "colptr");
+  check_compressed(v, E, n_dst, op, {"colptr", "csc_row", "destination", "num_dst", "csc_perm"});
   if (E > 0) {
-    TORCH_CHECK_VALUE(v[3] >= 0 && v[4] < n_dst, op, ": csc_row (destination ids) must be in [0, num_dst = ",
-                      n_dst, "), got values from ", v[3], " to ", v[4]);
-    TORCH_CHECK_VALUE(v[5] == 0, op, ": csc_perm must be a permutation of [0, E = ", E, ")");
     TORCH_CHECK_VALUE(v[6] == 0 && v[7] == 0, op,
                       ": (colptr, csc_row, csc_perm) is not the transpose of (rowptr, col, eid)");
   }
@@ -201,7 +218,7 @@ void check_csc(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> build_csr(const at::Tensor& edge_index,
                                                          int64_t num_src, int64_t num_dst,
                                                          at::ScalarType dtype,
-                                                         bool gat_self_loops) {
+                                                         bool replace_self_loops) {
   TORCH_CHECK_VALUE(edge_index.dim() == 2 && edge_index.size(0) == 2,
                     "edge_index must have shape [2, E], got ", edge_index.sizes());
   TORCH_CHECK_VALUE(at::isIntegralType(edge_index.scalar_type(), /*includeBool=*/false),
@@ -221,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_csr(const at::Tensor& edge_
   }
   at::Tensor src = ei[0], dst = ei[1];
   int64_t rows = num_dst;
-  if (gat_self_loops) {
+  if (replace_self_loops) {
     const int64_t n = std::min(num_src, num_dst);
     dst = at::where(src.eq(dst), at::full({}, num_dst, dst.options()), dst);
     const at::Tensor loops = at::arange(n, ei.options());
