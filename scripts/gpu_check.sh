@@ -98,7 +98,7 @@ assert 'cuda' in _ext.compiled_backends(), _ext.compiled_backends()
 " || { note "no CUDA kernels: stopping"; exit 1; }
 
 # 2. Tests: every CUDA-marked test - the CUDA parameters of the op tests (GAT, GATv2, graph
-#    transformer: tests/test_transformer.py) and of the layer conformance suite against
+#    transformer: tests/test_attention_ops.py) and of the layer conformance suite against
 #    GATConv / GATv2Conv / TransformerConv. (The CPU emulation of the CUDA kernels is CPU
 #    work: CI runs it on every change.)
 if want test; then
