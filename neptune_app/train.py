@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from neptune_ext import __version__, _ext
+from neptune_ext import __version__, backend
 
 from . import distributed
 from .options import MAX_IMAGE_SIZE, MAX_LR, MAX_SEED, MAX_WORKERS
@@ -42,7 +42,7 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
 
 
 def kernel_backend(device: torch.device) -> str:
-    if _ext.use_kernels(device.type):
+    if backend.kernels_run(device.type):
         return f"neptune_ext compiled kernels ({device.type})"
     return "pure-PyTorch reference (compiled kernels not available)"
 

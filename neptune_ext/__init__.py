@@ -19,10 +19,11 @@ import importlib
 
 from ._version import __version__
 from . import _ext
+from . import backend
 from .graph import Graph
 from . import ops
 
-__all__ = ["__version__", "Graph", "ops", "nn", "fuse_stages", "stage_paths", "info"]
+__all__ = ["__version__", "Graph", "ops", "nn", "fuse_stages", "stage_paths", "info", "backend"]
 
 # name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {

@@ -1,7 +1,7 @@
 """Loading the compiled extension, and the one warning when it is missing.
 
-Set NEPTUNE_FORCE_REFERENCE=1 to run the pure-PyTorch reference even when the
-extension is present (used by benchmarks and tests to compare the two paths).
+Which implementation runs (a kernel or the reference, NEPTUNE_FORCE_REFERENCE) is decided
+in one place, :mod:`neptune_ext.backend`.
 """
 import os
 import warnings
@@ -64,20 +64,15 @@ def compiled_backends():
     return set(_BACKENDS)
 
 
-def use_kernels(device_type: str) -> bool:
-    """True when the compiled kernel for `device_type` should run; else the reference runs
-    (after one warning if the extension could not be loaded at all)."""
+def warn_if_missing() -> None:
+    """One RuntimeWarning per process when the compiled extension could not be loaded (the
+    references then run everywhere). Which implementation runs is decided by
+    :mod:`neptune_ext.backend`, not here."""
     global _warned
-    from ._backend import forced_reference  # (the one rule: neptune_ext._backend)
-    if forced_reference():
-        return False
-    if _C is None:
-        if not _warned:
-            _warned = True
-            warnings.warn(
-                f"neptune_ext: the compiled extension is not available: {why_missing()} - "
-                "running the pure-PyTorch reference implementations (correct, but slower "
-                "and with more memory). `neptune info` says more.",
-                RuntimeWarning, stacklevel=3)
-        return False
-    return device_type in _BACKENDS
+    if _C is None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"neptune_ext: the compiled extension is not available: {why_missing()} - "
+            "running the pure-PyTorch reference implementations (correct, but slower "
+            "and with more memory). `neptune info` says more.",
+            RuntimeWarning, stacklevel=3)

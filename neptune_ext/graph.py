@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _backend, _ext
+from . import _ext, backend as _backend
 from ._util import is_compiling as _is_compiling
 
 _INT32_MAX = 2**31 - 1

@@ -84,8 +84,8 @@ def test_sanitizer_transformer_cases_run_on_the_cpu_kernels():
     """The sanitizer's graph-transformer cases, on the CPU kernels: the shapes a CUDA kernel
     runs (H * C <= 1024, never the reference), every lane-layout kind, both index types,
     edge features and dropout, a bipartite graph; forward and backward finite."""
-    from neptune_ext import _backend
-    if not _backend.runs_kernel("transformer_forward", "cpu"):
+    from neptune_ext import backend
+    if not backend.runs_kernel("transformer_forward", "cpu"):
         pytest.skip("no compiled CPU transformer kernel")
     g32, g64 = sanitizer_case.graphs("cpu")
     cases = sanitizer_case.transformer_cases(g32, g64)

@@ -136,7 +136,7 @@ def test_reference_graph_build_matches_kernel(monkeypatch):
 
 # ------------------------------------------------------------- a bad graph never reaches a kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_kernels = pytest.mark.skipif(not neptune_ext._ext.use_kernels("cpu"),
+needs_kernels = pytest.mark.skipif(not neptune_ext.backend.kernels_run("cpu"),
                                    reason="needs the compiled CPU kernels")
 
 

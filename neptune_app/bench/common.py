@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from neptune_ext._backend import force_reference  # noqa: F401  (re-exported for the benchmarks)
+from neptune_ext.backend import force_reference  # noqa: F401  (re-exported for the benchmarks)
 
 from .. import _io
 from .._util import git_commit  # noqa: F401  (re-exported for the benchmarks)

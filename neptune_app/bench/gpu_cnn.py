@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import neptune_ext
-from neptune_ext.ops.stage_eval import cutlass_built
+from neptune_ext.backend import cutlass_built
 
 from .common import git_commit, machine, write_json
 from .stage import randomize_bn

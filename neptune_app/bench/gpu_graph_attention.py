@@ -342,7 +342,7 @@ def main(argv=None):
         sys.exit("gpu_graph_attention: no CUDA device")
 
     import neptune_ext
-    backends = sorted(neptune_ext._ext.compiled_backends())
+    backends = sorted(neptune_ext.backend.compiled_backends())
     if "cuda" not in backends:
         print("WARNING: neptune_ext has no CUDA kernels (compiled backends: "
               f"{backends}); op:neptune / layer:neptune run the reference", file=sys.stderr)

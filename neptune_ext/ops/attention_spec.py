@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .. import _backend, _ext
+from .. import _ext, backend as _backend
 from .._util import acc_dtype, check as _check, is_compiling as _is_compiling, promote
 from ..graph import Graph
 
@@ -177,7 +177,7 @@ WARP_ROW_MAX_HC = 1024
 
 def runs_kernel(op: str, device_type: str, H: int = 0, C: int = 0, warp_row: bool = False) -> bool:
     """Whether ``neptune::<op>``'s compiled kernel runs here: the backend's rule
-    (:func:`neptune_ext._backend.runs_kernel`), the warp-per-row kernels' width limit on CUDA,
+    (:func:`neptune_ext.backend.runs_kernel`), the warp-per-row kernels' width limit on CUDA,
     and :func:`kernel_allowed` (not inside torch.func transforms or forward-mode AD)."""
     if warp_row and device_type == "cuda" and not 0 < H * C <= WARP_ROW_MAX_HC:
         return False

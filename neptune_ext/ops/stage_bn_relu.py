@@ -4,7 +4,7 @@ from typing import Tuple
 
 import torch
 
-from .. import _backend, _ext
+from .. import _ext, backend as _backend
 from .._util import acc_dtype, is_compiling as _is_compiling
 from ..reference_stage import bn_relu_backward_reference, bn_relu_forward_reference
 from .stage_checks import _validate_bn

@@ -9,7 +9,7 @@ from typing import Hashable
 
 import torch
 
-from .. import _backend
+from .. import backend as _backend
 
 __all__ = ["onednn_fused_available", "onednn_dtypes", "cutlass_built", "CUDNN_REFUSED",
            "CUTLASS_REFUSED"]

@@ -1,6 +1,10 @@
 """The one rule for which implementation runs: a compiled kernel or the pure-PyTorch reference.
 
-    runs_kernel("gat_forward", "cuda")   # -> bool
+    import neptune_ext.backend as backend
+    backend.runs_kernel("gat_forward", "cuda")   # -> bool: this op's kernel runs on CUDA
+    backend.kernels_run("cpu")                   # -> bool: the compiled kernels run on the CPU
+    with backend.force_reference():              # every op runs its reference in the block
+        ...
 
 A kernel runs when the compiled extension is loaded (else one warning, and the reference),
 ``NEPTUNE_FORCE_REFERENCE`` is not ``"1"`` (benchmarks and tests compare the two paths with
@@ -48,8 +52,20 @@ def runs_kernel(op: str, device_type: str) -> bool:
     """True when ``neptune::<op>``'s compiled kernel runs for tensors on ``device_type``."""
     if _REGISTERED.get((op, device_type), False):  # (the hot path: one lookup, one env read)
         return not forced_reference()
-    _ext.use_kernels(device_type)  # warns once when the extension is missing
+    if not forced_reference():
+        _ext.warn_if_missing()
     return False
+
+
+def kernels_run(device_type: str) -> bool:
+    """Whether the compiled kernels run for tensors on ``device_type`` (the graph builder's
+    registration stands for the build's coverage of that device)."""
+    return runs_kernel("build_csr", device_type)
+
+
+def compiled_backends() -> set:
+    """The devices the loaded build covers: {'cpu'}, {'cpu', 'cuda'} or empty."""
+    return _ext.compiled_backends()
 
 
 def cutlass_built() -> bool:
