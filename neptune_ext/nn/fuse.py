@@ -60,8 +60,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import fuse_checks as checks, fuse_layout
+from .fuse_block import FusedBlock, FusedCode
 from .stage import FoldedConv2d, FusedConv2d, Stage, _explicit_padding
-from .stage_passthrough import FusedBatchNorm2d, FusedHardswish, FusedReLU, FusedReLU6, FusedSiLU
+from .stage_passthrough import (FusedBatchNorm2d, FusedHardswish, FusedReLU, FusedReLU6, FusedSiLU,
+                                rebuilt_as)
 
 __all__ = ["fuse_stages"]
 
@@ -131,13 +133,14 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
                        "(torch.nn.modules.module.register_module_*_hook)")
     else:
         registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        _fuse_residual_tails(model, "", report, registrations, skipped)
+        registrations.update(checks.plain_references(model))
+        root_code = _fuse_residual_tails(model, "", report, registrations, skipped)
         _fuse(model, "", report, registrations, skipped)
     fused_convs = [m for m in model.modules() if isinstance(m, FusedConv2d)]
     for m in fused_convs:
         m.memory_efficient = bool(memory_efficient)
     if fused_convs:
-        fuse_layout.install(model)
+        fuse_layout.install(model, root_code)
     model.fusion_report = report
     model.fusion_skipped = list(dict.fromkeys(skipped))
     if verbose:
@@ -158,7 +161,11 @@ def _trace(module: nn.Module):
     """``(graph, writers)``: the module's graph if torch.fx can trace it the same way in
     train and eval mode (else None), and {qualified name: what it sets} of the modules
     whose forward sets attributes (see fuse_checks.writers). Whatever the trace stored in
-    the modules (torch.fx Proxies in ``self.feat``) is undone."""
+    the modules (torch.fx Proxies in ``self.feat``) is undone. A FusedBlock's graph is the
+    one it runs (traced when its tails were fused; nothing under it sets attributes, or they
+    would not have been)."""
+    if isinstance(module, FusedBlock):
+        return module.fused_code.graph, {}
     modes = {m: m.training for m in module.modules()}
     recorder = checks.AttributeRecorder(module)
     graphs = []
@@ -305,13 +312,13 @@ def _rewrite(root: nn.Module, graph: fx.Graph, prefix: str, report: List[str],
             alone = act_module is not None and used_once(act_module)
             if not alone and act_kind not in _IDEMPOTENT:
                 act = None  # it would run a second time on the fused output
-        bn.__class__ = FusedBatchNorm2d
-        FusedConv2d.convert(conv, bn, activation=None if act is None else act_kind)
+        _replace_chain(root, conv_node.target, bn_node.target, conv, bn,
+                       activation=None if act is None else act_kind)
         if act is None:
             report.append(f"{names} -> Conv+BN")
             continue
         if alone:
-            act_module.__class__ = _ACT_MODULES[type(act_module)][1]
+            _replace(root, act_name, rebuilt_as(act_module, _ACT_MODULES[type(act_module)][1]))
         report.append(f"{names}+{_short(act_name, conv_node.target)} -> Stage")
 
 
@@ -340,20 +347,41 @@ def _added_to(bn_node: fx.Node) -> Optional[fx.Node]:
     return other
 
 
+def _replace(root: nn.Module, target: str, new: nn.Module) -> None:
+    """Register ``new`` in place of the module ``target`` (a dotted name under ``root``): in
+    its parent, under the same name."""
+    parent, _, name = target.rpartition(".")
+    root.get_submodule(parent)._modules[name] = new
+
+
+def _replace_chain(root: nn.Module, conv_target: str, bn_target: str, conv, bn,
+                   activation: Optional[str], residual_activation: Optional[str] = None) -> None:
+    """The conv and its BN replaced in their parents by a FusedConv2d and a pass-through
+    FusedBatchNorm2d sharing their tensors (the conv's child ``bn``: see FusedConv2d)."""
+    passthrough = rebuilt_as(bn, FusedBatchNorm2d)
+    _replace(root, conv_target, FusedConv2d.convert(conv, passthrough, activation=activation,
+                                                    residual_activation=residual_activation))
+    _replace(root, bn_target, passthrough)
+
+
 def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
-                         registrations: Counter, skipped: List[str]) -> None:
-    """Post-order: the innermost module whose graph holds a residual tail takes it."""
-    if isinstance(module, (Stage, FusedConv2d)):
-        return
-    for name, child in module.named_children():
-        _fuse_residual_tails(child, f"{prefix}{name}.", report, registrations, skipped)
+                         registrations: Counter, skipped: List[str]) -> Optional[FusedCode]:
+    """Post-order: the innermost module whose graph holds a residual tail takes it. Returns
+    the module's rewritten forward if it has one (the root runs it from its CallerLayout);
+    a child that has one is replaced in ``module`` by a FusedBlock running it."""
+    if isinstance(module, (Stage, FusedConv2d, FusedBlock)):
+        return None
+    for name, child in list(module.named_children()):
+        code = _fuse_residual_tails(child, f"{prefix}{name}.", report, registrations, skipped)
+        if code is not None:
+            module._modules[name] = FusedBlock.of(child, code)
     if not any(True for _ in module.children()) or "forward" in vars(module):
-        return
+        return None
     graph, writers = _trace(module)
     if graph is None or any(n.op == "get_attr" for n in graph.nodes):
         # (a graph reading the module's own tensors would hold them by reference: a
         # later module.to() that replaces them would leave it stale)
-        return
+        return None
     modules = dict(module.named_modules())
     calls = Counter(id(modules[n.target]) for n in graph.nodes
                     if n.op == "call_module" and n.target in modules)
@@ -371,7 +399,7 @@ def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
         tails.append((conv_node, bn_node, add_node, _act_of(_only_user(add_node), add_node, modules)))
     tails = _safe_tails(module, graph, modules, tails, prefix, writers, skipped)
     if not tails:
-        return
+        return None
     fused = []
     for conv_node, bn_node, add_node, act in tails:
         conv, bn = modules[conv_node.target], modules[bn_node.target]
@@ -382,16 +410,12 @@ def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
         last.replace_all_uses_with(tail)
         for node in ([last, add_node] if act is not None else [add_node]) + [bn_node, conv_node]:
             graph.erase_node(node)
-        bn.__class__ = FusedBatchNorm2d
-        FusedConv2d.convert(conv, bn, activation=None,
-                            residual_activation="none" if act is None else act[1])
+        _replace_chain(module, conv_node.target, bn_node.target, conv, bn, activation=None,
+                       residual_activation="none" if act is None else act[1])
         fused.append(_tail_names(prefix, conv_node, bn_node, act) + " -> Stage+residual")
     graph.lint()
-    code = fx.GraphModule(module, graph, class_name=type(module).__name__ + "Fused")
-    # Instance attributes, not children: no new state-dict keys or submodules.
-    object.__setattr__(module, "_fused_graph_module", code)
-    object.__setattr__(module, "forward", code.forward)
     report.extend(fused)
+    return FusedCode(graph)
 
 
 def _tail_names(prefix: str, conv_node, bn_node, act) -> str:
