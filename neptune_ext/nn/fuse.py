@@ -7,32 +7,58 @@ are handled: a conv node whose only user is a BatchNorm2d node (whose only user
 is an activation: ReLU, ReLU6, SiLU or Hardswish, as a module, a function or a
 method, in place or not) is fused.
 
-The trace is used for analysis only. The model keeps its own code and its own
-module tree: each fused conv module becomes a :class:`~neptune_ext.nn.stage.FusedConv2d`
-in place (same parameters), its BN a pass-through
-:class:`~neptune_ext.nn.stage_passthrough.FusedBatchNorm2d` that keeps its parameters and
-buffers, and an activation module used only there a pass-through
-(:class:`~neptune_ext.nn.stage_passthrough.FusedReLU`, ...). A ReLU or ReLU6 that is shared or a
-function call stays and reapplies itself to its own output (a no-op); a shared or
-functional SiLU/Hardswish (not idempotent) is left out of the fusion (Conv+BN only).
-So the fused model has the original's type, attributes, methods and state-dict
-keys, and ``if self.training:`` branches, dropout and stochastic depth keep
-following ``train()``/``eval()``. Code that the trace would bake a mode into (the
-graph differs between train and eval) and code torch.fx cannot trace are not
-analysed as a whole: their children are fused one by one.
+The trace is used for analysis only: the model keeps its own class and its own code.
+What changes is which modules its parents hold. Each fused conv is replaced, in its parent
+and under its name, by a new :class:`~neptune_ext.nn.stage.FusedConv2d` holding the very
+same weight (and bias) tensors; its BN by a pass-through
+:class:`~neptune_ext.nn.stage_passthrough.FusedBatchNorm2d` holding the BN's very parameters
+and buffers; an activation module used only there by a pass-through
+(:class:`~neptune_ext.nn.stage_passthrough.FusedReLU`, ...); see
+``stage_passthrough.rebuilt_as``. No module changes class: the modules taken out are left as
+they were (sharing the tensors). A ReLU or ReLU6 that is shared or a function call stays and
+reapplies itself to its own output (a no-op); a shared or functional SiLU/Hardswish (not
+idempotent) is left out of the fusion (Conv+BN only). So the fused model has the original's
+type, attributes, methods, parameter names and state-dict keys, an optimizer built before
+fusing trains it, ``print(model)`` shows the fused modules, and ``if self.training:``
+branches, dropout and stochastic depth keep following ``train()``/``eval()``. Code that the
+trace would bake a mode into (the graph differs between train and eval) and code torch.fx
+cannot trace are not analysed as a whole: their children are fused one by one.
 
-Residual tails: the add happens in the block's code after its own calls, so the
-conv cannot see the identity from inside. For a module whose forward contains
-``act(bn(conv(x)) + identity)`` (ResNet's BasicBlock and Bottleneck, RegNet's
-blocks), that module instance runs its traced graph with the three nodes replaced
-by ``conv(x, identity)``: its ``forward`` becomes the generated code of that graph
-(an instance attribute; the class, attributes and state dict stay), which calls
-the module's own children. The conv called with one input still returns
-``bn(conv(x))``, so the class's own ``forward`` stays correct too. Copies
-(``copy.deepcopy``), pickling, ``.to()``/``.half()``, ``load_state_dict``, DDP and
-``torch.compile`` see the same modules; ``nn.DataParallel``'s per-device replicas
-would call the original device's modules from that instance ``forward`` (an error
-about devices, not a wrong result): use DistributedDataParallel.
+The fused conv computes with its BN, which it holds as its child ``bn`` (so ``print`` shows
+it inside the conv) rather than as a plain attribute: ``nn.DataParallel``'s replicas copy
+attributes as they are and rebind children only, so a replica computes with its own BN.
+The BN's home stays its parent: the conv leaves it out of ``named_modules``/``children``
+(and so of ``parameters``, ``buffers``, ``apply``, ``to``, ``train``) and of its state dict.
+
+Residual tails: the add happens in the block's code after its own calls, so the conv cannot
+see the identity from inside. For a module whose forward contains ``act(bn(conv(x)) +
+identity)`` (ResNet's BasicBlock and Bottleneck, RegNet's blocks), its traced graph with the
+three nodes replaced by ``conv(x, identity)`` is what a
+:class:`~neptune_ext.nn.fuse_block.FusedBlock` runs (``FusedCode``: the graph compiled to
+Python, holding no module); the FusedBlock takes the block's place in its parent and holds
+the block's children, parameters, buffers, hooks and attributes, the same objects under the
+same names. ``print(model)`` names it ``BasicBlockFused``; ``block.fused_code.source`` is its
+code. The conv called with one input still returns ``bn(conv(x))``, so the block's class's
+forward stays correct too (a block taken out keeps computing the same). The model's root
+cannot be replaced (it is what ``fuse_stages`` returns): if it holds tails itself, its
+``forward`` runs the rewritten code.
+
+The root's ``forward`` is an instance attribute, a ``fuse_layout.CallerLayout``: the CPU's
+channels_last conversion (see ``fuse_stages``) and the root's own tails. It stays an
+instance attribute because the model must keep its class (a wrapper would change it) and a
+call that fails on channels_last tensors is run again in NCHW, which forward hooks cannot
+do. The root also gets ``_replicate_for_data_parallel``, so that each ``nn.DataParallel``
+replica gets a CallerLayout of its own.
+
+What this costs: a replaced block is no longer an instance of its class
+(``isinstance(block, BasicBlock)`` is False; ``block.block_class`` is the class), its
+class's other methods and properties are not there (its plain attributes are), and its
+forward's signature is ``(*args, **kwargs)``. References to modules taken before fusing
+with ``inplace=True`` are the unfused modules (they share the tensors and compute the
+unfused result). For that reason a module that the model also holds in a plain attribute,
+or in a list, tuple, set or dict one, counts as used twice and is left unfused. Copies
+(``copy.deepcopy``), pickling, ``.to()``/``.half()``, ``load_state_dict``, DDP,
+``nn.DataParallel`` and ``torch.compile`` see the fused modules.
 
 What must stay as it was (``fuse_checks.py``; a block that fails a check stays unfused
 and is listed in ``fusion_skipped`` with the reason):
@@ -40,8 +66,8 @@ and is listed in ``fusion_skipped`` with the reason):
 - hooks: a conv or BN with hooks (or an activation with hooks: then Conv+BN only), and
   every chain while global module hooks are registered;
 - attributes set in forward (``self.feat = out``, seen in the source or in what the trace
-  changed): no chain inside that forward, and no generated forward for it or its parents
-  up to the module whose forward would be replaced (the trace would lose the store); the
+  changed): no chain inside that forward, and no rewritten forward for it or its parents
+  up to the block whose forward would be rewritten (the trace would lose the store); the
   trace's own stores (stale torch.fx Proxies) are undone;
 - the order of in-place writes: a residual tail moves the conv and the BN to the add, so
   no write into the conv's input or the identity (``relu_``, ``mul_``, ``inplace=True``,
@@ -88,7 +114,8 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
         model: any module, in train or eval mode; the fused model follows later
             ``train()``/``eval()`` calls as the original would (train: batch
             statistics, the fused BN+ReLU kernel; eval: the BN folded into the conv).
-        inplace: convert ``model``'s own modules instead of a deep copy's.
+        inplace: fuse ``model`` itself (its parents get the new modules) instead of a
+            deep copy.
         verbose: print what was fused, and what was left unfused and why.
         memory_efficient: the training trade. ``False`` (default): each fused conv keeps
             its output for backward as eager does (eager's activation memory, eager's step
@@ -98,8 +125,12 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
             Each fused conv's ``memory_efficient`` attribute can be changed later.
 
     Returns:
-        The fused model: the same class as ``model`` with the same state-dict keys
-        (a state dict of either loads into the other), with ``fusion_report``: a
+        The fused model (``model`` itself with ``inplace=True``): the same class as
+        ``model`` with the same parameter names and state-dict keys (a state dict of either
+        loads into the other), whose parents hold new modules sharing the fused ones'
+        tensors: a FusedConv2d in place of each fused conv, a pass-through in place of its
+        BN (and activation), a FusedBlock in place of a block with residual tails (see the
+        module's documentation for what that costs); with ``fusion_report``: a
         list like ``["layer1.0.conv1+bn1+relu -> Stage", "layer1.0.conv2+bn2+add+relu ->
         Stage+residual", "features.0.0+1 -> Conv+BN"]``, and ``fusion_skipped``: the
         chains and residual tails left as they were, each with the reason, like
