@@ -3,6 +3,9 @@ graph with each ``act(bn(conv(x)) + identity)`` replaced by ``conv(x, identity)`
 (:class:`FusedCode`), in a module that takes the block's place in its parent
 (:class:`FusedBlock`); the model's root keeps its class and runs the code from its
 ``forward`` (``fuse_layout.CallerLayout``)."""
+import hashlib
+import linecache
+
 from torch import fx, nn
 
 from .stage_passthrough import rebuilt_as
@@ -23,8 +26,12 @@ class FusedCode:
 
     def _compile(self) -> None:
         python = self.graph.python_code(root_module="self")
+        # (named by its text and kept in linecache, as torch.fx does: tracebacks show the
+        # line, and fuse_checks reads what a trace through it recorded)
+        name = f"<fuse_stages forward {hashlib.sha1(python.src.encode()).hexdigest()[:12]}>"
+        linecache.cache[name] = (len(python.src), None, python.src.splitlines(True), name)
         scope = dict(python.globals)
-        exec(compile(python.src, "<fuse_stages: rewritten forward>", "exec"), scope)  # noqa: S102
+        exec(compile(python.src, name, "exec"), scope)  # noqa: S102
         self.source, self._function = python.src, scope["forward"]
 
     def __call__(self, module: nn.Module, *args, **kwargs):
