@@ -38,8 +38,8 @@ three nodes replaced by ``conv(x, identity)`` is what a
 Python, holding no module); the FusedBlock takes the block's place in its parent and holds
 the block's children, parameters, buffers, hooks and attributes, the same objects under the
 same names. ``print(model)`` names it ``BasicBlockFused``; ``block.fused_code.source`` is its
-code. The conv called with one input still returns ``bn(conv(x))``, so the block's class's
-forward stays correct too (a block taken out keeps computing the same). The model's root
+code. (The conv called with one input still returns ``bn(conv(x))``, as the block's
+class's forward expects.) The model's root
 cannot be replaced (it is what ``fuse_stages`` returns): if it holds tails itself, its
 ``forward`` runs the rewritten code.
 
@@ -53,10 +53,11 @@ replica gets a CallerLayout of its own.
 What this costs: a replaced block is no longer an instance of its class
 (``isinstance(block, BasicBlock)`` is False; ``block.block_class`` is the class), its
 class's other methods and properties are not there (its plain attributes are), and its
-forward's signature is ``(*args, **kwargs)``. References to modules taken before fusing
-with ``inplace=True`` are the unfused modules (they share the tensors and compute the
-unfused result). For that reason a module that the model also holds in a plain attribute,
-or in a list, tuple, set or dict one, counts as used twice and is left unfused. Copies
+forward's signature is ``(*args, **kwargs)``. References to modules held from before
+fusing with ``inplace=True`` point at the modules taken out: they share the model's tensors
+but are no longer part of it (a conv, BN or activation taken out computes its unfused
+result). For that reason a module that the model also holds in a plain attribute, or in a
+list, tuple, set or dict one, counts as used twice and is left unfused. Copies
 (``copy.deepcopy``), pickling, ``.to()``/``.half()``, ``load_state_dict``, DDP,
 ``nn.DataParallel`` and ``torch.compile`` see the fused modules.
 
