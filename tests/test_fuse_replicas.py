@@ -61,8 +61,9 @@ def test_replicas_use_their_own_tensors(cpu_replicate, make, train):
     assert any("Stage+residual" in r for r in fused.fusion_report)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     eager = copy.deepcopy(model)
-    with torch.no_grad():
-        fused(x) if not train else None  # (eval: a fold cached from the original's tensors)
+    if not train:
+        with torch.no_grad():
+            fused(x)  # (a fold cached from the original's tensors)
     replicas = cpu_replicate(fused, [0, 1])
     _poison(fused)
     for replica in replicas:
