@@ -129,7 +129,7 @@ def test_packed_weight_reused_under_inference_mode_and_rebuilt_after_in_place_wr
                   lambda c, b: c.weight.mul_(-0.5), lambda c, b: b.weight.add_(1.0)):
         with torch.no_grad():
             write(ref_conv, ref_bn)
-            write(conv, conv.fused_bn)
+            write(conv, conv.bn)
         with torch.inference_mode():
             got, expected = fused(x), model(x)
         for g, e in zip(got, expected):

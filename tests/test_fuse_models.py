@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neptune_ext
+from neptune_ext.nn.fuse_block import FusedBlock
 from neptune_ext.nn.stage import (FusedBatchNorm2d, FusedConv2d, FusedHardswish, FusedReLU6,
                                   FusedSiLU)
 
@@ -19,6 +20,8 @@ torchvision = pytest.importorskip("torchvision")
 
 from neptune_app.bench.stage import randomize_bn  # noqa: E402
 from stage_helpers import fused_double  # noqa: E402
+
+BasicBlock = torchvision.models.resnet.BasicBlock
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 
@@ -141,7 +144,7 @@ class AliasedInplaceAdd(nn.Module):
 
 def test_inplace_add_into_an_aliased_tensor_is_not_replaced():
     model, fused = fused_double(AliasedInplaceAdd, False)
-    assert fused.fusion_report == ["conv+bn -> Conv+BN"] and "_fused_graph_module" not in vars(fused)
+    assert fused.fusion_report == ["conv+bn -> Conv+BN"] and fused.forward.code is None
     check_same(model, fused, (2, 4, 5, 5))
 
 
@@ -243,14 +246,15 @@ def test_fused_residual_models_copy_pickle_and_fuse_again():
         want = model(x)
         copied = copy.deepcopy(fused)
         block = copied.layer1[0]
-        # the copy's generated forward runs the copy's own modules
-        assert block._fused_graph_module.conv2 is block.conv2
+        # the copy's block runs the copy's own modules (its fused conv: the copy's BN)
+        assert isinstance(block, FusedBlock) and block.block_class is BasicBlock
+        assert block.conv2.bn is block.bn2 and block.bn2 is not fused.layer1[0].bn2
         torch.testing.assert_close(copied(x), want, rtol=1e-4, atol=1e-5)
         buf = io.BytesIO()
         torch.save(fused, buf)  # whole-module pickling (state dicts need nothing special)
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
-        assert loaded.layer2[1]._fused_graph_module.conv1 is loaded.layer2[1].conv1
+        assert loaded.layer2[1].conv1.bn is loaded.layer2[1].bn1
         torch.testing.assert_close(loaded(x), want, rtol=1e-4, atol=1e-5)
         again = neptune_ext.fuse_stages(fused)
         assert again.fusion_report == []

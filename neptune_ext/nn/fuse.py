@@ -7,32 +7,59 @@ are handled: a conv node whose only user is a BatchNorm2d node (whose only user
 is an activation: ReLU, ReLU6, SiLU or Hardswish, as a module, a function or a
 method, in place or not) is fused.
 
-The trace is used for analysis only. The model keeps its own code and its own
-module tree: each fused conv module becomes a :class:`~neptune_ext.nn.stage.FusedConv2d`
-in place (same parameters), its BN a pass-through
-:class:`~neptune_ext.nn.stage_passthrough.FusedBatchNorm2d` that keeps its parameters and
-buffers, and an activation module used only there a pass-through
-(:class:`~neptune_ext.nn.stage_passthrough.FusedReLU`, ...). A ReLU or ReLU6 that is shared or a
-function call stays and reapplies itself to its own output (a no-op); a shared or
-functional SiLU/Hardswish (not idempotent) is left out of the fusion (Conv+BN only).
-So the fused model has the original's type, attributes, methods and state-dict
-keys, and ``if self.training:`` branches, dropout and stochastic depth keep
-following ``train()``/``eval()``. Code that the trace would bake a mode into (the
-graph differs between train and eval) and code torch.fx cannot trace are not
-analysed as a whole: their children are fused one by one.
+The trace is used for analysis only: the model keeps its own class and its own code.
+What changes is which modules its parents hold. Each fused conv is replaced, in its parent
+and under its name, by a new :class:`~neptune_ext.nn.stage.FusedConv2d` holding the very
+same weight (and bias) tensors; its BN by a pass-through
+:class:`~neptune_ext.nn.stage_passthrough.FusedBatchNorm2d` holding the BN's very parameters
+and buffers; an activation module used only there by a pass-through
+(:class:`~neptune_ext.nn.stage_passthrough.FusedReLU`, ...); see
+``stage_passthrough.rebuilt_as``. No module changes class: the modules taken out are left as
+they were (sharing the tensors). A ReLU or ReLU6 that is shared or a function call stays and
+reapplies itself to its own output (a no-op); a shared or functional SiLU/Hardswish (not
+idempotent) is left out of the fusion (Conv+BN only). So the fused model has the original's
+type, attributes, methods, parameter names and state-dict keys, an optimizer built before
+fusing trains it, ``print(model)`` shows the fused modules, and ``if self.training:``
+branches, dropout and stochastic depth keep following ``train()``/``eval()``. Code that the
+trace would bake a mode into (the graph differs between train and eval) and code torch.fx
+cannot trace are not analysed as a whole: their children are fused one by one.
 
-Residual tails: the add happens in the block's code after its own calls, so the
-conv cannot see the identity from inside. For a module whose forward contains
-``act(bn(conv(x)) + identity)`` (ResNet's BasicBlock and Bottleneck, RegNet's
-blocks), that module instance runs its traced graph with the three nodes replaced
-by ``conv(x, identity)``: its ``forward`` becomes the generated code of that graph
-(an instance attribute; the class, attributes and state dict stay), which calls
-the module's own children. The conv called with one input still returns
-``bn(conv(x))``, so the class's own ``forward`` stays correct too. Copies
-(``copy.deepcopy``), pickling, ``.to()``/``.half()``, ``load_state_dict``, DDP and
-``torch.compile`` see the same modules; ``nn.DataParallel``'s per-device replicas
-would call the original device's modules from that instance ``forward`` (an error
-about devices, not a wrong result): use DistributedDataParallel.
+The fused conv computes with its BN, which it holds as its child ``bn`` (so ``print`` shows
+it inside the conv) rather than as a plain attribute: ``nn.DataParallel``'s replicas copy
+attributes as they are and rebind children only, so a replica computes with its own BN.
+The BN's home stays its parent: the conv leaves it out of ``named_modules``/``children``
+(and so of ``parameters``, ``buffers``, ``apply``, ``to``, ``train``) and of its state dict.
+
+Residual tails: the add happens in the block's code after its own calls, so the conv cannot
+see the identity from inside. For a module whose forward contains ``act(bn(conv(x)) +
+identity)`` (ResNet's BasicBlock and Bottleneck, RegNet's blocks), its traced graph with the
+three nodes replaced by ``conv(x, identity)`` is what a
+:class:`~neptune_ext.nn.fuse_block.FusedBlock` runs (``FusedCode``: the graph compiled to
+Python, holding no module); the FusedBlock takes the block's place in its parent and holds
+the block's children, parameters, buffers, hooks and attributes, the same objects under the
+same names. ``print(model)`` names it ``BasicBlockFused``; ``block.fused_code.source`` is its
+code. (The conv called with one input still returns ``bn(conv(x))``, as the block's
+class's forward expects.) The model's root
+cannot be replaced (it is what ``fuse_stages`` returns): if it holds tails itself, its
+``forward`` runs the rewritten code.
+
+The root's ``forward`` is an instance attribute, a ``fuse_layout.CallerLayout``: the CPU's
+channels_last conversion (see ``fuse_stages``) and the root's own tails. It stays an
+instance attribute because the model must keep its class (a wrapper would change it) and a
+call that fails on channels_last tensors is run again in NCHW, which forward hooks cannot
+do. The root also gets ``_replicate_for_data_parallel``, so that each ``nn.DataParallel``
+replica gets a CallerLayout of its own.
+
+What this costs: a replaced block is no longer an instance of its class
+(``isinstance(block, BasicBlock)`` is False; ``block.block_class`` is the class), its
+class's other methods and properties are not there (its plain attributes are), and its
+forward's signature is ``(*args, **kwargs)``. References to modules held from before
+fusing with ``inplace=True`` point at the modules taken out: they share the model's tensors
+but are no longer part of it (a conv, BN or activation taken out computes its unfused
+result). For that reason a module that the model also holds in a plain attribute, or in a
+list, tuple, set or dict one, counts as used twice and is left unfused. Copies
+(``copy.deepcopy``), pickling, ``.to()``/``.half()``, ``load_state_dict``, DDP,
+``nn.DataParallel`` and ``torch.compile`` see the fused modules.
 
 What must stay as it was (``fuse_checks.py``; a block that fails a check stays unfused
 and is listed in ``fusion_skipped`` with the reason):
@@ -40,8 +67,8 @@ and is listed in ``fusion_skipped`` with the reason):
 - hooks: a conv or BN with hooks (or an activation with hooks: then Conv+BN only), and
   every chain while global module hooks are registered;
 - attributes set in forward (``self.feat = out``, seen in the source or in what the trace
-  changed): no chain inside that forward, and no generated forward for it or its parents
-  up to the module whose forward would be replaced (the trace would lose the store); the
+  changed): no chain inside that forward, and no rewritten forward for it or its parents
+  up to the block whose forward would be rewritten (the trace would lose the store); the
   trace's own stores (stale torch.fx Proxies) are undone;
 - the order of in-place writes: a residual tail moves the conv and the BN to the add, so
   no write into the conv's input or the identity (``relu_``, ``mul_``, ``inplace=True``,
@@ -60,8 +87,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import fuse_checks as checks, fuse_layout
+from .fuse_block import FusedBlock, FusedCode
 from .stage import FoldedConv2d, FusedConv2d, Stage, _explicit_padding
-from .stage_passthrough import FusedBatchNorm2d, FusedHardswish, FusedReLU, FusedReLU6, FusedSiLU
+from .stage_passthrough import (FusedBatchNorm2d, FusedHardswish, FusedReLU, FusedReLU6, FusedSiLU,
+                                rebuilt_as)
 
 __all__ = ["fuse_stages"]
 
@@ -86,7 +115,8 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
         model: any module, in train or eval mode; the fused model follows later
             ``train()``/``eval()`` calls as the original would (train: batch
             statistics, the fused BN+ReLU kernel; eval: the BN folded into the conv).
-        inplace: convert ``model``'s own modules instead of a deep copy's.
+        inplace: fuse ``model`` itself (its parents get the new modules) instead of a
+            deep copy.
         verbose: print what was fused, and what was left unfused and why.
         memory_efficient: the training trade. ``False`` (default): each fused conv keeps
             its output for backward as eager does (eager's activation memory, eager's step
@@ -96,8 +126,12 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
             Each fused conv's ``memory_efficient`` attribute can be changed later.
 
     Returns:
-        The fused model: the same class as ``model`` with the same state-dict keys
-        (a state dict of either loads into the other), with ``fusion_report``: a
+        The fused model (``model`` itself with ``inplace=True``): the same class as
+        ``model`` with the same parameter names and state-dict keys (a state dict of either
+        loads into the other), whose parents hold new modules sharing the fused ones'
+        tensors: a FusedConv2d in place of each fused conv, a pass-through in place of its
+        BN (and activation), a FusedBlock in place of a block with residual tails (see the
+        module's documentation for what that costs); with ``fusion_report``: a
         list like ``["layer1.0.conv1+bn1+relu -> Stage", "layer1.0.conv2+bn2+add+relu ->
         Stage+residual", "features.0.0+1 -> Conv+BN"]``, and ``fusion_skipped``: the
         chains and residual tails left as they were, each with the reason, like
@@ -131,13 +165,14 @@ def fuse_stages(model: nn.Module, inplace: bool = False, verbose: bool = False,
                        "(torch.nn.modules.module.register_module_*_hook)")
     else:
         registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        _fuse_residual_tails(model, "", report, registrations, skipped)
+        registrations.update(checks.plain_references(model))
+        root_code = _fuse_residual_tails(model, "", report, registrations, skipped)
         _fuse(model, "", report, registrations, skipped)
     fused_convs = [m for m in model.modules() if isinstance(m, FusedConv2d)]
     for m in fused_convs:
         m.memory_efficient = bool(memory_efficient)
     if fused_convs:
-        fuse_layout.install(model)
+        fuse_layout.install(model, root_code)
     model.fusion_report = report
     model.fusion_skipped = list(dict.fromkeys(skipped))
     if verbose:
@@ -158,7 +193,11 @@ def _trace(module: nn.Module):
     """``(graph, writers)``: the module's graph if torch.fx can trace it the same way in
     train and eval mode (else None), and {qualified name: what it sets} of the modules
     whose forward sets attributes (see fuse_checks.writers). Whatever the trace stored in
-    the modules (torch.fx Proxies in ``self.feat``) is undone."""
+    the modules (torch.fx Proxies in ``self.feat``) is undone. A FusedBlock's graph is the
+    one it runs (traced when its tails were fused; nothing under it sets attributes, or they
+    would not have been)."""
+    if isinstance(module, FusedBlock):
+        return module.fused_code.graph, {}
     modes = {m: m.training for m in module.modules()}
     recorder = checks.AttributeRecorder(module)
     graphs = []
@@ -305,13 +344,13 @@ def _rewrite(root: nn.Module, graph: fx.Graph, prefix: str, report: List[str],
             alone = act_module is not None and used_once(act_module)
             if not alone and act_kind not in _IDEMPOTENT:
                 act = None  # it would run a second time on the fused output
-        bn.__class__ = FusedBatchNorm2d
-        FusedConv2d.convert(conv, bn, activation=None if act is None else act_kind)
+        _replace_chain(root, conv_node.target, bn_node.target, conv, bn,
+                       activation=None if act is None else act_kind)
         if act is None:
             report.append(f"{names} -> Conv+BN")
             continue
         if alone:
-            act_module.__class__ = _ACT_MODULES[type(act_module)][1]
+            _replace(root, act_name, rebuilt_as(act_module, _ACT_MODULES[type(act_module)][1]))
         report.append(f"{names}+{_short(act_name, conv_node.target)} -> Stage")
 
 
@@ -340,20 +379,41 @@ def _added_to(bn_node: fx.Node) -> Optional[fx.Node]:
     return other
 
 
+def _replace(root: nn.Module, target: str, new: nn.Module) -> None:
+    """Register ``new`` in place of the module ``target`` (a dotted name under ``root``): in
+    its parent, under the same name."""
+    parent, _, name = target.rpartition(".")
+    root.get_submodule(parent)._modules[name] = new
+
+
+def _replace_chain(root: nn.Module, conv_target: str, bn_target: str, conv, bn,
+                   activation: Optional[str], residual_activation: Optional[str] = None) -> None:
+    """The conv and its BN replaced in their parents by a FusedConv2d and a pass-through
+    FusedBatchNorm2d sharing their tensors (the conv's child ``bn``: see FusedConv2d)."""
+    passthrough = rebuilt_as(bn, FusedBatchNorm2d)
+    _replace(root, conv_target, FusedConv2d.convert(conv, passthrough, activation=activation,
+                                                    residual_activation=residual_activation))
+    _replace(root, bn_target, passthrough)
+
+
 def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
-                         registrations: Counter, skipped: List[str]) -> None:
-    """Post-order: the innermost module whose graph holds a residual tail takes it."""
-    if isinstance(module, (Stage, FusedConv2d)):
-        return
-    for name, child in module.named_children():
-        _fuse_residual_tails(child, f"{prefix}{name}.", report, registrations, skipped)
+                         registrations: Counter, skipped: List[str]) -> Optional[FusedCode]:
+    """Post-order: the innermost module whose graph holds a residual tail takes it. Returns
+    the module's rewritten forward if it has one (the root runs it from its CallerLayout);
+    a child that has one is replaced in ``module`` by a FusedBlock running it."""
+    if isinstance(module, (Stage, FusedConv2d, FusedBlock)):
+        return None
+    for name, child in list(module.named_children()):
+        code = _fuse_residual_tails(child, f"{prefix}{name}.", report, registrations, skipped)
+        if code is not None:
+            module._modules[name] = FusedBlock.of(child, code)
     if not any(True for _ in module.children()) or "forward" in vars(module):
-        return
+        return None
     graph, writers = _trace(module)
     if graph is None or any(n.op == "get_attr" for n in graph.nodes):
         # (a graph reading the module's own tensors would hold them by reference: a
         # later module.to() that replaces them would leave it stale)
-        return
+        return None
     modules = dict(module.named_modules())
     calls = Counter(id(modules[n.target]) for n in graph.nodes
                     if n.op == "call_module" and n.target in modules)
@@ -371,7 +431,7 @@ def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
         tails.append((conv_node, bn_node, add_node, _act_of(_only_user(add_node), add_node, modules)))
     tails = _safe_tails(module, graph, modules, tails, prefix, writers, skipped)
     if not tails:
-        return
+        return None
     fused = []
     for conv_node, bn_node, add_node, act in tails:
         conv, bn = modules[conv_node.target], modules[bn_node.target]
@@ -382,16 +442,12 @@ def _fuse_residual_tails(module: nn.Module, prefix: str, report: List[str],
         last.replace_all_uses_with(tail)
         for node in ([last, add_node] if act is not None else [add_node]) + [bn_node, conv_node]:
             graph.erase_node(node)
-        bn.__class__ = FusedBatchNorm2d
-        FusedConv2d.convert(conv, bn, activation=None,
-                            residual_activation="none" if act is None else act[1])
+        _replace_chain(module, conv_node.target, bn_node.target, conv, bn, activation=None,
+                       residual_activation="none" if act is None else act[1])
         fused.append(_tail_names(prefix, conv_node, bn_node, act) + " -> Stage+residual")
     graph.lint()
-    code = fx.GraphModule(module, graph, class_name=type(module).__name__ + "Fused")
-    # Instance attributes, not children: no new state-dict keys or submodules.
-    object.__setattr__(module, "_fused_graph_module", code)
-    object.__setattr__(module, "forward", code.forward)
     report.extend(fused)
+    return FusedCode(graph)
 
 
 def _tail_names(prefix: str, conv_node, bn_node, act) -> str:

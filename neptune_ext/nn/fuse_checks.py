@@ -18,12 +18,14 @@ import operator
 import re
 import sys
 import textwrap
+from collections import Counter
 from typing import Dict, FrozenSet, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .fuse_block import FusedBlock
 from .stage import FusedConv2d, Stage
 from .stage_passthrough import FusedBatchNorm2d, _PassThrough
 
@@ -44,6 +46,28 @@ def global_hooks() -> bool:
     names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
              "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
     return any(bool(getattr(m, name, None)) for name in names)
+
+
+# ----------------------------------------------------------------------------
+# Modules held outside the module tree
+
+_MODULE_STATE = frozenset(vars(nn.Module()))  # (nn.Module's own bookkeeping: children, hooks...)
+
+
+def plain_references(root: nn.Module) -> Counter:
+    """How many times each module (by id) is held by a module of ``root`` outside its
+    registered children: a plain attribute, or an item of a list, tuple, set or dict one.
+    fuse_stages replaces modules in their parents: such a reference would keep calling the
+    unfused module, so it counts as one more place the module is used."""
+    found = Counter()
+    for m in root.modules():
+        for key, value in vars(m).items():
+            if key in _MODULE_STATE:
+                continue
+            items = value.values() if isinstance(value, dict) else \
+                value if isinstance(value, (list, tuple, set)) else (value,)
+            found.update(id(v) for v in items if isinstance(v, nn.Module))
+    return found
 
 
 # ----------------------------------------------------------------------------
@@ -167,8 +191,8 @@ def writers(root: nn.Module, changed: List[nn.Module]) -> Dict[str, str]:
     out = {}
     changed_ids = {id(m) for m in changed}
     for name, m in root.named_modules():
-        if isinstance(m, (Stage, FusedConv2d)) or "forward" in vars(m):
-            continue  # (leaves of the trace; a generated forward of ours sets nothing)
+        if isinstance(m, (Stage, FusedConv2d, FusedBlock)) or "forward" in vars(m):
+            continue  # (leaves of the trace; a rewritten forward of ours sets nothing)
         found = []
         if not type(m).__module__.startswith("torch.nn.modules."):
             found = list(attribute_writes(type(m)))

@@ -52,14 +52,30 @@ def _restore(out):
 class CallerLayout:
     """The ``forward`` of a fused model's root (an instance attribute): runs the model's
     forward with the NCHW -> channels_last conversion allowed, and restores the caller's
-    layout on the way out (see the module doc). Picklable and deep-copyable with the model."""
+    layout on the way out (see the module doc). Picklable and deep-copyable with the model.
 
-    def __init__(self, module, inner=None):
+    ``code``: the root's own residual tails (a :class:`~neptune_ext.nn.fuse_block.FusedCode`,
+    which the root runs instead of its class's forward), or None.
+
+    Why an instance ``forward``: the model keeps its class (a wrapper would change it), and
+    a call whose code fails on channels_last tensors is run again in NCHW, which a forward
+    pre-hook and hook cannot do (the forward has run and its error goes to the caller); nor
+    can they run a rewritten forward instead of the class's. ``nn.DataParallel`` copies the
+    instance attributes of the replicas it makes, so :func:`install` also gives the root a
+    ``_replicate_for_data_parallel`` (:meth:`replicate`) that gives each replica a
+    CallerLayout of its own."""
+
+    code = None  # (objects pickled before it existed)
+
+    def __init__(self, module, inner=None, code=None):
         self.module = module
-        self.inner = inner  # the instance forward it replaced (a residual tail's), or None
+        self.inner = inner  # the instance forward the model had before fusing, or None
+        self.code = code
         self.enabled = True
 
     def _forward(self, *args, **kwargs):
+        if self.code is not None:
+            return self.code(self.module, *args, **kwargs)
         if self.inner is not None:
             return self.inner(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -86,11 +102,26 @@ class CallerLayout:
             return out
         return _restore(out) if converted else out
 
+    def replicate(self):
+        """The root's ``_replicate_for_data_parallel``: its class's, and a CallerLayout of
+        the replica's own (the shallow copy of the root's attributes would call the root)."""
+        replica = type(self.module)._replicate_for_data_parallel(self.module)
+        layout = CallerLayout(replica, self.inner, self.code)
+        layout.enabled = self.enabled
+        _attach(replica, layout)
+        return replica
 
-def install(model) -> None:
-    """Make ``model``'s forward a :class:`CallerLayout` (once)."""
+
+def _attach(model, layout: CallerLayout) -> None:
+    object.__setattr__(model, "forward", layout)
+    object.__setattr__(model, "_replicate_for_data_parallel", layout.replicate)
+
+
+def install(model, code=None) -> None:
+    """Make ``model``'s forward a :class:`CallerLayout` (once) that runs ``code`` (the
+    root's residual tails) or the forward it had."""
     current = model.__dict__.get("forward")
     if isinstance(current, CallerLayout):
         return
-    object.__setattr__(model, "forward", CallerLayout(model, current))
+    _attach(model, CallerLayout(model, current, code))
     model.__dict__["fusion_layout"] = "channels_last inside"

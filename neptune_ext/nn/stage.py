@@ -11,7 +11,7 @@ from ..ops.stage_eval import conv_bias
 from .stage_dispatch import stage_forward
 # (the pass-through modules' first home: fused models pickled then name them from here)
 from .stage_passthrough import (FusedBatchNorm2d, FusedHardswish, FusedReLU,  # noqa: F401
-                                FusedReLU6, FusedSiLU)
+                                FusedReLU6, FusedSiLU, rebuilt_as)
 from .stage_state_dict import bn_with_shifted_mean, load_sequential_state_dict
 
 __all__ = ["Stage", "FoldedConv2d", "FusedConv2d", "FusedBatchNorm2d", "FusedReLU", "FusedReLU6",
@@ -257,14 +257,24 @@ class FusedConv2d(nn.Conv2d):
     BatchNorm2d after it (and the activation after that, ``activation``; or, for the
     tail of a residual block, the add and the activation after it).
 
-    It is the model's own conv module, converted in place: same parameters, same
-    state-dict keys. The BN stays where it was (a :class:`FusedBatchNorm2d`, which
-    passes its input through) and keeps its parameters and buffers; this module
-    computes ``activation(bn(conv(x)))`` with them, in whatever mode the BN is in at
-    call time: batch statistics (the fused BN+ReLU kernel for ReLU) in training, the
-    folded convolution in eval. A residual tail's conv also takes the identity:
-    ``conv(x, identity)`` is ``residual_activation(bn(conv(x)) + identity)`` (one
-    argument: ``bn(conv(x))``, which the block's own code then adds and activates).
+    It replaces the model's conv in its parent (:meth:`convert`): a new module with the
+    conv's attributes and the very same weight (and bias) tensors, so the state-dict keys
+    and an optimizer built before fusing stay valid. The BN stays where it was, replaced
+    in the same way by a :class:`FusedBatchNorm2d` that shares its parameters and buffers
+    and passes its input through. This module computes ``activation(bn(conv(x)))`` with
+    that BN, in whatever mode the BN is in at call time: batch statistics (the fused
+    BN+ReLU kernel for ReLU) in training, the folded convolution in eval. A residual
+    tail's conv also takes the identity: ``conv(x, identity)`` is
+    ``residual_activation(bn(conv(x)) + identity)`` (one argument: ``bn(conv(x))``, which
+    the block's own code then adds and activates).
+
+    The BN is also this module's child ``bn`` (``print`` shows it inside the conv), so that
+    what the conv uses at call time is reached through its own ``_modules``: a copy that
+    rebinds children (``nn.DataParallel``'s replicas, ``copy.deepcopy``) gets its own BN.
+    Its home is its parent: ``named_modules``/``named_children`` (and through them
+    ``parameters``, ``buffers``, ``modules``, ``apply``, ``to``, ``train``) and the state
+    dict leave it out here, so names and keys are the model's (``layer1.0.bn1.weight``,
+    never ``layer1.0.conv1.bn.weight``).
     The fold cache behaves as :class:`Stage`'s (``cache_fold``, :meth:`clear_cache`), and so
     does ``last_path``.
     ``activation`` and ``residual_activation`` are checked on assignment as Stage's.
@@ -288,24 +298,70 @@ class FusedConv2d(nn.Conv2d):
                              "one input")
         else:
             activation = self.residual_activation
-        return _recorded(self, stage_forward(self, self.fused_bn, input, self.memory_efficient,
+        return _recorded(self, stage_forward(self, self.bn, input, self.memory_efficient,
                                              self._fold if self.cache_fold else None, activation,
                                              residual))
 
     @classmethod
-    def convert(cls, conv: nn.Conv2d, bn: "FusedBatchNorm2d", activation: Optional[str],
+    def convert(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str],
                 residual_activation: Optional[str] = None) -> "FusedConv2d":
-        """Make ``conv`` (in place) compute ``activation(bn(conv(x)))``, and with
-        ``residual_activation`` (an activation name or ``"none"``) also take a residual."""
-        conv.padding = _explicit_padding(conv.padding, conv.kernel_size, conv.dilation)
-        conv.__class__ = cls
-        object.__setattr__(conv, "fused_bn", bn)  # a reference, not a child: no new state-dict keys
-        conv.activation = activation
-        conv.residual_activation = residual_activation
-        conv.memory_efficient = True
-        conv.cache_fold = True
-        conv._fold = FoldCache()
-        return conv
+        """A new FusedConv2d computing ``activation(bn(conv(x)))`` with ``conv``'s own
+        parameters and ``bn`` (its child ``bn``), and with ``residual_activation`` (an
+        activation name or ``"none"``) also taking a residual. ``conv`` is not changed: the
+        caller registers the result in its place (and ``bn``, a pass-through, in the BN's)."""
+        fused = rebuilt_as(conv, cls)
+        fused.padding = _explicit_padding(conv.padding, conv.kernel_size, conv.dilation)
+        fused._modules["bn"] = bn
+        fused.activation = activation
+        fused.residual_activation = residual_activation
+        fused.memory_efficient = True
+        fused.cache_fold = True
+        fused._fold = FoldCache()
+        return fused
+
+    # The BN is named, counted, moved and saved by its parent, not by the conv (see above).
+    def named_children(self):
+        return ((name, m) for name, m in super().named_children() if name != "bn")
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        if memo is None:
+            memo = set()
+        if self in memo:
+            return
+        if remove_duplicate:
+            memo.add(self)
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(memo, prefix + ("." if prefix else "") + name,
+                                           remove_duplicate)
+
+    def state_dict(self, *args, **kwargs):
+        out = super().state_dict(*args, **kwargs)
+        prefix = args[1] if len(args) > 1 else kwargs.get("prefix", "")  # (positional: deprecated)
+        for key in [k for k in out if k.startswith(prefix + "bn.")]:
+            del out[key]
+        getattr(out, "_metadata", {}).pop(prefix + "bn", None)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # load_state_dict also visits the child BN here: give it its own current tensors (a
+        # no-op copy), so that it reports no missing keys; its parent loads the real ones.
+        bn = self._modules.get("bn")
+        if bn is not None:
+            for key, value in bn.state_dict(keep_vars=True).items():
+                state_dict.setdefault(prefix + "bn." + key, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        replica._fold = FoldCache()  # (its own tensors, its own thread: its own fold)
+        return replica
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        old = self.__dict__.pop("fused_bn", None)  # (pickled when the BN was a plain attribute)
+        if old is not None:
+            self._modules.setdefault("bn", old)
 
     @property
     def relu_fused(self) -> bool:

@@ -1,10 +1,27 @@
 """The modules whose work the FusedConv2d before them does, after ``fuse_stages``: the BN
 and the activation stay in the model (their type's attributes, parameters, buffers and
-state-dict keys) and pass their input through."""
+state-dict keys) and pass their input through; and :func:`rebuilt_as`, which makes these
+(and the fused conv) from the model's own modules."""
 import torch
 from torch import nn
 
-__all__ = ["FusedBatchNorm2d", "FusedReLU", "FusedReLU6", "FusedSiLU", "FusedHardswish"]
+__all__ = ["FusedBatchNorm2d", "FusedReLU", "FusedReLU6", "FusedSiLU", "FusedHardswish",
+           "rebuilt_as"]
+
+
+def rebuilt_as(module: nn.Module, cls: type) -> nn.Module:
+    """A new ``cls`` module holding ``module``'s state: the very same parameter, buffer and
+    child objects under the same names, the same hooks and attributes. Its parameter, buffer
+    and child dicts are its own (replacing an entry in one module leaves the other as it
+    was); ``module`` itself is not changed. What ``fuse_stages`` registers in place of a
+    module, so an optimizer built before fusing still trains the fused model."""
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        state[key] = dict(state[key])
+    state["_non_persistent_buffers_set"] = set(state.get("_non_persistent_buffers_set", ()))
+    new.__dict__.update(state)
+    return new
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):

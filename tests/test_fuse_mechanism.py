@@ -1,0 +1,113 @@
+"""How fuse_stages changes a model: new modules registered in the parents in place of the
+fused ones, sharing their tensors (no module changes class), residual blocks replaced by a
+FusedBlock that holds the block's own state, and the module tree showing what computes."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import neptune_ext
+from neptune_app.bench.stage import randomize_bn
+from neptune_ext.nn.fuse_block import FusedBlock
+from neptune_ext.nn.stage import FusedBatchNorm2d, FusedConv2d, FusedReLU
+
+torchvision = pytest.importorskip("torchvision")
+
+BasicBlock = torchvision.models.resnet.BasicBlock
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return randomize_bn(torchvision.models.resnet18(num_classes=10)).double()
+
+
+def test_fused_modules_are_new_modules_sharing_the_originals_tensors():
+    model = _resnet().eval()
+    before = {name: type(m) for name, m in model.named_modules()}
+    block, conv, bn = model.layer1[0], model.layer1[0].conv1, model.layer1[0].bn1
+    tensors = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    fused = neptune_ext.fuse_stages(model, inplace=True)
+    assert fused is model
+    # The modules taken out keep their class (references held before fusing stay usable).
+    assert type(block) is BasicBlock and type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
+    new_block = fused.layer1[0]
+    assert isinstance(new_block, FusedBlock) and new_block.block_class is BasicBlock
+    assert new_block.stride == block.stride  # plain attributes carried over
+    assert type(new_block.conv1) is FusedConv2d and new_block.conv1.weight is conv.weight
+    assert type(new_block.bn1) is FusedBatchNorm2d and new_block.bn1.running_var is bn.running_var
+    assert type(new_block.relu) is FusedReLU
+    # Same names in the same order, the very same tensors.
+    now = list(fused.named_parameters()) + list(fused.named_buffers())
+    assert [n for n, _ in now] == list(tensors) and all(t is tensors[n] for n, t in now)
+    assert [n for n, _ in fused.named_modules()] == list(before)
+    # print shows what computes; the conv shows the BN it computes with.
+    text = repr(fused.layer1)
+    assert "BasicBlockFused(" in text and "FusedConv2d(" in text and "(bn): FusedBatchNorm2d" in text
+    assert "bn." not in "".join(fused.state_dict())  # (never layer1.0.conv1.bn.weight)
+    assert "conv2_1 = self.conv2(relu, x)" in new_block.fused_code.source
+
+
+def test_an_optimizer_built_before_fusing_trains_the_fused_model():
+    model = _resnet().train()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    neptune_ext.fuse_stages(model, inplace=True)
+    fused_later = neptune_ext.fuse_stages(reference)
+    opt_later = torch.optim.SGD(fused_later.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(2):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        for m, o in ((model, opt), (fused_later, opt_later)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), fused_later.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_hooks_on_a_replaced_block_stay_and_their_handles_still_remove_them():
+    model = _resnet().eval()
+    calls = []
+    handle = model.layer1[0].register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    fused = neptune_ext.fuse_stages(model, inplace=True)
+    calls.clear()  # (the trace called it too)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        fused(x)
+        assert len(calls) == 1
+        handle.remove()
+        fused(x)
+    assert len(calls) == 1
+
+
+class HeldInAList(nn.Module):
+    """A conv called through a plain list: replacing it in its parent would leave the list
+    calling the unfused conv, ahead of a pass-through BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU()
+        self.head, self.head_bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.route = [self.conv]
+
+    def forward(self, x):
+        return self.head_bn(self.head(self.act(self.bn(self.route[0](x)))))
+
+
+def test_a_module_also_held_outside_the_module_tree_is_left_unfused():
+    torch.manual_seed(0)
+    model = randomize_bn(HeldInAList()).double().eval()
+    fused = neptune_ext.fuse_stages(model)
+    assert fused.fusion_report == ["head+head_bn -> Conv+BN"]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_a_standalone_fused_conv_keeps_its_bn_out_of_its_names_and_state_dict():
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    fused = FusedConv2d.convert(conv, bn, activation="relu")
+    assert type(conv) is nn.Conv2d and fused.weight is conv.weight and fused.bn is bn
+    assert [n for n, _ in fused.named_modules()] == [""] and list(fused.children()) == []
+    assert set(fused.state_dict()) == {"weight", "bias"}
+    fused.load_state_dict(conv.state_dict())  # strict: nothing missing for the BN
