@@ -71,7 +71,29 @@ def _set_attribute(module: nn.Module, name: str, value) -> None:
         nn.Module.__setattr__(module, name, value)
 
 
-class Stage(nn.Module):
+class _DerivedCache:
+    """A module holding tensors derived from its parameters (the folded conv+BN, oneDNN-packed
+    weights) in the attribute ``_cache_name``: emptied when the parameters move or change
+    type (``_apply``: ``.to()``, ``.half()``, ...; the old tensors are not kept alive) and
+    never copied or pickled (a copy starts with a fresh, empty one: packed tensors do not
+    copy or pickle)."""
+    _cache_name, _cache_type = "_fold", FoldCache
+
+    def clear_cache(self) -> None:
+        """Forget the derived tensors (the eval-mode fold: see ``cache_fold``)."""
+        getattr(self, self._cache_name).clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state[self._cache_name] = self._cache_type()
+        return state
+
+
+class Stage(_DerivedCache, nn.Module):
     """``nn.Sequential(nn.Conv2d(..., bias=False), nn.BatchNorm2d(...), nn.ReLU())``, fused.
 
     ``activation`` picks the last module: ``"relu"`` (default), ``"relu6"``, ``"silu"``,
@@ -203,26 +225,12 @@ class Stage(nn.Module):
         return _recorded(self, stage_forward(self.conv, self.bn, input, self.memory_efficient,
                                              cache, self.activation, residual))
 
-    def clear_cache(self) -> None:
-        """Forget the eval-mode fold (see ``cache_fold``)."""
-        self._fold.clear()
-
-    def _apply(self, fn, *args, **kwargs):
-        self._fold.clear()  # do not keep the old tensors alive
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state = dict(state)
-        state["_fold"] = FoldCache()  # oneDNN-packed tensors do not copy or pickle
-        return state
-
     def extra_repr(self) -> str:
         parts = [] if self.activation == "relu" else [f"activation={self.activation!r}"]
         return ", ".join(parts + ([] if self.memory_efficient else ["memory_efficient=False"]))
 
 
-class FoldedConv2d(nn.Conv2d):
+class FoldedConv2d(_DerivedCache, nn.Conv2d):
     """An ``nn.Conv2d`` with bias that holds a folded Conv2d -> BatchNorm2d (for
     inference-only models whose BN was folded once and for all).
 
@@ -231,6 +239,7 @@ class FoldedConv2d(nn.Conv2d):
     once (repacked when the weight or the input shape changes) instead of
     reordering the weight on every call.
     """
+    _cache_name, _cache_type = "_pack", PackCache
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -242,17 +251,8 @@ class FoldedConv2d(nn.Conv2d):
         return conv_bias(input, self.weight, self.bias, self.stride, self.padding,
                              self.dilation, self.groups, cache=self._pack)
 
-    def _apply(self, fn, *args, **kwargs):
-        self._pack.clear()
-        return super()._apply(fn, *args, **kwargs)
 
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state["_pack"] = PackCache()
-        return state
-
-
-class FusedConv2d(nn.Conv2d):
+class FusedConv2d(_DerivedCache, nn.Conv2d):
     """A Conv2d of a model that :func:`neptune_ext.fuse_stages` fused with the
     BatchNorm2d after it (and the activation after that, ``activation``; or, for the
     tail of a residual block, the add and the activation after it).
@@ -368,17 +368,6 @@ class FusedConv2d(nn.Conv2d):
         """Whether a one-input call ends with a ReLU (a Conv->BN->ReLU Stage)."""
         return self.activation == "relu"
 
-    def clear_cache(self) -> None:
-        self._fold.clear()
-
-    def _apply(self, fn, *args, **kwargs):
-        self._fold.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state["_fold"] = FoldCache()
-        return state
 
     def extra_repr(self) -> str:
         tail = " + BN" if self.activation == "none" else f" + BN + {self.activation}"
