@@ -33,3 +33,11 @@ def promote(*tensors):
         if t is not None and t.dtype != dtype:  # (promote_types is a dispatched call)
             dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, vjp, jacrev, ...) is running."""
+    try:
+        return torch._C._are_functorch_transforms_active()
+    except AttributeError:
+        return False

@@ -11,7 +11,10 @@ A kernel runs when the compiled extension is loaded (else one warning, and the r
 it; it is read at every call), the build covers the device (``cpu``/``cuda``) and the loaded
 library registers that op for it. The registrations are asked of the dispatcher once, at
 import: a dispatcher query inside a traced forward breaks ``torch.compile(fullgraph=True)``.
-Every op family asks here; nothing else decides.
+Every op family asks here; nothing else decides. The setting is the process's (an
+environment variable: every thread sees it), and code that ``torch.compile`` has already
+compiled keeps the path it was compiled with (call ``torch.compiler.reset()`` after changing
+it).
 """
 import os
 from contextlib import contextmanager
@@ -48,18 +51,28 @@ def registered(op: str, device_type: str) -> bool:
     return _REGISTERED.get((op, device_type), False)
 
 
-def runs_kernel(op: str, device_type: str) -> bool:
-    """True when ``neptune::<op>``'s compiled kernel runs for tensors on ``device_type``."""
+def runs_kernel(op: str, device_type) -> bool:
+    """True when ``neptune::<op>``'s compiled kernel runs for tensors on ``device_type``
+    (``"cpu"``, ``"cuda"`` or a ``torch.device``); ``op`` is one of the op families'."""
     if _REGISTERED.get((op, device_type), False):  # (the hot path: one lookup, one env read)
         return not forced_reference()
+    if isinstance(device_type, torch.device):
+        return runs_kernel(op, device_type.type)
+    if op not in _FAMILY_OPS:
+        raise ValueError(f"op: {op!r} is not one whose registration decides a path; "
+                         f"expected one of {list(_FAMILY_OPS)}")
     if not forced_reference():
         _ext.warn_if_missing()
     return False
 
 
-def kernels_run(device_type: str) -> bool:
-    """Whether the compiled kernels run for tensors on ``device_type`` (the graph builder's
-    registration stands for the build's coverage of that device)."""
+def kernels_run(device_type) -> bool:
+    """Whether the compiled kernels run for tensors on ``device_type`` (``"cpu"``,
+    ``"cuda"`` or a ``torch.device``) in this process: the build covers it, the device is
+    there (CUDA) and the references are not forced."""
+    device_type = torch.device(device_type).type
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
     return runs_kernel("build_csr", device_type)
 
 
@@ -75,16 +88,15 @@ def cutlass_built() -> bool:
 
 @contextmanager
 def force_reference(on: bool = True):
-    """Run the pure-PyTorch reference for every neptune op inside the block
-    (the eager-layers baseline); restores the previous setting."""
+    """Run the pure-PyTorch reference for every neptune op inside the block (the
+    eager-layers baseline); ``on=False``: the kernels, even where the references are forced
+    outside. Restores the previous setting on the way out, exceptions included."""
     old = os.environ.get("NEPTUNE_FORCE_REFERENCE")
-    if on:
-        os.environ["NEPTUNE_FORCE_REFERENCE"] = "1"
+    os.environ["NEPTUNE_FORCE_REFERENCE"] = "1" if on else "0"
     try:
         yield
     finally:
-        if on:
-            if old is None:
-                os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
-            else:
-                os.environ["NEPTUNE_FORCE_REFERENCE"] = old
+        if old is None:
+            os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
+        else:
+            os.environ["NEPTUNE_FORCE_REFERENCE"] = old

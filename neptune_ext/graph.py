@@ -275,6 +275,8 @@ def _complete_size(ei: torch.Tensor, size: Tuple[Optional[int], Optional[int]]) 
         return num_src, num_dst
     if _is_compiling():
         raise ValueError("under torch.compile, pass size=(num_src, num_dst) to Graph.from_edge_index")
+    if ei.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (no max() for these)
+        ei = ei.to(torch.int64)
     inferred = int(ei.max()) + 1 if ei.shape[1] > 0 else 0
     if inferred > _INT32_MAX:
         raise ValueError(f"edge_index contains node id {inferred - 1}: with size=None the number of "

@@ -45,3 +45,24 @@ def test_forced_reference_builds_graphs_without_the_extension(monkeypatch):
     assert torch.equal(g.rowptr, want.rowptr) and torch.equal(g.col, want.col)
     h, s = torch.randn(9, 2, 3, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
     torch.testing.assert_close(ops.sparse_graph_attention(h, s, s, g), ops.sparse_graph_attention(h, s, s, want))
+
+
+def test_the_public_rule_takes_devices_names_ops_and_nests():
+    if not _backend.registered("gat_forward", "cpu"):
+        pytest.skip("extension not built")
+    assert _backend.runs_kernel("gat_forward", torch.device("cpu"))
+    assert _backend.kernels_run(torch.device("cpu")) and _backend.kernels_run("cpu")
+    assert _backend.kernels_run("cuda") == (torch.cuda.is_available()
+                                            and "cuda" in _backend.compiled_backends())
+    with pytest.raises(ValueError, match="op"):
+        _backend.runs_kernel("no_such_op", "cpu")
+    with _backend.force_reference():
+        assert not _backend.kernels_run("cpu")
+        with _backend.force_reference(False):
+            assert _backend.kernels_run("cpu")
+        assert not _backend.kernels_run("cpu")
+        with pytest.raises(KeyError):
+            with _backend.force_reference(False):
+                raise KeyError("inside")
+        assert not _backend.kernels_run("cpu")
+    assert _backend.kernels_run("cpu")

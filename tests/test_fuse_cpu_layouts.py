@@ -203,3 +203,36 @@ def test_eval_replay_follows_mode_layout_and_shape_changes():
     out = fused(xg)[1]
     assert out.requires_grad
     torch.testing.assert_close(out, model(x)[1], rtol=1e-5, atol=1e-5)
+
+
+class NormalizesInPlaceThenFlattens(FlattensWithView):
+    def forward(self, x):
+        x.sub_(0.5)  # into the caller's tensor, before the code that needs NCHW
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_the_nchw_rerun_undoes_writes_into_the_callers_input(inference):
+    torch.manual_seed(0)
+    model = randomize_bn(NormalizesInPlaceThenFlattens()).eval()
+    fused = neptune_ext.fuse_stages(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.inference_mode() if inference else torch.no_grad():
+        x_model, x_fused = x.clone(), x.clone()  # (inference tensors when inference)
+        expected = model(x_model)
+        torch.testing.assert_close(fused(x_fused), expected, rtol=1e-5, atol=1e-5)
+    assert "caller" in fused.fusion_layout
+    torch.testing.assert_close(x_fused, x_model)  # written once, as the unfused model does
+
+
+def test_vmap_over_stacked_parameters_of_a_fused_model():
+    from torch.func import functional_call, stack_module_state, vmap
+    torch.manual_seed(0)
+    models = [neptune_ext.fuse_stages(randomize_bn(FlattensWithView()).eval()) for _ in range(2)]
+    params, buffers = stack_module_state(models)
+    x = torch.randn(2, 3, 6, 6)
+    out = vmap(lambda p, b, xx: functional_call(models[0], (p, b), (xx,)), in_dims=(0, 0, None))(
+        params, buffers, x)
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            torch.testing.assert_close(out[k], m(x), rtol=1e-5, atol=1e-5)

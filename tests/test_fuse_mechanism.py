@@ -111,3 +111,67 @@ def test_a_standalone_fused_conv_keeps_its_bn_out_of_its_names_and_state_dict():
     assert [n for n, _ in fused.named_modules()] == [""] and list(fused.children()) == []
     assert set(fused.state_dict()) == {"weight", "bias"}
     fused.load_state_dict(conv.state_dict())  # strict: nothing missing for the BN
+
+
+class _VersionedBlock(nn.Module):
+    """A residual block with what a class gives its instances: a class attribute, a method
+    using super(), a property, a state-dict version and a loader converting old keys."""
+    _version = 2  # version 1 checkpoints called the conv "c"
+    expansion = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+    def scaled(self, x, s):
+        return super().__call__(x) * s
+
+    @property
+    def width(self):
+        return self.conv.out_channels
+
+    def _load_from_state_dict(self, sd, prefix, metadata, *args):
+        if metadata.get("version", 1) < 2 and prefix + "c.weight" in sd:
+            sd[prefix + "conv.weight"] = sd.pop(prefix + "c.weight")
+        super()._load_from_state_dict(sd, prefix, metadata, *args)
+
+
+def test_a_fused_block_keeps_what_its_class_gives():
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(_VersionedBlock(), _VersionedBlock())).double().eval()
+    fused = neptune_ext.fuse_stages(model)
+    assert len(fused.fusion_report) == 2
+    block = fused[0]
+    assert isinstance(block, FusedBlock) and isinstance(block, _VersionedBlock)
+    assert type(block).__name__ == "_VersionedBlockFused" and block.block_class is _VersionedBlock
+    assert block.expansion == 3 and block.width == 4
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block.scaled(x, 2.0), model[0].scaled(x, 2.0))
+        torch.testing.assert_close(fused(x), model(x))
+    # the state dict's version, and the class's own loader for old checkpoints
+    assert fused.state_dict()._metadata["0"]["version"] == 2
+    old = type(model.state_dict())((("0.c.weight" if k == "0.conv.weight" else k), v)
+                                   for k, v in model.state_dict().items())
+    old._metadata = {"0": {"version": 1}}
+    fresh = neptune_ext.fuse_stages(nn.Sequential(_VersionedBlock(), _VersionedBlock()).double().eval())
+    fresh.load_state_dict(old)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+    # copies and pickles rebuild the generated class from the block's
+    for other in (copy.deepcopy(fused), torch.load(_saved(fused), weights_only=False)):
+        assert type(other[0]) is type(block)
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), model(x))
+
+
+def _saved(model):
+    import io
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return buf

@@ -259,3 +259,11 @@ def test_graph_index_tensors_cannot_be_swapped():
 def test_size_accepts_integer_likes(size):
     g = Graph.from_edge_index(torch.tensor([[0, 1], [1, 2]]), size)
     assert (g.num_src, g.num_dst) == (3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16])
+def test_unsigned_and_narrow_edge_index_infer_their_size(dtype):
+    ei = torch.tensor([[0, 1, 4], [1, 2, 0]])
+    g = Graph.from_edge_index(ei.to(dtype))
+    assert (g.num_src, g.num_dst) == (5, 5)
+    torch.testing.assert_close(g.edge_index.to(torch.int64), Graph.from_edge_index(ei).edge_index.to(torch.int64))

@@ -35,7 +35,8 @@ see the identity from inside. For a module whose forward contains ``act(bn(conv(
 identity)`` (ResNet's BasicBlock and Bottleneck, RegNet's blocks), its traced graph with the
 three nodes replaced by ``conv(x, identity)`` is what a
 :class:`~neptune_ext.nn.fuse_block.FusedBlock` runs (``FusedCode``: the graph compiled to
-Python, holding no module); the FusedBlock takes the block's place in its parent and holds
+Python, holding no module); the FusedBlock, of a generated subclass of the block's class that
+changes only ``forward``, takes the block's place in its parent and holds
 the block's children, parameters, buffers, hooks and attributes, the same objects under the
 same names. ``print(model)`` names it ``BasicBlockFused``; ``block.fused_code.source`` is its
 code. (The conv called with one input still returns ``bn(conv(x))``, as the block's
@@ -50,16 +51,25 @@ call that fails on channels_last tensors is run again in NCHW, which forward hoo
 do. The root also gets ``_replicate_for_data_parallel``, so that each ``nn.DataParallel``
 replica gets a CallerLayout of its own.
 
-What this costs: a replaced block is no longer an instance of its class
-(``isinstance(block, BasicBlock)`` is False; ``block.block_class`` is the class), its
-class's other methods and properties are not there (its plain attributes are), and its
-forward's signature is ``(*args, **kwargs)``. References to modules held from before
+What this costs: a replaced block's forward is not its class's (its signature is
+``(*args, **kwargs)``; ``isinstance``, the class's other methods, class attributes and
+properties hold: ``block.block_class`` is the class). References to modules held from before
 fusing with ``inplace=True`` point at the modules taken out: they share the model's tensors
 but are no longer part of it (a conv, BN or activation taken out computes its unfused
 result). For that reason a module that the model also holds in a plain attribute, or in a
 list, tuple, set or dict one, counts as used twice and is left unfused. Copies
 (``copy.deepcopy``), pickling, ``.to()``/``.half()``, ``load_state_dict``, DDP,
 ``nn.DataParallel`` and ``torch.compile`` see the fused modules.
+
+Not supported on a fused model: ``torch.jit.trace``/``script``, ``torch.fx.symbolic_trace``
+and ``torch.export`` (the root's forward is a ``CallerLayout`` object; use ``torch.compile``,
+or export the unfused model). Replacing BN modules after fusing
+(``nn.SyncBatchNorm.convert_sync_batchnorm``, a swap to ``FrozenBatchNorm2d``) replaces only
+the pass-through while the fused conv keeps computing with the BN it was fused with, so
+the BN would apply twice: convert before ``fuse_stages``. When the model's code fails on
+channels_last tensors (the CPU's NCHW -> channels_last conversion, see ``fuse_stages``),
+that first call runs again in NCHW: writes into its tensor inputs are undone first, but
+its other side effects (hooks, attributes it appends to) happen twice on that one call.
 
 What must stay as it was (``fuse_checks.py``; a block that fails a check stays unfused
 and is listed in ``fusion_skipped`` with the reason):

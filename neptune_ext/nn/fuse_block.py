@@ -1,7 +1,7 @@
 """What a module whose forward holds residual tails runs after ``fuse_stages``: its traced
 graph with each ``act(bn(conv(x)) + identity)`` replaced by ``conv(x, identity)``
-(:class:`FusedCode`), in a module that takes the block's place in its parent
-(:class:`FusedBlock`); the model's root keeps its class and runs the code from its
+(:class:`FusedCode`), in a module of a subclass of the block's class that takes the block's
+place in its parent (:class:`FusedBlock`); the model's root keeps its class and runs the code from its
 ``forward`` (``fuse_layout.CallerLayout``)."""
 import hashlib
 import linecache
@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from .stage_passthrough import rebuilt_as
 
-__all__ = ["FusedCode", "FusedBlock"]
+__all__ = ["FusedCode", "FusedBlock", "fused_class"]
 
 
 class FusedCode:
@@ -46,26 +46,56 @@ class FusedCode:
 
 
 class FusedBlock(nn.Module):
-    """A module with residual tails, fused: it takes the block's place in its parent and
-    holds what the block held, the same objects under the same names (children, parameters,
-    buffers, hooks, attributes: ``block.stride`` still reads), so state-dict keys, parameter
-    names and an optimizer built before fusing stay valid. Its forward is ``fused_code``
+    """A module with residual tails, fused: a new object that takes the block's place in its
+    parent, of a subclass of the block's own class (``fused_class(BasicBlock)``, printed
+    ``BasicBlockFused``) whose only change is ``forward``: it runs ``fused_code``
     (:class:`FusedCode`: ``print(block.fused_code.source)`` shows it), which calls the
-    block's own children; ``block_class`` is the class it was (``print`` names it
-    ``<class>Fused``). What that costs: ``isinstance(block, BasicBlock)`` is False, and the
-    class's methods other than ``forward`` (and its properties) are not there."""
+    block's own children. It holds what the block held, the same objects under the same
+    names (children, parameters, buffers, hooks, attributes), so state-dict keys, parameter
+    names and an optimizer built before fusing stay valid, and everything the class gives
+    still answers: ``isinstance(block, BasicBlock)``, its methods (``super()`` included),
+    class attributes (``block.expansion``), properties, its state-dict ``_version`` and
+    loading hooks. ``block_class`` is the block's class. What it costs: the class's
+    ``forward`` is not what runs (a subclass overriding it again, or code calling
+    ``BasicBlock.forward(block, x)``, gets the unfused computation, which stays correct: the
+    conv called with one input computes ``bn(conv(x))``)."""
 
     @classmethod
     def of(cls, block: nn.Module, code: FusedCode) -> "FusedBlock":
-        """The FusedBlock that runs ``code`` with ``block``'s state (``block`` is not changed:
+        """The fused block that runs ``code`` with ``block``'s state (``block`` is not changed:
         the caller registers the result in its place)."""
-        fused = rebuilt_as(block, cls)
-        fused.block_class = type(block)
+        fused = rebuilt_as(block, fused_class(type(block)))
         fused.fused_code = code
         return fused
+
+    @property
+    def block_class(self) -> type:
+        return type(self).__mro__[2]  # (the generated class, FusedBlock, the block's class)
 
     def forward(self, *args, **kwargs):
         return self.fused_code(self, *args, **kwargs)
 
-    def _get_name(self) -> str:
-        return self.block_class.__name__ + "Fused"
+    def __reduce_ex__(self, protocol):
+        # The generated class is not importable by name: pickles and copies rebuild it
+        # from the block's class (which is, as for the unfused model).
+        return _rebuild, (self.block_class, self.__getstate__())
+
+
+_FUSED_CLASSES = {}
+
+
+def fused_class(block_class: type) -> type:
+    """``block_class``'s fused subclass (one per class): FusedBlock's forward, the rest the
+    block's class."""
+    cls = _FUSED_CLASSES.get(block_class)
+    if cls is None:
+        cls = type(block_class.__name__ + "Fused", (FusedBlock, block_class),
+                   {"__module__": __name__, "__doc__": FusedBlock.__doc__})
+        _FUSED_CLASSES[block_class] = cls
+    return cls
+
+
+def _rebuild(block_class: type, state: dict) -> FusedBlock:
+    fused = fused_class(block_class).__new__(fused_class(block_class))
+    fused.__setstate__(state)
+    return fused

@@ -16,8 +16,9 @@ on a feature map) raises a RuntimeError: the call is then run again in the calle
 and this model stays in it from then on (``model.fusion_layout`` says which).
 """
 import torch
+from torch.utils._pytree import tree_leaves
 
-from .._util import is_compiling
+from .._util import functorch_active as _under_functorch, is_compiling
 from ..ops.stage_eval import LAYOUT as _STATE
 
 __all__ = ["CallerLayout", "install"]
@@ -49,6 +50,12 @@ def _restore(out):
     return out
 
 
+def _version(t: torch.Tensor):
+    """``t``'s version counter (bumped by every in-place write), or None for an inference
+    tensor, which has none."""
+    return None if t.is_inference() else t._version
+
+
 class CallerLayout:
     """The ``forward`` of a fused model's root (an instance attribute): runs the model's
     forward with the NCHW -> channels_last conversion allowed, and restores the caller's
@@ -66,6 +73,7 @@ class CallerLayout:
     CallerLayout of its own."""
 
     code = None  # (objects pickled before it existed)
+    proven = False  # a call has run in channels_last (from then on no input is copied)
 
     def __init__(self, module, inner=None, code=None):
         self.module = module
@@ -81,8 +89,14 @@ class CallerLayout:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        if not self.enabled or _STATE.active or is_compiling():
+        if not self.enabled or _STATE.active or is_compiling() or _under_functorch():
             return self._forward(*args, **kwargs)
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        versions = [_version(t) for t in inputs]
+        # Until a call has run in channels_last, the inputs are kept: if the model's code
+        # fails on channels_last tensors after writing into one, the write is undone before
+        # the call runs again in NCHW.
+        kept = None if self.proven else [t.detach().clone() for t in inputs]
         _STATE.active, _STATE.converted = True, False
         try:
             out = self._forward(*args, **kwargs)
@@ -94,12 +108,24 @@ class CallerLayout:
         finally:
             _STATE.active, _STATE.converted = False, False
         if converted is None:
+            # (an inference tensor has no version counter: counted as written)
+            written = [i for i, t in enumerate(inputs) if versions[i] is None or _version(t) != versions[i]]
+            if written and kept is None:
+                raise RuntimeError(
+                    "fuse_stages: this model's code failed on channels_last tensors after "
+                    "writing into its input in place, so the call cannot be run again in NCHW; "
+                    "set model.forward.enabled = False to keep the caller's layout")
+            with torch.no_grad():
+                for i in written:
+                    inputs[i].copy_(kept[i])
             # Run again as the caller gave it; if that fails too, the error is the caller's
             # own (and this model keeps converting).
             out = self._forward(*args, **kwargs)
             self.enabled = False  # (the model's own code cannot take channels_last tensors)
             self.module.__dict__["fusion_layout"] = "the caller's (its code needs NCHW tensors)"
             return out
+        if converted:
+            self.proven = True
         return _restore(out) if converted else out
 
     def replicate(self):

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .. import _ext, backend as _backend
-from .._util import acc_dtype, check as _check, is_compiling as _is_compiling, promote
+from .._util import acc_dtype, check as _check, functorch_active, is_compiling as _is_compiling, promote
 from ..graph import Graph
 
 
@@ -150,13 +150,6 @@ def differentiable_grads(reference, inputs, positions, grad_out, num_outputs: in
     return tuple(result)
 
 
-def _functorch_active() -> bool:
-    try:
-        return torch._C._are_functorch_transforms_active()
-    except AttributeError:
-        return False
-
-
 def _forward_ad_active() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
@@ -167,7 +160,7 @@ def kernel_allowed() -> bool:
     batching rule and their autograd is C++, which functorch does not run and which has no
     forward-mode formula, so there the attention ops compute through their pure-PyTorch
     references (exact, E x H x C memory), which every transform handles."""
-    return _is_compiling() or not (_functorch_active() or _forward_ad_active())
+    return _is_compiling() or not (functorch_active() or _forward_ad_active())
 
 
 # The warp-per-row CUDA kernels (GATv2, graph transformer) hold a row's H * C features in one
