@@ -175,3 +175,20 @@ def _saved(model):
     torch.save(model, buf)
     buf.seek(0)
     return buf
+
+
+def test_chains_left_unfused_for_sharing_are_reported():
+    class HeldTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.c2, self.b2 = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+            self.taps = [self.c2]  # a plain-list reference: the conv is held twice
+
+        def forward(self, x):
+            return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+
+    fused = neptune_ext.fuse_stages(HeldTwice().eval())
+    assert fused.fusion_report == ["c1+b1+relu -> Stage"]
+    assert any(line.startswith("c2+b2 -> unfused:") and "more than one place" in line
+               for line in fused.fusion_skipped), fused.fusion_skipped
