@@ -192,3 +192,22 @@ def test_chains_left_unfused_for_sharing_are_reported():
     assert fused.fusion_report == ["c1+b1+relu -> Stage"]
     assert any(line.startswith("c2+b2 -> unfused:") and "more than one place" in line
                for line in fused.fusion_skipped), fused.fusion_skipped
+
+
+def test_a_residual_that_broadcasts_the_output_up_computes_as_the_model_does():
+    class Grows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):  # x [1, C, H, W]; the identity [3, C, H, W]
+            return torch.relu(self.bn(self.conv(x)) + x.expand(3, -1, -1, -1))
+
+    torch.manual_seed(0)
+    model = randomize_bn(Grows()).double()
+    fused = neptune_ext.fuse_stages(model)
+    assert fused.fusion_report == ["conv+bn+add+relu -> Stage+residual"]
+    for mode in (False, True):
+        model.train(mode), fused.train(mode)
+        x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(fused(x), model(x))

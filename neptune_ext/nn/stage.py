@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..ops.fold_cache import FoldCache, PackCache
-from ..ops.stage_activations import check_activation
+from ..ops.stage_activations import apply_activation, check_activation
+from ..ops.stage_checks import conv_output_shape
 from ..ops.stage_eval import conv_bias
 from .stage_dispatch import stage_forward
 # (the pass-through modules' first home: fused models pickled then name them from here)
@@ -69,6 +70,17 @@ def _set_attribute(module: nn.Module, name: str, value) -> None:
         getattr(type(module), name).__set__(module, value)
     else:
         nn.Module.__setattr__(module, name, value)
+
+
+def _grows_output(residual: torch.Tensor, input: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether ``output + residual`` has more values than the conv's output (broadcasting)."""
+    shape = conv_output_shape(input, conv.weight, conv.stride, conv.padding, conv.dilation)
+    if list(residual.shape) == shape:
+        return False  # (the common case)
+    try:
+        return list(torch.broadcast_shapes(tuple(residual.shape), tuple(shape))) != list(shape)
+    except RuntimeError:
+        return False  # (no broadcast at all: the dispatch's shape check says so)
 
 
 class _DerivedCache:
@@ -298,6 +310,11 @@ class FusedConv2d(_DerivedCache, nn.Conv2d):
                              "one input")
         else:
             activation = self.residual_activation
+            if _grows_output(residual, input, self):
+                # The model's own add broadcasts the output up to the residual's shape (a
+                # Stage refuses that): the conv and BN fused, the add and activation eager.
+                out = self.forward(input) + residual
+                return apply_activation(out, activation, inplace=False)
         return _recorded(self, stage_forward(self, self.bn, input, self.memory_efficient,
                                              self._fold if self.cache_fold else None, activation,
                                              residual))
