@@ -236,3 +236,35 @@ def test_vmap_over_stacked_parameters_of_a_fused_model():
     with torch.no_grad():
         for k, m in enumerate(models):
             torch.testing.assert_close(out[k], m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_layout_guard_copies_inputs_only_until_a_call_has_converted():
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Clones(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    fused = neptune_ext.fuse_stages(randomize_bn(model).eval())
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        with Clones() as first:
+            fused(x)
+        with Clones() as second:
+            fused(x)
+    # the first call keeps its input (one copy) besides converting in and out; later calls
+    # only convert
+    assert "channels_last" in fused.fusion_layout
+    assert first.calls["aten.clone"] == second.calls["aten.clone"] + 1, (first.calls, second.calls)
+    fused.train()
+    with Clones() as training:
+        fused(x)
+    assert training.calls["aten.clone"] == 0, training.calls

@@ -115,7 +115,7 @@ struct Dropout {
 };
 
 // What every CPU backward reads besides its variant's own inputs: dOut, the saved output
-// and log-sum-exp (contiguous), the graph both ways, the dropout and the edge count. The
+// and log-sum-exp (contiguous), the graph both ways (E: csr.E) and the dropout. The
 // entry builds it from its arguments (NEPTUNE_BACKWARD_COMMON); a kernel takes it first and
 // names its parts with NEPTUNE_UNPACK_BACKWARD(b).
 template <typename scalar_t, typename index_t>
@@ -123,7 +123,6 @@ struct BackwardCommon {
   using acc_t = at::opmath_type<scalar_t>;
   CsrView<index_t> csr;
   CscView<index_t> csc;
-  int64_t E;
   Dropout<acc_t> drop;
   const scalar_t* go;
   const scalar_t* out;
@@ -134,7 +133,7 @@ struct BackwardCommon {
                  const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
                  const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
                  double dropout, uint64_t seed)
-      : csr(rowptr, col, eid), csc(colptr, csc_row, csc_perm), E(col.size(0)), drop(dropout, seed),
+      : csr(rowptr, col, eid), csc(colptr, csc_row, csc_perm), drop(dropout, seed),
         go(go_t.data_ptr<scalar_t>()), out(out_t.data_ptr<scalar_t>()),
         lse(lse_t.data_ptr<acc_t>()), scratch(lse_t.options()) {}
 };
@@ -153,7 +152,7 @@ struct BackwardCommon {
   const auto& csr = (b).csr;                                                       \
   const auto& csc = (b).csc;                                                       \
   const auto& drop = (b).drop;                                                     \
-  const int64_t E = (b).E
+  const int64_t E = (b).csr.E
 
 // The data of an optional tensor, or nullptr.
 template <typename T>

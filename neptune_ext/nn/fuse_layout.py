@@ -50,6 +50,12 @@ def _restore(out):
     return out
 
 
+def _convertible(t: torch.Tensor) -> bool:
+    """An input the CPU conversion could take: a CPU NCHW float32/bfloat16 4-D tensor."""
+    return (t.device.type == "cpu" and t.dim() == 4 and t.dtype in (torch.float32, torch.bfloat16)
+            and t.is_contiguous())
+
+
 def _version(t: torch.Tensor):
     """``t``'s version counter (bumped by every in-place write), or None for an inference
     tensor, which has none."""
@@ -93,10 +99,12 @@ class CallerLayout:
             return self._forward(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         versions = [_version(t) for t in inputs]
-        # Until a call has run in channels_last, the inputs are kept: if the model's code
-        # fails on channels_last tensors after writing into one, the write is undone before
-        # the call runs again in NCHW.
-        kept = None if self.proven else [t.detach().clone() for t in inputs]
+        # Until a call has run in channels_last, the inputs that call would convert are
+        # kept: if the model's code fails on channels_last tensors after writing into one,
+        # the write is undone before the call runs again in NCHW. (No copy in training, on
+        # CUDA, or once a call has converted.)
+        keep = not (self.proven or self.module.training)
+        kept = [t.detach().clone() if keep and _convertible(t) else None for t in inputs]
         _STATE.active, _STATE.converted = True, False
         try:
             out = self._forward(*args, **kwargs)
@@ -108,9 +116,10 @@ class CallerLayout:
         finally:
             _STATE.active, _STATE.converted = False, False
         if converted is None:
-            # (an inference tensor has no version counter: counted as written)
-            written = [i for i, t in enumerate(inputs) if versions[i] is None or _version(t) != versions[i]]
-            if written and kept is None:
+            # (an inference tensor has no version counter: restored if it was kept)
+            written = [i for i, t in enumerate(inputs)
+                       if (kept[i] is not None if versions[i] is None else _version(t) != versions[i])]
+            if any(kept[i] is None for i in written):
                 raise RuntimeError(
                     "fuse_stages: this model's code failed on channels_last tensors after "
                     "writing into its input in place, so the call cannot be run again in NCHW; "
