@@ -53,7 +53,7 @@ test: build
 
 # API reference from the docstrings (pdoc) into docs/api; `make test` checks that it builds.
 # The library (neptune_ext), then the application built on it (neptune_app).
-DOC_MODULES := neptune_ext neptune_ext.graph neptune_ext.reference neptune_ext.reference_stage \
+DOC_MODULES := neptune_ext neptune_ext.graph neptune_ext.attention.reference neptune_ext.stage.reference \
 	neptune_app.models neptune_app.data neptune_app.train neptune_app.cli
 docs: build
 	$(PY) -m pdoc -o docs/api $(DOC_MODULES)

@@ -73,7 +73,7 @@ def _extensions():
         if mode == "1" and not with_cuda:
             raise SystemExit(f"neptune_ext: NEPTUNE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
 
-    cpp_sources = ["csrc/neptune.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
+    cpp_sources = ["csrc/neptune.cpp"] + sorted(glob.glob("csrc/*/**/*.cpp", recursive=True))
     cxx = ["-O3", "-fopenmp"]
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
 
@@ -84,7 +84,7 @@ def _extensions():
             macros = [("NEPTUNE_WITH_CUDA", None),
                       # ',' not ';': build_info() is a ';'-separated key=value list
                       ("NEPTUNE_CUDA_ARCHS", '"' + ",".join(archs.replace(";", " ").split()) + '"')]
-            cuda_sources = sorted(glob.glob("csrc/*/*_cuda.cu"))
+            cuda_sources = sorted(glob.glob("csrc/*/**/*_cuda.cu", recursive=True))
             include_dirs = list(common["include_dirs"])
             cutlass_inc, why_no_cutlass = find_cutlass()
             if cutlass_inc is None:

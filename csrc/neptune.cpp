@@ -1,6 +1,6 @@
 // The neptune op catalogue: every schema in one TORCH_LIBRARY block, and the
 // kernels registered per dispatch key. The attention ops' autograd is C++
-// (graph_attention/attention_autograd.cpp); fake (meta) kernels and the Stage's
+// (attention/common/autograd.cpp); fake (meta) kernels and the Stage's
 // autograd are registered from Python (neptune_ext/ops/), see torch.library.
 #include <Python.h>
 #include <torch/library.h>
@@ -8,9 +8,9 @@
 #include <string>
 
 #include "graph/graph.h"
-#include "graph_attention/gatv2.h"
-#include "graph_attention/graph_attention.h"
-#include "graph_attention/transformer.h"
+#include "attention/gatv2/gatv2.h"
+#include "attention/gat/gat.h"
+#include "attention/transformer/transformer.h"
 #include "stage/stage.h"
 
 #ifndef NEPTUNE_CUDA_ARCHS
@@ -78,7 +78,7 @@ TORCH_LIBRARY(neptune, m) {
       "Tensor grad_edge_logits)");
 
   // GAT with the logit halves computed from h and the attention vectors (see
-  // graph_attention/graph_attention.h: gat_att_forward): the GraphAttention layer's step.
+  // attention/gat/gat.h: gat_att_forward): the GraphAttention layer's step.
   m.def(
       "gat_att_forward(Tensor h, Tensor att_src, Tensor att_dst, Tensor rowptr, Tensor col, "
       "Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, Tensor? edge_logits, "
@@ -90,7 +90,7 @@ TORCH_LIBRARY(neptune, m) {
       "Tensor? seed) -> (Tensor grad_h, Tensor grad_att_src, Tensor grad_att_dst, "
       "Tensor grad_edge_logits)");
 
-  // GATv2 attention (see graph_attention/gatv2.h): x_l [N_src, H, C] gathered per
+  // GATv2 attention (see attention/gatv2/gatv2.h): x_l [N_src, H, C] gathered per
   // edge for both the logit and the sum, x_r [N_dst, H, C], att [H, C], optional
   // edge_feat [E, H, C] in the caller's edge order. rowptr may have more rows than
   // x_r: those rows are ignored.
@@ -105,7 +105,7 @@ TORCH_LIBRARY(neptune, m) {
       "Tensor? seed) -> (Tensor grad_x_l, Tensor grad_x_r, Tensor grad_att, "
       "Tensor grad_edge_feat)");
 
-  // Graph-transformer attention (see graph_attention/transformer.h): q [N_dst, H, C],
+  // Graph-transformer attention (see attention/transformer/transformer.h): q [N_dst, H, C],
   // k and v [N_src, H, C] gathered per edge, optional edge_feat [E, H, C] (added to k and
   // v) in the caller's edge order; logits scale * <q_i, k_j>. rowptr has N_dst + 1 rows.
   m.def(
@@ -120,8 +120,8 @@ TORCH_LIBRARY(neptune, m) {
 
   // The differentiable gradients of an attention op (variant "gat", "gatv2" or
   // "transformer"), for a backward with create_graph=True: implemented in Python
-  // (neptune_ext/ops/attention_spec.py) from the pure-PyTorch reference, called by the
-  // ops' C++ autograd (graph_attention/attention_autograd.cpp). Returns
+  // (neptune_ext/attention/spec.py) from the pure-PyTorch reference, called by the
+  // ops' C++ autograd (attention/common/autograd.cpp). Returns
   // [grad_a, grad_b, grad_c, grad_edge].
   m.def(
       "attention_grads_reference(str variant, Tensor grad_out, Tensor a, Tensor b, Tensor c, "

@@ -18,10 +18,12 @@ imports PyG, which `import neptune_ext` does not.
 import importlib
 
 from ._version import __version__
-from . import _ext
+from . import _aliases, _ext
 from . import backend
 from .graph import Graph
 from . import ops
+
+_aliases.install()
 
 __all__ = ["__version__", "Graph", "ops", "nn", "fuse_stages", "stage_paths", "info", "backend"]
 

@@ -31,9 +31,9 @@ def info_dict() -> dict:
 
 def _cutlass_state() -> str:
     """The CUTLASS convolution: not built / built, off (NEPTUNE_STAGE_CUTLASS=1 turns it on)
-    / on (as the evaluation Stages decide: ops/stage_cutlass.py)."""
-    from .ops.stage_capabilities import cutlass_built
-    from .ops.stage_cutlass import cutlass_enabled
+    / on (as the evaluation Stages decide: stage/cutlass.py)."""
+    from .stage.capabilities import cutlass_built
+    from .stage.cutlass import cutlass_enabled
     if not cutlass_built():
         return "not built"
     return "on" if cutlass_enabled() else "built, off (NEPTUNE_STAGE_CUTLASS=1)"
@@ -41,9 +41,9 @@ def _cutlass_state() -> str:
 
 def _stage_eval_path_counts() -> dict:
     """How many evaluation convolutions of Stages ran on each path so far (see
-    neptune_ext.ops.stage_eval_paths): which one a model's Stages take on this machine.
+    neptune_ext.stage.paths): which one a model's Stages take on this machine.
     (``neptune_ext.stage_paths(model)`` is another thing: each module's latest path.)"""
-    from .ops.stage_eval_paths import eval_path_counts
+    from .stage.paths import eval_path_counts
     return eval_path_counts()
 
 

@@ -89,7 +89,7 @@ def run_transformer(g, H, C, dtype, p, edge_feat=True):
     features all need gradients, so both backward passes run); on CUDA the compiled kernels,
     never the reference (asserted)."""
     from neptune_ext import ops
-    from neptune_ext.ops import attention_spec
+    from neptune_ext.attention import spec as attention_spec
     dev = g.device
     if not attention_spec.runs_kernel("transformer_forward", dev.type, H, C, warp_row=True):
         raise AssertionError(f"transformer H={H} C={C} on {dev.type}: no compiled kernel would run")

@@ -16,7 +16,7 @@ import torch
 
 import neptune_ext
 from neptune_ext import Graph, ops
-from neptune_ext.reference import (gatv2_attention_reference, sparse_graph_attention_reference,
+from neptune_ext.attention.reference import (gatv2_attention_reference, sparse_graph_attention_reference,
                                    transformer_attention_reference)
 
 

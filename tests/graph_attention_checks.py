@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from neptune_ext.reference import dropout_keep_mask, segment_softmax, sparse_graph_attention_reference
+from neptune_ext.attention.reference import dropout_keep_mask, segment_softmax, sparse_graph_attention_reference
 
 # Norm-wise error ||x - ref|| / ||mag|| allowed against float64 oracles fed the same
 # (rounded) inputs, where mag is the same sum taken over the absolute values of its

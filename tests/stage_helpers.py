@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import neptune_ext
-from neptune_ext.ops import stage_bn_relu as bn_relu_ops
+from neptune_ext.stage import bn_relu as bn_relu_ops
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 LAYOUTS = ["nchw", "channels_last", "strided"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from neptune_ext import Graph
-from neptune_ext.reference import dropout_keep_mask
+from neptune_ext.attention.reference import dropout_keep_mask
 
 from attention_variants import GAT, GATV2, TRANSFORMER, VARIANTS, grads, variants, with_index
 from conftest import _SEED, DEVICES, same_bits_across_thread_counts

@@ -374,7 +374,7 @@ def test_meta_device_gives_shapes(cls):
 def test_dropout_seed_refused_while_a_cuda_graph_is_captured(monkeypatch):
     # The rule itself (the capture runs in tests/test_attention_cuda_capture.py on a GPU): a
     # seed drawn during capture would be baked into the graph, one mask for every replay.
-    from neptune_ext.ops.attention_spec import dropout_and_seed
+    from neptune_ext.attention.spec import dropout_and_seed
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(ValueError, match="CUDA graph capture"):
         dropout_and_seed(0.5, True, None, "cuda")

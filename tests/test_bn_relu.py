@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from neptune_ext import ops
-from neptune_ext.reference_stage import bn_relu_backward_reference, bn_relu_forward_reference
+from neptune_ext.stage.reference import bn_relu_backward_reference, bn_relu_forward_reference
 
 from conftest import DEVICES, same_bits_across_thread_counts
 from stage_helpers import F64, LAYOUTS, eager_bn_relu, layout, needs_ext

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import neptune_ext
-from neptune_ext.ops import stage_bn_relu as stage_ops
-from neptune_ext.reference_stage import bn_relu_backward_reference, bn_relu_forward_reference
+from neptune_ext.stage import bn_relu as stage_ops
+from neptune_ext.stage.reference import bn_relu_backward_reference, bn_relu_forward_reference
 
 pytestmark = pytest.mark.cuda
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neptune_ext
-from neptune_ext.ops import stage_eval
+from neptune_ext.stage import eval as stage_eval
 
 needs_op = pytest.mark.skipif(neptune_ext._ext._C is None, reason="extension not built")
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import neptune_ext
 
-from neptune_ext.nn.stage import FoldedConv2d, FusedBatchNorm2d, FusedConv2d
+from neptune_ext.stage.module import FoldedConv2d, FusedBatchNorm2d, FusedConv2d
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -304,7 +304,7 @@ def test_eval_with_gradients_and_inplace_relu_after_a_fused_conv():
 
 
 def _paths_of(fn):
-    from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
+    from neptune_ext.stage.eval import eval_path_counts, reset_eval_path_counts
     reset_eval_path_counts()
     fn()
     return eval_path_counts()
@@ -314,7 +314,7 @@ def test_stage_eval_paths_are_reported():
     """neptune_ext.info() tells which path the Stages' evaluation convolutions took."""
     fused = neptune_ext.fuse_stages(randomize_bn(torchvision.models.resnet18()).eval())
     x = torch.randn(1, 3, 64, 64)
-    from neptune_ext.ops.stage_eval import onednn_fused_available
+    from neptune_ext.stage.eval import onednn_fused_available
     with torch.no_grad():
         nchw = _paths_of(lambda: fused(x))
         # NCHW callers: channels_last inside the model (one conversion), oneDNN fused

@@ -9,8 +9,8 @@ from torch import nn
 
 import neptune_ext
 from neptune_app.bench.stage import randomize_bn
-from neptune_ext.nn.fuse_block import FusedBlock
-from neptune_ext.nn.stage import FusedBatchNorm2d, FusedConv2d, FusedReLU
+from neptune_ext.stage.fuse.block import FusedBlock
+from neptune_ext.stage.module import FusedBatchNorm2d, FusedConv2d, FusedReLU
 
 torchvision = pytest.importorskip("torchvision")
 

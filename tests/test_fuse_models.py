@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import neptune_ext
-from neptune_ext.nn.fuse_block import FusedBlock
-from neptune_ext.nn.stage import (FusedBatchNorm2d, FusedConv2d, FusedHardswish, FusedReLU6,
+from neptune_ext.stage.fuse.block import FusedBlock
+from neptune_ext.stage.module import (FusedBatchNorm2d, FusedConv2d, FusedHardswish, FusedReLU6,
                                   FusedSiLU)
 
 torchvision = pytest.importorskip("torchvision")
@@ -292,7 +292,7 @@ def test_stage_paths_tell_how_each_fused_conv_ran():
     fused.eval()
     with torch.no_grad():  # (64x64: no 1x1 feature map, which is NCHW and channels_last at once)
         fused(torch.randn(2, 3, 64, 64))
-    from neptune_ext.ops.stage_eval import onednn_fused_available
+    from neptune_ext.stage.eval import onednn_fused_available
     # NCHW input: channels_last inside the model, oneDNN's fused convolutions
     assert set(neptune_ext.stage_paths(fused).values()) == (
         {"onednn-fused"} if onednn_fused_available() else {"conv+bias"})

@@ -10,8 +10,8 @@ from torch import nn
 
 import neptune_ext
 from neptune_app.bench.stage import randomize_bn
-from neptune_ext.nn.fuse_block import FusedBlock
-from neptune_ext.nn.stage import FusedBatchNorm2d, FusedConv2d
+from neptune_ext.stage.fuse.block import FusedBlock
+from neptune_ext.stage.module import FusedBatchNorm2d, FusedConv2d
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import neptune_ext
-from neptune_ext.nn._gat_graph import GATGraph
-from neptune_ext.ops.graph_attention import gat_self_attention
-from neptune_ext.reference import sparse_graph_attention_reference
+from neptune_ext.attention.self_loops import GATGraph
+from neptune_ext.attention.gat import gat_self_attention
+from neptune_ext.attention.reference import sparse_graph_attention_reference
 
 from conftest import DEVICES
 from graphs import hub_graph, random_graph

@@ -6,7 +6,7 @@ import torch
 
 import neptune_ext
 from neptune_ext import Graph, ops
-from neptune_ext.reference import sparse_graph_attention_reference
+from neptune_ext.attention.reference import sparse_graph_attention_reference
 
 
 # ----------------------------------------------------------------- infinite logits

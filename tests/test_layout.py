@@ -134,7 +134,7 @@ def test_the_lazy_names_work_as_before():
         "assert fuse_stages is neptune_ext.fuse_stages is nn.fuse_stages\n"
         "assert stage_paths is neptune_ext.stage_paths is nn.stage_paths\n"
         "assert neptune_ext.nn is sys.modules['neptune_ext.nn'] and nn.GraphAttention.__module__ "
-        "== 'neptune_ext.nn.graph_attention'\n"
+        "== 'neptune_ext.attention.gat_layer'\n"
         "assert callable(neptune_ext.ops.sparse_graph_attention) and neptune_ext.Graph is Graph\n"
         "assert {'nn', 'fuse_stages', 'stage_paths', 'info'} <= set(dir(neptune_ext))\n"
         "try:\n    neptune_ext.no_such_name\nexcept AttributeError as e:\n    assert 'no_such_name' in str(e)\n"
@@ -235,3 +235,56 @@ def test_a_wheel_holds_both_packages_the_data_and_the_script(tmp_path):
                    "neptune_app/bench/suite.py", "neptune_ext/nn/__init__.py", "neptune_ext/ops/__init__.py"):
         assert needed in names, needed
     assert "neptune = neptune_app.cli:main" in entry, entry
+
+
+def test_no_import_cycle_inside_the_library():
+    """The library's layers (graph, attention, stage, the public faces) import downward only."""
+    graph = _graph((LIBRARY,))
+    lib = {n: {t for t in ts if t in graph} for n, ts in graph.items()}
+    for n, ts in lib.items():  # `from .. import x` names the package, which is not a layer
+        parts = n.split(".")
+        for i in range(1, len(parts)):
+            ts.discard(".".join(parts[:i]))
+        ts.discard(n)
+    assert _cycle(lib) is None, _cycle(lib)
+
+
+def test_the_old_module_names_import_as_the_new_modules():
+    """The names from before the layout by concept still import (for one release), as the very
+    module of the new name, with a DeprecationWarning naming the new one."""
+    from neptune_ext._aliases import OLD_NAMES
+    out = _python(
+        "import importlib, warnings, neptune_ext\n"
+        f"names = {dict(OLD_NAMES)!r}\n"
+        "for old, new in names.items():\n"
+        "    with warnings.catch_warnings(record=True) as w:\n"
+        "        warnings.simplefilter('always')\n"
+        "        m = importlib.import_module(old)\n"
+        "    assert m is importlib.import_module(new), old\n"
+        "    assert any(new in str(x.message) for x in w), (old, [str(x.message) for x in w])\n"
+        "print(len(names))")
+    assert out == str(len(OLD_NAMES))
+    for old, new in OLD_NAMES.items():  # a new name is a real file; an old one is not
+        assert os.path.isfile(os.path.join(ROOT, *new.split(".")) + ".py"), new
+        assert not os.path.exists(os.path.join(ROOT, *old.split(".")) + ".py"), old
+
+
+def test_a_model_pickled_under_the_old_module_names_loads():
+    """A model pickled before the move names its classes by their old modules."""
+    import pickle
+    import torch
+    from neptune_ext._aliases import OLD_NAMES
+    import neptune_ext
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(neptune_ext.nn.Stage(3, 4, 3), neptune_ext.nn.GraphAttention(8, 4, heads=2)).eval()
+    blob = pickle.dumps(m, protocol=2)  # protocol 2 names a class as "module\nname\n"
+    for old, new in sorted(OLD_NAMES.items(), key=lambda kv: -len(kv[1])):
+        blob = blob.replace(f"c{new}\n".encode(), f"c{old}\n".encode())
+    assert b"cneptune_ext.nn.stage\nStage\n" in blob and b"neptune_ext.nn.graph_attention\n" in blob
+    for old in OLD_NAMES:  # imported earlier in this process: resolve them afresh
+        sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning):
+        back = pickle.loads(blob)
+    x = torch.randn(2, 3, 5, 5)
+    assert type(back[0]) is type(m[0]) and type(back[1]) is type(m[1])
+    torch.testing.assert_close(back[0](x), m[0](x), rtol=0, atol=0)

@@ -9,7 +9,7 @@ from torch import nn
 
 from neptune_ext import ops
 from neptune_ext.nn import Stage
-from neptune_ext.ops import stage as stage_ops
+from neptune_ext.stage import functional as stage_ops
 
 from stage_helpers import F64, layout
 
@@ -487,7 +487,7 @@ def test_fused_resnet_under_cpu_autocast_matches_eager():
     under autocast is (both are bfloat16 computations; they round differently)."""
     torchvision = pytest.importorskip("torchvision")
     import neptune_ext
-    from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
+    from neptune_ext.stage.eval import eval_path_counts, reset_eval_path_counts
     model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
     fused = neptune_ext.fuse_stages(model)
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731

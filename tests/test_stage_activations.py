@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from neptune_ext.nn import Stage
-from neptune_ext.nn.stage import FusedConv2d
-from neptune_ext.ops import stage as ops
-from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
+from neptune_ext.stage.module import FusedConv2d
+from neptune_ext.stage import functional as ops
+from neptune_ext.stage.eval import eval_path_counts, reset_eval_path_counts
 
 from stage_helpers import F64
 

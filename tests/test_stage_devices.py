@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from neptune_ext.nn import Stage
-from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
+from neptune_ext.stage.eval import eval_path_counts, reset_eval_path_counts
 
 from stage_helpers import layout as arrange
 

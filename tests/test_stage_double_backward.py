@@ -10,7 +10,7 @@ from torch import nn
 
 import neptune_ext
 from neptune_ext.nn import Stage
-from neptune_ext.ops import stage as ops
+from neptune_ext.stage import functional as ops
 
 ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, None: nn.Identity}
 

@@ -7,8 +7,8 @@ import torch.nn as nn
 
 import neptune_ext
 from neptune_ext.nn import Stage, stage_paths
-from neptune_ext.nn.stage_dispatch import stage_forward
-from neptune_ext.ops.stage_eval_paths import EVAL_PATHS, eval_path_counts, reset_eval_path_counts
+from neptune_ext.stage.dispatch import stage_forward
+from neptune_ext.stage.paths import EVAL_PATHS, eval_path_counts, reset_eval_path_counts
 
 
 def _model():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neptune_ext import Graph
-from neptune_ext.reference import dropout_keep_mask
+from neptune_ext.attention.reference import dropout_keep_mask
 
 import emulated_attention as emulated
 from attention_variants import TRANSFORMER

@@ -2,7 +2,7 @@
 // (conv_cutlass_kernels_cuda.cu; built only when the CUTLASS headers are found, see
 // setup.py). The entry (conv_cutlass_cuda.cu) checks its arguments and falls back to
 // nothing: a shape the kernels cannot take is an error the Python side avoids
-// (neptune_ext/ops/stage_eval.py asks cutlass_conv_supported first).
+// (neptune_ext/stage/eval.py asks cutlass_conv_supported first).
 #pragma once
 
 #include <cstdint>

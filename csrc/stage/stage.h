@@ -14,7 +14,7 @@
 //       the exact gradient; the ReLU mask is recomputed from x (see
 //       stage_math.h for why x, and not only y, is needed).
 //
-// Python (neptune_ext/ops/stage.py) validates inputs with friendly messages; the
+// Python (neptune_ext/stage/functional.py) validates inputs with friendly messages; the
 // TORCH_CHECKs here are the last line of defence for direct torch.ops callers.
 #pragma once
 

@@ -89,7 +89,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def bench_inference(name: str, args) -> dict:
     import torchvision
     from torch.fx.experimental.optimization import fuse as fx_fuse
-    from neptune_ext.ops.stage_eval import eval_path_counts, reset_eval_path_counts
+    from neptune_ext.stage.eval import eval_path_counts, reset_eval_path_counts
 
     dev = args.device
     torch.manual_seed(0)
@@ -176,7 +176,7 @@ def bench_layers(name: str, args) -> dict:
     fused call of ours (cuDNN's, and CUTLASS's where built) against eager's conv + BN + ReLU
     (+ add), with TFLOP/s against the device's measured matmul rate."""
     import torchvision
-    from neptune_ext.ops import stage_eval
+    from neptune_ext.stage import eval as stage_eval
     dev, dtype = args.device, torch.bfloat16
     model = getattr(torchvision.models, name)()
     peak = tensor_core_tflops(dev, dtype) if dev == "cuda" else None

@@ -230,7 +230,7 @@ def main(argv=None):
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "neptune_ext": info["neptune_ext"],
                "extension_loaded": info["extension_loaded"],
-               "onednn_fused": neptune_ext.ops.stage.onednn_fused_available(),
+               "onednn_fused": neptune_ext.stage.functional.onednn_fused_available(),
                "quick": args.quick, "loadavg_start": loadavg(), "commit": git_commit()}
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
           f"torch {machine['torch']}, extension loaded: {machine['extension_loaded']}, "

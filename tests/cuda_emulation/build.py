@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 VARIANTS = {
     "default": [],
-    "deep": ["-DNEPTUNE_GAT_FAN_IN=2", "-DNEPTUNE_GAT_MIN_LEAF=4"],
+    "deep": ["-DNEPTUNE_TREE_FAN_IN=2", "-DNEPTUNE_TREE_MIN_LEAF=4"],
 }
 
 

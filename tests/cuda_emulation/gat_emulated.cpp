@@ -4,12 +4,12 @@
 #ifndef NEPTUNE_CUDA_EMULATION
 #define NEPTUNE_CUDA_EMULATION 1
 #endif
-#include "graph_attention/graph_attention_fwd_cuda.cu"
-#include "graph_attention/graph_attention_bwd_cuda.cu"
-#include "graph_attention/gatv2_fwd_cuda.cu"
-#include "graph_attention/gatv2_bwd_cuda.cu"
-#include "graph_attention/transformer_fwd_cuda.cu"
-#include "graph_attention/transformer_bwd_cuda.cu"
+#include "attention/gat/gat_fwd_cuda.cu"
+#include "attention/gat/gat_bwd_cuda.cu"
+#include "attention/gatv2/gatv2_fwd_cuda.cu"
+#include "attention/gatv2/gatv2_bwd_cuda.cu"
+#include "attention/transformer/transformer_fwd_cuda.cu"
+#include "attention/transformer/transformer_bwd_cuda.cu"
 // The graph checks every kernel entry runs (and the counting sort build_csr uses).
 #include "graph/graph.cpp"
 #include "graph/graph_cpu.cpp"

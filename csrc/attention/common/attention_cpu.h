@@ -1,0 +1,275 @@
+// What the CPU attention kernels (GAT, GATv2, graph transformer) share: the graph and
+// dropout as a kernel reads them, software prefetch for the random row gathers, the
+// split of rows among threads, the channel loops, and the forward pass itself (one
+// online softmax per destination; a variant supplies only its logit and its value).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "attention/common/attention.h"
+#include "attention/common/attention_math.h"
+
+namespace neptune {
+
+// Edges ahead whose rows are prefetched: the gathers are random, so the hardware
+// prefetcher cannot help and each row would otherwise cost a full memory latency.
+constexpr int64_t kPrefetchDistance = 6;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+}
+
+// Rows per parallel task: about `work` edge-features per task, to amortize scheduling.
+inline int64_t grain_for(int64_t n_rows, int64_t n_edges, int64_t HC, int64_t work = 32768) {
+  const int64_t work_per_row = std::max<int64_t>(1, (n_edges / std::max<int64_t>(n_rows, 1) + 1) * HC);
+  return std::max<int64_t>(1, work / work_per_row);
+}
+
+// Runs fn(row_begin, row_end) over rows [0, n_rows) of a CSR (or CSC) pointer array in
+// one contiguous chunk per thread, the chunks cut at equal cost (edges + rows) rather
+// than at equal row counts: on a power-law graph the half of the rows holding a hub
+// carries most of the edges, and an equal-rows split leaves one thread idle. Graphs
+// below `serial_cost` (edge-features) run on the calling thread. Each row belongs to
+// exactly one chunk, so results do not depend on the split.
+template <typename index_t, typename F>
+void parallel_rows_by_cost(const index_t* ptr, int64_t n_rows, int64_t HC, F&& fn,
+                           int64_t serial_cost = 32768) {
+  const int64_t total = static_cast<int64_t>(ptr[n_rows]) + n_rows;
+  const int64_t T = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_rows, 1));
+  if (T <= 1 || total * std::max<int64_t>(HC, 1) < serial_cost) {
+    if (n_rows > 0) fn(int64_t(0), n_rows);
+    return;
+  }
+  std::vector<int64_t> bounds(T + 1, n_rows);
+  bounds[0] = 0;
+  for (int64_t t = 1; t < T; ++t) {
+    const int64_t target = total * t / T;
+    int64_t lo = bounds[t - 1], hi = n_rows;  // the first row r with ptr[r] + r >= target
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<int64_t>(ptr[mid]) + mid < target) lo = mid + 1; else hi = mid;
+    }
+    bounds[t] = lo;
+  }
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c)
+      if (bounds[c] < bounds[c + 1]) fn(bounds[c], bounds[c + 1]);
+  });
+}
+
+
+// The graph as a kernel reads it: the CSR of in-edges per destination (rowptr, col =
+// source, eid = the caller's edge id) and, for the backward's source passes, the CSC
+// (colptr, row = destination, perm = the edge's CSR position).
+template <typename index_t>
+struct CsrView {
+  const index_t* rowptr;
+  const index_t* col;
+  const index_t* eid;
+  int64_t E;
+  int64_t n_rows;
+  CsrView(const at::Tensor& rowptr_t, const at::Tensor& col_t, const at::Tensor& eid_t)
+      : rowptr(rowptr_t.data_ptr<index_t>()), col(col_t.data_ptr<index_t>()),
+        eid(eid_t.data_ptr<index_t>()), E(col_t.size(0)), n_rows(rowptr_t.size(0) - 1) {}
+};
+
+template <typename index_t>
+struct CscView {
+  const index_t* colptr;
+  const index_t* row;
+  const index_t* perm;
+  CscView(const at::Tensor& colptr_t, const at::Tensor& row_t, const at::Tensor& perm_t)
+      : colptr(colptr_t.data_ptr<index_t>()), row(row_t.data_ptr<index_t>()),
+        perm(perm_t.data_ptr<index_t>()) {}
+};
+
+// Counter-based attention dropout as a kernel applies it (attention_math.h): a
+// weight w of (edge, head) becomes w / (1 - p) or 0.
+template <typename acc_t>
+struct Dropout {
+  bool on;
+  float p;
+  acc_t keep_scale;
+  uint64_t seed;
+  Dropout(double p_d, uint64_t seed_)
+      : on(p_d > 0.0), p(static_cast<float>(p_d)), keep_scale(dropout_keep_scale<acc_t>(p_d)),
+        seed(seed_) {}
+  acc_t apply(acc_t w, int64_t edge, int64_t head) const {
+    if (!on) return w;
+    return dropout_keep(seed, edge, head, p) ? w * keep_scale : acc_t(0);
+  }
+};
+
+// What every CPU backward reads besides its variant's own inputs: dOut, the saved output
+// and log-sum-exp (contiguous), the graph both ways (E: csr.E) and the dropout. The
+// entry builds it from its arguments (NEPTUNE_BACKWARD_COMMON); a kernel takes it first and
+// names its parts with NEPTUNE_UNPACK_BACKWARD(b).
+template <typename scalar_t, typename index_t>
+struct BackwardCommon {
+  using acc_t = at::opmath_type<scalar_t>;
+  CsrView<index_t> csr;
+  CscView<index_t> csc;
+  Dropout<acc_t> drop;
+  const scalar_t* go;
+  const scalar_t* out;
+  const acc_t* lse;
+  at::TensorOptions scratch;  // of accumulation-type scratch tensors (lse's)
+  // go, out and lse must be contiguous and outlive the struct.
+  BackwardCommon(const at::Tensor& go_t, const at::Tensor& out_t, const at::Tensor& lse_t,
+                 const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
+                 const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
+                 double dropout, uint64_t seed)
+      : csr(rowptr, col, eid), csc(colptr, csc_row, csc_perm), drop(dropout, seed),
+        go(go_t.data_ptr<scalar_t>()), out(out_t.data_ptr<scalar_t>()),
+        lse(lse_t.data_ptr<acc_t>()), scratch(lse_t.options()) {}
+};
+
+// In a backward entry (NEPTUNE_ATTENTION_BACKWARD_PARAMS) inside the dtype dispatch, with
+// `go`, `out_c` and `lse_c` the contiguous grad_out, out and lse: its BackwardCommon.
+#define NEPTUNE_BACKWARD_COMMON                                                          \
+  BackwardCommon<scalar_t, index_t>(go, out_c, lse_c, rowptr, col, eid, colptr, csc_row, \
+                                    csc_perm, dropout, seed_value(seed, dropout))
+
+// The common parts of a BackwardCommon as local names (lambdas capture them by reference).
+#define NEPTUNE_UNPACK_BACKWARD(b)                                                 \
+  const auto* go = (b).go;                                                         \
+  const auto* out = (b).out;                                                       \
+  const auto* lse = (b).lse;                                                       \
+  const auto& csr = (b).csr;                                                       \
+  const auto& csc = (b).csc;                                                       \
+  const auto& drop = (b).drop;                                                     \
+  const int64_t E = (b).csr.E
+
+// The data of an optional tensor, or nullptr.
+template <typename T>
+inline T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// <a, b> over C channels in the accumulation type.
+template <typename acc_t, typename A, typename B>
+inline acc_t dot_channels(const A* a, const B* b, int64_t C) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < C; ++c) s += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+  return s;
+}
+
+// acc = acc * rescale + w * (v (+ e)) over C channels (e: an optional second addend).
+template <typename scalar_t, typename acc_t>
+inline void axpy_rescaled(acc_t* acc, acc_t rescale, acc_t w, const scalar_t* v, const scalar_t* e,
+                          int64_t C) {
+  if (e) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c)
+      acc[c] = acc[c] * rescale + w * (static_cast<acc_t>(v[c]) + static_cast<acc_t>(e[c]));
+  } else if (rescale != acc_t(1)) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] * rescale + w * static_cast<acc_t>(v[c]);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(v[c]);
+  }
+}
+
+// dst[c] = src[c] * scale over n values, into the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline void load_scaled(acc_t* dst, const scalar_t* src, acc_t scale, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<acc_t>(src[c]) * scale;
+}
+
+// D_i = <dOut_i, out_i> per head: the softmax backward's row term (H values).
+template <typename scalar_t, typename acc_t>
+inline void row_dots(const scalar_t* go, const scalar_t* out, int64_t H, int64_t C, acc_t* D) {
+  for (int64_t h = 0; h < H; ++h) D[h] = dot_channels<acc_t>(go + h * C, out + h * C, C);
+}
+
+// The forward pass of every attention variant, on the CPU. Per destination i (one
+// thread owns it: no races, results independent of the thread count), one pass over
+// its in-edges with an online softmax per head:
+//   out_i = sum_j softmax_j(logit_ij) * value_ij,   lse_i = max + log(sum)
+// (a row without in-edges, or whose logits are all -inf, gets 0 and lse 0). Nothing of
+// size E x H is allocated. The variant V supplies, with acc_t its accumulation type:
+//   int64_t row_size()                  the size of the row's scratch (acc_t values)
+//   void begin_row(acc_t* row, i)       load what the row's logits need into the scratch
+//   void prefetch(j, edge)              prefetch a coming edge's rows
+//   acc_t logit(const acc_t* row, j, edge, h)
+//   void accumulate(acc_t* acc_h, rescale, w, j, edge, h)   acc_h = acc_h * rescale + w value
+//   int64_t H, C                        heads and channels per head
+//   int64_t edge_cost                   the split's cost of an edge, in channels (H C = 1)
+// out [N_dst, H, C] (or [N_dst, H * C]) and lse [N_dst, H] are written; N_dst = out's rows.
+template <typename scalar_t, typename index_t, typename V>
+void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                            const at::Tensor& eid_t, double dropout, uint64_t seed,
+                            at::Tensor& out_t, at::Tensor& lse_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const CsrView<index_t> g(rowptr_t, col_t, eid_t);
+  const Dropout<acc_t> drop(dropout, seed);
+  const int64_t n_dst = out_t.size(0), H = var.H, C = var.C, HC = H * C;
+  scalar_t* out = out_t.data_ptr<scalar_t>();
+  acc_t* lse = lse_t.data_ptr<acc_t>();
+  parallel_rows_by_cost(g.rowptr, n_dst, var.edge_cost * HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(var.row_size()), acc(HC), m(H), s(H);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(s.begin(), s.end(), acc_t(0));
+      var.begin_row(row.data(), i);
+      const int64_t e_end = g.rowptr[i + 1];
+      for (int64_t e = g.rowptr[i]; e < e_end; ++e) {
+        if (e + kPrefetchDistance < g.E)
+          var.prefetch(g.col[e + kPrefetchDistance], g.eid[e + kPrefetchDistance]);
+        const int64_t j = g.col[e], edge = g.eid[e];
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t x = var.logit(row.data(), j, edge, h);
+          acc_t rescale, w;
+          online_softmax_step(x, m[h], s[h], rescale, w);
+          var.accumulate(acc.data() + h * C, rescale, drop.apply(w, edge, h), j, edge, h);
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const bool any = softmax_has_mass(s[h]);
+        const acc_t inv = any ? acc_t(1) / s[h] : acc_t(0);
+        lse[i * H + h] = any ? m[h] + std::log(s[h]) : acc_t(0);
+        scalar_t* o = out + i * HC + h * C;
+        const acc_t* a = acc.data() + h * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
+      }
+    }
+  });
+}
+
+// A CPU forward entry after its variant's checks: out (out_sizes, in `like`'s dtype) and
+// lse [out rows, H] allocated, and, inside the dtype x index dispatch,
+// make(static_cast<scalar_t*>(nullptr)) builds the variant that attention_forward_rows runs.
+template <typename MakeVariant>
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& like, at::IntArrayRef out_sizes, int64_t H, const at::Tensor& rowptr,
+    const at::Tensor& col, const at::Tensor& eid, double dropout,
+    const std::optional<at::Tensor>& seed, MakeVariant make) {
+  at::Tensor out = at::empty(out_sizes, like.options());
+  at::Tensor lse = at::empty({out_sizes[0], H}, like.options().dtype(acc_dtype(like.scalar_type())));
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(like.scalar_type(), col.scalar_type(), "attention_forward_cpu", [&] {
+    const auto var = make(static_cast<scalar_t*>(nullptr));
+    attention_forward_rows<scalar_t, index_t>(var, rowptr, col, eid, dropout,
+                                              seed_value(seed, dropout), out, lse);
+  });
+  return {out, lse};
+}
+
+
+}  // namespace neptune

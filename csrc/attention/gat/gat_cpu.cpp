@@ -1,0 +1,212 @@
+// Fused sparse graph attention on the CPU.
+//
+// Forward, per destination i (one thread owns a destination, so there are no
+// races and results do not depend on the thread count):
+//   s_ij = LeakyReLU(score_src[j] + score_dst[i] (+ edge_logits[e]))
+//   out_i = sum_j softmax_j(s_ij) * h[j]
+// computed in one pass over the in-edges with an online softmax: nothing of size
+// E x H x C or E x H is allocated. We save out and lse = max + log(sum).
+//
+// Backward, with D_i = <dOut_i, out_i> (per head) and a'_ij = dropped/scaled a_ij:
+//   dS_ij = (a'_ij <dOut_i, h_j> - a_ij D_i) * LeakyReLU'(raw_ij)
+//   pass 1 (destinations, CSR):  grad score_dst_i = sum_j dS_ij; stores dS, a'
+//   pass 2 (sources, CSC):       grad score_src_j = sum_i dS_ij,
+//                                grad h_j = sum_i a'_ij dOut_i
+// Each output element is written by exactly one thread in a fixed order: no
+// atomics, bitwise deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention/gat/gat.h"
+#include "attention/common/attention_cpu.h"
+#include "attention/common/attention_math.h"
+
+namespace neptune {
+namespace {
+
+// GAT's logit and value for the shared forward pass (attention_cpu.h):
+//   logit_ij = LeakyReLU(score_dst[i] + score_src[j] (+ edge_logits[e])), value_ij = h[j].
+template <typename scalar_t, typename acc_t>
+struct GatForward {
+  const scalar_t* h;
+  const scalar_t* ss;
+  const scalar_t* sd;
+  const scalar_t* el;
+  int64_t H, C;
+  acc_t slope;
+  int64_t edge_cost = 1;
+  int64_t row_size() const { return H; }  // the row's scratch: score_dst[i]
+  void begin_row(acc_t* base, int64_t i) const {
+    for (int64_t k = 0; k < H; ++k) base[k] = static_cast<acc_t>(sd[i * H + k]);
+  }
+  void prefetch(int64_t j, int64_t edge) const {
+    prefetch_row(h + j * H * C, H * C);
+    __builtin_prefetch(ss + j * H, 0, 1);
+    if (el) __builtin_prefetch(el + edge * H, 0, 1);
+  }
+  acc_t logit(const acc_t* base, int64_t j, int64_t edge, int64_t k) const {
+    acc_t raw = base[k] + static_cast<acc_t>(ss[j * H + k]);
+    if (el) raw += static_cast<acc_t>(el[edge * H + k]);
+    return leaky_relu(raw, slope);
+  }
+  void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t, int64_t k) const {
+    axpy_rescaled<scalar_t, acc_t>(a, rescale, w, h + (j * H + k) * C, nullptr, C);
+  }
+};
+
+template <typename scalar_t, typename index_t>
+void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tensor& h_t,
+                     const at::Tensor& ss_t, const at::Tensor& sd_t,
+                     const std::optional<at::Tensor>& el_t, double slope_d, at::Tensor& gh_t,
+                     at::Tensor& gss_t, at::Tensor& gsd_t, at::Tensor& gel_t, int64_t n_go) {
+  using acc_t = at::opmath_type<scalar_t>;
+  NEPTUNE_UNPACK_BACKWARD(b);
+  const int64_t n_src = h_t.size(0), n_dst = sd_t.size(0), H = h_t.size(1),
+                C = h_t.size(2), HC = H * C;
+  const scalar_t* h = h_t.data_ptr<scalar_t>();
+  const scalar_t* ss = ss_t.data_ptr<scalar_t>();
+  const scalar_t* sd = sd_t.data_ptr<scalar_t>();
+  const scalar_t* el = data_or_null<scalar_t>(el_t);
+  scalar_t* gh = gh_t.data_ptr<scalar_t>();
+  scalar_t* gss = gss_t.data_ptr<scalar_t>();
+  scalar_t* gsd = gsd_t.data_ptr<scalar_t>();
+  scalar_t* gel = el ? gel_t.data_ptr<scalar_t>() : nullptr;
+  const acc_t slope = static_cast<acc_t>(slope_d);
+
+  // Per-edge dS and a' in CSR order: E x H scratch (backward only).
+  at::Tensor ds_t = at::empty({E, H}, b.scratch);
+  at::Tensor ap_t = at::empty({E, H}, b.scratch);
+  acc_t* ds = ds_t.data_ptr<acc_t>();
+  acc_t* ap = ap_t.data_ptr<acc_t>();
+
+  // Pass 1: destinations.
+  parallel_rows_by_cost(csr.rowptr, n_dst, HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> D(H), g_sd(H), base(H);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i >= n_go) {  // a row without gradient (grad_out has n_go rows): nothing flows back
+        for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e)
+          for (int64_t k = 0; k < H; ++k) {
+            ds[e * H + k] = 0;
+            ap[e * H + k] = 0;
+            if (gel) gel[csr.eid[e] * H + k] = scalar_t(0);
+          }
+        for (int64_t k = 0; k < H; ++k) gsd[i * H + k] = scalar_t(0);
+        continue;
+      }
+      const scalar_t* goi = go + i * HC;
+      row_dots(goi, out + i * HC, H, C, D.data());
+      for (int64_t k = 0; k < H; ++k) {
+        g_sd[k] = 0;
+        base[k] = static_cast<acc_t>(sd[i * H + k]);
+      }
+      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
+        if (e + kPrefetchDistance < E) {
+          const int64_t jn = csr.col[e + kPrefetchDistance];
+          prefetch_row(h + jn * HC, HC);
+          __builtin_prefetch(ss + jn * H, 0, 1);
+          if (el) {
+            const int64_t en = csr.eid[e + kPrefetchDistance];
+            __builtin_prefetch(el + en * H, 0, 1);
+            __builtin_prefetch(gel + en * H, 1, 1);
+          }
+        }
+        const int64_t j = csr.col[e];
+        const int64_t edge = csr.eid[e];
+        const scalar_t* hj = h + j * HC;
+        for (int64_t k = 0; k < H; ++k) {
+          acc_t raw = base[k] + static_cast<acc_t>(ss[j * H + k]);
+          if (el) raw += static_cast<acc_t>(el[edge * H + k]);
+          const acc_t a = std::exp(leaky_relu(raw, slope) - lse[i * H + k]);
+          const acc_t a_kept = drop.apply(a, edge, k);
+          const acc_t gk = a_kept != acc_t(0) ? dot_channels<acc_t>(goi + k * C, hj + k * C, C) : acc_t(0);
+          const acc_t dS = logit_grad(a_kept, gk, a, D[k], raw, slope);
+          g_sd[k] += dS;
+          ds[e * H + k] = dS;
+          ap[e * H + k] = a_kept;
+          if (gel) gel[edge * H + k] = static_cast<scalar_t>(dS);
+        }
+      }
+      for (int64_t k = 0; k < H; ++k) gsd[i * H + k] = static_cast<scalar_t>(g_sd[k]);
+    }
+  });
+
+  // Pass 2: sources, over the transposed graph.
+  parallel_rows_by_cost(csc.colptr, n_src, HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(HC), g_ss(H);
+    for (int64_t j = begin; j < end; ++j) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(g_ss.begin(), g_ss.end(), acc_t(0));
+      for (int64_t t = csc.colptr[j]; t < csc.colptr[j + 1]; ++t) {
+        if (t + kPrefetchDistance < E) {
+          const int64_t in = csc.row[t + kPrefetchDistance];
+          const int64_t en = csc.perm[t + kPrefetchDistance];
+          prefetch_row(go + in * HC, HC);
+          __builtin_prefetch(ds + en * H, 0, 1);
+          __builtin_prefetch(ap + en * H, 0, 1);
+        }
+        const int64_t i = csc.row[t];
+        const int64_t e = csc.perm[t];
+        const scalar_t* goi = go + i * HC;
+        for (int64_t k = 0; k < H; ++k) {
+          g_ss[k] += ds[e * H + k];
+          const acc_t w = ap[e * H + k];
+          if (w != acc_t(0)) axpy_rescaled<scalar_t, acc_t>(acc.data() + k * C, acc_t(1), w, goi + k * C, nullptr, C);
+        }
+      }
+      for (int64_t x = 0; x < HC; ++x) gh[j * HC + x] = static_cast<scalar_t>(acc[x]);
+      for (int64_t k = 0; k < H; ++k) gss[j * H + k] = static_cast<scalar_t>(g_ss[k]);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gat_forward_cpu(
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(h, score_src, score_dst, edge_logits, negative_slope)) {
+  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
+  check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_forward");
+  const int64_t H = h.size(1), C = h.size(2);
+  return attention_forward_cpu(h, {score_dst.size(0), H, C}, H, rowptr, col, eid, dropout, seed,
+                               [&](auto* type) {
+    using scalar_t = std::remove_pointer_t<decltype(type)>;
+    using acc_t = at::opmath_type<scalar_t>;
+    return GatForward<scalar_t, acc_t>{h.data_ptr<scalar_t>(), score_src.data_ptr<scalar_t>(),
+                                       score_dst.data_ptr<scalar_t>(),
+                                       data_or_null<scalar_t>(edge_logits), H, C,
+                                       static_cast<acc_t>(negative_slope)};
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(h, score_src, score_dst, edge_logits, negative_slope)) {
+  check_gat_inputs(h, score_src, score_dst, rowptr, col, eid, edge_logits, negative_slope, dropout);
+  check_csr(rowptr, col, eid, h.size(0), score_dst.size(0), "neptune::gat_backward");
+  check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, h.size(0), score_dst.size(0),
+            "neptune::gat_backward");
+  // grad_out and out may have fewer rows than the graph: the rows past them get no gradient
+  check_attention_backward_tensors("neptune::gat_backward", grad_out, out, lse, h.scalar_type(),
+                                   {score_dst.size(0), h.size(1), h.size(2)}, h.size(1),
+                                   /*fewer_rows=*/true);
+  const int64_t n_go = grad_out.size(0);
+  const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
+  at::Tensor gh = at::empty_like(h);
+  at::Tensor gss = at::empty_like(score_src);
+  at::Tensor gsd = at::empty_like(score_dst);
+  at::Tensor gel = edge_logits.has_value() ? at::empty_like(*edge_logits)
+                                           : at::empty({0}, h.options());
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(h.scalar_type(), col.scalar_type(), "gat_backward_cpu", [&] {
+    backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON, h, score_src, score_dst,
+                                       edge_logits, negative_slope, gh, gss, gsd, gel, n_go);
+  });
+  return {gh, gss, gsd, gel};
+}
+
+}  // namespace neptune

@@ -1,0 +1,18 @@
+"""Sparse graph attention: one family, three variants (GATConv's, GATv2Conv's and
+TransformerConv's attention), each a spec plus its math.
+
+    spec.py              what every variant's op shares: validation outside compiled code,
+                         dropout seeds, the kernel-or-reference decision, fake kernels and
+                         autograd registered once from an ``AttentionSpec``
+    gat.py, gatv2.py,    each variant's op (``neptune_ext.ops.*``): its argument checks,
+    transformer.py       its spec, its weights op
+    reference.py         pure-PyTorch references (test oracle and fallback)
+    layer.py             the layers' base (PyG's ``MessagePassing`` when PyG is installed),
+                         input parsing, the cached kernel graph, the output head
+    self_loops.py        GATConv's self-loop semantics over a plain ``Graph``
+    gat_layer.py, gatv2_layer.py, transformer_layer.py
+                         GraphAttention, GraphAttentionV2, GraphTransformer
+                         (``neptune_ext.nn.*``)
+
+Importing this package imports nothing; the layer modules import PyG when it is installed.
+"""

@@ -1,0 +1,1 @@
+"""``fuse_stages(model)``: see model.py."""
