@@ -118,8 +118,22 @@ TORCH_LIBRARY(neptune, m) {
       "Tensor? edge_feat, Tensor out, Tensor lse, float scale, float dropout, "
       "Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_edge_feat)");
 
-  // The differentiable gradients of an attention op (variant "gat", "gatv2" or
-  // "transformer"), for a backward with create_graph=True: implemented in Python
+  // Graph-transformer attention with the edge features projected inside (see
+  // attention/transformer/transformer.h): q [N_dst, H, C], kv [N_src, 2, H, C] (keys, values),
+  // w_edge [H, C, D], optional edge_attr [E, D] in the caller's edge order. CPU only.
+  m.def(
+      "transformer_edge_forward(Tensor q, Tensor kv, Tensor w_edge, Tensor rowptr, Tensor col, "
+      "Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, Tensor? edge_attr, "
+      "float scale, float dropout, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "transformer_edge_backward(Tensor grad_out, Tensor q, Tensor kv, Tensor w_edge, "
+      "Tensor rowptr, Tensor col, Tensor eid, Tensor colptr, Tensor csc_row, Tensor csc_perm, "
+      "Tensor? edge_attr, Tensor out, Tensor lse, float scale, float dropout, "
+      "Tensor? seed) -> (Tensor grad_q, Tensor grad_kv, Tensor grad_w_edge, "
+      "Tensor grad_edge_attr)");
+
+  // The differentiable gradients of an attention op (variant "gat", "gatv2",
+  // "transformer" or "transformer_edge"), for a backward with create_graph=True: implemented in Python
   // (neptune_ext/attention/spec.py) from the pure-PyTorch reference, called by the
   // ops' C++ autograd (attention/common/autograd.cpp). Returns
   // [grad_a, grad_b, grad_c, grad_edge].
@@ -175,6 +189,8 @@ at::Tensor conv_bias_act_unavailable(const at::Tensor& input, const at::Tensor&,
 TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   NEPTUNE_DEVICE_KERNELS(m, cpu);
   m.impl("csr_from_index", &neptune::csr_from_index_cpu);
+  m.impl("transformer_edge_forward", &neptune::transformer_edge_forward_cpu);
+  m.impl("transformer_edge_backward", &neptune::transformer_edge_backward_cpu);
   m.impl("conv_bias_act", &neptune::conv_bias_act_unavailable);
 }
 

@@ -25,12 +25,15 @@ from . import _ext
 
 # The ops whose registration decides a family's path (graph build, GAT, GATv2, BN+ReLU,
 # the CUTLASS convolution).
-_FAMILY_OPS = ("build_csr", "gat_forward", "gat_att_forward", "gatv2_forward", "transformer_forward", "bn_relu_forward", "conv_bias_act")
+_FAMILY_OPS = ("build_csr", "gat_forward", "gat_att_forward", "gatv2_forward", "transformer_forward", "transformer_edge_forward",
+              "bn_relu_forward", "conv_bias_act")
 _KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def _ask(op: str, device_type: str) -> bool:
     if _ext._C is None or device_type not in _ext.compiled_backends():
+        return False
+    if not hasattr(torch.ops.neptune, op):  # a library built before the op existed
         return False
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"neptune::{op}", _KEYS[device_type])

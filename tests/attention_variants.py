@@ -6,6 +6,8 @@ Each variant's inputs are four tensors, the last the optional per-edge one:
     gat          h [N_src, H, C], score_src [N_src, H], score_dst [N_dst, H], edge_logits [E, H]
     gatv2        x_l [N_src, H, C], x_r [N_dst, H, C], att [H, C], edge_feat [E, H, C]
     transformer  q [N_dst, H, C], k [N_src, H, C], v [N_src, H, C], edge_feat [E, H, C]
+    transformer_edge  q [N_dst, H, C], kv [N_src, 2, H, C], w_edge [H, C, D], edge_attr [E, D]
+                 (the transformer with its edge features W_e a_e projected inside; D = 3)
 and one float parameter (GAT's and GATv2's negative_slope, the transformer's scale).
 """
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import neptune_ext
 from neptune_ext import Graph, ops
 from neptune_ext.attention.reference import (gatv2_attention_reference, sparse_graph_attention_reference,
                                    transformer_attention_reference)
+from neptune_ext.attention.transformer import projected_edges
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Variant:
     def reference(self, ins, graph, param=None, dropout=0.0, seed=None, return_attention=False):
         """The float64 reference (any dtype in, that dtype's arithmetic)."""
         if param is None:
-            param = ins[0].shape[2] ** -0.5 if self.name == "transformer" else 0.2
+            param = ins[0].shape[2] ** -0.5 if self.name.startswith("transformer") else 0.2
         return self.reference_fn(*ins[:3], graph.edge_index[0], graph.edge_index[1], graph.num_dst,
                                  param, ins[3], dropout, None if seed is None else int(seed),
                                  return_attention=return_attention)
@@ -96,6 +99,15 @@ def _transformer(q, k, v, graph, edge=None, **kw):
     return ops.transformer_attention(q, k, v, graph, edge_feat=edge, **kw)
 
 
+def _transformer_edge(q, kv, w, graph, edge=None, **kw):
+    return ops.transformer_edge_attention(q, kv, w, graph, edge_attr=edge, **kw)
+
+
+def _transformer_edge_reference(q, kv, w, src, dst, rows, scale, edge, dropout, seed, return_attention=False):
+    return transformer_attention_reference(q, kv[:, 0], kv[:, 1], src, dst, rows, scale,
+                                           projected_edges(w, edge), dropout, seed, return_attention)
+
+
 GAT = Variant(
     "gat", "gat", ("h", "score_src", "score_dst", "edge_logits"), "negative_slope", 0.1,
     lambda n_src, n_dst, E, H, C: ((n_src, H, C), (n_src, H), (n_dst, H), (E, H)),
@@ -112,8 +124,17 @@ TRANSFORMER = Variant(
     _transformer, transformer_attention_reference, lambda: float(torch.rand(())) + 0.1, 1e-11,
     src_inputs=(1, 2), dst_inputs=(0,))
 
-VARIANTS = [GAT, GATV2, TRANSFORMER]
+EDGE_DIM = 3
+TRANSFORMER_EDGE = Variant(
+    "transformer_edge", "transformer_edge", ("q", "kv", "w_edge", "edge_attr"), "scale", 0.7,
+    lambda n_src, n_dst, E, H, C: ((n_dst, H, C), (n_src, 2, H, C), (H, C, EDGE_DIM), (E, EDGE_DIM)),
+    _transformer_edge, _transformer_edge_reference, lambda: float(torch.rand(())) + 0.1, 1e-11,
+    src_inputs=(1,), dst_inputs=(0,))
+
+VARIANTS = [GAT, GATV2, TRANSFORMER, TRANSFORMER_EDGE]
 variants = pytest.mark.parametrize("variant", VARIANTS, ids=str)
+CUDA_VARIANTS = [GAT, GATV2, TRANSFORMER]  # those with CUDA kernels (the emulated tests' subjects)
+cuda_variants = pytest.mark.parametrize("variant", CUDA_VARIANTS, ids=str)
 
 
 def grads(out, inputs, grad_out):

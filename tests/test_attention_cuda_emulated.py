@@ -15,7 +15,8 @@ import torch
 from neptune_ext import Graph
 
 import emulated_attention as emulated
-from attention_variants import GAT, GATV2, TRANSFORMER, VARIANTS, as_int64, variants, with_index
+from attention_variants import GAT, GATV2, TRANSFORMER, as_int64, with_index
+from attention_variants import CUDA_VARIANTS as VARIANTS, cuda_variants as variants
 from emulated_attention import MAX_HC, check, inputs, run
 from graphs import cases, hub_graph, power_law_graph, random_graph
 

@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
+import neptune_ext
 from neptune_ext import Graph
 from neptune_ext.attention.reference import dropout_keep_mask
 
-from attention_variants import GAT, GATV2, TRANSFORMER, VARIANTS, grads, variants, with_index
+from attention_variants import GAT, GATV2, TRANSFORMER, TRANSFORMER_EDGE, VARIANTS, grads, variants, with_index
 from conftest import _SEED, DEVICES, same_bits_across_thread_counts
 from graph_attention_checks import rel_err
 from graphs import cases, hub_graph, power_law_graph
@@ -31,9 +32,11 @@ def graph(name, device="cpu"):
     return Graph.from_edge_index(ei, (n_src, n_dst)).to(device)
 
 
-def needs_kernel(variant):
+def needs_kernel(variant, device="cpu"):
     if not variant.compiled():
         pytest.skip("extension not built")
+    if not neptune_ext.backend.registered(variant.op + "_forward", torch.device(device).type):
+        pytest.skip(f"{variant} has no {device} kernel")
 
 
 # ------------------------------------------------------------------ against the reference
@@ -96,7 +99,7 @@ def test_isolated_destinations_get_zero(variant, device):
 # Per variant: whether the output is also held entry by entry (GAT's; GATv2's and the
 # transformer's logits are sums of C products, whose rounding one entry can pile up), and
 # how many times PyTorch's norm-wise gradient error the kernel's may be.
-LOW_PRECISION = {GAT: (True, 2), GATV2: (False, 3), TRANSFORMER: (False, 3)}
+LOW_PRECISION = {GAT: (True, 2), GATV2: (False, 3), TRANSFORMER: (False, 3), TRANSFORMER_EDGE: (False, 3)}
 
 
 @variants
@@ -152,7 +155,7 @@ def test_gradcheck_and_gradgradcheck(variant, device):
 @devices
 @pytest.mark.parametrize("with_dropout", [False, True])
 def test_opcheck(variant, device, with_dropout):
-    needs_kernel(variant)
+    needs_kernel(variant, device)
     g = graph("random", device)
     ins = variant.inputs(g.num_src, g.num_dst, g.num_edges, 2, 5, device=device)
     p, seed = (0.3, torch.tensor(11)) if with_dropout else (0.0, None)
@@ -301,6 +304,14 @@ BAD = {
         (lambda a: dict(k=a["k"][:-1], v=a["v"][:-1]), "source nodes"),
         (lambda a: dict(q=a["q"][:, :, :0]), "C > 0"),
     ],
+    TRANSFORMER_EDGE: [
+        (lambda a: dict(kv=a["kv"][:, :1]), "kv must have shape"),
+        (lambda a: dict(w_edge=a["w_edge"][:1]), "w_edge must have shape"),
+        (lambda a: dict(q=a["q"][:-1]), "destination nodes"),
+        (lambda a: dict(kv=a["kv"][:-1]), "source nodes"),
+        (lambda a: dict(edge_attr=a["edge_attr"][:, :1]), r"edge_attr must have shape \[E, D\]"),
+        (lambda a: dict(q=a["q"][:, :, :0]), "C > 0"),
+    ],
 }
 
 
@@ -319,7 +330,7 @@ def test_bad_inputs_name_the_argument(variant, bad, words):
 # Which inputs are bfloat16 (the others float32) in the mixed-dtype test: a projection
 # under autocast beside a float32 parameter, as PyG's layers meet them.
 MIXED_BF16 = {GAT: (True, False, False, False), GATV2: (True, True, False, True),
-              TRANSFORMER: (True, False, True, True)}
+              TRANSFORMER: (True, False, True, True), TRANSFORMER_EDGE: (True, True, False, False)}
 
 
 @variants
@@ -389,6 +400,9 @@ RAW_SHAPES = {
     TRANSFORMER: [(("ins[0][:2]", "ins[1]", "ins[2]"), "rowptr"),
                   (("ins[0]", "ins[1]", "ins[2][:, :1]"), "v must"),
                   (("ins[0]", "ins[1][:, :, :2]", "ins[2][:, :, :2]"), "k must")],
+    TRANSFORMER_EDGE: [(("ins[0][:2]", "ins[1]", "ins[2]"), "rowptr"),
+                       (("ins[0]", "ins[1][:, :1]", "ins[2]"), "kv must"),
+                       (("ins[0]", "ins[1]", "ins[2][:1]"), "w_edge must")],
 }
 
 

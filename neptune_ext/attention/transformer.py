@@ -23,7 +23,7 @@ from .reference import transformer_attention_reference, transformer_attention_we
 from . import spec as attention_spec
 from .spec import kernel_csc
 
-__all__ = ["transformer_attention", "transformer_attention_weights"]
+__all__ = ["transformer_attention", "transformer_attention_weights", "transformer_edge_attention"]
 
 
 def _validate(q, k, v, graph, scale, edge_feat, dropout):
@@ -104,11 +104,93 @@ def transformer_attention_weights(q, k, graph: Graph, scale: Optional[float] = N
         None if seed is None else int(seed))
 
 
+# ----------------------------------------------------------------------------
+# The edge features projected inside: TransformerConv with edge_dim, without its
+# [E, H * C] lin_edge(edge_attr).
+
+def projected_edges(w_edge: torch.Tensor, edge_attr: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The [E, H, C] edge features W_e a_e that ``w_edge`` [H, C, D] makes of ``edge_attr``
+    [E, D] (None without edge_attr): what the op computes without materializing."""
+    return None if edge_attr is None else torch.einsum("hcd,ed->ehc", w_edge, edge_attr)
+
+
+def _validate_edge(q, kv, w_edge, graph, scale, edge_attr, dropout):
+    attention_spec.check_tensors(graph, (("q", q), ("kv", kv), ("w_edge", w_edge)))
+    _check(q.dim() == 3 and q.shape[2] > 0, lambda: f"q must have shape [N_dst, H, C] with C > 0, got {list(q.shape)}")
+    H, C = q.shape[1], q.shape[2]
+    _check(kv.dim() == 4 and tuple(kv.shape[1:]) == (2, H, C),
+           lambda: f"kv must have shape [N_src, 2, H, C] with H, C = {H}, {C}, got {list(kv.shape)}")
+    _check(w_edge.dim() == 3 and tuple(w_edge.shape[:2]) == (H, C),
+           lambda: f"w_edge must have shape [H, C, D] with H, C = {H}, {C}, got {list(w_edge.shape)}")
+    _check(kv.shape[0] == graph.num_src, lambda: f"kv has {kv.shape[0]} source nodes but the graph has num_src = {graph.num_src}")
+    _check(q.shape[0] == graph.num_dst,
+           lambda: f"q has {q.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
+    if edge_attr is not None:
+        D = w_edge.shape[2]
+        _check(isinstance(edge_attr, torch.Tensor) and edge_attr.is_floating_point(),
+               lambda: "edge_attr must be a floating-point tensor of shape [E, D]")
+        _check(tuple(edge_attr.shape) == (graph.num_edges, D),
+               lambda: f"edge_attr must have shape [E, D] = {[graph.num_edges, D]} (D: w_edge's last "
+                       f"dimension), got {list(edge_attr.shape)}")
+        _check(edge_attr.device == q.device, lambda: f"edge_attr is on {edge_attr.device} but q is on {q.device}")
+    attention_spec.check_placement(graph, ("q", q), (("kv", kv), ("w_edge", w_edge)), ("edge_attr", None),
+                                   None, dropout)
+    _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                             and math.isfinite(scale)), lambda: f"scale must be None or a finite float, got {scale!r}")
+
+
+def transformer_edge_attention(q: torch.Tensor, kv: torch.Tensor, w_edge: torch.Tensor, graph: Graph,
+                               scale: Optional[float] = None, edge_attr: Optional[torch.Tensor] = None,
+                               dropout: float = 0.0, training: bool = False, return_attention: bool = False,
+                               seed: Optional[torch.Tensor] = None
+                               ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`transformer_attention` with the edge features projected inside: the keys and
+    values ``kv[:, 0]``, ``kv[:, 1]`` ([N_src, 2, H, C], as one Linear of the sources gives
+    them) and the edge features ``W_e a_e`` of ``edge_attr`` [E, D] with ``w_edge`` [H, C, D]
+    (TransformerConv's ``lin_edge.weight.view(H, C, D)``), which are never materialized: the
+    projection is applied to the row's query and to its weighted sum of ``a_e`` instead, so
+    an edge costs D-wide work and nothing of size E x H x C exists. Equal to
+    ``transformer_attention(q, kv[:, 0], kv[:, 1], graph, scale, edge_feat=W_e a_e)``.
+    Gradients for q, kv, w_edge and edge_attr. The compiled kernel is CPU-only; elsewhere
+    the reference runs (GraphTransformer then calls :func:`transformer_attention` instead)."""
+    q, kv, w_edge, edge_attr, p, seed = attention_spec.enter(
+        _validate_edge, q, kv, w_edge, graph, scale, edge_attr, dropout, training, seed)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    if edge_attr is None:  # w_edge takes no part (and gets no gradient)
+        return transformer_attention(q, kv[:, 0], kv[:, 1], graph, scale, None, p, p > 0.0,
+                                     return_attention, seed)
+    if attention_spec.runs_kernel("transformer_edge_forward", q.device.type):
+        colptr, csc_row, csc_perm = kernel_csc(graph, q, kv, w_edge, edge_attr)
+        out, lse = torch.ops.neptune.transformer_edge_forward(
+            q.contiguous(), kv.contiguous(), w_edge.contiguous(), graph.rowptr, graph.col, graph.eid,
+            colptr, csc_row, csc_perm, None if edge_attr is None else edge_attr.contiguous(),
+            scale, p, seed)
+        if not return_attention:
+            return out
+        return out, transformer_attention_weights(q, kv[:, 0], graph, scale, projected_edges(w_edge, edge_attr),
+                                                  p, seed)
+    src, dst = graph.edge_index[0], graph.edge_index[1]
+    return _edge_reference(q, kv, w_edge, edge_attr, src, dst, graph.num_dst, scale, p,
+                           None if seed is None else int(seed), return_attention)
+
+
+def _edge_reference(q, kv, w_edge, edge_attr, src, dst, rows, scale, p, seed, return_attention=False):
+    return transformer_attention_reference(q, kv[:, 0], kv[:, 1], src, dst, rows, scale,
+                                           projected_edges(w_edge, edge_attr), p, seed, return_attention)
+
+
 SPEC = attention_spec.AttentionSpec(
     name="transformer",
     out_shape=lambda q, k, v: tuple(q.shape),
     reference=lambda q, k, v, e, src, dst, rows, scale, p, seed: transformer_attention_reference(
         q, k, v, src, dst, rows, scale, e, p, seed))
+EDGE_SPEC = attention_spec.AttentionSpec(
+    name="transformer_edge",
+    out_shape=lambda q, kv, w: tuple(q.shape),
+    reference=lambda q, kv, w, e, src, dst, rows, scale, p, seed: _edge_reference(
+        q, kv, w, e, src, dst, rows, scale, p, seed))
 
 if _ext._C is not None and hasattr(torch.ops.neptune, "transformer_forward"):
     attention_spec.register(SPEC)
+if _ext._C is not None and hasattr(torch.ops.neptune, "transformer_edge_forward"):
+    attention_spec.register(EDGE_SPEC)

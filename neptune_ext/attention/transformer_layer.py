@@ -10,10 +10,12 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .spec import dropout_and_seed
-from .transformer import transformer_attention, transformer_attention_weights
-from .layer import AttentionBase, linear, materialize
+from .spec import dropout_and_seed, runs_kernel
+from .transformer import (projected_edges, transformer_attention, transformer_attention_weights,
+                          transformer_edge_attention)
+from .layer import AttentionBase, autocast_on, linear, materialize
 
 Tensor = torch.Tensor
 
@@ -106,16 +108,19 @@ class GraphTransformer(AttentionBase):
                                (self.lin_query, x_dst, "x_dst"), (self.lin_skip, x_dst, "x_dst")):
             materialize(lin, inp, "x" if same else name, glorot_init=False)
         q = self.lin_query(x_dst).view(-1, H, C)
-        k = self.lin_key(x_src).view(-1, H, C)
-        v = self.lin_value(x_src).view(-1, H, C)
-
         num_src, num_dst = self._sizes(x_src, x_dst, edge_index, None)
         prepared = self._prepare(edge_index, num_src, num_dst)
         graph = prepared.graph
+        scale = 1.0 / math.sqrt(C)
 
+        if (edge_attr is not None and self.lin_edge is not None and not self._explaining()
+                and runs_kernel("transformer_edge_forward", x_src.device.type)):
+            return self._forward_projected_edges(x_src, x_dst, q, edge_attr, prepared, scale,
+                                                 edge_index, want_alpha)
+        k = self.lin_key(x_src).view(-1, H, C)
+        v = self.lin_value(x_src).view(-1, H, C)
         edge_feat = self._edge_features(prepared, edge_attr, glorot_init=False)
 
-        scale = 1.0 / math.sqrt(C)
         alpha = None
         if self._explaining():
             p, seed = dropout_and_seed(self.dropout, self.training, None)
@@ -128,6 +133,31 @@ class GraphTransformer(AttentionBase):
             if want_alpha:
                 alpha = transformer_attention_weights(q, k, graph, scale, edge_feat)
 
+        return self._finish(out, x_dst, edge_index, graph, alpha, want_alpha)
+
+    def _forward_projected_edges(self, x_src, x_dst, q, edge_attr, prepared, scale, edge_index,
+                                 want_alpha):
+        """With edge features, where the kernel runs: the keys and values from one GEMM
+        ([N_src, 2, H, C]) and lin_edge applied inside the op (transformer_edge_attention),
+        so neither lin_edge(edge_attr) [E, H * C] nor its gradient is ever held."""
+        H, C = self.heads, self.out_channels
+        edge_attr = self._edge_attr_2d(edge_attr)
+        materialize(self.lin_edge, edge_attr, "edge_attr", glorot_init=False)
+        edge_attr = self._edge_attr(prepared, edge_attr)
+        bias = None if self.lin_key.bias is None else torch.cat([self.lin_key.bias, self.lin_value.bias])
+        kv = F.linear(x_src, torch.cat([self.lin_key.weight, self.lin_value.weight]), bias).view(-1, 2, H, C)
+        w_edge = self.lin_edge.weight.view(H, C, -1)
+        if autocast_on(x_src.device.type):  # lin_edge's output would be in autocast's dtype
+            w_edge, edge_attr = w_edge.to(kv.dtype), edge_attr.to(kv.dtype)
+        graph = prepared.graph
+        out = transformer_edge_attention(q, kv, w_edge, graph, scale, edge_attr, self.dropout, self.training)
+        alpha = None
+        if want_alpha:
+            alpha = transformer_attention_weights(q, kv[:, 0], graph, scale, projected_edges(w_edge, edge_attr))
+        return self._finish(out, x_dst, edge_index, graph, alpha, want_alpha)
+
+    def _finish(self, out, x_dst, edge_index, graph, alpha, want_alpha):
+        H, C = self.heads, self.out_channels
         out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
         if self.root_weight:
             x_r = self.lin_skip(x_dst)

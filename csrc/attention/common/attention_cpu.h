@@ -211,6 +211,10 @@ inline void row_dots(const scalar_t* go, const scalar_t* out, int64_t H, int64_t
 //   void accumulate(acc_t* acc_h, rescale, w, j, edge, h)   acc_h = acc_h * rescale + w value
 //   int64_t H, C                        heads and channels per head
 //   int64_t edge_cost                   the split's cost of an edge, in channels (H C = 1)
+// and, optionally, when a head accumulates more than the C values of its output:
+//   int64_t acc_width()                 a head's accumulator (default C)
+//   void finish(acc_t* acc_h, h, acc_t inv, scalar_t* out_h)   out_h from acc_h / sum
+//                                       (acc_h is the variant's to overwrite)
 // out [N_dst, H, C] (or [N_dst, H * C]) and lse [N_dst, H] are written; N_dst = out's rows.
 template <typename scalar_t, typename index_t, typename V>
 void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::Tensor& col_t,
@@ -220,10 +224,12 @@ void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::
   const CsrView<index_t> g(rowptr_t, col_t, eid_t);
   const Dropout<acc_t> drop(dropout, seed);
   const int64_t n_dst = out_t.size(0), H = var.H, C = var.C, HC = H * C;
+  int64_t W = C;  // a head's accumulator
+  if constexpr (requires { var.acc_width(); }) W = var.acc_width();
   scalar_t* out = out_t.data_ptr<scalar_t>();
   acc_t* lse = lse_t.data_ptr<acc_t>();
   parallel_rows_by_cost(g.rowptr, n_dst, var.edge_cost * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(var.row_size()), acc(HC), m(H), s(H);
+    std::vector<acc_t> row(var.row_size()), acc(H * W), m(H), s(H);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
@@ -238,7 +244,7 @@ void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::
           const acc_t x = var.logit(row.data(), j, edge, h);
           acc_t rescale, w;
           online_softmax_step(x, m[h], s[h], rescale, w);
-          var.accumulate(acc.data() + h * C, rescale, drop.apply(w, edge, h), j, edge, h);
+          var.accumulate(acc.data() + h * W, rescale, drop.apply(w, edge, h), j, edge, h);
         }
       }
       for (int64_t h = 0; h < H; ++h) {
@@ -246,8 +252,12 @@ void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::
         const acc_t inv = any ? acc_t(1) / s[h] : acc_t(0);
         lse[i * H + h] = any ? m[h] + std::log(s[h]) : acc_t(0);
         scalar_t* o = out + i * HC + h * C;
-        const acc_t* a = acc.data() + h * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
+        acc_t* a = acc.data() + h * W;
+        if constexpr (requires { var.finish(a, h, inv, o); }) {
+          var.finish(a, h, inv, o);
+        } else {
+          for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
+        }
       }
     }
   });

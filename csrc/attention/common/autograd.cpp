@@ -54,6 +54,8 @@ constexpr Variant kGat{"gat", 0, "neptune_ext.ops.sparse_graph_attention"};     
 constexpr Variant kGatAtt{"gat_att", 0, "neptune_ext.nn.GraphAttention"};             // h
 constexpr Variant kGatv2{"gatv2", 0, "neptune_ext.ops.gatv2_attention"};              // x_l
 constexpr Variant kTransformer{"transformer", 1, "neptune_ext.ops.transformer_attention"};  // k
+constexpr Variant kTransformerEdge{"transformer_edge", 1,
+                                   "neptune_ext.ops.transformer_edge_attention"};  // kv
 
 // The op neptune::<name>, looked up once.
 template <typename Sig>
@@ -153,4 +155,6 @@ TORCH_LIBRARY_IMPL(neptune, Autograd, m) {
   m.impl("gat_att_forward", &neptune::AttentionFunction<neptune::kGatAtt>::apply_op);
   m.impl("gatv2_forward", &neptune::AttentionFunction<neptune::kGatv2>::apply_op);
   m.impl("transformer_forward", &neptune::AttentionFunction<neptune::kTransformer>::apply_op);
+  m.impl("transformer_edge_forward",
+         &neptune::AttentionFunction<neptune::kTransformerEdge>::apply_op);
 }

@@ -62,4 +62,45 @@ inline void check_transformer_entry(const at::Tensor& q, const at::Tensor& k, co
 AttentionForward transformer_forward_cpu, transformer_forward_cuda;
 AttentionBackward transformer_backward_cpu, transformer_backward_cuda;
 
+// The graph transformer with its edge features projected inside (PyG's TransformerConv with
+// edge_dim: e_ij = W_e edge_attr[e], added to the key and the value), per head h:
+//
+//   s_ij  = scale * <q[i], k[j] + W_e[h] a_e>  = <q~_i, k[j]> + <W_e[h]^T q~_i, a_e>
+//   out_i = sum_j a'_ij (v[j] + W_e[h] a_e)     = sum_j a'_ij v[j] + W_e[h] sum_j a'_ij a_e
+//
+// with q~ = scale q, a_e = edge_attr[e] (D values) and W_e [H, C, D]: the projection moves
+// through the dot product and the sum, so per edge only D-wide terms are computed (per
+// row, W_e^T q~_i and W_e^T dOut_i), and nothing of size E x H x C exists - TransformerConv
+// and the plain op above both hold lin_edge(edge_attr) [E, H * C]. k and v come as one
+// tensor kv [N_src, 2, H, C] (one GEMM of the layer gives both). Backward (passes as above,
+// with u_i = sum_j dS_ij a_e and t_i = sum_j a'_ij a_e per head, D values each):
+//   grad q[i]     = scale (sum_j dS_ij k[j] + W_e u_i)
+//   grad W_e[h]   = sum_i scale q_i[h] u_i[h]^T + dOut_i[h] t_i[h]^T   (fixed blocks of
+//                   destinations, then the blocks in order: no atomics)
+//   grad a_e      = sum_h dS_ij[h] W_e[h]^T q~_i[h] + a'_ij[h] W_e[h]^T dOut_i[h]
+// Without edge_attr it is the plain op on kv (W_e then gets a zero gradient). CPU only: on
+// CUDA the layer projects the edges and calls the plain op.
+inline void check_transformer_edge_entry(const at::Tensor& q, const at::Tensor& kv,
+                                         const at::Tensor& w, const at::Tensor& rowptr,
+                                         const at::Tensor& col, const at::Tensor& eid,
+                                         const std::optional<at::Tensor>& edge_attr,
+                                         double scale, double dropout, const char* op) {
+  TORCH_CHECK(q.dim() == 3, op, ": q must be [N_dst, H, C], got ", q.sizes());
+  const auto H = q.size(1), C = q.size(2);
+  TORCH_CHECK(kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == H && kv.size(3) == C, op,
+              ": kv must be [N_src, 2, H, C] with H = ", H, ", C = ", C, ", got ", kv.sizes());
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == H && w.size(1) == C, op,
+              ": w_edge must be [H, C, D] with H = ", H, ", C = ", C, ", got ", w.sizes());
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) == q.size(0) + 1, op,
+              ": rowptr must be [N_dst + 1] = [", q.size(0) + 1, "], got ", rowptr.sizes());
+  check_attention_args(op, {q, kv, w}, "q, kv and w_edge", rowptr, col, eid, edge_attr,
+                       "edge_attr", {w.size(2)}, scale, "scale", dropout);
+  check_csr(rowptr, col, eid, kv.size(0), q.size(0), op);
+}
+
+// (q [N_dst, H, C], kv [N_src, 2, H, C], w_edge [H, C, D]), edge_attr [E, D] -> (out, lse);
+// backward: (grad_q, grad_kv, grad_w_edge, grad_edge_attr). CPU only.
+AttentionForward transformer_edge_forward_cpu;
+AttentionBackward transformer_edge_backward_cpu;
+
 }  // namespace neptune

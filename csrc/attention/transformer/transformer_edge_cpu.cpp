@@ -1,0 +1,361 @@
+// Graph-transformer attention with its edge features projected inside, on the CPU
+// (semantics and passes: transformer.h, "projected inside").
+//
+// The forward is the shared one (attention_cpu.h) with a variant whose row scratch holds
+// q~_i = scale q_i and W_e^T q~_i, and whose head accumulator holds, beside sum_j w v_j,
+// the D values sum_j w a_e that W_e turns into the edge part of the output once per row.
+// The backward is the plain op's (transformer_cpu.cpp) with D-wide edge terms: per row
+// W_e^T q~_i and W_e^T dOut_i, computed once. One thread owns a row in every pass; grad
+// W_e is summed per fixed block of destinations and then over the blocks in order. No
+// atomics: bitwise the same for any thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "attention/common/attention_cpu.h"
+#include "attention/common/attention_math.h"
+#include "attention/transformer/transformer.h"
+
+namespace neptune {
+namespace {
+
+// Destinations per block of the fixed-order grad W_e reduction.
+constexpr int64_t kEdgeWeightBlock = 64;
+
+template <typename scalar_t, typename acc_t>
+struct TransformerEdgeForward {
+  const scalar_t* q;   // [N_dst, H, C]
+  const scalar_t* kv;  // [N_src, 2, H, C]
+  const scalar_t* w;   // [H, C, D]
+  const scalar_t* wt;  // the same, [H, D, C]
+  const scalar_t* ea;  // [E, D] or nullptr
+  int64_t H, C, D;
+  acc_t scale;
+  int64_t edge_cost = 2;
+  int64_t HC() const { return H * C; }
+  const scalar_t* k_row(int64_t j, int64_t h) const { return kv + (2 * j * H + h) * C; }
+  const scalar_t* v_row(int64_t j, int64_t h) const { return kv + ((2 * j + 1) * H + h) * C; }
+  const scalar_t* edge_row(int64_t edge) const { return ea + edge * D; }
+  // The row's scratch: q~_i [H, C], then W_e^T q~_i [H, D].
+  int64_t row_size() const { return H * C + H * D; }
+  void begin_row(acc_t* r, int64_t i) const {
+    load_scaled(r, q + i * H * C, scale, H * C);
+    project_rows(r, r + H * C);
+  }
+  // out[h] = W_e[h]^T x[h] (D values per head) for x [H, C] in the accumulation type.
+  void project_rows(const acc_t* x, acc_t* out) const {
+    std::fill(out, out + H * D, acc_t(0));
+    if (!ea) return;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xc = x[h * C + c];
+        const scalar_t* wr = w + (h * C + c) * D;
+        acc_t* o = out + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] += xc * static_cast<acc_t>(wr[d]);
+      }
+  }
+  void prefetch(int64_t j, int64_t edge) const {
+    prefetch_row(kv + 2 * j * H * C, 2 * H * C);
+    if (ea) __builtin_prefetch(ea + edge * D, 0, 1);
+  }
+  // The logit from the row's q~ and W_e^T q~ (forward and backward call this one function
+  // on the same operands, so a = exp(x - lse) is the forward's weight to the bit).
+  acc_t logit_from(const acc_t* qs, const acc_t* qp, int64_t j, int64_t edge, int64_t h) const {
+    acc_t x = dot_channels<acc_t>(qs + h * C, k_row(j, h), C);
+    if (ea) x += dot_channels<acc_t>(qp + h * D, edge_row(edge), D);
+    return x;
+  }
+  acc_t logit(const acc_t* r, int64_t j, int64_t edge, int64_t h) const {
+    return logit_from(r, r + H * C, j, edge, h);
+  }
+  // A head's accumulator: sum w v_j (C values), then sum w a_e (D values).
+  int64_t acc_width() const { return C + D; }
+  void accumulate(acc_t* a, acc_t rescale, acc_t wt, int64_t j, int64_t edge, int64_t h) const {
+    axpy_rescaled<scalar_t, acc_t>(a, rescale, wt, v_row(j, h), nullptr, C);
+    if (ea) axpy_rescaled<scalar_t, acc_t>(a + C, rescale, wt, edge_row(edge), nullptr, D);
+  }
+  // x[h] += W_e[h] y[h] (C values) for y [D].
+  void unproject(acc_t* x, const acc_t* y, int64_t h) const {
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t yd = y[d];
+      const scalar_t* wr = wt + (h * D + d) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) x[c] += yd * static_cast<acc_t>(wr[c]);
+    }
+  }
+  void finish(acc_t* a, int64_t h, acc_t inv, scalar_t* o) const {
+    if (ea) unproject(a, a + C, h);
+    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
+  }
+};
+
+template <typename scalar_t, typename index_t>
+void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
+                     const TransformerEdgeForward<scalar_t, at::opmath_type<scalar_t>>& fwd,
+                     int64_t n_src, int64_t n_dst, at::Tensor& gq_t, at::Tensor& gkv_t,
+                     at::Tensor& gw_t, at::Tensor& gea_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  NEPTUNE_UNPACK_BACKWARD(b);
+  const int64_t H = fwd.H, C = fwd.C, D = fwd.D, HC = H * C, HD = H * D;
+  const scalar_t* q = fwd.q;
+  const scalar_t* w = fwd.w;
+  const bool edges = fwd.ea != nullptr;
+  const acc_t scale = fwd.scale;
+  scalar_t* gq = gq_t.data_ptr<scalar_t>();
+  scalar_t* gkv = gkv_t.data_ptr<scalar_t>();
+  scalar_t* gea = edges ? gea_t.data_ptr<scalar_t>() : nullptr;
+
+  // Per destination: W_e^T q~_i (as the forward's row scratch) and W_e^T dOut_i, and D_i.
+  // D_i = <dOut_i, out_i> for float32/float64; from the edges in the accumulation type for
+  // a rounded bfloat16/float16 out (see transformer_cpu.cpp).
+  at::Tensor qp_t = at::empty({n_dst, HD}, b.scratch);
+  at::Tensor op_t = at::empty({n_dst, HD}, b.scratch);
+  at::Tensor d_t = at::empty({n_dst, H}, b.scratch);
+  acc_t* QP = qp_t.data_ptr<acc_t>();
+  acc_t* OP = op_t.data_ptr<acc_t>();
+  acc_t* Dv = d_t.data_ptr<acc_t>();
+  constexpr bool kExactD = !std::is_same_v<scalar_t, acc_t>;
+  parallel_rows_by_cost(csr.rowptr, n_dst, kExactD ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(fwd.row_size()), goi(HC);
+    for (int64_t i = begin; i < end; ++i) {
+      fwd.begin_row(row.data(), i);
+      std::copy(row.begin() + HC, row.end(), QP + i * HD);
+      load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
+      fwd.project_rows(goi.data(), OP + i * HD);
+      if constexpr (!kExactD) {
+        row_dots(go + i * HC, out + i * HC, H, C, Dv + i * H);
+        continue;
+      }
+      for (int64_t h = 0; h < H; ++h) Dv[i * H + h] = 0;
+      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
+        const int64_t j = csr.col[e], edge = csr.eid[e];
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t a = drop.apply(std::exp(fwd.logit(row.data(), j, edge, h) - lse[i * H + h]), edge, h);
+          if (a == acc_t(0)) continue;
+          acc_t g = dot_channels<acc_t>(goi.data() + h * C, fwd.v_row(j, h), C);
+          if (edges) g += dot_channels<acc_t>(OP + i * HD + h * D, fwd.edge_row(edge), D);
+          Dv[i * H + h] += a * g;
+        }
+      }
+    }
+  });
+
+  // Pass 1: sources, over the transposed graph: dS and a' per edge (scratch, CSR positions),
+  // grad k[j] = scale sum_i dS q_i, grad v[j] = sum_i a' dOut_i.
+  at::Tensor ds_t = at::empty({E, 2 * H}, b.scratch);
+  acc_t* ds = ds_t.data_ptr<acc_t>();
+  parallel_rows_by_cost(csc.colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qs(HC), ak(HC), av(HC);
+    for (int64_t j = begin; j < end; ++j) {
+      std::fill(ak.begin(), ak.end(), acc_t(0));
+      std::fill(av.begin(), av.end(), acc_t(0));
+      for (int64_t t = csc.colptr[j]; t < csc.colptr[j + 1]; ++t) {
+        if (t + kPrefetchDistance < E) {
+          const int64_t in = csc.row[t + kPrefetchDistance], en = csc.perm[t + kPrefetchDistance];
+          prefetch_row(go + in * HC, HC);
+          prefetch_row(q + in * HC, HC);
+          __builtin_prefetch(lse + in * H, 0, 1);
+          __builtin_prefetch(Dv + in * H, 0, 1);
+          __builtin_prefetch(ds + en * 2 * H, 1, 1);  // written below: a random write per edge
+          __builtin_prefetch(csr.eid + en, 0, 1);
+          if (edges) {
+            prefetch_row(QP + in * HD, HD);
+            prefetch_row(OP + in * HD, HD);
+            __builtin_prefetch(fwd.edge_row(csr.eid[en]), 0, 1);
+          }
+        }
+        const int64_t i = csc.row[t], e = csc.perm[t];
+        const int64_t edge = csr.eid[e];
+        const scalar_t* goi = go + i * HC;
+        load_scaled(qs.data(), q + i * HC, scale, HC);
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t o = h * C;
+          const acc_t x = fwd.logit_from(qs.data(), QP + i * HD, j, edge, h);
+          const acc_t a = std::exp(x - lse[i * H + h]);
+          const acc_t a_kept = drop.apply(a, edge, h);
+          acc_t g = 0;
+          if (a_kept != acc_t(0)) {
+            g = dot_channels<acc_t>(goi + o, fwd.v_row(j, h), C);
+            if (edges) g += dot_channels<acc_t>(OP + i * HD + h * D, fwd.edge_row(edge), D);
+          }
+          const acc_t d = a_kept * g - a * Dv[i * H + h];
+          ds[e * 2 * H + h] = d;
+          ds[e * 2 * H + H + h] = a_kept;
+          if (d == acc_t(0) && a_kept == acc_t(0)) continue;  // a masked edge: no 0 * inf
+          const acc_t* qh = qs.data() + o;  // scale q_i: grad k = dS q~_i
+          const scalar_t* gh = goi + o;
+          acc_t* akh = ak.data() + o;
+          acc_t* avh = av.data() + o;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            akh[c] += d * qh[c];
+            avh[c] += a_kept * static_cast<acc_t>(gh[c]);
+          }
+        }
+      }
+      scalar_t* gk = gkv + 2 * j * HC;
+      for (int64_t c = 0; c < HC; ++c) {
+        gk[c] = static_cast<scalar_t>(ak[c]);
+        gk[HC + c] = static_cast<scalar_t>(av[c]);
+      }
+    }
+  });
+
+  // Pass 2: destinations: grad q = scale (sum_j dS k_j + W_e u_i); u_i and t_i kept for grad
+  // W_e; grad edge_attr per edge from the row's W_e^T q~_i and W_e^T dOut_i.
+  at::Tensor ut_t = at::empty({n_dst, 2 * HD}, b.scratch);
+  acc_t* UT = ut_t.data_ptr<acc_t>();
+  parallel_rows_by_cost(csr.rowptr, n_dst, HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gqi(HC), gea_row(D);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(gqi.begin(), gqi.end(), acc_t(0));
+      acc_t* u = UT + i * 2 * HD;
+      acc_t* tt = u + HD;
+      std::fill(u, u + 2 * HD, acc_t(0));
+      const acc_t* qp = QP + i * HD;
+      const acc_t* op = OP + i * HD;
+      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
+        if (e + kPrefetchDistance < E) {
+          prefetch_row(fwd.k_row(csr.col[e + kPrefetchDistance], 0), HC);
+          if (edges) {
+            const int64_t en = csr.eid[e + kPrefetchDistance];
+            __builtin_prefetch(fwd.edge_row(en), 0, 1);
+            __builtin_prefetch(gea + en * D, 1, 1);  // written below
+          }
+        }
+        const int64_t j = csr.col[e];
+        const int64_t edge = csr.eid[e];
+        const scalar_t* ae = edges ? fwd.edge_row(edge) : nullptr;
+        scalar_t* ge = edges ? gea + edge * D : nullptr;
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t d = ds[e * 2 * H + h];
+          const acc_t a_kept = ds[e * 2 * H + H + h];
+          if (d == acc_t(0) && a_kept == acc_t(0)) continue;  // a masked edge: no 0 * inf
+          const scalar_t* kh = fwd.k_row(j, h);
+          acc_t* gh = gqi.data() + h * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gh[c] += d * static_cast<acc_t>(kh[c]);
+          if (!ae) continue;
+          acc_t* uh = u + h * D;
+          acc_t* th = tt + h * D;
+#pragma omp simd
+          for (int64_t dd = 0; dd < D; ++dd) {
+            const acc_t x = static_cast<acc_t>(ae[dd]);
+            uh[dd] += d * x;
+            th[dd] += a_kept * x;
+          }
+        }
+        if (!ge) continue;
+        std::fill(gea_row.begin(), gea_row.end(), acc_t(0));
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t d = ds[e * 2 * H + h], a_kept = ds[e * 2 * H + H + h];
+          const acc_t* qph = qp + h * D;
+          const acc_t* oph = op + h * D;
+#pragma omp simd
+          for (int64_t dd = 0; dd < D; ++dd) gea_row[dd] += d * qph[dd] + a_kept * oph[dd];
+        }
+        for (int64_t dd = 0; dd < D; ++dd) ge[dd] = static_cast<scalar_t>(gea_row[dd]);
+      }
+      if (edges)
+        for (int64_t h = 0; h < H; ++h) fwd.unproject(gqi.data() + h * C, u + h * D, h);
+      for (int64_t c = 0; c < HC; ++c) gq[i * HC + c] = static_cast<scalar_t>(gqi[c] * scale);
+    }
+  });
+
+  // grad W_e[h][c][d] = sum_i scale q_i[h][c] u_i[h][d] + dOut_i[h][c] t_i[h][d]: per fixed
+  // block of destinations, then over the blocks in order.
+  const int64_t n_blocks = (n_dst + kEdgeWeightBlock - 1) / kEdgeWeightBlock;
+  const int64_t HCD = HC * D;
+  at::Tensor part_t = at::zeros({std::max<int64_t>(n_blocks, 1), HCD}, b.scratch);
+  acc_t* part = part_t.data_ptr<acc_t>();
+  if (edges && HCD > 0) {
+    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        acc_t* p = part + blk * HCD;
+        const int64_t i_end = std::min(n_dst, (blk + 1) * kEdgeWeightBlock);
+        for (int64_t i = blk * kEdgeWeightBlock; i < i_end; ++i) {
+          const acc_t* u = UT + i * 2 * HD;
+          const acc_t* tt = u + HD;
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t qc = scale * static_cast<acc_t>(q[i * HC + h * C + c]);
+              const acc_t gc = static_cast<acc_t>(go[i * HC + h * C + c]);
+              acc_t* pr = p + (h * C + c) * D;
+              const acc_t* uh = u + h * D;
+              const acc_t* th = tt + h * D;
+#pragma omp simd
+              for (int64_t dd = 0; dd < D; ++dd) pr[dd] += qc * uh[dd] + gc * th[dd];
+            }
+        }
+      }
+    });
+  }
+  // The blocks in order, each entry summed over them from block 0 up (a pass over the
+  // partial sums in memory order).
+  scalar_t* gw = gw_t.data_ptr<scalar_t>();
+  at::parallel_for(0, HCD, 256, [&](int64_t x0, int64_t x1) {
+    std::vector<acc_t> sum(x1 - x0, acc_t(0));
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const acc_t* pb = part + blk * HCD + x0;
+#pragma omp simd
+      for (int64_t x = 0; x < x1 - x0; ++x) sum[x] += pb[x];
+    }
+    for (int64_t x = x0; x < x1; ++x) gw[x] = static_cast<scalar_t>(sum[x - x0]);
+  });
+}
+
+// wt: w [H, C, D] as [H, D, C] (contiguous), which the caller keeps alive.
+template <typename scalar_t>
+TransformerEdgeForward<scalar_t, at::opmath_type<scalar_t>> make_variant(
+    const at::Tensor& q, const at::Tensor& kv, const at::Tensor& w, const at::Tensor& wt,
+    const std::optional<at::Tensor>& edge_attr, double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return {q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+          wt.data_ptr<scalar_t>(), data_or_null<scalar_t>(edge_attr), q.size(1), q.size(2),
+          w.size(2), static_cast<acc_t>(scale)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> transformer_edge_forward_cpu(
+    NEPTUNE_ATTENTION_FORWARD_PARAMS(q, kv, w_edge, edge_attr, scale)) {
+  check_transformer_edge_entry(q, kv, w_edge, rowptr, col, eid, edge_attr, scale, dropout,
+                               "neptune::transformer_edge_forward");
+  const at::Tensor wt = w_edge.transpose(1, 2).contiguous();
+  return attention_forward_cpu(q, q.sizes(), q.size(1), rowptr, col, eid, dropout, seed,
+                               [&](auto* type) {
+                                 using scalar_t = std::remove_pointer_t<decltype(type)>;
+                                 return make_variant<scalar_t>(q, kv, w_edge, wt, edge_attr, scale);
+                               });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_edge_backward_cpu(
+    NEPTUNE_ATTENTION_BACKWARD_PARAMS(q, kv, w_edge, edge_attr, scale)) {
+  const char* op = "neptune::transformer_edge_backward";
+  check_transformer_edge_entry(q, kv, w_edge, rowptr, col, eid, edge_attr, scale, dropout, op);
+  check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, kv.size(0), q.size(0), op);
+  check_attention_backward_tensors(op, grad_out, out, lse, q.scalar_type(), q.sizes(), q.size(1));
+  const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
+  at::Tensor gq = at::empty_like(q);
+  at::Tensor gkv = at::empty_like(kv);
+  at::Tensor gw = at::empty_like(w_edge);
+  const at::Tensor wt = w_edge.transpose(1, 2).contiguous();
+  at::Tensor gea = edge_attr.has_value() ? at::empty_like(*edge_attr) : at::empty({0}, q.options());
+  NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_edge_backward_cpu", [&] {
+    backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON,
+                                       make_variant<scalar_t>(q, kv, w_edge, wt, edge_attr, scale),
+                                       kv.size(0), q.size(0), gq, gkv, gw, gea);
+  });
+  return {gq, gkv, gw, gea};
+}
+
+}  // namespace neptune
