@@ -26,20 +26,34 @@ from .spec import kernel_csc
 __all__ = ["transformer_attention", "transformer_attention_weights", "transformer_edge_attention"]
 
 
+def _run(op, a, b, c, graph: Graph, edge, scale: float, p: float, seed):
+    """The output of a transformer op's kernel (the transposed graph only when backward will
+    need it)."""
+    colptr, csc_row, csc_perm = kernel_csc(graph, a, b, c, edge)
+    out, _ = op(a.contiguous(), b.contiguous(), c.contiguous(), graph.rowptr, graph.col, graph.eid,
+                colptr, csc_row, csc_perm, None if edge is None else edge.contiguous(), scale, p, seed)
+    return out
+
+
+def _check_q_and_scale(q, graph, scale):
+    """The checks both transformer ops make of the queries and the scale."""
+    _check(q.dim() == 3 and q.shape[2] > 0, lambda: f"q must have shape [N_dst, H, C] with C > 0, got {list(q.shape)}")
+    _check(q.shape[0] == graph.num_dst,
+           lambda: f"q has {q.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
+    _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                             and math.isfinite(scale)), lambda: f"scale must be None or a finite float, got {scale!r}")
+
+
 def _validate(q, k, v, graph, scale, edge_feat, dropout):
     attention_spec.check_tensors(graph, (("q", q), ("k", k), ("v", v)))
-    _check(q.dim() == 3 and q.shape[2] > 0, lambda: f"q must have shape [N_dst, H, C] with C > 0, got {list(q.shape)}")
+    _check_q_and_scale(q, graph, scale)
     H, C = q.shape[1], q.shape[2]
     _check(k.dim() == 3 and tuple(k.shape[1:]) == (H, C),
            lambda: f"k must have shape [N_src, H, C] with H, C = {H}, {C}, got {list(k.shape)}")
     _check(tuple(v.shape) == tuple(k.shape), lambda: f"v must have the shape of k, {list(k.shape)}, got {list(v.shape)}")
     _check(k.shape[0] == graph.num_src, lambda: f"k has {k.shape[0]} source nodes but the graph has num_src = {graph.num_src}")
-    _check(q.shape[0] == graph.num_dst,
-           lambda: f"q has {q.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
     attention_spec.check_placement(graph, ("q", q), (("k", k), ("v", v)), ("edge_feat", edge_feat),
                                    (graph.num_edges, H, C), dropout)
-    _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                             and math.isfinite(scale)), lambda: f"scale must be None or a finite float, got {scale!r}")
 
 
 def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, graph: Graph,
@@ -78,11 +92,7 @@ def transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gra
 
     if attention_spec.runs_kernel("transformer_forward", q.device.type, q.shape[1], q.shape[2],
                                   warp_row=True):
-        colptr, csc_row, csc_perm = kernel_csc(graph, q, k, v, edge_feat)
-        out, lse = torch.ops.neptune.transformer_forward(
-            q.contiguous(), k.contiguous(), v.contiguous(), graph.rowptr, graph.col, graph.eid,
-            colptr, csc_row, csc_perm, None if edge_feat is None else edge_feat.contiguous(),
-            scale, p, seed)
+        out = _run(torch.ops.neptune.transformer_forward, q, k, v, graph, edge_feat, scale, p, seed)
         if not return_attention:
             return out
         return out, transformer_attention_weights(q, k, graph, scale, edge_feat, p, seed)
@@ -116,15 +126,13 @@ def projected_edges(w_edge: torch.Tensor, edge_attr: Optional[torch.Tensor]) -> 
 
 def _validate_edge(q, kv, w_edge, graph, scale, edge_attr, dropout):
     attention_spec.check_tensors(graph, (("q", q), ("kv", kv), ("w_edge", w_edge)))
-    _check(q.dim() == 3 and q.shape[2] > 0, lambda: f"q must have shape [N_dst, H, C] with C > 0, got {list(q.shape)}")
+    _check_q_and_scale(q, graph, scale)
     H, C = q.shape[1], q.shape[2]
     _check(kv.dim() == 4 and tuple(kv.shape[1:]) == (2, H, C),
            lambda: f"kv must have shape [N_src, 2, H, C] with H, C = {H}, {C}, got {list(kv.shape)}")
     _check(w_edge.dim() == 3 and tuple(w_edge.shape[:2]) == (H, C),
            lambda: f"w_edge must have shape [H, C, D] with H, C = {H}, {C}, got {list(w_edge.shape)}")
     _check(kv.shape[0] == graph.num_src, lambda: f"kv has {kv.shape[0]} source nodes but the graph has num_src = {graph.num_src}")
-    _check(q.shape[0] == graph.num_dst,
-           lambda: f"q has {q.shape[0]} destination nodes but the graph has num_dst = {graph.num_dst}")
     if edge_attr is not None:
         D = w_edge.shape[2]
         _check(isinstance(edge_attr, torch.Tensor) and edge_attr.is_floating_point(),
@@ -135,8 +143,6 @@ def _validate_edge(q, kv, w_edge, graph, scale, edge_attr, dropout):
         _check(edge_attr.device == q.device, lambda: f"edge_attr is on {edge_attr.device} but q is on {q.device}")
     attention_spec.check_placement(graph, ("q", q), (("kv", kv), ("w_edge", w_edge)), ("edge_attr", None),
                                    None, dropout)
-    _check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                             and math.isfinite(scale)), lambda: f"scale must be None or a finite float, got {scale!r}")
 
 
 def transformer_edge_attention(q: torch.Tensor, kv: torch.Tensor, w_edge: torch.Tensor, graph: Graph,
@@ -160,11 +166,7 @@ def transformer_edge_attention(q: torch.Tensor, kv: torch.Tensor, w_edge: torch.
         return transformer_attention(q, kv[:, 0], kv[:, 1], graph, scale, None, p, p > 0.0,
                                      return_attention, seed)
     if attention_spec.runs_kernel("transformer_edge_forward", q.device.type):
-        colptr, csc_row, csc_perm = kernel_csc(graph, q, kv, w_edge, edge_attr)
-        out, lse = torch.ops.neptune.transformer_edge_forward(
-            q.contiguous(), kv.contiguous(), w_edge.contiguous(), graph.rowptr, graph.col, graph.eid,
-            colptr, csc_row, csc_perm, None if edge_attr is None else edge_attr.contiguous(),
-            scale, p, seed)
+        out = _run(torch.ops.neptune.transformer_edge_forward, q, kv, w_edge, graph, edge_attr, scale, p, seed)
         if not return_attention:
             return out
         return out, transformer_attention_weights(q, kv[:, 0], graph, scale, projected_edges(w_edge, edge_attr),
