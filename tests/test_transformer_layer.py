@@ -184,3 +184,61 @@ def test_clear_errors():
         GraphTransformer(0, 2)
     with pytest.raises(ValueError, match="x has 5 features"):
         GraphTransformer(4, 2)(torch.randn(6, 5), ei)
+
+
+# ------------------------------------------------------------------ edge features inside the op
+
+def _grad_errors(m, ref64, x, ei, ea, go, dtype):
+    """Max error of grad x and grad lin_key.weight of m (in dtype) against ref64's float64,
+    and the largest true gradient of each."""
+    def grads(mod, dt):
+        mod.zero_grad()
+        xx = x.to(dt).detach().requires_grad_()
+        out = mod(xx, ei, ea.to(dt))
+        (out.double() * go).sum().backward()
+        return xx.grad.double(), mod.lin_key.weight.grad.double()
+    truth = grads(ref64, torch.float64)
+    got = grads(m.to(dtype), dtype)
+    return [(a - b).abs().max().item() for a, b in zip(got, truth)], [t.abs().max().item() for t in truth]
+
+
+def test_saturated_softmax_gradients_as_accurate_as_transformer_conv():
+    """Logits in the thousands (one edge takes all the weight): the gradients through the
+    softmax cancel to rounding, as TransformerConv's autograd makes them (the kernel sums
+    D_i from the same products as the edges' dS, not from the output)."""
+    x = torch.randn(30, 8, dtype=torch.float64) * 1000
+    ea = torch.randn(200, 4, dtype=torch.float64) * 1000
+    ei = torch.randint(0, 30, (2, 200))
+    ref = TransformerConv(8, 4, heads=3, edge_dim=4).double()
+    go = torch.randn(30, 12, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        ours = GraphTransformer(8, 4, heads=3, edge_dim=4).double()
+        ours.load_state_dict(ref.state_dict())
+        peer = TransformerConv(8, 4, heads=3, edge_dim=4).double()
+        peer.load_state_dict(ref.state_dict())
+        e_ours, size = _grad_errors(ours, ref, x, ei, ea, go, dtype)
+        e_peer, _ = _grad_errors(peer, ref, x, ei, ea, go, dtype)
+        eps = torch.finfo(dtype).eps
+        for a, b, m in zip(e_ours, e_peer, size):
+            assert a <= 4 * b + 64 * eps * max(m, 1.0), (dtype, e_ours, e_peer, size)
+
+
+def test_edge_attr_of_another_dtype_raises_as_transformer_conv(monkeypatch):
+    conv = GraphTransformer(6, 4, heads=3, edge_dim=3)
+    x, ei = torch.randn(10, 6), torch.randint(0, 10, (2, 25))
+    for force in ("0", "1"):
+        monkeypatch.setenv("NEPTUNE_FORCE_REFERENCE", force)
+        with pytest.raises(RuntimeError, match="same dtype"):
+            conv(x, ei, torch.randn(25, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("module", ["lin_key", "lin_value", "lin_edge"])
+def test_forward_hooks_on_the_projections_run(module):
+    """The projections' weights are used directly only while nothing hooks the modules."""
+    x, ei, ea = torch.randn(12, 6), torch.randint(0, 12, (2, 40)), torch.randn(40, 3)
+    ref = TransformerConv(6, 4, heads=3, edge_dim=3)
+    ours = GraphTransformer(6, 4, heads=3, edge_dim=3)
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):
+        getattr(m, module).register_forward_hook(lambda mod, inp, out: out * 2)
+    torch.testing.assert_close(ours(x, ei, ea), ref(x, ei, ea), rtol=1e-5, atol=1e-5)

@@ -20,6 +20,14 @@ from .layer import AttentionBase, autocast_on, linear, materialize
 Tensor = torch.Tensor
 
 
+def _plain_linear(m) -> bool:
+    """A torch Linear computing exactly ``x W^T + b``: not a subclass or a parametrized
+    module, and no forward hook or pre-hook (on it, or global) that could change it."""
+    hooks = torch.nn.modules.module
+    return (type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+            and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks))
+
+
 class GraphTransformer(AttentionBase):
     r"""The graph transformer layer (Shi et al. 2021, "UniMP"), a drop-in for
     ``torch_geometric.nn.TransformerConv``.
@@ -113,8 +121,7 @@ class GraphTransformer(AttentionBase):
         graph = prepared.graph
         scale = 1.0 / math.sqrt(C)
 
-        if (edge_attr is not None and self.lin_edge is not None and not self._explaining()
-                and runs_kernel("transformer_edge_forward", x_src.device.type)):
+        if self._edges_inside(x_src, edge_attr):
             return self._forward_projected_edges(x_src, x_dst, q, edge_attr, prepared, scale,
                                                  edge_index, want_alpha)
         k = self.lin_key(x_src).view(-1, H, C)
@@ -134,6 +141,22 @@ class GraphTransformer(AttentionBase):
                 alpha = transformer_attention_weights(q, k, graph, scale, edge_feat)
 
         return self._finish(out, x_dst, edge_index, graph, alpha, want_alpha)
+
+    def _edges_inside(self, x_src: Tensor, edge_attr) -> bool:
+        """Whether lin_edge can be applied inside the op: edge features and a kernel for them,
+        no explainer, and key/value/edge projections that are plain Linears computing exactly
+        ``x W^T + b`` (no hooks, no parametrization or subclass: their weights are used
+        directly) on edge features of lin_edge's dtype (or under autocast, which casts both;
+        otherwise lin_edge raises as TransformerConv's does, on the path that calls it)."""
+        if edge_attr is None or self.lin_edge is None or self._explaining():
+            return False
+        if not runs_kernel("transformer_edge_forward", x_src.device.type):
+            return False
+        if not all(_plain_linear(m) for m in (self.lin_key, self.lin_value, self.lin_edge)):
+            return False
+        edge_attr = self._edge_attr_2d(edge_attr)
+        materialize(self.lin_edge, edge_attr, "edge_attr", glorot_init=False)
+        return autocast_on(x_src.device.type) or edge_attr.dtype == self.lin_edge.weight.dtype
 
     def _forward_projected_edges(self, x_src, x_dst, q, edge_attr, prepared, scale, edge_index,
                                  want_alpha):

@@ -72,8 +72,10 @@ AttentionBackward transformer_backward_cpu, transformer_backward_cuda;
 // through the dot product and the sum, so per edge only D-wide terms are computed (per
 // row, W_e^T q~_i and W_e^T dOut_i), and nothing of size E x H x C exists - TransformerConv
 // and the plain op above both hold lin_edge(edge_attr) [E, H * C]. k and v come as one
-// tensor kv [N_src, 2, H, C] (one GEMM of the layer gives both). Backward (passes as above,
-// with u_i = sum_j dS_ij a_e and t_i = sum_j a'_ij a_e per head, D values each):
+// tensor kv [N_src, 2, H, C] (one GEMM of the layer gives both). Backward: a destination
+// pass (per edge a, a' and g, D_i = sum_j a'_ij g_ij summed from those same products, then
+// dS, grad q, grad a_e, and u_i = sum_j dS_ij a_e, t_i = sum_j a'_ij a_e per head) and a
+// source pass over the CSC (grad k, grad v from the stored dS and a'):
 //   grad q[i]     = scale (sum_j dS_ij k[j] + W_e u_i)
 //   grad W_e[h]   = sum_i scale q_i[h] u_i[h]^T + dOut_i[h] t_i[h]^T   (fixed blocks of
 //                   destinations, then the blocks in order: no atomics)

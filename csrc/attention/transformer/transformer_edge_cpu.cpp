@@ -4,10 +4,12 @@
 // The forward is the shared one (attention_cpu.h) with a variant whose row scratch holds
 // q~_i = scale q_i and W_e^T q~_i, and whose head accumulator holds, beside sum_j w v_j,
 // the D values sum_j w a_e that W_e turns into the edge part of the output once per row.
-// The backward is the plain op's (transformer_cpu.cpp) with D-wide edge terms: per row
-// W_e^T q~_i and W_e^T dOut_i, computed once. One thread owns a row in every pass; grad
-// W_e is summed per fixed block of destinations and then over the blocks in order. No
-// atomics: bitwise the same for any thread count.
+// The backward walks the destinations first (each edge's softmax weight, dS and the
+// gradients of q and the edge attributes, with D-wide edge terms from the row's
+// W_e^T q~_i and W_e^T dOut_i), then the sources over the transposed graph (the gradients
+// of k and v from the stored dS and a'). One thread owns a row in every pass; grad W_e is
+// summed per fixed block of destinations and then over the blocks in order. No atomics:
+// bitwise the same for any thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -107,54 +109,101 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
   NEPTUNE_UNPACK_BACKWARD(b);
   const int64_t H = fwd.H, C = fwd.C, D = fwd.D, HC = H * C, HD = H * D;
   const scalar_t* q = fwd.q;
-  const scalar_t* w = fwd.w;
   const bool edges = fwd.ea != nullptr;
   const acc_t scale = fwd.scale;
   scalar_t* gq = gq_t.data_ptr<scalar_t>();
   scalar_t* gkv = gkv_t.data_ptr<scalar_t>();
   scalar_t* gea = edges ? gea_t.data_ptr<scalar_t>() : nullptr;
+  (void)out;  // D_i is summed from the edges (below), not read off the output
 
-  // Per destination: W_e^T q~_i (as the forward's row scratch) and W_e^T dOut_i, and D_i.
-  // D_i = <dOut_i, out_i> for float32/float64; from the edges in the accumulation type for
-  // a rounded bfloat16/float16 out (see transformer_cpu.cpp).
-  at::Tensor qp_t = at::empty({n_dst, HD}, b.scratch);
-  at::Tensor op_t = at::empty({n_dst, HD}, b.scratch);
-  at::Tensor d_t = at::empty({n_dst, H}, b.scratch);
-  acc_t* QP = qp_t.data_ptr<acc_t>();
-  acc_t* OP = op_t.data_ptr<acc_t>();
-  acc_t* Dv = d_t.data_ptr<acc_t>();
-  constexpr bool kExactD = !std::is_same_v<scalar_t, acc_t>;
-  parallel_rows_by_cost(csr.rowptr, n_dst, kExactD ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(fwd.row_size()), goi(HC);
+  // Pass 1: destinations (CSR), one row per thread. With the forward's row scratch (q~_i,
+  // W_e^T q~_i) and W_e^T dOut_i, a first walk over the row's edges gives each edge's a, a'
+  // and a' g (g = <dOut_i, v_j + W_e a_e>; scratch at the edge's CSR position) and
+  // D_i = sum_j a'_ij g_ij - the softmax backward's own sum of the same products, so a
+  // row's dS cancel however large the logits (D = <dOut_i, out_i> would not: out sums
+  // the same terms in another order). A second walk over the row: dS = a' g - a D (kept
+  // with a' for pass 2), grad q, u_i = sum_j dS a_e, t_i = sum_j a' a_e (for grad W_e)
+  // and grad edge_attr, each edge written once.
+  const int64_t S = 3 * H;  // per edge: a, a', a' g; then dS, a' for pass 2
+  at::Tensor sc_t = at::empty({E, S}, b.scratch);
+  acc_t* sc = sc_t.data_ptr<acc_t>();
+  at::Tensor ut_t = at::empty({n_dst, 2 * HD}, b.scratch);
+  acc_t* UT = ut_t.data_ptr<acc_t>();
+  parallel_rows_by_cost(csr.rowptr, n_dst, 2 * HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(fwd.row_size()), goi(HC), op(HD), gqi(HC), Dh(H), gea_row(D);
     for (int64_t i = begin; i < end; ++i) {
       fwd.begin_row(row.data(), i);
-      std::copy(row.begin() + HC, row.end(), QP + i * HD);
+      const acc_t* qp = row.data() + HC;
       load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
-      fwd.project_rows(goi.data(), OP + i * HD);
-      if constexpr (!kExactD) {
-        row_dots(go + i * HC, out + i * HC, H, C, Dv + i * H);
-        continue;
-      }
-      for (int64_t h = 0; h < H; ++h) Dv[i * H + h] = 0;
-      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
+      fwd.project_rows(goi.data(), op.data());
+      std::fill(Dh.begin(), Dh.end(), acc_t(0));
+      const int64_t e0 = csr.rowptr[i], e1 = csr.rowptr[i + 1];
+      for (int64_t e = e0; e < e1; ++e) {
+        if (e + kPrefetchDistance < E) fwd.prefetch(csr.col[e + kPrefetchDistance], csr.eid[e + kPrefetchDistance]);
         const int64_t j = csr.col[e], edge = csr.eid[e];
+        acc_t* s = sc + e * S;
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t a = drop.apply(std::exp(fwd.logit(row.data(), j, edge, h) - lse[i * H + h]), edge, h);
-          if (a == acc_t(0)) continue;
-          acc_t g = dot_channels<acc_t>(goi.data() + h * C, fwd.v_row(j, h), C);
-          if (edges) g += dot_channels<acc_t>(OP + i * HD + h * D, fwd.edge_row(edge), D);
-          Dv[i * H + h] += a * g;
+          const acc_t a = std::exp(fwd.logit(row.data(), j, edge, h) - lse[i * H + h]);
+          const acc_t a_kept = drop.apply(a, edge, h);
+          acc_t g = 0;
+          if (a_kept != acc_t(0)) {
+            g = dot_channels<acc_t>(goi.data() + h * C, fwd.v_row(j, h), C);
+            if (edges) g += dot_channels<acc_t>(op.data() + h * D, fwd.edge_row(edge), D);
+          }
+          s[h] = a;
+          s[H + h] = a_kept;
+          s[2 * H + h] = a_kept * g;
+          Dh[h] += a_kept * g;
         }
       }
+      std::fill(gqi.begin(), gqi.end(), acc_t(0));
+      acc_t* u = UT + i * 2 * HD;
+      acc_t* tt = u + HD;
+      std::fill(u, u + 2 * HD, acc_t(0));
+      for (int64_t e = e0; e < e1; ++e) {
+        if (edges && e + kPrefetchDistance < e1)
+          __builtin_prefetch(gea + static_cast<int64_t>(csr.eid[e + kPrefetchDistance]) * D, 1, 1);
+        const int64_t j = csr.col[e], edge = csr.eid[e];
+        const scalar_t* ae = edges ? fwd.edge_row(edge) : nullptr;
+        acc_t* s = sc + e * S;
+        if (ae) std::fill(gea_row.begin(), gea_row.end(), acc_t(0));
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t a_kept = s[H + h];
+          const acc_t d = s[2 * H + h] - s[h] * Dh[h];
+          s[h] = d;  // pass 2 reads dS and a'
+          if (d == acc_t(0) && a_kept == acc_t(0)) continue;  // a masked edge: no 0 * inf
+          const scalar_t* kh = fwd.k_row(j, h);
+          acc_t* gh = gqi.data() + h * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gh[c] += d * static_cast<acc_t>(kh[c]);
+          if (!ae) continue;
+          acc_t* uh = u + h * D;
+          acc_t* th = tt + h * D;
+          const acc_t* qph = qp + h * D;
+          const acc_t* oph = op.data() + h * D;
+#pragma omp simd
+          for (int64_t dd = 0; dd < D; ++dd) {
+            const acc_t x = static_cast<acc_t>(ae[dd]);
+            uh[dd] += d * x;
+            th[dd] += a_kept * x;
+            gea_row[dd] += d * qph[dd] + a_kept * oph[dd];
+          }
+        }
+        if (ae) {
+          scalar_t* ge = gea + edge * D;
+          for (int64_t dd = 0; dd < D; ++dd) ge[dd] = static_cast<scalar_t>(gea_row[dd]);
+        }
+      }
+      if (edges)
+        for (int64_t h = 0; h < H; ++h) fwd.unproject(gqi.data() + h * C, u + h * D, h);
+      for (int64_t c = 0; c < HC; ++c) gq[i * HC + c] = static_cast<scalar_t>(gqi[c] * scale);
     }
   });
 
-  // Pass 1: sources, over the transposed graph: dS and a' per edge (scratch, CSR positions),
-  // grad k[j] = scale sum_i dS q_i, grad v[j] = sum_i a' dOut_i.
-  at::Tensor ds_t = at::empty({E, 2 * H}, b.scratch);
-  acc_t* ds = ds_t.data_ptr<acc_t>();
-  parallel_rows_by_cost(csc.colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qs(HC), ak(HC), av(HC);
+  // Pass 2: sources, over the transposed graph: grad k[j] = scale sum_i dS q_i and
+  // grad v[j] = sum_i a' dOut_i (q_i and dOut_i gathered once per edge).
+  parallel_rows_by_cost(csc.colptr, n_src, 2 * HC, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> ak(HC), av(HC);
     for (int64_t j = begin; j < end; ++j) {
       std::fill(ak.begin(), ak.end(), acc_t(0));
       std::fill(av.begin(), av.end(), acc_t(0));
@@ -163,41 +212,21 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
           const int64_t in = csc.row[t + kPrefetchDistance], en = csc.perm[t + kPrefetchDistance];
           prefetch_row(go + in * HC, HC);
           prefetch_row(q + in * HC, HC);
-          __builtin_prefetch(lse + in * H, 0, 1);
-          __builtin_prefetch(Dv + in * H, 0, 1);
-          __builtin_prefetch(ds + en * 2 * H, 1, 1);  // written below: a random write per edge
-          __builtin_prefetch(csr.eid + en, 0, 1);
-          if (edges) {
-            prefetch_row(QP + in * HD, HD);
-            prefetch_row(OP + in * HD, HD);
-            __builtin_prefetch(fwd.edge_row(csr.eid[en]), 0, 1);
-          }
+          __builtin_prefetch(sc + en * S, 0, 1);
         }
         const int64_t i = csc.row[t], e = csc.perm[t];
-        const int64_t edge = csr.eid[e];
-        const scalar_t* goi = go + i * HC;
-        load_scaled(qs.data(), q + i * HC, scale, HC);
+        const acc_t* s = sc + e * S;
         for (int64_t h = 0; h < H; ++h) {
-          const int64_t o = h * C;
-          const acc_t x = fwd.logit_from(qs.data(), QP + i * HD, j, edge, h);
-          const acc_t a = std::exp(x - lse[i * H + h]);
-          const acc_t a_kept = drop.apply(a, edge, h);
-          acc_t g = 0;
-          if (a_kept != acc_t(0)) {
-            g = dot_channels<acc_t>(goi + o, fwd.v_row(j, h), C);
-            if (edges) g += dot_channels<acc_t>(OP + i * HD + h * D, fwd.edge_row(edge), D);
-          }
-          const acc_t d = a_kept * g - a * Dv[i * H + h];
-          ds[e * 2 * H + h] = d;
-          ds[e * 2 * H + H + h] = a_kept;
-          if (d == acc_t(0) && a_kept == acc_t(0)) continue;  // a masked edge: no 0 * inf
-          const acc_t* qh = qs.data() + o;  // scale q_i: grad k = dS q~_i
-          const scalar_t* gh = goi + o;
-          acc_t* akh = ak.data() + o;
-          acc_t* avh = av.data() + o;
+          const acc_t d = s[h], a_kept = s[H + h];
+          if (d == acc_t(0) && a_kept == acc_t(0)) continue;
+          const acc_t ds_scaled = d * scale;
+          const scalar_t* qh = q + i * HC + h * C;
+          const scalar_t* gh = go + i * HC + h * C;
+          acc_t* akh = ak.data() + h * C;
+          acc_t* avh = av.data() + h * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            akh[c] += d * qh[c];
+            akh[c] += ds_scaled * static_cast<acc_t>(qh[c]);
             avh[c] += a_kept * static_cast<acc_t>(gh[c]);
           }
         }
@@ -207,67 +236,6 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
         gk[c] = static_cast<scalar_t>(ak[c]);
         gk[HC + c] = static_cast<scalar_t>(av[c]);
       }
-    }
-  });
-
-  // Pass 2: destinations: grad q = scale (sum_j dS k_j + W_e u_i); u_i and t_i kept for grad
-  // W_e; grad edge_attr per edge from the row's W_e^T q~_i and W_e^T dOut_i.
-  at::Tensor ut_t = at::empty({n_dst, 2 * HD}, b.scratch);
-  acc_t* UT = ut_t.data_ptr<acc_t>();
-  parallel_rows_by_cost(csr.rowptr, n_dst, HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gqi(HC), gea_row(D);
-    for (int64_t i = begin; i < end; ++i) {
-      std::fill(gqi.begin(), gqi.end(), acc_t(0));
-      acc_t* u = UT + i * 2 * HD;
-      acc_t* tt = u + HD;
-      std::fill(u, u + 2 * HD, acc_t(0));
-      const acc_t* qp = QP + i * HD;
-      const acc_t* op = OP + i * HD;
-      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
-        if (e + kPrefetchDistance < E) {
-          prefetch_row(fwd.k_row(csr.col[e + kPrefetchDistance], 0), HC);
-          if (edges) {
-            const int64_t en = csr.eid[e + kPrefetchDistance];
-            __builtin_prefetch(fwd.edge_row(en), 0, 1);
-            __builtin_prefetch(gea + en * D, 1, 1);  // written below
-          }
-        }
-        const int64_t j = csr.col[e];
-        const int64_t edge = csr.eid[e];
-        const scalar_t* ae = edges ? fwd.edge_row(edge) : nullptr;
-        scalar_t* ge = edges ? gea + edge * D : nullptr;
-        for (int64_t h = 0; h < H; ++h) {
-          const acc_t d = ds[e * 2 * H + h];
-          const acc_t a_kept = ds[e * 2 * H + H + h];
-          if (d == acc_t(0) && a_kept == acc_t(0)) continue;  // a masked edge: no 0 * inf
-          const scalar_t* kh = fwd.k_row(j, h);
-          acc_t* gh = gqi.data() + h * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gh[c] += d * static_cast<acc_t>(kh[c]);
-          if (!ae) continue;
-          acc_t* uh = u + h * D;
-          acc_t* th = tt + h * D;
-#pragma omp simd
-          for (int64_t dd = 0; dd < D; ++dd) {
-            const acc_t x = static_cast<acc_t>(ae[dd]);
-            uh[dd] += d * x;
-            th[dd] += a_kept * x;
-          }
-        }
-        if (!ge) continue;
-        std::fill(gea_row.begin(), gea_row.end(), acc_t(0));
-        for (int64_t h = 0; h < H; ++h) {
-          const acc_t d = ds[e * 2 * H + h], a_kept = ds[e * 2 * H + H + h];
-          const acc_t* qph = qp + h * D;
-          const acc_t* oph = op + h * D;
-#pragma omp simd
-          for (int64_t dd = 0; dd < D; ++dd) gea_row[dd] += d * qph[dd] + a_kept * oph[dd];
-        }
-        for (int64_t dd = 0; dd < D; ++dd) ge[dd] = static_cast<scalar_t>(gea_row[dd]);
-      }
-      if (edges)
-        for (int64_t h = 0; h < H; ++h) fwd.unproject(gqi.data() + h * C, u + h * D, h);
-      for (int64_t c = 0; c < HC; ++c) gq[i * HC + c] = static_cast<scalar_t>(gqi[c] * scale);
     }
   });
 
