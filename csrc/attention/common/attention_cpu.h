@@ -33,6 +33,12 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
 }
 
+// Prefetches row i (n values) of each array: a destination's rows a source pass gathers.
+template <typename... T>
+inline void prefetch_rows_of(int64_t i, int64_t n, const T*... arrays) {
+  (prefetch_row(arrays + i * n, n), ...);
+}
+
 // Rows per parallel task: about `work` edge-features per task, to amortize scheduling.
 inline int64_t grain_for(int64_t n_rows, int64_t n_edges, int64_t HC, int64_t work = 32768) {
   const int64_t work_per_row = std::max<int64_t>(1, (n_edges / std::max<int64_t>(n_rows, 1) + 1) * HC);

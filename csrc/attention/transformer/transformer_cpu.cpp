@@ -137,8 +137,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
       for (int64_t t = csc.colptr[j]; t < csc.colptr[j + 1]; ++t) {
         if (t + kPrefetchDistance < E) {
           const int64_t in = csc.row[t + kPrefetchDistance], en = csc.perm[t + kPrefetchDistance];
-          prefetch_row(go + in * HC, HC);
-          prefetch_row(q + in * HC, HC);
+          prefetch_rows_of(in, HC, go, q);
           __builtin_prefetch(lse + in * H, 0, 1);
           __builtin_prefetch(Dv + in * H, 0, 1);
           __builtin_prefetch(ds + en * S, 1, 1);  // written below: a random write per edge

@@ -203,15 +203,13 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
   // Pass 2: sources, over the transposed graph: grad k[j] = scale sum_i dS q_i and
   // grad v[j] = sum_i a' dOut_i (q_i and dOut_i gathered once per edge).
   parallel_rows_by_cost(csc.colptr, n_src, 2 * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> ak(HC), av(HC);
+    std::vector<acc_t> akv(2 * HC);  // source j's grad k, then grad v: its row of grad kv
     for (int64_t j = begin; j < end; ++j) {
-      std::fill(ak.begin(), ak.end(), acc_t(0));
-      std::fill(av.begin(), av.end(), acc_t(0));
+      std::fill(akv.begin(), akv.end(), acc_t(0));
       for (int64_t t = csc.colptr[j]; t < csc.colptr[j + 1]; ++t) {
         if (t + kPrefetchDistance < E) {
           const int64_t in = csc.row[t + kPrefetchDistance], en = csc.perm[t + kPrefetchDistance];
-          prefetch_row(go + in * HC, HC);
-          prefetch_row(q + in * HC, HC);
+          prefetch_rows_of(in, HC, go, q);
           __builtin_prefetch(sc + en * S, 0, 1);
         }
         const int64_t i = csc.row[t], e = csc.perm[t];
@@ -222,8 +220,8 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
           const acc_t ds_scaled = d * scale;
           const scalar_t* qh = q + i * HC + h * C;
           const scalar_t* gh = go + i * HC + h * C;
-          acc_t* akh = ak.data() + h * C;
-          acc_t* avh = av.data() + h * C;
+          acc_t* akh = akv.data() + h * C;
+          acc_t* avh = akh + HC;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             akh[c] += ds_scaled * static_cast<acc_t>(qh[c]);
@@ -231,11 +229,8 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
           }
         }
       }
-      scalar_t* gk = gkv + 2 * j * HC;
-      for (int64_t c = 0; c < HC; ++c) {
-        gk[c] = static_cast<scalar_t>(ak[c]);
-        gk[HC + c] = static_cast<scalar_t>(av[c]);
-      }
+      scalar_t* gj = gkv + 2 * j * HC;
+      for (int64_t c = 0; c < 2 * HC; ++c) gj[c] = static_cast<scalar_t>(akv[c]);
     }
   });
 
