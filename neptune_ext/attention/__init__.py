@@ -1,11 +1,12 @@
-"""Sparse graph attention: one family, three variants (GATConv's, GATv2Conv's and
-TransformerConv's attention), each a spec plus its math.
+"""Sparse graph attention: one family of ops, each a spec plus its math - GATConv's,
+GATv2Conv's and TransformerConv's attention, and TransformerConv's again with its edge
+features projected inside (``transformer_edge_attention``).
 
     spec.py              what every variant's op shares: validation outside compiled code,
                          dropout seeds, the kernel-or-reference decision, fake kernels and
                          autograd registered once from an ``AttentionSpec``
     gat.py, gatv2.py,    each variant's op (``neptune_ext.ops.*``): its argument checks,
-    transformer.py       its spec, its weights op
+    transformer.py       its spec, its weights op (transformer.py: both transformer ops)
     reference.py         pure-PyTorch references (test oracle and fallback)
     layer.py             the layers' base (PyG's ``MessagePassing`` when PyG is installed),
                          input parsing, the cached kernel graph, the output head
