@@ -121,8 +121,9 @@ class GraphTransformer(AttentionBase):
         graph = prepared.graph
         scale = 1.0 / math.sqrt(C)
 
-        if self._edges_inside(x_src, edge_attr):
-            return self._forward_projected_edges(x_src, x_dst, q, edge_attr, prepared, scale,
+        edge_attr_2d = self._edges_inside(x_src, edge_attr)
+        if edge_attr_2d is not None:
+            return self._forward_projected_edges(x_src, x_dst, q, edge_attr_2d, prepared, scale,
                                                  edge_index, want_alpha)
         k = self.lin_key(x_src).view(-1, H, C)
         v = self.lin_value(x_src).view(-1, H, C)
@@ -142,30 +143,31 @@ class GraphTransformer(AttentionBase):
 
         return self._finish(out, x_dst, edge_index, graph, alpha, want_alpha)
 
-    def _edges_inside(self, x_src: Tensor, edge_attr) -> bool:
-        """Whether lin_edge can be applied inside the op: edge features and a kernel for them,
+    def _edges_inside(self, x_src: Tensor, edge_attr) -> Optional[Tensor]:
+        """edge_attr as [E, edge_dim] (lin_edge sized from it) when lin_edge can be applied
+        inside the op, else None: edge features and a kernel for them,
         no explainer, and key/value/edge projections that are plain Linears computing exactly
         ``x W^T + b`` (no hooks, no parametrization or subclass: their weights are used
         directly) on edge features of lin_edge's dtype (or under autocast, which casts both;
         otherwise lin_edge raises as TransformerConv's does, on the path that calls it)."""
         if edge_attr is None or self.lin_edge is None or self._explaining():
-            return False
+            return None
         if not runs_kernel("transformer_edge_forward", x_src.device.type):
-            return False
+            return None
         if not all(_plain_linear(m) for m in (self.lin_key, self.lin_value, self.lin_edge)):
-            return False
+            return None
         edge_attr = self._edge_attr_2d(edge_attr)
         materialize(self.lin_edge, edge_attr, "edge_attr", glorot_init=False)
-        return autocast_on(x_src.device.type) or edge_attr.dtype == self.lin_edge.weight.dtype
+        same_dtype = edge_attr.dtype == self.lin_edge.weight.dtype
+        return edge_attr if autocast_on(x_src.device.type) or same_dtype else None
 
     def _forward_projected_edges(self, x_src, x_dst, q, edge_attr, prepared, scale, edge_index,
                                  want_alpha):
         """With edge features, where the kernel runs: the keys and values from one GEMM
         ([N_src, 2, H, C]) and lin_edge applied inside the op (transformer_edge_attention),
-        so neither lin_edge(edge_attr) [E, H * C] nor its gradient is ever held."""
+        so neither lin_edge(edge_attr) [E, H * C] nor its gradient is ever held. edge_attr:
+        [E, edge_dim], from _edges_inside."""
         H, C = self.heads, self.out_channels
-        edge_attr = self._edge_attr_2d(edge_attr)
-        materialize(self.lin_edge, edge_attr, "edge_attr", glorot_init=False)
         edge_attr = self._edge_attr(prepared, edge_attr)
         bias = None if self.lin_key.bias is None else torch.cat([self.lin_key.bias, self.lin_value.bias])
         kv = F.linear(x_src, torch.cat([self.lin_key.weight, self.lin_value.weight]), bias).view(-1, 2, H, C)
