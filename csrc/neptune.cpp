@@ -8,6 +8,7 @@
 #include <string>
 
 #include "graph/graph.h"
+#include "linear/linear.h"
 #include "attention/gatv2/gatv2.h"
 #include "attention/gat/gat.h"
 #include "attention/transformer/transformer.h"
@@ -142,6 +143,13 @@ TORCH_LIBRARY(neptune, m) {
       "Tensor rowptr, Tensor col, Tensor eid, Tensor? edge, float scalar, float dropout, "
       "Tensor? seed) -> Tensor[]");
 
+  // The layers' node projections: x W^T (+ b), float32 GEMMs through oneDNN where it applies
+  // (see linear/linear.h).
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "linear_backward(Tensor grad_out, Tensor input, Tensor weight, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
   // Stage: fused BatchNorm+ReLU with batch statistics (see stage/stage.h).
   m.def(
       "bn_relu_forward(Tensor x, Tensor weight, Tensor bias, float eps) "
@@ -192,6 +200,8 @@ TORCH_LIBRARY_IMPL(neptune, CPU, m) {
   m.impl("transformer_edge_forward", &neptune::transformer_edge_forward_cpu);
   m.impl("transformer_edge_backward", &neptune::transformer_edge_backward_cpu);
   m.impl("conv_bias_act", &neptune::conv_bias_act_unavailable);
+  m.impl("linear", &neptune::linear_cpu);
+  m.impl("linear_backward", &neptune::linear_backward_cpu);
 }
 
 #ifdef NEPTUNE_WITH_CUDA

@@ -24,9 +24,9 @@ import torch
 from . import _ext
 
 # The ops whose registration decides a family's path (graph build, GAT, GATv2, BN+ReLU,
-# the CUTLASS convolution).
+# the CUTLASS convolution, the layers' projections).
 _FAMILY_OPS = ("build_csr", "gat_forward", "gat_att_forward", "gatv2_forward", "transformer_forward", "transformer_edge_forward",
-              "bn_relu_forward", "conv_bias_act")
+              "bn_relu_forward", "conv_bias_act", "linear")
 _KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 

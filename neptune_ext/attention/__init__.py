@@ -10,6 +10,8 @@ features projected inside (``transformer_edge_attention``).
     reference.py         pure-PyTorch references (test oracle and fallback)
     layer.py             the layers' base (PyG's ``MessagePassing`` when PyG is installed),
                          input parsing, the cached kernel graph, the output head
+    projection.py        the layers' node projections (``neptune::linear``: oneDNN's float32
+                         matmul on the CPU where it applies, else the Linear itself)
     self_loops.py        GATConv's self-loop semantics over a plain ``Graph``
     gat_layer.py, gatv2_layer.py, transformer_layer.py
                          GraphAttention, GraphAttentionV2, GraphTransformer

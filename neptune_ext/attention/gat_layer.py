@@ -15,6 +15,7 @@ from .spec import dropout_and_seed
 from .gat import (attention_weights, gat_self_attention, gat_self_runs,
                                    sparse_graph_attention)
 from .layer import AttentionBase, glorot, linear, autocast_on, head_weights, materialize, reset_linear
+from .projection import project
 
 Tensor = torch.Tensor
 
@@ -127,8 +128,8 @@ class GraphAttention(AttentionBase):
         lin_dst = self.lin if self.lin is not None else self.lin_dst
         for lin, inp, name in ((lin_src, x_src, "x_src"), (lin_dst, x_dst, "x_dst"), (self.res, x_dst, "x_dst")):
             materialize(lin, inp, "x" if same else name)
-        res = self.res(x_dst) if (self.res is not None and x_dst is not None) else None
-        h_src = lin_src(x_src).view(-1, H, C)
+        res = project(self.res, x_dst) if (self.res is not None and x_dst is not None) else None
+        h_src = project(lin_src, x_src).view(-1, H, C)
         if (same and self.lin is not None and not want_alpha and not self._explaining()
                 and gat_self_runs(x_src.device.type)):
             # One op call: the logit halves <h, att> (as PyG computes them, also under
@@ -152,7 +153,7 @@ class GraphAttention(AttentionBase):
         autocast = autocast_on(x_src.device.type)
         if autocast or self._scores_from_h(same, x_src, H, C):
             score_src = (h_src * self.att_src).sum(-1)
-            h_dst = h_src if same else (lin_dst(x_dst).view(-1, H, C) if x_dst is not None else None)
+            h_dst = h_src if same else (project(lin_dst, x_dst).view(-1, H, C) if x_dst is not None else None)
             score_dst = None if h_dst is None else (h_dst * self.att_dst).sum(-1)
         else:
             w_src = head_weights(self.att_src, lin_src.weight)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .gatv2 import gatv2_attention, gatv2_attention_weights
 from .spec import dropout_and_seed
 from .layer import AttentionBase, glorot, linear, materialize, reset_linear
+from .projection import project
 
 Tensor = torch.Tensor
 
@@ -88,10 +89,10 @@ class GraphAttentionV2(AttentionBase):
         for lin, inp, name in ((self.lin_l, x_src, "x_src"), (self.lin_r, x_dst, "x_dst"),
                                (self.res, x_dst, "x_dst")):
             materialize(lin, inp, "x" if same else name)
-        res = self.res(x_dst) if self.res is not None else None
+        res = project(self.res, x_dst) if self.res is not None else None
         # [N, H * C] as the Linear layers return them: the op reads the heads from att
-        x_l = self.lin_l(x_src)
-        x_r = x_l if (same and self.share_weights) else self.lin_r(x_dst)
+        x_l = project(self.lin_l, x_src)
+        x_r = x_l if (same and self.share_weights) else project(self.lin_r, x_dst)
 
         num_src, num_dst = self._sizes(x_src, x_dst, edge_index, size)
         prepared = self._prepare(edge_index, num_src, num_dst)

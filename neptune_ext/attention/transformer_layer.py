@@ -10,22 +10,14 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .spec import dropout_and_seed, runs_kernel
 from .transformer import (projected_edges, transformer_attention, transformer_attention_weights,
                           transformer_edge_attention)
 from .layer import AttentionBase, autocast_on, linear, materialize
+from .projection import linear_weights, plain_linear, project
 
 Tensor = torch.Tensor
-
-
-def _plain_linear(m) -> bool:
-    """A torch Linear computing exactly ``x W^T + b``: not a subclass or a parametrized
-    module, and no forward hook or pre-hook (on it, or global) that could change it."""
-    hooks = torch.nn.modules.module
-    return (type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-            and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks))
 
 
 class GraphTransformer(AttentionBase):
@@ -115,7 +107,7 @@ class GraphTransformer(AttentionBase):
         for lin, inp, name in ((self.lin_key, x_src, "x_src"), (self.lin_value, x_src, "x_src"),
                                (self.lin_query, x_dst, "x_dst"), (self.lin_skip, x_dst, "x_dst")):
             materialize(lin, inp, "x" if same else name, glorot_init=False)
-        q = self.lin_query(x_dst).view(-1, H, C)
+        q = project(self.lin_query, x_dst).view(-1, H, C)
         num_src, num_dst = self._sizes(x_src, x_dst, edge_index, None)
         prepared = self._prepare(edge_index, num_src, num_dst)
         graph = prepared.graph
@@ -125,8 +117,8 @@ class GraphTransformer(AttentionBase):
         if edge_attr_2d is not None:
             return self._forward_projected_edges(x_src, x_dst, q, edge_attr_2d, prepared, scale,
                                                  edge_index, want_alpha)
-        k = self.lin_key(x_src).view(-1, H, C)
-        v = self.lin_value(x_src).view(-1, H, C)
+        k = project(self.lin_key, x_src).view(-1, H, C)
+        v = project(self.lin_value, x_src).view(-1, H, C)
         edge_feat = self._edge_features(prepared, edge_attr, glorot_init=False)
 
         alpha = None
@@ -154,7 +146,7 @@ class GraphTransformer(AttentionBase):
             return None
         if not runs_kernel("transformer_edge_forward", x_src.device.type):
             return None
-        if not all(_plain_linear(m) for m in (self.lin_key, self.lin_value, self.lin_edge)):
+        if not all(plain_linear(m) for m in (self.lin_key, self.lin_value, self.lin_edge)):
             return None
         edge_attr = self._edge_attr_2d(edge_attr)
         materialize(self.lin_edge, edge_attr, "edge_attr", glorot_init=False)
@@ -170,7 +162,7 @@ class GraphTransformer(AttentionBase):
         H, C = self.heads, self.out_channels
         edge_attr = self._edge_attr(prepared, edge_attr)
         bias = None if self.lin_key.bias is None else torch.cat([self.lin_key.bias, self.lin_value.bias])
-        kv = F.linear(x_src, torch.cat([self.lin_key.weight, self.lin_value.weight]), bias).view(-1, 2, H, C)
+        kv = linear_weights(x_src, torch.cat([self.lin_key.weight, self.lin_value.weight]), bias).view(-1, 2, H, C)
         w_edge = self.lin_edge.weight.view(H, C, -1)
         if autocast_on(x_src.device.type):  # lin_edge's output would be in autocast's dtype
             w_edge, edge_attr = w_edge.to(kv.dtype), edge_attr.to(kv.dtype)
@@ -185,7 +177,7 @@ class GraphTransformer(AttentionBase):
         H, C = self.heads, self.out_channels
         out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
         if self.root_weight:
-            x_r = self.lin_skip(x_dst)
+            x_r = project(self.lin_skip, x_dst)
             if self.lin_beta is not None:
                 b = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
                 out = b * x_r + (1 - b) * out

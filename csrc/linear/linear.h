@@ -1,0 +1,27 @@
+// A dense projection y = x W^T (+ b) for the layers' node projections, on the CPU.
+//
+// Same numbers as torch's Linear (float32 rounding, another summation order); faster where
+// the GEMM library torch's addmm/mm use is not the fastest one on the machine: when the
+// build has oneDNN (torch.backends.mkldnn) and the product is large enough, float32 GEMMs
+// run through oneDNN's matmul (mkldnn::_linear_pointwise, the op torch's own CPU inductor
+// and mkldnn fusions call), else through at::linear / at::mm. The choice depends only on
+// the dtype and the shapes, never on values. Backward is one op call
+// (neptune::linear_backward); a backward with create_graph=True is computed with
+// differentiable ATen matmuls instead, so double backward stays exact.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+
+namespace neptune {
+
+at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    std::array<bool, 3> output_mask);
+
+}  // namespace neptune

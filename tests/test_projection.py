@@ -1,0 +1,203 @@
+"""The layers' node projections (neptune_ext.attention.projection, neptune::linear): the same
+numbers as torch's Linear (against float64), gradients for every input combination, double
+backward, opcheck, compile, the cases that must call the module instead (hooks, subclasses,
+autocast, other dtypes, small products, oneDNN disabled), clear errors, and the three
+layers at sizes that take the op, against PyG."""
+import pytest
+import torch
+from torch import nn
+
+from neptune_ext import backend
+from neptune_ext.attention import projection
+from neptune_ext.attention.projection import MIN_MACS, project
+
+needs_op = pytest.mark.skipif(not backend.runs_kernel("linear", "cpu"),
+                              reason="the extension's neptune::linear is not built")
+
+# (rows, in, out): oneDNN's forward, its weight gradient (in >= 256) and torch's mm for the
+# weight gradient (in < 256), a product just over the threshold, and one under it.
+SHAPES = [(1500, 700, 64), (3000, 128, 96), (1025, 32, 32), (37, 19, 5)]
+
+
+def _relerr(a, b, floor=1e-30):
+    return float((a.double() - b).abs().max() / b.abs().max().clamp_min(floor))
+
+
+def _float64_grads(x, lin, go):
+    xd = x.detach().double().requires_grad_()
+    wd = lin.weight.detach().double().requires_grad_()
+    bd = None if lin.bias is None else lin.bias.detach().double().requires_grad_()
+    y = torch.nn.functional.linear(xd, wd, bd)
+    y.backward(go.double())
+    return y, xd.grad, wd.grad, None if bd is None else bd.grad
+
+
+@needs_op
+@pytest.mark.parametrize("rows, fin, fout", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_matches_float64_linear(rows, fin, fout, bias, x_grad):
+    lin = nn.Linear(fin, fout, bias=bias)
+    x = torch.randn(rows, fin, requires_grad=x_grad)
+    y = project(lin, x)
+    go = torch.randn_like(y)
+    y.backward(go)
+    want, gx, gw, gb = _float64_grads(x, lin, go)
+    # float32 GEMMs: float32 rounding (2^-24 ~ 6e-8) grown over sums of up to 3,000 terms
+    # (observed: up to 1.3e-6); a wrong operand gives errors of order 1
+    tol = 2e-5
+    assert _relerr(y, want) < tol
+    assert _relerr(lin.weight.grad, gw) < tol
+    if bias:
+        assert _relerr(lin.bias.grad, gb) < tol
+    if x_grad:
+        assert _relerr(x.grad, gx) < tol
+    else:
+        assert x.grad is None
+
+
+@needs_op
+def test_big_products_take_the_op_small_ones_the_module():
+    calls = []
+    lin = nn.Linear(600, 64)
+    with torch.autograd.profiler.profile() as prof:
+        project(lin, torch.randn(2000, 600))
+        project(lin, torch.randn(3, 600))
+    calls = [e.name for e in prof.function_events]
+    assert calls.count("neptune::linear") == 1
+    assert 2000 * 600 * 64 >= MIN_MACS > 3 * 600 * 64
+
+
+@needs_op
+def test_non_contiguous_input_and_empty():
+    lin = nn.Linear(512, 80)
+    x = torch.randn(512, 3000).t()  # [3000, 512], transposed storage
+    y = project(lin, x)
+    assert _relerr(y, torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())) < 5e-6
+    big = nn.Linear(5000, 300)
+    assert project(big, torch.randn(0, 5000)).shape == (0, 300)
+    y = torch.ops.neptune.linear(torch.randn(0, 5000, requires_grad=True), big.weight, big.bias)
+    y.sum().backward()
+    assert torch.equal(big.weight.grad, torch.zeros_like(big.weight))
+
+
+@needs_op
+def test_double_backward_matches_linear():
+    lin = nn.Linear(600, 64).double().float()
+    ref = nn.Linear(600, 64)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(2000, 600, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    outs = []
+    for m, inp in ((lin, x), (ref, xr)):
+        y = project(m, inp) if m is lin else m(inp)
+        g, = torch.autograd.grad((y ** 2).sum(), inp, create_graph=True)
+        (g ** 2).sum().backward()
+        outs.append((m.weight.grad, m.bias.grad))
+    for a, b in zip(*outs):
+        assert _relerr(a, b.double()) < 1e-5
+
+
+@needs_op
+def test_opcheck_and_compile():
+    from torch.library import opcheck
+    x = torch.randn(1500, 700, requires_grad=True)
+    w = torch.randn(64, 700, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    for args in ((x, w, b), (x.detach(), w, None), (torch.randn(4, 3), torch.randn(2, 3), None)):
+        opcheck(torch.ops.neptune.linear, args)
+    lin = nn.Linear(700, 64)
+    fn = torch.compile(lambda t: project(lin, t), fullgraph=True)
+    xx = torch.randn(1500, 700)
+    assert _relerr(fn(xx), torch.nn.functional.linear(xx.double(), lin.weight.double(), lin.bias.double())) < 5e-6
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@needs_op
+def test_modules_that_are_not_plain_linears_are_called():
+    x = torch.randn(2000, 600)
+    lin = nn.Linear(600, 64)
+    seen = []
+    h = lin.register_forward_hook(lambda m, i, o: seen.append(1) or o * 3)
+    assert torch.allclose(project(lin, x), 3 * torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert seen == [1]
+    h.remove()
+    scaled = _Scaled(600, 64)
+    assert torch.allclose(project(scaled, x), 2 * torch.nn.functional.linear(x, scaled.weight, scaled.bias))
+    # other dtypes, autocast and oneDNN switched off: the module's own computation
+    lin64 = nn.Linear(600, 64).double()
+    assert torch.equal(project(lin64, x.double()), lin64(x.double()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert project(lin, x).dtype == torch.bfloat16
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert torch.allclose(project(lin, x), lin(x), rtol=1e-5, atol=1e-5)
+    with backend.force_reference():
+        with torch.autograd.profiler.profile() as prof:
+            project(lin, x)
+        assert "neptune::linear" not in [e.name for e in prof.function_events]
+
+
+@needs_op
+@pytest.mark.parametrize("args, match", [
+    (lambda: (torch.randn(10, 4, 3), torch.randn(2, 3), None), "input must be 2-D"),
+    (lambda: (torch.randn(10, 3), torch.randn(2, 4), None), r"weight must be \[out_features, 3\]"),
+    (lambda: (torch.randn(10, 3), torch.randn(2, 3).double(), None), "share dtype and device"),
+    (lambda: (torch.randn(10, 3), torch.randn(2, 3), torch.randn(3)), r"bias must be \[2\]"),
+])
+def test_bad_input_is_a_clear_error(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.neptune.linear(*args())
+
+
+pyg = pytest.importorskip("torch_geometric")
+
+
+@needs_op
+@pytest.mark.parametrize("kind", ["gat", "gatv2", "transformer", "transformer_edge"])
+def test_layers_at_projection_sizes_match_pyg(kind):
+    """Graphs big enough that every projection takes the op: float32 output and gradients
+    against PyG's layer in float64 (same weights)."""
+    from torch_geometric.nn import GATConv, GATv2Conv, TransformerConv
+    from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
+    n, e, fin = 1200, 6000, 300
+    ours_cls, ref_cls, kw = {"gat": (GraphAttention, GATConv, dict(residual=True)),
+                             "gatv2": (GraphAttentionV2, GATv2Conv, dict(residual=True)),
+                             "transformer": (GraphTransformer, TransformerConv, dict(beta=True)),
+                             "transformer_edge": (GraphTransformer, TransformerConv, dict(edge_dim=8))}[kind]
+    ref = ref_cls(fin, 16, heads=4, **kw).double()
+    ours = ours_cls(fin, 16, heads=4, **kw)
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(n, fin)
+    ei = torch.randint(0, n, (2, e))
+    ea = torch.randn(e, 8) if kind == "transformer_edge" else None
+    args = (ei,) if ea is None else (ei, ea)
+    with torch.autograd.profiler.profile() as prof:
+        y = ours(x, *args)
+    assert "neptune::linear" in [ev.name for ev in prof.function_events]
+    want = ref(x.double(), *(args if ea is None else (ei, ea.double())))
+    assert _relerr(y, want) < 1e-5
+    go = torch.randn_like(want)
+    y.backward(go.float())
+    want.backward(go)
+    got = dict(ours.named_parameters())
+    # (the key bias's gradient is 0 up to rounding - a softmax ignores a shift per row - so
+    # each error is also measured against the largest gradient's scale)
+    scale = max(float(p.grad.abs().max()) for p in ref.parameters())
+    for name, p in ref.named_parameters():
+        assert _relerr(got[name].grad, p.grad, floor=1e-2 * scale) < 1e-4, name
+
+
+def test_projection_bench_records(tmp_path, monkeypatch):
+    """neptune_app.bench.projection runs and writes its JSON (a smoke test: nothing timed is judged)."""
+    import json
+    from neptune_app.bench import projection as bench
+    monkeypatch.setattr(bench, "CASES", {"tiny": (2000, 600, 64, True)})
+    path = tmp_path / "projection.json"
+    bench.main(["--rounds", "2", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["benchmark"] == "projection" and report["results"][0]["case"] == "tiny"
+    assert set(report["results"][0]["median_ms"]) == {"torch", "neptune_ext"}
