@@ -25,6 +25,8 @@ namespace neptune {
 // Edges ahead whose rows are prefetched: the gathers are random, so the hardware
 // prefetcher cannot help and each row would otherwise cost a full memory latency.
 constexpr int64_t kPrefetchDistance = 6;
+// The same for a logits-only pass (a few values per edge: more edges ahead).
+constexpr int64_t kLogitPrefetchDistance = 16;
 
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
@@ -217,6 +219,10 @@ inline void row_dots(const scalar_t* go, const scalar_t* out, int64_t H, int64_t
 //   void accumulate(acc_t* acc_h, rescale, w, j, edge, h)   acc_h = acc_h * rescale + w value
 //   int64_t H, C                        heads and channels per head
 //   int64_t edge_cost                   the split's cost of an edge, in channels (H C = 1)
+// and, optionally, when its logits need no row gather:
+//   kLogitsFirst                        (a member) the row's logits and their max first,
+//                                       then the weighted sum without the online rescaling
+//   void prefetch_logit(j, edge)        (with it) prefetch what a coming edge's logit reads
 // and, optionally, when a head accumulates more than the C values of its output:
 //   int64_t acc_width()                 a head's accumulator (default C)
 //   void finish(acc_t* acc_h, h, acc_t inv, scalar_t* out_h)   out_h from acc_h / sum
@@ -234,23 +240,55 @@ void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::
   if constexpr (requires { var.acc_width(); }) W = var.acc_width();
   scalar_t* out = out_t.data_ptr<scalar_t>();
   acc_t* lse = lse_t.data_ptr<acc_t>();
+  constexpr bool kTwoPass = requires { var.kLogitsFirst; };
   parallel_rows_by_cost(g.rowptr, n_dst, var.edge_cost * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(var.row_size()), acc(H * W), m(H), s(H);
+    std::vector<acc_t> row(var.row_size()), acc(H * W), m(H), s(H), logits;
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(s.begin(), s.end(), acc_t(0));
       var.begin_row(row.data(), i);
-      const int64_t e_end = g.rowptr[i + 1];
-      for (int64_t e = g.rowptr[i]; e < e_end; ++e) {
-        if (e + kPrefetchDistance < g.E)
-          var.prefetch(g.col[e + kPrefetchDistance], g.eid[e + kPrefetchDistance]);
-        const int64_t j = g.col[e], edge = g.eid[e];
-        for (int64_t h = 0; h < H; ++h) {
-          const acc_t x = var.logit(row.data(), j, edge, h);
-          acc_t rescale, w;
-          online_softmax_step(x, m[h], s[h], rescale, w);
-          var.accumulate(acc.data() + h * W, rescale, drop.apply(w, edge, h), j, edge, h);
+      const int64_t e_begin = g.rowptr[i], e_end = g.rowptr[i + 1];
+      if constexpr (kTwoPass) {
+        // Logits that cost no row gather (GAT's: H additions): the row's logits and their
+        // max first, then one exp per logit and no rescaling of the accumulators.
+        if (static_cast<int64_t>(logits.size()) < (e_end - e_begin) * H)
+          logits.resize((e_end - e_begin) * H);
+        acc_t* lg = logits.data();
+        for (int64_t e = e_begin; e < e_end; ++e) {
+          if (e + kLogitPrefetchDistance < g.E)
+            var.prefetch_logit(g.col[e + kLogitPrefetchDistance], g.eid[e + kLogitPrefetchDistance]);
+          const int64_t j = g.col[e], edge = g.eid[e];
+          for (int64_t h = 0; h < H; ++h) {
+            const acc_t x = var.logit(row.data(), j, edge, h);
+            lg[(e - e_begin) * H + h] = x;
+            m[h] = x > m[h] ? x : m[h];  // (a NaN logit is skipped here, and propagates below)
+          }
+        }
+        // only masked logits (-inf): weights exp(-inf - 0) = 0, no mass; a +inf one: NaN
+        for (int64_t h = 0; h < H; ++h)
+          if (m[h] == -std::numeric_limits<acc_t>::infinity()) m[h] = acc_t(0);
+        for (int64_t e = e_begin; e < e_end; ++e) {
+          if (e + kPrefetchDistance < g.E)
+            var.prefetch(g.col[e + kPrefetchDistance], g.eid[e + kPrefetchDistance]);
+          const int64_t j = g.col[e], edge = g.eid[e];
+          for (int64_t h = 0; h < H; ++h) {
+            const acc_t w = std::exp(lg[(e - e_begin) * H + h] - m[h]);
+            s[h] += w;
+            var.accumulate(acc.data() + h * W, acc_t(1), drop.apply(w, edge, h), j, edge, h);
+          }
+        }
+      } else {
+        for (int64_t e = e_begin; e < e_end; ++e) {
+          if (e + kPrefetchDistance < g.E)
+            var.prefetch(g.col[e + kPrefetchDistance], g.eid[e + kPrefetchDistance]);
+          const int64_t j = g.col[e], edge = g.eid[e];
+          for (int64_t h = 0; h < H; ++h) {
+            const acc_t x = var.logit(row.data(), j, edge, h);
+            acc_t rescale, w;
+            online_softmax_step(x, m[h], s[h], rescale, w);
+            var.accumulate(acc.data() + h * W, rescale, drop.apply(w, edge, h), j, edge, h);
+          }
         }
       }
       for (int64_t h = 0; h < H; ++h) {

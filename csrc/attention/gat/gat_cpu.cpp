@@ -43,9 +43,14 @@ struct GatForward {
   int64_t H, C;
   acc_t slope;
   int64_t edge_cost = 1;
+  static constexpr bool kLogitsFirst = true;  // a logit is H additions, no gather of h
   int64_t row_size() const { return H; }  // the row's scratch: score_dst[i]
   void begin_row(acc_t* base, int64_t i) const {
     for (int64_t k = 0; k < H; ++k) base[k] = static_cast<acc_t>(sd[i * H + k]);
+  }
+  void prefetch_logit(int64_t j, int64_t edge) const {
+    __builtin_prefetch(ss + j * H, 0, 1);
+    if (el) __builtin_prefetch(el + edge * H, 0, 1);
   }
   void prefetch(int64_t j, int64_t edge) const {
     prefetch_row(h + j * H * C, H * C);
