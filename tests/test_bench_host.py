@@ -24,3 +24,14 @@ def test_host_bench_refuses_an_unknown_case():
         host.main(["--cases", "huge"])
     with pytest.raises(SystemExit):
         host.main(["--kinds", "gcn"])
+
+
+def test_sampled_step_bench_counts_a_step(monkeypatch):
+    """neptune_app.bench.sampled_step on a small synthetic graph: a step's time and op calls
+    for both stacks (PyG's with our stack's weights)."""
+    pytest.importorskip("torch_geometric")
+    from neptune_app.bench import sampled_step
+    res = sampled_step.run(threads=1, steps=2, nodes=3000, edges=20000)
+    assert set(res["median_us"]) == {"neptune_ext", "pyg"}
+    assert res["op_calls_per_step"]["neptune_ext"] > 0 and res["op_calls_per_step"]["pyg"] > 0
+    assert res["edges_per_batch"] > 0
