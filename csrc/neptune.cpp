@@ -147,7 +147,7 @@ TORCH_LIBRARY(neptune, m) {
   // (see linear/linear.h).
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
-      "linear_backward(Tensor grad_out, Tensor input, Tensor weight, bool[3] output_mask) "
+      "linear_backward(Tensor grad_out, Tensor? input, Tensor? weight, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // Stage: fused BatchNorm+ReLU with batch statistics (see stage/stage.h).

@@ -153,6 +153,111 @@ def test_bad_input_is_a_clear_error(args, match):
         torch.ops.neptune.linear(*args())
 
 
+@needs_op
+@pytest.mark.parametrize("make_bias", [lambda: torch.randn(512)[::2], lambda: torch.randn(256, 4)[:, 1],
+                                       lambda: torch.randn(1).expand(256)],
+                         ids=["every-other", "a-column", "expanded"])
+def test_strided_bias(make_bias):
+    """oneDNN reads a bias densely: a strided or expanded one must be made contiguous first."""
+    x, w, b = torch.randn(1500, 700), torch.randn(256, 700), make_bias()
+    want = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    assert _relerr(torch.ops.neptune.linear(x, w, b), want) < 2e-5
+
+
+@needs_op
+@pytest.mark.parametrize("hook", ["full_backward", "full_backward_pre", "backward", "global_backward",
+                                  "forward_override"])
+def test_modules_with_backward_hooks_or_a_replaced_forward_are_called(hook):
+    g = torch.nn.modules.module
+    lin, seen = nn.Linear(600, 64), []
+    x = torch.randn(2000, 600, requires_grad=True)
+    undo = None
+    if hook == "full_backward":
+        undo = lin.register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    elif hook == "full_backward_pre":
+        undo = lin.register_full_backward_pre_hook(lambda m, go: seen.append(1))
+    elif hook == "backward":
+        undo = lin.register_backward_hook(lambda m, gi, go: seen.append(1))
+    elif hook == "global_backward":
+        undo = g.register_module_full_backward_hook(lambda m, gi, go: seen.append(1) if m is lin else None)
+    else:
+        plain = lin.forward
+        lin.forward = lambda t: seen.append(1) or 0 * plain(t)
+    try:
+        y = project(lin, x)
+        y.sum().backward()
+    finally:
+        if undo is not None:
+            undo.remove()
+    assert seen, "the module's call (its hooks, its replaced forward) was skipped"
+    if hook == "forward_override":
+        assert torch.equal(y, torch.zeros_like(y))
+
+
+@needs_op
+def test_sparse_input_calls_the_module():
+    lin = nn.Linear(600, 64)
+    x = torch.randn(2000, 600)
+    want = lin(x)
+    for sparse in (x.to_sparse(), x.to_sparse_csr()):
+        assert torch.allclose(project(lin, sparse), want, atol=1e-4)
+
+
+@needs_op
+def test_saves_only_what_a_gradient_needs():
+    """As torch's Linear: a frozen Linear keeps no input for backward, so an in-place write
+    to its input afterwards is no error; a weight written in place under no_grad is no error
+    when the input needs no gradient."""
+    lin = nn.Linear(600, 64).requires_grad_(False)
+    x = torch.randn(2000, 600, requires_grad=True)
+    h = x * 1
+    y = project(lin, h)
+    h.mul_(2)  # the op did not save h (the weight needs no gradient)
+    y.sum().backward()
+    assert torch.allclose(x.grad, lin.weight.sum(0).expand(2000, -1), atol=1e-5)
+    lin2 = nn.Linear(600, 64)
+    y = project(lin2, torch.randn(2000, 600))
+    with torch.no_grad():
+        lin2.weight.mul_(0.5)  # not saved (the input needs no gradient)
+    y.sum().backward()
+    assert lin2.weight.grad is not None
+    lin3 = nn.Linear(600, 64)
+    x3 = torch.randn(2000, 600, requires_grad=True)
+    y = project(lin3, x3)
+    with torch.no_grad():
+        lin3.weight.mul_(0.5)  # saved for the input's gradient: torch's usual error
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@needs_op
+@pytest.mark.parametrize("args, match", [
+    (lambda d: (torch.randn(10, 4, 3, device=d), torch.randn(2, 3, device=d), None), "input must be 2-D"),
+    (lambda d: (torch.randn(10, 3, device=d), torch.randn(2, 4, device=d), None), r"weight must be \[out_features, 3\]"),
+    (lambda d: (torch.randn(10, 3, device=d), torch.randn(2, 3, device=d).double(), None), "share dtype"),
+    (lambda d: (torch.randn(10, 3, device=d), torch.randn(2, 3, device=d), torch.randn(3, device=d)), r"bias must be \[2\]"),
+])
+def test_fake_kernel_checks_as_the_kernel(args, match):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.neptune.linear(*args("meta"))
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=match):
+        torch.ops.neptune.linear(*args("cpu"))
+
+
+@needs_op
+def test_compiles_after_a_plain_import():
+    """The fake kernels are registered by ``import neptune_ext`` (not only by neptune_ext.nn)."""
+    import subprocess
+    import sys
+    code = ("import torch, neptune_ext\n"
+            "f = torch.compile(lambda x, w: torch.ops.neptune.linear(x, w, None), fullgraph=True)\n"
+            "print(f(torch.randn(4, 3), torch.randn(2, 3)).shape)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "torch.Size([4, 2])" in r.stdout
+
+
 pyg = pytest.importorskip("torch_geometric")
 
 

@@ -21,7 +21,7 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-    std::array<bool, 3> output_mask);
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& input,
+    const std::optional<at::Tensor>& weight, std::array<bool, 3> output_mask);
 
 }  // namespace neptune

@@ -69,28 +69,37 @@ Tensor linear_cpu(const Tensor& input, const Tensor& weight, const OptTensor& bi
                 "neptune::linear: bias must be [", weight.size(0), "] of the weight's dtype, got ",
                 bias->sizes(), " ", bias->scalar_type());
   const Tensor x = input.contiguous();
-  if (auto y = onednn_matmul(x, weight.contiguous(), bias)) return *y;
+  // (oneDNN reads every operand densely: a strided or expanded bias is made contiguous too)
+  const OptTensor b = bias.has_value() ? OptTensor(bias->contiguous()) : std::nullopt;
+  if (auto y = onednn_matmul(x, weight.contiguous(), b)) return *y;
   return at::linear(x, weight, bias);
 }
 
-std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, const Tensor& input,
-                                                       const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, const OptTensor& input,
+                                                       const OptTensor& weight,
                                                        std::array<bool, 3> output_mask) {
-  check_linear(input, weight, "neptune::linear_backward");
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == input.size(0) &&
-                  grad_out.size(1) == weight.size(0),
-              "neptune::linear_backward: grad_out must be [", input.size(0), ", ", weight.size(0),
-              "], got ", grad_out.sizes());
+  // input is needed (and given) for the weight's gradient only, weight for the input's
+  const char* what = "neptune::linear_backward";
+  TORCH_CHECK(grad_out.dim() == 2, what, ": grad_out must be 2-D, got ", grad_out.dim(), "-D");
+  TORCH_CHECK(!output_mask[0] || weight.has_value(), what, ": the input's gradient needs the weight");
+  TORCH_CHECK(!output_mask[1] || input.has_value(), what, ": the weight's gradient needs the input");
+  if (weight.has_value())
+    TORCH_CHECK(weight->dim() == 2 && weight->size(0) == grad_out.size(1), what, ": weight must be [",
+                grad_out.size(1), ", in_features], got ", weight->sizes());
+  if (input.has_value())
+    TORCH_CHECK(input->dim() == 2 && input->size(0) == grad_out.size(0), what, ": input must be [",
+                grad_out.size(0), ", in_features], got ", input->sizes());
+  if (input.has_value() && weight.has_value()) check_linear(*input, *weight, what);
   const Tensor g = grad_out.contiguous();
   Tensor gx, gw, gb;
   if (output_mask[0]) {  // g W: oneDNN's (g, (W^T)^T)
-    auto r = onednn_matmul(g, weight.t(), std::nullopt);
-    gx = r.has_value() ? *r : at::mm(g, weight);
+    auto r = onednn_matmul(g, weight->t(), std::nullopt);
+    gx = r.has_value() ? *r : at::mm(g, *weight);
   }
   if (output_mask[1]) {  // g^T x
     std::optional<Tensor> r;
-    if (input.size(1) >= kMinWidthForWeightGrad) r = onednn_matmul(g.t(), input.contiguous().t(), std::nullopt);
-    gw = r.has_value() ? *r : at::mm(g.t(), input);
+    if (input->size(1) >= kMinWidthForWeightGrad) r = onednn_matmul(g.t(), input->contiguous().t(), std::nullopt);
+    gw = r.has_value() ? *r : at::mm(g.t(), *input);
   }
   if (output_mask[2]) gb = at::sum(g, {0});
   // an output not asked for is an empty tensor (the schema returns three)
@@ -109,8 +118,8 @@ const c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const OptTen
   return op;
 }
 
-using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                       std::array<bool, 3>);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&,
+                                                       const OptTensor&, std::array<bool, 3>);
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("neptune::linear_backward", "")
                              .typed<BackwardSig>();
@@ -121,7 +130,11 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
                         const OptTensor& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({input, weight});
+    // As torch's Linear: the input is kept only for the weight's gradient and the weight only
+    // for the input's (a frozen layer keeps no input alive, and in-place writes to what no
+    // gradient needs do not trip the version check).
+    ctx->save_for_backward({weight.requires_grad() ? input : Tensor(),
+                            input.requires_grad() ? weight : Tensor()});
     ctx->saved_data["bias"] = bias.has_value();
     return forward_op().call(input, weight, bias);
   }
@@ -131,7 +144,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const Tensor &x = s[0], &w = s[1];
     const bool has_bias = ctx->saved_data["bias"].toBool();
     const Tensor& g = grads[0];
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0) && w.defined(),
+                                   ctx->needs_input_grad(1) && x.defined(),
                                    has_bias && ctx->needs_input_grad(2)};
     Tensor gx, gw, gb;
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients
@@ -140,7 +154,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       if (mask[2]) gb = g.sum(0);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(gx, gw, gb) = backward_op().call(g, x, w, mask);
+      const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+      std::tie(gx, gw, gb) = backward_op().call(g, opt(x), opt(w), mask);
     }
     auto wanted = [&](int i, const Tensor& t) { return mask[i] ? t : Tensor(); };
     return {wanted(0, gx), wanted(1, gw), wanted(2, gb)};

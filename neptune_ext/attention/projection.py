@@ -27,11 +27,16 @@ MIN_MACS = 1 << 20
 
 
 def plain_linear(m) -> bool:
-    """A torch Linear computing exactly ``x W^T + b``: not a subclass or a parametrized
-    module, and no forward hook or pre-hook (on it, or global) that could change it."""
-    hooks = torch.nn.modules.module
-    return (type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-            and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks))
+    """A torch Linear computing exactly ``x W^T + b`` whose call does nothing else: not a
+    subclass or a parametrized module, no ``forward`` replaced on the instance, and no hook
+    of any kind (forward, forward pre-, backward, backward pre-; on it or global) that
+    calling it would run."""
+    g = torch.nn.modules.module
+    return (type(m) is nn.Linear and "forward" not in m.__dict__
+            and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                     or getattr(m, "_backward_pre_hooks", None))
+            and not (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                     or getattr(g, "_global_backward_pre_hooks", None)))
 
 
 def _autocast_cpu() -> bool:
@@ -41,12 +46,19 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _takes_op(x: Tensor, weight: Tensor) -> bool:
+    """Dense float32 CPU operands, 2-D input, a product worth a oneDNN call, no autocast,
+    and the kernel allowed here (neptune_ext.backend, torch.func transforms)."""
+    return (x.device.type == "cpu" and x.layout == torch.strided and x.dim() == 2
+            and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.layout == torch.strided
+            and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS
+            and not _autocast_cpu() and runs_kernel("linear", "cpu"))
+
+
 def project(lin: nn.Module, x: Tensor) -> Tensor:
     """``lin(x)``, through ``neptune::linear`` where it is the same computation done faster."""
-    if (x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 and plain_linear(lin)
-            and lin.weight.dtype == torch.float32 and lin.weight.device.type == "cpu"
-            and x.shape[0] * x.shape[1] * lin.weight.shape[0] >= MIN_MACS
-            and not _autocast_cpu() and runs_kernel("linear", "cpu")):
+    if plain_linear(lin) and _takes_op(x, lin.weight):
         return torch.ops.neptune.linear(x, lin.weight, lin.bias)
     return lin(x)
 
@@ -54,20 +66,34 @@ def project(lin: nn.Module, x: Tensor) -> Tensor:
 def linear_weights(x: Tensor, weight: Tensor, bias) -> Tensor:
     """``F.linear(x, weight, bias)`` for weights a layer assembled itself (the keys' and
     values' in one GEMM), through ``neptune::linear`` under :func:`project`'s conditions."""
-    if (x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS
-            and not _autocast_cpu() and runs_kernel("linear", "cpu")):
+    if _takes_op(x, weight):
         return torch.ops.neptune.linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def _check_linear(x, weight, bias, what):
+    """The kernel's checks (csrc/linear/linear_cpu.cpp), for the fake kernel."""
+    torch._check(x.dim() == 2, lambda: f"{what}: input must be 2-D [rows, in_features], got {x.dim()}-D")
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1],
+                 lambda: f"{what}: weight must be [out_features, {x.shape[1]}], got {list(weight.shape)}")
+    torch._check(x.dtype == weight.dtype and x.device == weight.device,
+                 lambda: f"{what}: input and weight must share dtype and device, got {x.dtype} on "
+                         f"{x.device} and {weight.dtype} on {weight.device}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.dtype == weight.dtype,
+                     lambda: f"{what}: bias must be [{weight.shape[0]}] of the weight's dtype, got "
+                             f"{list(bias.shape)} {bias.dtype}")
 
 
 if _ext._C is not None and hasattr(torch.ops.neptune, "linear"):
     @torch.library.register_fake("neptune::linear")
     def _linear_fake(x, weight, bias):
+        _check_linear(x, weight, bias, "neptune::linear")
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("neptune::linear_backward")
     def _linear_backward_fake(grad_out, x, weight, output_mask):
-        return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
-                weight.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,)),
-                weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))
+        empty = grad_out.new_empty((0,))
+        return (weight.new_empty((grad_out.shape[0], weight.shape[1])) if output_mask[0] else empty,
+                x.new_empty((grad_out.shape[1], x.shape[1])) if output_mask[1] else empty,
+                grad_out.new_empty((grad_out.shape[1],)) if output_mask[2] else empty)
