@@ -306,3 +306,18 @@ def test_projection_bench_records(tmp_path, monkeypatch):
     report = json.loads(path.read_text())
     assert report["benchmark"] == "projection" and report["results"][0]["case"] == "tiny"
     assert set(report["results"][0]["median_ms"]) == {"torch", "neptune_ext"}
+
+
+@pytest.mark.parametrize("kind", ["gat", "gatv2", "transformer"])
+def test_dynamically_quantized_layers_run(kind):
+    """torch.ao.quantization.quantize_dynamic replaces the layers' Linears with modules whose
+    weight is a method: the layers call them (the projections' quantization error, no crash)."""
+    from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
+    cls = {"gat": GraphAttention, "gatv2": GraphAttentionV2, "transformer": GraphTransformer}[kind]
+    for fin in (300, 64):  # wider and narrower than heads x channels
+        layer = cls(fin, 64, heads=4)
+        x, ei = torch.randn(1500, fin), torch.randint(0, 1500, (2, 8000))
+        q = torch.ao.quantization.quantize_dynamic(layer, {nn.Linear}, dtype=torch.qint8)
+        want, got = layer(x, ei), q(x, ei)
+        err = float((got - want).norm() / want.norm())
+        assert 0 < err < 0.1, err

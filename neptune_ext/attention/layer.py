@@ -66,9 +66,13 @@ def materialize(lin: Optional[nn.Module], x: Optional[Tensor], name: str = "x",
             glorot(lin.weight)
         if autocast_on(x.device.type):  # autocast cached a cast of the weight before glorot
             torch.clear_autocast_cache()
-    if x.shape[-1] != lin.weight.shape[1]:
+    # (in_features: also on modules whose weight is not a tensor, e.g. a dynamically quantized Linear)
+    width = getattr(lin, "in_features", None)
+    if width is None:
+        width = lin.weight.shape[1]
+    if x.shape[-1] != width:
         raise ValueError(f"{name} has {x.shape[-1]} features per row but the layer was built for "
-                         f"{lin.weight.shape[1]} (in_channels / edge_dim)")
+                         f"{width} (in_channels / edge_dim)")
 
 
 def glorot(t: Optional[Tensor]):
