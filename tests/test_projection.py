@@ -112,6 +112,20 @@ def test_opcheck_and_compile():
     assert _relerr(fn(xx), torch.nn.functional.linear(xx.double(), lin.weight.double(), lin.bias.double())) < 5e-6
 
 
+@needs_op
+def test_compiled_projection_does_not_guard_on_the_node_count():
+    """Under torch.compile the size threshold is not asked (the kernel itself sends small
+    products to at::linear): one graph serves every node count."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    lin, cnt = nn.Linear(700, 64), CompileCounter()
+    fn = torch.compile(lambda t: project(lin, t), backend=cnt, dynamic=True, fullgraph=True)
+    for rows in (2000, 7, 3000):
+        x = torch.randn(rows, 700)
+        assert _relerr(fn(x), torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())) < 2e-5
+    assert cnt.frame_count == 1
+
+
 class _Scaled(nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)

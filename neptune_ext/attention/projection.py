@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import _ext
+from .._util import is_compiling as _is_compiling
 from .spec import runs_kernel
 
 Tensor = torch.Tensor
@@ -48,11 +49,13 @@ def _autocast_cpu() -> bool:
 
 def _takes_op(x: Tensor, weight: Tensor) -> bool:
     """Dense float32 CPU operands, 2-D input, a product worth a oneDNN call, no autocast,
-    and the kernel allowed here (neptune_ext.backend, torch.func transforms)."""
+    and the kernel allowed here (neptune_ext.backend, torch.func transforms). Under
+    torch.compile / torch.export the size is not asked (that would guard the node count: the
+    kernel itself sends small products to at::linear)."""
     return (x.device.type == "cpu" and x.layout == torch.strided and x.dim() == 2
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.layout == torch.strided
-            and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS
+            and (_is_compiling() or x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS)
             and not _autocast_cpu() and runs_kernel("linear", "cpu"))
 
 
