@@ -58,7 +58,6 @@ def test_matches_float64_linear(rows, fin, fout, bias, x_grad):
 
 @needs_op
 def test_big_products_take_the_op_small_ones_the_module():
-    calls = []
     lin = nn.Linear(600, 64)
     with torch.autograd.profiler.profile() as prof:
         project(lin, torch.randn(2000, 600))

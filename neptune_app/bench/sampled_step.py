@@ -12,43 +12,22 @@ the stacks alternate step by step over the same batches; medians.
 import argparse
 import statistics
 import time
-from collections import Counter
+import copy
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import common
-
-
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+from .host import _CountOps
 
 
 def _pyg_stack(ours):
-    """PyG's GATConv in the shape of neptune_app.sampled.GATStack, with ours' weights."""
+    """The same GATStack with PyG's GATConv in place of each layer, with ours' weights."""
     from torch_geometric.nn import GATConv
-
-    class Stack(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.convs = torch.nn.ModuleList(
-                GATConv(c.in_channels, c.out_channels, heads=c.heads, concat=c.concat, dropout=c.dropout)
-                for c in ours.convs)
-
-        def forward(self, x, edge_index):
-            for i, conv in enumerate(self.convs):
-                x = conv(x, edge_index)
-                if i < len(self.convs) - 1:
-                    x = F.elu(x)
-            return x
-    theirs = Stack()
+    theirs = copy.deepcopy(ours)
+    theirs.convs = torch.nn.ModuleList(
+        GATConv(c.in_channels, c.out_channels, heads=c.heads, concat=c.concat, dropout=c.dropout)
+        for c in ours.convs)
     theirs.load_state_dict(ours.state_dict())
     return theirs
 

@@ -2,8 +2,8 @@
 ``neptune::linear`` where that is faster (csrc/linear/linear.h).
 
 On the CPU, torch's Linear runs its float32 GEMMs through MKL; on some machines oneDNN's
-matmul (also in torch) is 2-2.5x faster for the projections of a graph layer (measured on an
-AMD EPYC VM: ``benchmarks/results/cpu-2core-2026-12-05-projection.json``). The op takes
+matmul (also in torch) does a graph layer's projection 1.2-1.8x faster, forward and backward
+(measured on an AMD EPYC VM: ``benchmarks/results/cpu-2core-2026-12-05-projection.json``). The op takes
 oneDNN where it applies and at::linear / at::mm elsewhere; the choice depends on dtype and
 shapes only. Its autograd is C++ (one op call in backward; ``create_graph=True`` gets
 differentiable ATen matmuls).
