@@ -9,9 +9,11 @@
 //
 // Backward, with D_i = <dOut_i, out_i> (per head) and a'_ij = dropped/scaled a_ij:
 //   dS_ij = (a'_ij <dOut_i, h_j> - a_ij D_i) * LeakyReLU'(raw_ij)
-//   pass 1 (destinations, CSR):  grad score_dst_i = sum_j dS_ij; stores dS, a'
-//   pass 2 (sources, CSC):       grad score_src_j = sum_i dS_ij,
-//                                grad h_j = sum_i a'_ij dOut_i
+//   pass 0 (destinations):       D_i (a sequential pass over dOut and out)
+//   pass 1 (sources, CSC):       grad score_src_j = sum_i dS_ij,
+//                                grad h_j = sum_i a'_ij dOut_i; stores dS per edge
+//   pass 2 (destinations, CSR):  grad score_dst_i = sum_j dS_ij (no row gathers)
+// so one row (dOut_i) is gathered per edge, not two.
 // Each output element is written by exactly one thread in a fixed order: no
 // atomics, bitwise deterministic.
 #include <ATen/Dispatch.h>
@@ -86,88 +88,78 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   scalar_t* gel = el ? gel_t.data_ptr<scalar_t>() : nullptr;
   const acc_t slope = static_cast<acc_t>(slope_d);
 
-  // Per-edge dS and a' in CSR order: E x H scratch (backward only).
-  at::Tensor ds_t = at::empty({E, H}, b.scratch);
-  at::Tensor ap_t = at::empty({E, H}, b.scratch);
-  acc_t* ds = ds_t.data_ptr<acc_t>();
-  acc_t* ap = ap_t.data_ptr<acc_t>();
-
-  // Pass 1: destinations.
-  parallel_rows_by_cost(csr.rowptr, n_dst, HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> D(H), g_sd(H), base(H);
-    for (int64_t i = begin; i < end; ++i) {
-      if (i >= n_go) {  // a row without gradient (grad_out has n_go rows): nothing flows back
-        for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e)
-          for (int64_t k = 0; k < H; ++k) {
-            ds[e * H + k] = 0;
-            ap[e * H + k] = 0;
-            if (gel) gel[csr.eid[e] * H + k] = scalar_t(0);
-          }
-        for (int64_t k = 0; k < H; ++k) gsd[i * H + k] = scalar_t(0);
-        continue;
-      }
-      const scalar_t* goi = go + i * HC;
-      row_dots(goi, out + i * HC, H, C, D.data());
-      for (int64_t k = 0; k < H; ++k) {
-        g_sd[k] = 0;
-        base[k] = static_cast<acc_t>(sd[i * H + k]);
-      }
-      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
-        if (e + kPrefetchDistance < E) {
-          const int64_t jn = csr.col[e + kPrefetchDistance];
-          prefetch_row(h + jn * HC, HC);
-          __builtin_prefetch(ss + jn * H, 0, 1);
-          if (el) {
-            const int64_t en = csr.eid[e + kPrefetchDistance];
-            __builtin_prefetch(el + en * H, 0, 1);
-            __builtin_prefetch(gel + en * H, 1, 1);
-          }
-        }
-        const int64_t j = csr.col[e];
-        const int64_t edge = csr.eid[e];
-        const scalar_t* hj = h + j * HC;
-        for (int64_t k = 0; k < H; ++k) {
-          acc_t raw = base[k] + static_cast<acc_t>(ss[j * H + k]);
-          if (el) raw += static_cast<acc_t>(el[edge * H + k]);
-          const acc_t a = std::exp(leaky_relu(raw, slope) - lse[i * H + k]);
-          const acc_t a_kept = drop.apply(a, edge, k);
-          const acc_t gk = a_kept != acc_t(0) ? dot_channels<acc_t>(goi + k * C, hj + k * C, C) : acc_t(0);
-          const acc_t dS = logit_grad(a_kept, gk, a, D[k], raw, slope);
-          g_sd[k] += dS;
-          ds[e * H + k] = dS;
-          ap[e * H + k] = a_kept;
-          if (gel) gel[edge * H + k] = static_cast<scalar_t>(dS);
-        }
-      }
-      for (int64_t k = 0; k < H; ++k) gsd[i * H + k] = static_cast<scalar_t>(g_sd[k]);
-    }
+  // Pass 0: D_i = <dOut_i, out_i> per head, for the rows that have a gradient (sequential).
+  at::Tensor d_t = at::empty({n_go, H}, b.scratch);
+  acc_t* Dv = d_t.data_ptr<acc_t>();
+  at::parallel_for(0, n_go, std::max<int64_t>(1, 4096 / std::max<int64_t>(HC, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) row_dots(go + i * HC, out + i * HC, H, C, Dv + i * H);
   });
 
-  // Pass 2: sources, over the transposed graph.
+  // Pass 1: sources, over the transposed graph. Source j's h_j and score_src_j stay in
+  // cache; per in-edge only dOut_i is gathered (with a few values of i: score_dst, lse, D),
+  // and it serves the weight, <dOut_i, h_j>, dS and grad h_j alike. dS is stored per edge
+  // (CSR position) for pass 2.
+  at::Tensor ds_t = at::empty({E, H}, b.scratch);
+  acc_t* ds = ds_t.data_ptr<acc_t>();
+  const bool need_edge = el != nullptr || drop.on;
   parallel_rows_by_cost(csc.colptr, n_src, HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(HC), g_ss(H);
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(g_ss.begin(), g_ss.end(), acc_t(0));
+      const scalar_t* hj = h + j * HC;
       for (int64_t t = csc.colptr[j]; t < csc.colptr[j + 1]; ++t) {
         if (t + kPrefetchDistance < E) {
           const int64_t in = csc.row[t + kPrefetchDistance];
           const int64_t en = csc.perm[t + kPrefetchDistance];
-          prefetch_row(go + in * HC, HC);
-          __builtin_prefetch(ds + en * H, 0, 1);
-          __builtin_prefetch(ap + en * H, 0, 1);
+          if (in < n_go) {
+            prefetch_row(go + in * HC, HC);
+            __builtin_prefetch(Dv + in * H, 0, 1);
+          }
+          __builtin_prefetch(sd + in * H, 0, 1);
+          __builtin_prefetch(lse + in * H, 0, 1);
+          __builtin_prefetch(ds + en * H, 1, 1);  // written below: a random write per edge
+          if (need_edge) __builtin_prefetch(csr.eid + en, 0, 1);
         }
         const int64_t i = csc.row[t];
         const int64_t e = csc.perm[t];
+        const int64_t edge = need_edge ? static_cast<int64_t>(csr.eid[e]) : 0;
+        if (i >= n_go) {  // a row without gradient (grad_out has n_go rows): nothing flows back
+          for (int64_t k = 0; k < H; ++k) {
+            ds[e * H + k] = 0;
+            if (gel) gel[edge * H + k] = scalar_t(0);
+          }
+          continue;
+        }
         const scalar_t* goi = go + i * HC;
         for (int64_t k = 0; k < H; ++k) {
-          g_ss[k] += ds[e * H + k];
-          const acc_t w = ap[e * H + k];
-          if (w != acc_t(0)) axpy_rescaled<scalar_t, acc_t>(acc.data() + k * C, acc_t(1), w, goi + k * C, nullptr, C);
+          acc_t raw = static_cast<acc_t>(sd[i * H + k]) + static_cast<acc_t>(ss[j * H + k]);
+          if (el) raw += static_cast<acc_t>(el[edge * H + k]);
+          const acc_t a = std::exp(leaky_relu(raw, slope) - lse[i * H + k]);
+          const acc_t a_kept = drop.apply(a, edge, k);
+          const acc_t gk = a_kept != acc_t(0) ? dot_channels<acc_t>(goi + k * C, hj + k * C, C) : acc_t(0);
+          const acc_t dS = logit_grad(a_kept, gk, a, Dv[i * H + k], raw, slope);
+          g_ss[k] += dS;
+          ds[e * H + k] = dS;
+          if (gel) gel[edge * H + k] = static_cast<scalar_t>(dS);
+          if (a_kept != acc_t(0))
+            axpy_rescaled<scalar_t, acc_t>(acc.data() + k * C, acc_t(1), a_kept, goi + k * C, nullptr, C);
         }
       }
       for (int64_t x = 0; x < HC; ++x) gh[j * HC + x] = static_cast<scalar_t>(acc[x]);
       for (int64_t k = 0; k < H; ++k) gss[j * H + k] = static_cast<scalar_t>(g_ss[k]);
+    }
+  });
+
+  // Pass 2: destinations: grad score_dst_i = sum_j dS_ij, read in CSR order (no gathers).
+  parallel_rows_by_cost(csr.rowptr, n_dst, H, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> g_sd(H);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(g_sd.begin(), g_sd.end(), acc_t(0));
+      for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e)
+        for (int64_t k = 0; k < H; ++k) g_sd[k] += ds[e * H + k];
+      for (int64_t k = 0; k < H; ++k) gsd[i * H + k] = static_cast<scalar_t>(g_sd[k]);
     }
   });
 }
