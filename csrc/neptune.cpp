@@ -146,6 +146,7 @@ TORCH_LIBRARY(neptune, m) {
   // The layers' node projections: x W^T (+ b), float32 GEMMs through oneDNN where it applies
   // (see linear/linear.h).
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_prefers_onednn() -> bool", &neptune::linear_prefers_onednn);
   m.def(
       "linear_backward(Tensor grad_out, Tensor? input, Tensor? weight, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");

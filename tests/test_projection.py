@@ -14,6 +14,13 @@ from neptune_ext.attention.projection import MIN_MACS, project
 needs_op = pytest.mark.skipif(not backend.runs_kernel("linear", "cpu"),
                               reason="the extension's neptune::linear is not built")
 
+
+@pytest.fixture(autouse=True)
+def _op_wins_here(monkeypatch):
+    """The layers take the op only on CPUs where it won (projection.USE_ONEDNN: AMD); these
+    tests exercise it on any CPU."""
+    monkeypatch.setattr(projection, "USE_ONEDNN", True)
+
 # (rows, in, out): oneDNN's forward, its weight gradient (in >= 256) and torch's mm for the
 # weight gradient (in < 256), a product just over the threshold, and one under it.
 SHAPES = [(1500, 700, 64), (3000, 128, 96), (1025, 32, 32), (37, 19, 5)]
@@ -65,6 +72,30 @@ def test_big_products_take_the_op_small_ones_the_module():
     calls = [e.name for e in prof.function_events]
     assert calls.count("neptune::linear") == 1
     assert 2000 * 600 * 64 >= MIN_MACS > 3 * 600 * 64
+
+
+@needs_op
+def test_cpus_where_the_op_loses_call_the_module(monkeypatch):
+    """USE_ONEDNN follows the CPU (neptune::linear_prefers_onednn: AMD x86) unless
+    NEPTUNE_LINEAR_ONEDNN says otherwise; where it is off, every projection is the module's
+    own call (the same numbers as torch's Linear, bit for bit)."""
+    env = {"0": False, "1": True}.get(__import__("os").environ.get("NEPTUNE_LINEAR_ONEDNN", ""))
+    assert projection._use_onednn_default() == (
+        env if env is not None else torch.ops.neptune.linear_prefers_onednn())
+    monkeypatch.setenv("NEPTUNE_LINEAR_ONEDNN", "0")
+    assert projection._use_onednn_default() is False
+    monkeypatch.setenv("NEPTUNE_LINEAR_ONEDNN", "1")
+    assert projection._use_onednn_default() is True
+    monkeypatch.setenv("NEPTUNE_LINEAR_ONEDNN", "yes")
+    with pytest.warns(RuntimeWarning, match="NEPTUNE_LINEAR_ONEDNN must be 0 or 1"):
+        projection._use_onednn_default()
+    monkeypatch.setattr(projection, "USE_ONEDNN", False)
+    lin = nn.Linear(600, 64)
+    x = torch.randn(2000, 600)
+    with torch.autograd.profiler.profile() as prof:
+        y = project(lin, x)
+    assert "neptune::linear" not in [e.name for e in prof.function_events]
+    assert torch.equal(y, lin(x))
 
 
 @needs_op

@@ -24,4 +24,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& input,
     const std::optional<at::Tensor>& weight, std::array<bool, 3> output_mask);
 
+// Whether the layers should take this op on this machine's CPU: oneDNN's float32 matmul
+// beat torch's (MKL) GEMMs for the layers' projections on an AMD EPYC (1.2-1.8x) and lost to
+// them on an Intel Xeon (0.85x); so true on AMD x86 CPUs, false elsewhere (other CPUs are
+// unmeasured: torch's Linear stays). A property of the CPU, never of values.
+bool linear_prefers_onednn();
+
 }  // namespace neptune

@@ -50,6 +50,22 @@ std::optional<Tensor> onednn_matmul(const Tensor& x, const Tensor& w, const OptT
   return stack.back().toTensor();
 }
 
+}  // namespace
+
+bool linear_prefers_onednn() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
 void check_linear(const Tensor& x, const Tensor& w, const char* what) {
   TORCH_CHECK(x.dim() == 2, what, ": input must be 2-D [rows, in_features], got ", x.dim(), "-D");
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), what, ": weight must be [out_features, ",

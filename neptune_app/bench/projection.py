@@ -6,6 +6,8 @@ matmul where it applies, csrc/linear/linear.h), forward and backward, on the CPU
 Shapes are the projections of the attention layers' benchmark cases (rows x in -> out). Per
 case, one step is y = x W^T + b and its backward for W, b and (with ``x_grad``) x; the two
 contenders alternate round by round (ABAB...), medians of the rounds, speed-ups per round.
+The op is called directly, so its speed is measured on any CPU; the report also says whether
+the layers take it on this one (neptune_ext.attention.projection.USE_ONEDNN).
 """
 import argparse
 import statistics
@@ -38,14 +40,15 @@ def _step(fn, x, lin, go):
 
 
 def run_case(name, rounds):
-    from neptune_ext.attention.projection import project
     rows, fin, fout, x_grad = CASES[name]
     torch.manual_seed(0)
     lin = torch.nn.Linear(fin, fout)
     x = torch.randn(rows, fin, requires_grad=x_grad)
     go = torch.randn(rows, fout)
+    # the op itself (what the layers call where projection.USE_ONEDNN holds)
+    op = torch.ops.neptune.linear
     times = common.alternate({"torch": _step(lin, x, lin, go),
-                              "neptune_ext": _step(lambda t: project(lin, t), x, lin, go)},
+                              "neptune_ext": _step(lambda t: op(t, lin.weight, lin.bias), x, lin, go)},
                              rounds, warmup=2, progress=False)
     res = {"case": name, "rows": rows, "in": fin, "out": fout, "x_grad": x_grad,
            "median_ms": {k: {ph: common.median_ms(v) for ph, v in d.items()} for k, d in times.items()}}
@@ -62,10 +65,13 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--json")
     a = p.parse_args(argv)
-    print(f"node projections, fwd+bwd, CPU: {common.machine()}", flush=True)
+    from neptune_ext.attention import projection
+    print(f"node projections, fwd+bwd, CPU: {common.machine()}; the layers take the op here: "
+          f"{projection.USE_ONEDNN}", flush=True)
     report = {"benchmark": "projection", "machine": common.machine(), "torch": torch.__version__,
               "commit": common.git_commit(), "threads": torch.get_num_threads(),
               "onednn": torch.backends.mkldnn.is_available(),
+              "layers_take_the_op": projection.USE_ONEDNN,
               "results": [run_case(c, a.rounds) for c in CASES]}
     common.write_json(a.json, report)
     return report

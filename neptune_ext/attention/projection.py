@@ -1,19 +1,26 @@
 """The layers' node projections ``x W^T + b``: a plain Linear, computed by
 ``neptune::linear`` where that is faster (csrc/linear/linear.h).
 
-On the CPU, torch's Linear runs its float32 GEMMs through MKL; on some machines oneDNN's
-matmul (also in torch) does a graph layer's projection 1.2-1.8x faster, forward and backward
-(measured on an AMD EPYC VM: ``benchmarks/results/cpu-2core-2026-12-05-projection.json``). The op takes
-oneDNN where it applies and at::linear / at::mm elsewhere; the choice depends on dtype and
-shapes only. Its autograd is C++ (one op call in backward; ``create_graph=True`` gets
-differentiable ATen matmuls).
+On the CPU, torch's Linear runs its float32 GEMMs through MKL. On an AMD EPYC VM oneDNN's
+matmul (also in torch) did a graph layer's projection 1.2-1.8x faster, forward and backward
+(``benchmarks/results/cpu-2core-2026-12-05-projection.json``); on an Intel Xeon VM it was
+0.85-1.0x (``cpu-2core-2026-12-05-xeon-projection.json``). So the layers take the op only
+where the CPU is one where it won (:data:`USE_ONEDNN`: AMD x86 CPUs, as
+``neptune::linear_prefers_onednn`` reports; the environment variable
+``NEPTUNE_LINEAR_ONEDNN=1`` or ``0`` overrides it at import). The op takes oneDNN where it
+applies and at::linear / at::mm elsewhere; the choice depends on dtype and shapes only. Its
+autograd is C++ (one op call in backward; ``create_graph=True`` gets differentiable ATen
+matmuls).
 
 :func:`project` calls it for a module only when that changes nothing but the speed: a
 ``torch.nn.Linear`` exactly (no subclass, parametrization or hook, on it or global), float32
 on the CPU outside autocast (autocast runs torch's Linear in bfloat16, which we keep), inside
-no torch.func transform or forward-mode AD, and a product big enough to gain (below it,
-the module is called). Everything else calls the module.
+no torch.func transform or forward-mode AD, a product big enough to gain (below it, the
+module is called), on a CPU where the op wins. Everything else calls the module.
 """
+import os
+import warnings
+
 import torch
 from torch import nn
 
@@ -25,6 +32,22 @@ Tensor = torch.Tensor
 
 # Multiply-adds below which the module's own call is as fast (csrc/linear/linear_cpu.cpp).
 MIN_MACS = 1 << 20
+
+
+def _use_onednn_default() -> bool:
+    env = os.environ.get("NEPTUNE_LINEAR_ONEDNN", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        warnings.warn(f"NEPTUNE_LINEAR_ONEDNN must be 0 or 1 (or unset: the CPU decides), got {env!r}; "
+                      "ignoring it", RuntimeWarning, stacklevel=2)
+    op = getattr(torch.ops.neptune, "linear_prefers_onednn", None) if _ext._C is not None else None
+    return bool(op()) if op is not None else False
+
+
+#: Whether the layers' projections take ``neptune::linear`` on this machine (read at every
+#: call: a program or test may set it).
+USE_ONEDNN = _use_onednn_default()
 
 
 def plain_linear(m) -> bool:
@@ -48,11 +71,12 @@ def _autocast_cpu() -> bool:
 
 
 def _takes_op(x: Tensor, weight: Tensor) -> bool:
-    """Dense float32 CPU operands, 2-D input, a product worth a oneDNN call, no autocast,
-    and the kernel allowed here (neptune_ext.backend, torch.func transforms). Under
+    """A CPU where the op wins (:data:`USE_ONEDNN`), dense float32 CPU operands, 2-D input, a
+    product worth a oneDNN call, no autocast, and the kernel allowed here
+    (neptune_ext.backend, torch.func transforms). Under
     torch.compile / torch.export the size is not asked (that would guard the node count: the
     kernel itself sends small products to at::linear)."""
-    return (x.device.type == "cpu" and x.layout == torch.strided and x.dim() == 2
+    return (USE_ONEDNN and x.device.type == "cpu" and x.layout == torch.strided and x.dim() == 2
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.layout == torch.strided
             and (_is_compiling() or x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS)
