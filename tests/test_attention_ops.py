@@ -199,6 +199,34 @@ def test_bitwise_deterministic(variant, device, dtype):
     same_bits_across_thread_counts(run)
 
 
+@variants
+@pytest.mark.parametrize("isa", ["base", "auto"])
+def test_both_cpu_builds_match_float64(variant, isa, monkeypatch):
+    """The CPU loops run as baseline code or, where the CPU has AVX2 and FMA, as their AVX2
+    build (csrc/attention/common/attention_cpu.h: run_rows); NEPTUNE_CPU_ISA=base forces the
+    baseline. Each, in float32, is within float32 rounding of the float64 reference, and
+    deterministic across thread counts."""
+    needs_kernel(variant)
+    monkeypatch.setenv("NEPTUNE_CPU_ISA", isa)
+    ei, n, _ = power_law_graph(3000, 40_000)
+    g = Graph.from_edge_index(ei, (n, n))
+    ins64 = variant.inputs(n, n, ei.shape[1], 4, 16, dtype=torch.float64)
+    ins = [t.detach().float().requires_grad_() for t in ins64]
+    exact_in = [t.detach().float().double().requires_grad_() for t in ins64]
+    out, exact = variant(ins, g), variant.reference(exact_in, g)
+    # float32 rounding (6e-8) over sums of up to a few thousand edges; a wrong term is O(1)
+    assert rel_err(out, exact) < 1e-5
+    go = torch.randn_like(exact)
+    for a, x in zip(grads(out, ins, go.float()), grads(exact, exact_in, go)):
+        assert rel_err(a, x) < 1e-4
+
+    def run():
+        o = variant(ins, g)
+        return [o] + list(grads(o, ins, go.float()))
+
+    same_bits_across_thread_counts(run)
+
+
 # ------------------------------------------------------------------ dropout, returned attention
 
 @variants

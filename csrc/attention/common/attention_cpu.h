@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -41,6 +43,55 @@ inline void prefetch_rows_of(int64_t i, int64_t n, const T*... arrays) {
   (prefetch_row(arrays + i * n, n), ...);
 }
 
+// The kernels' loop bodies are compiled twice: for the baseline ISA, and (GCC, x86-64) for
+// AVX2 + FMA, taken when the CPU has both (once per process; NEPTUNE_CPU_ISA=base in the
+// environment forces the baseline, read per call). run_rows(fn, b, e) runs a body fn(b, e)
+// (a kernel's lambda over rows b..e): on AVX2 through run_avx2, which inlines the body and
+// everything it calls (flatten) into one function compiled for AVX2 + FMA - the channel
+// loops (`omp simd`) get 8-wide vectors and fused multiply-adds. Nothing else is compiled
+// for AVX2: every out-of-line function (a helper's own copy, ATen, libm) stays baseline code,
+// so no code that a CPU without AVX2 runs can contain its instructions. Results of the two
+// differ in rounding (fused multiply-adds); each is deterministic.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NEPTUNE_CPU_AVX2 1
+template <typename F>
+__attribute__((target("avx2,fma"), flatten)) void run_avx2(F& fn, int64_t b, int64_t e) {
+  fn(b, e);
+}
+#endif
+
+// Whether run_rows takes the AVX2 + FMA build of a loop body here.
+inline bool cpu_avx2() {
+#ifdef NEPTUNE_CPU_AVX2
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  if (!has) return false;
+  const char* env = std::getenv("NEPTUNE_CPU_ISA");
+  return env == nullptr || std::strcmp(env, "base") != 0;
+#else
+  return false;
+#endif
+}
+
+template <typename F>
+inline void run_rows(F& fn, int64_t b, int64_t e) {
+#ifdef NEPTUNE_CPU_AVX2
+  if (cpu_avx2()) {
+    run_avx2(fn, b, e);
+    return;
+  }
+#endif
+  fn(b, e);
+}
+
+// at::parallel_for over [begin, end) with each chunk's body run by run_rows.
+template <typename F>
+void parallel_for_isa(int64_t begin, int64_t end, int64_t grain, F&& fn) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run_rows(fn, b, e); });
+}
+
 // Rows per parallel task: about `work` edge-features per task, to amortize scheduling.
 inline int64_t grain_for(int64_t n_rows, int64_t n_edges, int64_t HC, int64_t work = 32768) {
   const int64_t work_per_row = std::max<int64_t>(1, (n_edges / std::max<int64_t>(n_rows, 1) + 1) * HC);
@@ -59,7 +110,7 @@ void parallel_rows_by_cost(const index_t* ptr, int64_t n_rows, int64_t HC, F&& f
   const int64_t total = static_cast<int64_t>(ptr[n_rows]) + n_rows;
   const int64_t T = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_rows, 1));
   if (T <= 1 || total * std::max<int64_t>(HC, 1) < serial_cost) {
-    if (n_rows > 0) fn(int64_t(0), n_rows);
+    if (n_rows > 0) run_rows(fn, int64_t(0), n_rows);
     return;
   }
   std::vector<int64_t> bounds(T + 1, n_rows);
@@ -75,7 +126,7 @@ void parallel_rows_by_cost(const index_t* ptr, int64_t n_rows, int64_t HC, F&& f
   }
   at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c)
-      if (bounds[c] < bounds[c + 1]) fn(bounds[c], bounds[c + 1]);
+      if (bounds[c] < bounds[c + 1]) run_rows(fn, bounds[c], bounds[c + 1]);
   });
 }
 

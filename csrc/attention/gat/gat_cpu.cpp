@@ -91,7 +91,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   // Pass 0: D_i = <dOut_i, out_i> per head, for the rows that have a gradient (sequential).
   at::Tensor d_t = at::empty({n_go, H}, b.scratch);
   acc_t* Dv = d_t.data_ptr<acc_t>();
-  at::parallel_for(0, n_go, std::max<int64_t>(1, 4096 / std::max<int64_t>(HC, 1)),
+  parallel_for_isa(0, n_go, std::max<int64_t>(1, 4096 / std::max<int64_t>(HC, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) row_dots(go + i * HC, out + i * HC, H, C, Dv + i * H);
   });

@@ -223,7 +223,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
 
   // Pass 1: destinations, in fixed blocks.
   const int64_t block_grain = std::max<int64_t>(1, grain_for(n_dst, E, HC, 16384) / kGatv2AttBlock);
-  at::parallel_for(0, n_blocks, block_grain, [&](int64_t b0, int64_t b1) {
+  parallel_for_isa(0, n_blocks, block_grain, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> z(HC), xri(HC), gxri(HC), D(H), dS(H);
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* ga = part + b * HC;

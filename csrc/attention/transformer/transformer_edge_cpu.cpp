@@ -241,7 +241,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
   at::Tensor part_t = at::zeros({std::max<int64_t>(n_blocks, 1), HCD}, b.scratch);
   acc_t* part = part_t.data_ptr<acc_t>();
   if (edges && HCD > 0) {
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_isa(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         acc_t* p = part + blk * HCD;
         const int64_t i_end = std::min(n_dst, (blk + 1) * kEdgeWeightBlock);
@@ -265,7 +265,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
   // The blocks in order, each entry summed over them from block 0 up (a pass over the
   // partial sums in memory order).
   scalar_t* gw = gw_t.data_ptr<scalar_t>();
-  at::parallel_for(0, HCD, 256, [&](int64_t x0, int64_t x1) {
+  parallel_for_isa(0, HCD, 256, [&](int64_t x0, int64_t x1) {
     std::vector<acc_t> sum(x1 - x0, acc_t(0));
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const acc_t* pb = part + blk * HCD + x0;
