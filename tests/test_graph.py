@@ -267,3 +267,50 @@ def test_unsigned_and_narrow_edge_index_infer_their_size(dtype):
     g = Graph.from_edge_index(ei.to(dtype))
     assert (g.num_src, g.num_dst) == (5, 5)
     torch.testing.assert_close(g.edge_index.to(torch.int64), Graph.from_edge_index(ei).edge_index.to(torch.int64))
+
+
+@pytest.mark.parametrize("replace_loops", [False, True])
+@pytest.mark.parametrize("itype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("E,n_src,n_dst", [(300_000, 40_000, 30_000), (200_000, 3, 5), (5, 9, 2), (0, 4, 4)])
+def test_build_csr_and_csc_equal_a_stable_sort_for_any_thread_count(replace_loops, itype, E, n_src, n_dst):
+    """neptune::build_csr / build_csc on the CPU (one counting sort each, the outputs written
+    directly, split among the threads) against a stable argsort, with loops replaced as GATConv
+    does (existing loops to row n_dst, n = min(n_src, n_dst) loops appended), bit for bit at 1
+    and 2 threads."""
+    import neptune_ext
+    if not neptune_ext.backend.runs_kernel("build_csr", "cpu"):
+        pytest.skip("extension not built")
+    src, dst = torch.randint(0, n_src, (E,)), torch.randint(0, n_dst, (E,))
+    if E:
+        k = torch.randperm(E)[: E // 10]  # self loops among the edges, where ids allow
+        dst[k] = torch.minimum(src[k], torch.tensor(n_dst - 1))
+    ei = torch.stack([src, dst])
+    if replace_loops:
+        n = min(n_src, n_dst)
+        key = torch.cat([torch.where(src == dst, n_dst, dst), torch.arange(n)])
+        src_all, rows = torch.cat([src, torch.arange(n)]), n_dst + 1
+    else:
+        key, src_all, rows = dst, src, n_dst
+    perm = torch.sort(key, stable=True).indices
+    want_rowptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(key, minlength=rows).cumsum(0)])
+    row_of = torch.repeat_interleave(torch.arange(rows), want_rowptr.diff())
+    cperm = torch.sort(src_all[perm], stable=True).indices
+    want = (want_rowptr, src_all[perm], perm,
+            torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(src_all, minlength=n_src).cumsum(0)]),
+            row_of[cperm], cperm)
+
+    def build():
+        rowptr, col, eid = torch.ops.neptune.build_csr(ei, n_src, n_dst, itype, replace_loops)
+        return (rowptr, col, eid) + tuple(torch.ops.neptune.build_csc(rowptr, col, eid, n_src))
+
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(build())
+    finally:
+        torch.set_num_threads(threads)
+    for got in outs:
+        for g, w in zip(got, want):
+            assert g.dtype == itype and torch.equal(g.long(), w)

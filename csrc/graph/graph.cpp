@@ -236,6 +236,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_csr(const at::Tensor& edge_
     TORCH_CHECK_VALUE(v[2] < num_dst, "edge_index[1] (destinations) contains node id ", v[2],
                       ", outside [0, num_dst=", num_dst, ")");
   }
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  if (ei.is_cpu()) {
+    const int64_t total_cpu = E + (replace_self_loops ? std::min(num_src, num_dst) : 0);
+    const int64_t rows_cpu = replace_self_loops ? num_dst + 1 : num_dst;
+    TORCH_CHECK_VALUE(dtype == at::kLong || (total_cpu <= kInt32Max && rows_cpu < kInt32Max),
+                      "neptune::build_csr: the graph is too large for int32 indices");
+    auto [rowptr, col, eid] = csr_from_edges_cpu(ei, num_src, num_dst, dtype, replace_self_loops);
+    register_validated({rowptr, col, eid}, {num_src, rowptr.size(0) - 1});
+    return {rowptr, col, eid};
+  }
   at::Tensor src = ei[0], dst = ei[1];
   int64_t rows = num_dst;
   if (replace_self_loops) {
@@ -247,17 +257,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_csr(const at::Tensor& edge_
     rows = num_dst + 1;
   }
   const int64_t total = src.size(0);
-  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK_VALUE(dtype == at::kLong || (total <= kInt32Max && rows < kInt32Max),
                     "neptune::build_csr: the graph is too large for int32 indices");
-  at::Tensor rowptr, perm;
-  if (dst.is_cpu()) {
-    std::tie(rowptr, perm) = csr_from_index_cpu(dst, rows, dtype);
-  } else {
-    auto sorted = at::sort(dst, std::optional<bool>(true), 0, false);
-    rowptr = at::searchsorted(std::get<0>(sorted), at::arange(rows + 1, dst.options())).to(dtype);
-    perm = std::get<1>(sorted).to(dtype);
-  }
+  auto sorted = at::sort(dst, std::optional<bool>(true), 0, false);
+  at::Tensor rowptr = at::searchsorted(std::get<0>(sorted), at::arange(rows + 1, dst.options())).to(dtype);
+  at::Tensor perm = std::get<1>(sorted).to(dtype);
   at::Tensor col = src.index_select(0, perm).to(dtype);
   register_validated({rowptr, col, perm}, {num_src, rows});
   return {rowptr, col, perm};
@@ -271,6 +275,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_csc(const at::Tensor& rowpt
   const int64_t n_dst = rowptr.size(0) - 1, E = col.size(0);
   check_csr(rowptr, col, eid, num_src, n_dst, "neptune::build_csc");
   const at::ScalarType dtype = col.scalar_type();
+  if (col.is_cpu() && rowptr.scalar_type() == dtype) {
+    auto [colptr, csc_row, perm] = csc_from_csr_cpu(rowptr, col, num_src);
+    register_validated({rowptr, col, eid, colptr, csc_row, perm}, {num_src, n_dst});
+    return {colptr, csc_row, perm};
+  }
   at::Tensor colptr, perm;
   if (col.is_cpu()) {
     std::tie(colptr, perm) = csr_from_index_cpu(col, num_src, dtype);

@@ -30,6 +30,16 @@ namespace neptune {
 std::tuple<at::Tensor, at::Tensor> csr_from_index_cpu(const at::Tensor& index, int64_t num_rows,
                                                       at::ScalarType dtype);
 
+// build_csr's and build_csc's CPU paths, on inputs they checked: the CSR of edge_index
+// (rowptr, col, eid; self loops replaced as build_csr says) in one counting sort, and the
+// CSC of a CSR (colptr, csc_row, csc_perm; csc_row written as the rows are walked).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_from_edges_cpu(
+    const at::Tensor& edge_index, int64_t num_src, int64_t num_dst, at::ScalarType dtype,
+    bool replace_self_loops);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_from_csr_cpu(const at::Tensor& rowptr,
+                                                                const at::Tensor& col,
+                                                                int64_t num_src);
+
 // COO edge_index [2, E] -> CSR by destination (rowptr, col, eid), ids checked
 // (ValueError naming edge_index). With replace_self_loops, the graph's self loops are
 // replaced by one loop i -> i per i < min(num_src, num_dst) without a data-dependent
