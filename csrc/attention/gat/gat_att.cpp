@@ -39,39 +39,53 @@ using OptTensor = std::optional<Tensor>;
 // count. On other devices, ATen calls.
 constexpr int64_t kBlock = 1024;  // nodes per block
 
+// Both logit halves in one pass over h (CPU): ss [N, H] = <h[n], att_src>, sd [rows, H] =
+// <h[n], att_dst> for the N nodes and zeros beyond. Forward and backward both call it, so
+// the backward's halves are the forward's to the bit.
 template <typename scalar_t>
-void scores_cpu(const Tensor& h, const Tensor& att, Tensor& s, int64_t rows) {
+void score_pair_cpu(const Tensor& h, const Tensor& att_src, const Tensor& att_dst, Tensor& ss,
+                    Tensor& sd) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = h.size(0), H = h.size(1), C = h.size(2);
+  const int64_t N = h.size(0), H = h.size(1), C = h.size(2), rows = sd.size(0);
   const scalar_t* hp = h.const_data_ptr<scalar_t>();
-  const scalar_t* ap = att.const_data_ptr<scalar_t>();
-  scalar_t* sp = s.mutable_data_ptr<scalar_t>();
+  const scalar_t* as = att_src.const_data_ptr<scalar_t>();
+  const scalar_t* ad = att_dst.const_data_ptr<scalar_t>();
+  scalar_t* sp = ss.mutable_data_ptr<scalar_t>();
+  scalar_t* dp = sd.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, N, kBlock, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
       for (int64_t k = 0; k < H; ++k) {
         const scalar_t* hv = hp + (n * H + k) * C;
-        const scalar_t* av = ap + k * C;
-        acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t c = 0; c < C; ++c) acc += static_cast<acc_t>(hv[c]) * static_cast<acc_t>(av[c]);
-        sp[n * H + k] = static_cast<scalar_t>(acc);
+        const scalar_t* av = as + k * C;
+        const scalar_t* dv = ad + k * C;
+        acc_t a = 0, d = 0;
+#pragma omp simd reduction(+ : a, d)
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t x = static_cast<acc_t>(hv[c]);
+          a += x * static_cast<acc_t>(av[c]);
+          d += x * static_cast<acc_t>(dv[c]);
+        }
+        sp[n * H + k] = static_cast<scalar_t>(a);
+        dp[n * H + k] = static_cast<scalar_t>(d);
       }
   });
-  for (int64_t x = N * H; x < rows * H; ++x) sp[x] = scalar_t(0);
+  for (int64_t x = N * H; x < rows * H; ++x) dp[x] = scalar_t(0);
 }
 
-// The logit halves [rows, H]: <h[n], att> for the N nodes, zeros for rows beyond N.
-Tensor scores(const Tensor& h, const Tensor& att, int64_t rows) {
+// The logit halves: score_src [N, H] and score_dst [rows, H] (zeros for rows beyond N).
+std::tuple<Tensor, Tensor> scores(const Tensor& h, const Tensor& att_src, const Tensor& att_dst,
+                                  int64_t rows) {
   const int64_t N = h.size(0), H = h.size(1);
   if (!h.device().is_cpu()) {
-    Tensor s = at::sum(h * att.unsqueeze(0), {-1});
-    if (rows == N) return s;
-    return at::cat({s, at::zeros({rows - N, H}, s.options())});
+    Tensor ss = at::sum(h * att_src.unsqueeze(0), {-1});
+    Tensor sd = at::sum(h * att_dst.unsqueeze(0), {-1});
+    if (rows > N) sd = at::cat({sd, at::zeros({rows - N, H}, sd.options())});
+    return {ss, sd};
   }
-  Tensor s = at::empty({rows, H}, h.options());
+  Tensor ss = at::empty({N, H}, h.options()), sd = at::empty({rows, H}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gat_att_scores",
-                                  [&] { scores_cpu<scalar_t>(h, att, s, rows); });
-  return s;
+                                  [&] { score_pair_cpu<scalar_t>(h, att_src, att_dst, ss, sd); });
+  return {ss, sd};
 }
 
 // x [N, ...] with zero rows appended up to `rows` (for the CUDA kernel; the CPU one needs none).
@@ -193,8 +207,8 @@ std::tuple<Tensor, Tensor> gat_att_forward(
     NEPTUNE_ATTENTION_FORWARD_PARAMS(h, att_src, att_dst, edge_logits, negative_slope)) {
   check_gat_att(h, att_src, att_dst, rowptr, "neptune::gat_att_forward");
   const int64_t n = h.size(0), rows = rowptr.size(0) - 1;
-  auto [out, lse] = gat_forward_op().call(h, scores(h, att_src, n), scores(h, att_dst, rows),
-                                          rowptr, col, eid, colptr, csc_row, csc_perm,
+  auto [ss, sd] = scores(h, att_src, att_dst, rows);
+  auto [out, lse] = gat_forward_op().call(h, ss, sd, rowptr, col, eid, colptr, csc_row, csc_perm,
                                           edge_logits, negative_slope, dropout, seed);
   // lse keeps every row (backward needs the phantom row's); out only the N nodes' (the
   // first rows of the kernel's output: a contiguous view, no copy).
@@ -212,9 +226,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gat_att_backward(
   // grad_out and out with fewer rows than the graph (the rows past them get none); the CUDA
   // kernel takes them padded with zeros (D = <0, out> = 0 there).
   const bool pad = !h.device().is_cpu();
+  auto [ss, sd] = scores(h, att_src, att_dst, rows);
   auto [gh, gss, gsd, gel] = gat_backward_op().call(
-      pad ? pad_rows(grad_out.contiguous(), rows) : grad_out, h, scores(h, att_src, n),
-      scores(h, att_dst, rows), rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits,
+      pad ? pad_rows(grad_out.contiguous(), rows) : grad_out, h, ss, sd, rowptr, col, eid, colptr, csc_row, csc_perm, edge_logits,
       pad ? pad_rows(out, rows) : out, lse, negative_slope, dropout, seed);
   // d<h, att>/dh = att, d<h, att>/datt = h.
   auto [grad_att_src, grad_att_dst] = add_score_grads(gh, h, gss, gsd.narrow(0, 0, n), att_src, att_dst);
