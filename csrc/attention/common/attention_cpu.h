@@ -45,7 +45,8 @@ inline void prefetch_rows_of(int64_t i, int64_t n, const T*... arrays) {
 
 // The kernels' loop bodies are compiled twice: for the baseline ISA, and (GCC, x86-64) for
 // AVX2 + FMA, taken when the CPU has both (once per process; NEPTUNE_CPU_ISA=base in the
-// environment forces the baseline, read per call). run_rows(fn, b, e) runs a body fn(b, e)
+// environment forces the baseline, read by cpu_avx2() on the calling thread once per loop,
+// never inside a parallel region). run_rows(avx2, fn, b, e) runs a body fn(b, e)
 // (a kernel's lambda over rows b..e): on AVX2 through run_avx2, which inlines the body and
 // everything it calls (flatten) into one function compiled for AVX2 + FMA - the channel
 // loops (`omp simd`) get 8-wide vectors and fused multiply-adds. Nothing else is compiled
@@ -76,20 +77,22 @@ inline bool cpu_avx2() {
 }
 
 template <typename F>
-inline void run_rows(F& fn, int64_t b, int64_t e) {
+inline void run_rows(bool avx2, F& fn, int64_t b, int64_t e) {
 #ifdef NEPTUNE_CPU_AVX2
-  if (cpu_avx2()) {
+  if (avx2) {
     run_avx2(fn, b, e);
     return;
   }
 #endif
+  (void)avx2;
   fn(b, e);
 }
 
 // at::parallel_for over [begin, end) with each chunk's body run by run_rows.
 template <typename F>
 void parallel_for_isa(int64_t begin, int64_t end, int64_t grain, F&& fn) {
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run_rows(fn, b, e); });
+  const bool avx2 = cpu_avx2();
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run_rows(avx2, fn, b, e); });
 }
 
 // Rows per parallel task: about `work` edge-features per task, to amortize scheduling.
@@ -109,8 +112,9 @@ void parallel_rows_by_cost(const index_t* ptr, int64_t n_rows, int64_t HC, F&& f
                            int64_t serial_cost = 32768) {
   const int64_t total = static_cast<int64_t>(ptr[n_rows]) + n_rows;
   const int64_t T = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_rows, 1));
+  const bool avx2 = cpu_avx2();
   if (T <= 1 || total * std::max<int64_t>(HC, 1) < serial_cost) {
-    if (n_rows > 0) run_rows(fn, int64_t(0), n_rows);
+    if (n_rows > 0) run_rows(avx2, fn, int64_t(0), n_rows);
     return;
   }
   std::vector<int64_t> bounds(T + 1, n_rows);
@@ -126,7 +130,7 @@ void parallel_rows_by_cost(const index_t* ptr, int64_t n_rows, int64_t HC, F&& f
   }
   at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c)
-      if (bounds[c] < bounds[c + 1]) run_rows(fn, bounds[c], bounds[c + 1]);
+      if (bounds[c] < bounds[c + 1]) run_rows(avx2, fn, bounds[c], bounds[c + 1]);
   });
 }
 
