@@ -1,5 +1,5 @@
 // Graph construction ops and the graph checks of every kernel entry (see graph.h).
-// Written with ATen operators only, so one implementation serves every device:
+// Written with ATen operators (the CPU builds: counting sorts in graph_cpu.cpp), so one path serves every other device:
 // a check reads back one small tensor of statistics (one host sync on CUDA) and
 // never indexes with an unchecked value (indices are clamped before any gather,
 // and binary searches stay in bounds whatever the data).
@@ -275,20 +275,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_csc(const at::Tensor& rowpt
   const int64_t n_dst = rowptr.size(0) - 1, E = col.size(0);
   check_csr(rowptr, col, eid, num_src, n_dst, "neptune::build_csc");
   const at::ScalarType dtype = col.scalar_type();
-  if (col.is_cpu() && rowptr.scalar_type() == dtype) {
+  // (check_csr: rowptr, col and eid share one dtype)
+  if (col.is_cpu()) {
     auto [colptr, csc_row, perm] = csc_from_csr_cpu(rowptr, col, num_src);
     register_validated({rowptr, col, eid, colptr, csc_row, perm}, {num_src, n_dst});
     return {colptr, csc_row, perm};
   }
-  at::Tensor colptr, perm;
-  if (col.is_cpu()) {
-    std::tie(colptr, perm) = csr_from_index_cpu(col, num_src, dtype);
-  } else {
-    auto sorted = at::sort(col.to(at::kLong), std::optional<bool>(true), 0, false);
-    colptr = at::searchsorted(std::get<0>(sorted), at::arange(num_src + 1, rowptr.options().dtype(at::kLong)))
-                 .to(dtype);
-    perm = std::get<1>(sorted).to(dtype);
-  }
+  auto sorted = at::sort(col.to(at::kLong), std::optional<bool>(true), 0, false);
+  at::Tensor colptr = at::searchsorted(std::get<0>(sorted), at::arange(num_src + 1, rowptr.options().dtype(at::kLong)))
+                          .to(dtype);
+  at::Tensor perm = std::get<1>(sorted).to(dtype);
   at::Tensor csc_row = row_of_positions(rowptr, E).index_select(0, perm).to(dtype);
   register_validated({rowptr, col, eid, colptr, csc_row, perm}, {num_src, n_dst});
   return {colptr, csc_row, perm};
