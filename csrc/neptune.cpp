@@ -9,6 +9,7 @@
 
 #include "graph/graph.h"
 #include "linear/linear.h"
+#include "memory/cpu_alloc.h"
 #include "attention/gatv2/gatv2.h"
 #include "attention/gat/gat.h"
 #include "attention/transformer/transformer.h"
@@ -147,6 +148,8 @@ TORCH_LIBRARY(neptune, m) {
   // (see linear/linear.h).
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_prefers_onednn() -> bool", &neptune::linear_prefers_onednn);
+  // Whether large CPU kernel buffers come from huge-page mappings (see memory/cpu_alloc.h).
+  m.def("cpu_hugepages() -> bool", &neptune::cpu_hugepages_enabled);
   m.def(
       "linear_backward(Tensor grad_out, Tensor? input, Tensor? weight, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");

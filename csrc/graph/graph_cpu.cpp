@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "graph.h"
+#include "memory/cpu_alloc.h"
 
 namespace neptune {
 namespace {
@@ -149,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> csr_from_index_cpu(const at::Tensor& index, i
               "neptune::csr_from_index: the graph is too large for int32 indices");
   const at::Tensor idx = index.contiguous();
   at::Tensor rowptr = at::empty({num_rows + 1}, idx.options().dtype(dtype));
-  at::Tensor perm = at::empty({E}, idx.options().dtype(dtype));
+  at::Tensor perm = empty_cpu({E}, idx.options().dtype(dtype));
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "csr_from_index_in", [&] {
     using in_t = index_t;
     AT_DISPATCH_INDEX_TYPES(dtype, "csr_from_index_out", [&] {
@@ -168,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_from_edges_cpu(
   const int64_t n_loops = replace_self_loops ? std::min(num_src, num_dst) : 0;
   const int64_t rows = replace_self_loops ? num_dst + 1 : num_dst;
   const auto opts = ei.options().dtype(dtype);
-  at::Tensor rowptr = at::empty({rows + 1}, opts), col = at::empty({E + n_loops}, opts),
-             eid = at::empty({E + n_loops}, opts);
+  at::Tensor rowptr = at::empty({rows + 1}, opts), col = empty_cpu({E + n_loops}, opts),
+             eid = empty_cpu({E + n_loops}, opts);
   const int64_t* p = ei.data_ptr<int64_t>();
   AT_DISPATCH_INDEX_TYPES(dtype, "csr_from_edges_cpu", [&] {
     csr_edges<index_t>(p, p + E, E, num_dst, n_loops, replace_self_loops, rows,
@@ -183,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_from_csr_cpu(const at::Tensor
                                                                 int64_t num_src) {
   const at::Tensor rp = rowptr.contiguous(), cl = col.contiguous();
   const int64_t n_rows = rp.size(0) - 1, E = cl.size(0);
-  at::Tensor colptr = at::empty({num_src + 1}, cl.options()), csc_row = at::empty({E}, cl.options()),
-             perm = at::empty({E}, cl.options());
+  at::Tensor colptr = at::empty({num_src + 1}, cl.options()), csc_row = empty_cpu({E}, cl.options()),
+             perm = empty_cpu({E}, cl.options());
   AT_DISPATCH_INDEX_TYPES(cl.scalar_type(), "csc_from_csr_cpu", [&] {
     csc_positions<index_t>(rp.data_ptr<index_t>(), cl.data_ptr<index_t>(), n_rows, num_src,
                            colptr.data_ptr<index_t>(), csc_row.data_ptr<index_t>(),

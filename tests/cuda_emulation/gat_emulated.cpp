@@ -13,6 +13,7 @@
 // The graph checks every kernel entry runs (and the counting sort build_csr uses).
 #include "graph/graph.cpp"
 #include "graph/graph_cpu.cpp"
+#include "memory/cpu_alloc.cpp"  // graph_cpu.cpp's large buffers
 
 #include <torch/library.h>
 

@@ -21,6 +21,7 @@
 
 #include "attention/common/attention.h"
 #include "attention/common/attention_math.h"
+#include "memory/cpu_alloc.h"
 
 namespace neptune {
 
@@ -370,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& like, at::IntArrayRef out_sizes, int64_t H, const at::Tensor& rowptr,
     const at::Tensor& col, const at::Tensor& eid, double dropout,
     const std::optional<at::Tensor>& seed, MakeVariant make) {
-  at::Tensor out = at::empty(out_sizes, like.options());
+  at::Tensor out = empty_cpu(out_sizes, like.options());
   at::Tensor lse = at::empty({out_sizes[0], H}, like.options().dtype(acc_dtype(like.scalar_type())));
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(like.scalar_type(), col.scalar_type(), "attention_forward_cpu", [&] {
     const auto var = make(static_cast<scalar_t*>(nullptr));

@@ -22,6 +22,8 @@
 #include <string>
 #include <tuple>
 
+#include "memory/cpu_alloc.h"
+
 namespace neptune {
 namespace {
 
@@ -108,7 +110,11 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction<V>
     const Tensor &out = s[10], &lse = s[11], &seed = s[12];
     const double scalar = ctx->saved_data["scalar"].toDouble();
     const double dropout = ctx->saved_data["dropout"].toDouble();
-    const Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(out);
+    // The kernels read a dense grad_out. One from a sum or mean is an expanded view: its
+    // dense copy is as large as out, so it goes where empty_cpu puts large buffers.
+    const Tensor grad_out = !grads[0].defined()      ? at::zeros_like(out)
+                            : grads[0].is_contiguous() ? grads[0]
+                                                       : empty_like_cpu(grads[0]).copy_(grads[0]);
 
     Tensor ga, gb, gc, ge;
     if (at::GradMode::is_enabled()) {

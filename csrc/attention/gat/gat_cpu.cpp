@@ -100,7 +100,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   // cache; per in-edge only dOut_i is gathered (with a few values of i: score_dst, lse, D),
   // and it serves the weight, <dOut_i, h_j>, dS and grad h_j alike. dS is stored per edge
   // (CSR position) for pass 2.
-  at::Tensor ds_t = at::empty({E, H}, b.scratch);
+  at::Tensor ds_t = empty_cpu({E, H}, b.scratch);
   acc_t* ds = ds_t.data_ptr<acc_t>();
   const bool need_edge = el != nullptr || drop.on;
   parallel_rows_by_cost(csc.colptr, n_src, HC, [&](int64_t begin, int64_t end) {
@@ -194,10 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
                                    /*fewer_rows=*/true);
   const int64_t n_go = grad_out.size(0);
   const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
-  at::Tensor gh = at::empty_like(h);
+  at::Tensor gh = empty_cpu(h.sizes(), h.options());
   at::Tensor gss = at::empty_like(score_src);
   at::Tensor gsd = at::empty_like(score_dst);
-  at::Tensor gel = edge_logits.has_value() ? at::empty_like(*edge_logits)
+  at::Tensor gel = edge_logits.has_value() ? empty_like_cpu(*edge_logits)
                                            : at::empty({0}, h.options());
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(h.scalar_type(), col.scalar_type(), "gat_backward_cpu", [&] {
     backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON, h, score_src, score_dst,

@@ -210,12 +210,12 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   const std::vector<acc_t> att = att_values<scalar_t, acc_t>(att_t);
 
   // Per-edge dS and a' in CSR order (E x H scratch, backward only).
-  at::Tensor ds_t = at::empty({E, H}, b.scratch);
-  at::Tensor ap_t = at::empty({E, H}, b.scratch);
+  at::Tensor ds_t = empty_cpu({E, H}, b.scratch);
+  at::Tensor ap_t = empty_cpu({E, H}, b.scratch);
   acc_t* ds = ds_t.data_ptr<acc_t>();
   acc_t* ap = ap_t.data_ptr<acc_t>();
   const int64_t W = (HC + 31) / 32;  // sign words per edge
-  at::Tensor signs_t = at::empty({E * W}, b.scratch.dtype(at::kInt));
+  at::Tensor signs_t = empty_cpu({E * W}, b.scratch.dtype(at::kInt));
   uint32_t* signs = reinterpret_cast<uint32_t*>(signs_t.data_ptr<int32_t>());
   const int64_t n_blocks = (n_dst + kGatv2AttBlock - 1) / kGatv2AttBlock;
   at::Tensor part_t = at::zeros({std::max<int64_t>(n_blocks, 1), HC}, b.scratch);
@@ -344,10 +344,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
   check_attention_backward_tensors("neptune::gatv2_backward", grad_out, out, lse, xr.scalar_type(),
                                    xr.sizes(), gatv2_heads(att).first);
   const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
-  at::Tensor gxl = at::empty_like(xl);
-  at::Tensor gxr = at::empty_like(xr);
+  at::Tensor gxl = empty_like_cpu(xl);
+  at::Tensor gxr = empty_like_cpu(xr);
   at::Tensor gatt = at::empty_like(att);
-  at::Tensor gef = edge_feat.has_value() ? at::empty_like(*edge_feat) : at::empty({0}, xl.options());
+  at::Tensor gef = edge_feat.has_value() ? empty_like_cpu(*edge_feat) : at::empty({0}, xl.options());
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(xl.scalar_type(), col.scalar_type(), "gatv2_backward_cpu", [&] {
     backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON, xl, xr, att, edge_feat,
                                        negative_slope, gxl, gxr, gatt, gef);

@@ -126,7 +126,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   // Scratch per edge (CSR positions): dS, and with edge features a' too (one cache line
   // per edge: pass 2 writes grad edge_feat where it reads edge_feat, from these).
   const int64_t S = ef ? 2 * H : H;
-  at::Tensor ds_t = at::empty({E, S}, b.scratch);
+  at::Tensor ds_t = empty_cpu({E, S}, b.scratch);
   acc_t* ds = ds_t.data_ptr<acc_t>();
   parallel_rows_by_cost(csc.colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> vj(HC), qs(HC), ak(HC), av(HC);
@@ -262,10 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
   check_attention_backward_tensors("neptune::transformer_backward", grad_out, out, lse,
                                    q.scalar_type(), q.sizes(), q.size(1));
   const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
-  at::Tensor gq = at::empty_like(q);
-  at::Tensor gk = at::empty_like(k);
-  at::Tensor gv = at::empty_like(v);
-  at::Tensor gef = edge_feat.has_value() ? at::empty_like(*edge_feat) : at::empty({0}, q.options());
+  at::Tensor gq = empty_like_cpu(q);
+  at::Tensor gk = empty_like_cpu(k);
+  at::Tensor gv = empty_like_cpu(v);
+  at::Tensor gef = edge_feat.has_value() ? empty_like_cpu(*edge_feat) : at::empty({0}, q.options());
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_backward_cpu", [&] {
     backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON, q, k, v, edge_feat, scale, gq, gk,
                                        gv, gef);

@@ -125,9 +125,9 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
   // with a' for pass 2), grad q, u_i = sum_j dS a_e, t_i = sum_j a' a_e (for grad W_e)
   // and grad edge_attr, each edge written once.
   const int64_t S = 3 * H;  // per edge: a, a', a' g; then dS, a' for pass 2
-  at::Tensor sc_t = at::empty({E, S}, b.scratch);
+  at::Tensor sc_t = empty_cpu({E, S}, b.scratch);
   acc_t* sc = sc_t.data_ptr<acc_t>();
-  at::Tensor ut_t = at::empty({n_dst, 2 * HD}, b.scratch);
+  at::Tensor ut_t = empty_cpu({n_dst, 2 * HD}, b.scratch);
   acc_t* UT = ut_t.data_ptr<acc_t>();
   parallel_rows_by_cost(csr.rowptr, n_dst, 2 * HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(fwd.row_size()), goi(HC), op(HD), gqi(HC), Dh(H), gea_row(D);
@@ -308,11 +308,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_edge_back
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, kv.size(0), q.size(0), op);
   check_attention_backward_tensors(op, grad_out, out, lse, q.scalar_type(), q.sizes(), q.size(1));
   const at::Tensor go = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
-  at::Tensor gq = at::empty_like(q);
-  at::Tensor gkv = at::empty_like(kv);
+  at::Tensor gq = empty_like_cpu(q);
+  at::Tensor gkv = empty_like_cpu(kv);
   at::Tensor gw = at::empty_like(w_edge);
   const at::Tensor wt = w_edge.transpose(1, 2).contiguous();
-  at::Tensor gea = edge_attr.has_value() ? at::empty_like(*edge_attr) : at::empty({0}, q.options());
+  at::Tensor gea = edge_attr.has_value() ? empty_like_cpu(*edge_attr) : at::empty({0}, q.options());
   NEPTUNE_DISPATCH_FLOAT_AND_INDEX(q.scalar_type(), col.scalar_type(), "transformer_edge_backward_cpu", [&] {
     backward_kernel<scalar_t, index_t>(NEPTUNE_BACKWARD_COMMON,
                                        make_variant<scalar_t>(q, kv, w_edge, wt, edge_attr, scale),
