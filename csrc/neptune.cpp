@@ -148,8 +148,10 @@ TORCH_LIBRARY(neptune, m) {
   // (see linear/linear.h).
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_prefers_onednn() -> bool", &neptune::linear_prefers_onednn);
-  // Whether large CPU kernel buffers come from huge-page mappings (see memory/cpu_alloc.h).
-  m.def("cpu_hugepages() -> bool", &neptune::cpu_hugepages_enabled);
+  // The cache of the kernels' large CPU buffers (see memory/cpu_alloc.h): [limit, held] bytes,
+  // and a clear that returns the bytes it released.
+  m.def("cpu_cache_info() -> int[]", &neptune::cpu_cache_info);
+  m.def("cpu_cache_clear() -> int", &neptune::cpu_cache_clear);
   m.def(
       "linear_backward(Tensor grad_out, Tensor? input, Tensor? weight, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");

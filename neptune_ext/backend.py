@@ -103,3 +103,19 @@ def force_reference(on: bool = True):
             os.environ.pop("NEPTUNE_FORCE_REFERENCE", None)
         else:
             os.environ["NEPTUNE_FORCE_REFERENCE"] = old
+
+
+def cpu_cache_info() -> dict:
+    """The kernels' cache of large CPU buffers (``csrc/memory/cpu_alloc.h``): ``limit`` (bytes it
+    may hold while no tensor uses them; ``NEPTUNE_CPU_CACHE_MB``, default 256, 0 turns it
+    off) and ``held`` (bytes it holds now). Zeros without the compiled extension."""
+    op = getattr(torch.ops.neptune, "cpu_cache_info", None) if _ext._C is not None else None
+    limit, held = op() if op is not None else (0, 0)
+    return {"limit": int(limit), "held": int(held)}
+
+
+def empty_cpu_cache() -> int:
+    """Return the memory the kernels' CPU buffer cache holds to the system; the bytes
+    released. Tensors in use keep theirs."""
+    op = getattr(torch.ops.neptune, "cpu_cache_clear", None) if _ext._C is not None else None
+    return int(op()) if op is not None else 0

@@ -103,9 +103,13 @@ def _status_kb(field: str) -> int:
 
 def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     """Peak resident memory added while `fn` runs (Linux: reset VmHWM, run, read it).
-    Run under MALLOC_MMAP_THRESHOLD_ so freed blocks go back to the OS (see run_isolated)."""
+    Run under MALLOC_MMAP_THRESHOLD_ so freed blocks go back to the OS (see run_isolated).
+    The kernels' cache of large CPU buffers is emptied first, so memory it held from earlier
+    calls is not counted as free for `fn` (neptune_ext.backend.empty_cpu_cache)."""
     import gc
     gc.collect()
+    from neptune_ext import backend
+    backend.empty_cpu_cache()
     before = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
