@@ -15,6 +15,10 @@
 #include "attention/transformer/transformer.h"
 #include "stage/stage.h"
 
+namespace neptune {
+bool attention_cpu_avx2();  // attention/gat/gat_cpu.cpp
+}  // namespace neptune
+
 #ifndef NEPTUNE_CUDA_ARCHS
 #define NEPTUNE_CUDA_ARCHS ""
 #endif
@@ -152,6 +156,8 @@ TORCH_LIBRARY(neptune, m) {
   // and a clear that returns the bytes it released.
   m.def("cpu_cache_info() -> int[]", &neptune::cpu_cache_info);
   m.def("cpu_cache_clear() -> int", &neptune::cpu_cache_clear);
+  // Whether the attention kernels' CPU loops take their AVX2 + FMA build (attention_cpu.h).
+  m.def("attention_cpu_avx2() -> bool", &neptune::attention_cpu_avx2);
   m.def(
       "linear_backward(Tensor grad_out, Tensor? input, Tensor? weight, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");

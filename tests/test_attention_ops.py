@@ -227,6 +227,48 @@ def test_both_cpu_builds_match_float64(variant, isa, monkeypatch):
     same_bits_across_thread_counts(run)
 
 
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@variants
+def test_the_avx2_build_is_the_one_that_runs(variant, monkeypatch):
+    """Where the CPU has AVX2 and FMA (and GCC built the loops twice), the kernels take the
+    AVX2 build and NEPTUNE_CPU_ISA=base the baseline: neptune::attention_cpu_avx2 says which,
+    and the two give different bits (8-lane sums and fused multiply-adds round differently
+    from the baseline's), so the build that ran is the one reported."""
+    needs_kernel(variant)
+    monkeypatch.delenv("NEPTUNE_CPU_ISA", raising=False)
+    avx2 = torch.ops.neptune.attention_cpu_avx2()
+    if not avx2:
+        gcc_x86 = os.uname().machine == "x86_64" and "clang" not in os.environ.get("CXX", "")
+        assert not (gcc_x86 and _cpu_has_avx2_fma()), "the CPU has AVX2 + FMA but the loops do not take it"
+        pytest.skip("no AVX2 build of the loops on this CPU or compiler")
+    ei, n, _ = power_law_graph(2000, 30_000)
+    g = Graph.from_edge_index(ei, (n, n))
+    ins = [t.detach().float().requires_grad_() for t in variant.inputs(n, n, ei.shape[1], 4, 16)]
+    go = None
+
+    def run():
+        nonlocal go
+        o = variant(ins, g)
+        go = torch.randn_like(o) if go is None else go
+        return [o.detach()] + [x.detach() for x in grads(o, ins, go)]
+
+    fast = run()
+    monkeypatch.setenv("NEPTUNE_CPU_ISA", "base")
+    assert not torch.ops.neptune.attention_cpu_avx2()
+    base = run()
+    assert not all(torch.equal(a, b) for a, b in zip(fast, base)), "the AVX2 and baseline builds gave the same bits"
+    for a, b in zip(fast, base):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ dropout, returned attention
 
 @variants

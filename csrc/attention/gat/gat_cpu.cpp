@@ -206,4 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
   return {gh, gss, gsd, gel};
 }
 
+// Whether the attention kernels' CPU loops take their AVX2 + FMA build here, now (the choice
+// every loop makes: attention_cpu.h, cpu_avx2).
+bool attention_cpu_avx2() { return cpu_avx2(); }
+
 }  // namespace neptune
