@@ -1,6 +1,7 @@
 // empty_cpu: the kernels' large CPU buffers from a cache of mappings (see cpu_alloc.h).
 #include "memory/cpu_alloc.h"
 
+#include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
@@ -11,8 +12,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
-#include <string>
 #include <vector>
 
 #if defined(__linux__)
@@ -22,12 +23,16 @@
 #endif
 
 namespace neptune {
+
+#if defined(__linux__)
 namespace {
 
 constexpr size_t kCacheMinBytes = size_t(2) << 20;  // smaller buffers: c10's allocator
 constexpr int64_t kCacheDefaultMB = 256;
 constexpr size_t kCacheMaxEntries = 32;
 
+// NEPTUNE_CPU_CACHE_MB, read once. A value that is not a whole number of MiB turns the cache
+// off (with a warning): the variable is mostly set to switch it off.
 int64_t limit_bytes() {
   static const int64_t limit = [] {
     const char* v = std::getenv("NEPTUNE_CPU_CACHE_MB");
@@ -36,15 +41,25 @@ int64_t limit_bytes() {
     const long long mb = std::strtoll(v, &end, 10);
     if (end == v || *end != '\0' || mb < 0 || mb > (int64_t(1) << 30)) {
       TORCH_WARN("NEPTUNE_CPU_CACHE_MB must be a whole number of MiB >= 0 (0: no cache), got '", v,
-                 "'; using ", kCacheDefaultMB);
-      return kCacheDefaultMB << 20;
+                 "'; the CPU buffer cache is off");
+      return int64_t(0);
     }
     return static_cast<int64_t>(mb) << 20;
   }();
   return limit;
 }
 
-#if defined(__linux__)
+// NEPTUNE_CPU_CACHE_POISON=1 (tests): every buffer handed out, new or reused, is filled with
+// 0xFF bytes (NaN in floating point, -1 in integers) so a kernel reading what it did not write
+// shows it.
+bool poison() {
+  static const bool on = [] {
+    const char* v = std::getenv("NEPTUNE_CPU_CACHE_POISON");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
 struct Mapping {
   void* base;
   size_t len;
@@ -55,14 +70,12 @@ struct Cache {
   std::mutex mu;
   std::vector<Mapping> free;
   size_t held = 0;
-  size_t in_use = 0;  // bytes of mappings tensors hold (for the profiler's totals)
 };
 
 std::atomic<Cache*> g_cache{nullptr};
 
 // A forked child starts with a new, empty cache: another thread of the parent may have held
-// the old one's lock at the fork. The old one's free mappings stay mapped in the child
-// (copy-on-write pages it never touches).
+// the old one's lock at the fork, and the free mappings are not in the child (MADV_DONTFORK).
 void fresh_cache_in_child() { g_cache.store(new Cache); }
 
 Cache& cache() {
@@ -75,36 +88,35 @@ Cache& cache() {
   return *g_cache.load();
 }
 
-void report(void* p, int64_t delta, const Cache& c) {
-  c10::reportMemoryUsageToProfiler(p, delta, c.in_use, c.in_use + c.held,
-                                   c10::Device(c10::DeviceType::CPU));
-}
-
 // A tensor's mapping comes back: kept while the cache stays within its limit (the oldest
-// mappings leave first), else unmapped.
+// mappings leave first), else unmapped. A kept mapping is left out of forked children.
 void release(void* ctx) {
   auto* m = static_cast<Mapping*>(ctx);
+  c10::profiledCPUMemoryReporter().Delete(m->base);
   Cache& c = cache();
+  const size_t limit = static_cast<size_t>(limit_bytes());
   std::vector<Mapping> drop;
-  {
+  if (m->len <= limit) {
+    madvise(m->base, m->len, MADV_DONTFORK);
     std::lock_guard<std::mutex> lock(c.mu);
-    c.in_use -= std::min(c.in_use, m->len);  // a forked child frees its parent's tensors too
-    report(m->base, -static_cast<int64_t>(m->len), c);
-    const size_t limit = static_cast<size_t>(limit_bytes());
-    if (m->len <= limit) {
-      c.free.push_back(*m);
-      c.held += m->len;
-      while (c.held > limit || c.free.size() > kCacheMaxEntries) {
-        drop.push_back(c.free.front());
-        c.held -= c.free.front().len;
-        c.free.erase(c.free.begin());
-      }
-    } else {
-      drop.push_back(*m);
+    c.free.push_back(*m);
+    c.held += m->len;
+    while (c.held > limit || c.free.size() > kCacheMaxEntries) {
+      drop.push_back(c.free.front());
+      c.held -= c.free.front().len;
+      c.free.erase(c.free.begin());
     }
+  } else {
+    drop.push_back(*m);
   }
   for (const Mapping& d : drop) munmap(d.base, d.len);  // outside the lock
   delete m;
+}
+
+c10::DataPtr hand_out(const Mapping& m, size_t n) {
+  if (poison()) std::memset(m.base, 0xFF, m.len);
+  c10::profiledCPUMemoryReporter().New(m.base, n);
+  return {m.base, new Mapping{m}, &release, c10::Device(c10::DeviceType::CPU)};
 }
 
 struct CachingAllocator final : c10::Allocator {
@@ -113,6 +125,8 @@ struct CachingAllocator final : c10::Allocator {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     const size_t len = (n + page - 1) / page * page;
     Cache& c = cache();
+    bool found = false;
+    Mapping m{nullptr, 0};
     {
       std::lock_guard<std::mutex> lock(c.mu);
       // the smallest free mapping that holds n bytes without wasting more than n
@@ -122,13 +136,15 @@ struct CachingAllocator final : c10::Allocator {
             (best == c.free.size() || c.free[i].len < c.free[best].len))
           best = i;
       if (best < c.free.size()) {
-        const Mapping m = c.free[best];
+        m = c.free[best];
         c.free.erase(c.free.begin() + static_cast<std::ptrdiff_t>(best));
         c.held -= m.len;
-        c.in_use += m.len;
-        report(m.base, static_cast<int64_t>(m.len), c);
-        return {m.base, new Mapping{m}, &release, c10::Device(c10::DeviceType::CPU)};
+        found = true;
       }
+    }
+    if (found) {
+      madvise(m.base, m.len, MADV_DOFORK);  // in use again: a forked child shares it as usual
+      return hand_out(m, n);
     }
     void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {  // out of address space or memory: let the cache go and try again
@@ -136,31 +152,22 @@ struct CachingAllocator final : c10::Allocator {
       p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (p == MAP_FAILED) return c10::GetDefaultCPUAllocator()->allocate(n);  // raises its OOM
     }
-    std::lock_guard<std::mutex> lock(c.mu);
-    c.in_use += len;
-    report(p, static_cast<int64_t>(len), c);
-    return {p, new Mapping{p, len}, &release, c10::Device(c10::DeviceType::CPU)};
+    return hand_out({p, len}, n);
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
 };
-#endif
 
 }  // namespace
 
 std::vector<int64_t> cpu_cache_info() {
-#if defined(__linux__)
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   return {limit_bytes(), static_cast<int64_t>(c.held)};
-#else
-  return {0, 0};
-#endif
 }
 
 int64_t cpu_cache_clear() {
-#if defined(__linux__)
   Cache& c = cache();
   std::vector<Mapping> drop;
   {
@@ -174,28 +181,43 @@ int64_t cpu_cache_clear() {
     bytes += static_cast<int64_t>(d.len);
   }
   return bytes;
-#else
-  return 0;
-#endif
 }
 
 at::Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__)
+  // at::empty's own memory under torch.use_deterministic_algorithms, which fills new tensors
+  // (fill_uninitialized_memory) to expose reads of what was never written
+  const auto& ctx = at::globalContext();
   if (options.device().is_cpu() && options.layout() == c10::kStrided &&
-      !options.pinned_memory() && limit_bytes() > 0) {
-    int64_t numel = 1;
-    for (const int64_t s : sizes) numel = s < 0 || numel < 0 ? -1 : numel * s;  // at::empty rejects < 0
-    const size_t bytes =
-        numel < 0 ? 0 : static_cast<size_t>(numel) * c10::elementSize(options.dtype().toScalarType());
+      !options.pinned_memory() && limit_bytes() > 0 &&
+      !(ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory())) {
+    const size_t item = c10::elementSize(options.dtype().toScalarType());
+    size_t bytes = item;
+    for (const int64_t s : sizes) {
+      if (s < 0 || __builtin_mul_overflow(bytes, static_cast<size_t>(s), &bytes)) {
+        bytes = 0;  // at::empty reports it
+        break;
+      }
+    }
     if (bytes >= kCacheMinBytes) {
-      static CachingAllocator allocator;
-      return at::Tensor(at::detail::empty_generic(sizes, &allocator,
+      static CachingAllocator* allocator = new CachingAllocator;  // outlives every tensor
+      return at::Tensor(at::detail::empty_generic(sizes, allocator,
                                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
                                                   options.dtype().toScalarType(), std::nullopt));
     }
   }
-#endif
   return at::empty(sizes, options);
 }
+
+#else  // not Linux: no cache
+
+std::vector<int64_t> cpu_cache_info() { return {0, 0}; }
+
+int64_t cpu_cache_clear() { return 0; }
+
+at::Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
+#endif
 
 }  // namespace neptune

@@ -29,6 +29,12 @@ at::Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
 // empty_cpu with t's sizes and options (contiguous, whatever t's strides).
 inline at::Tensor empty_like_cpu(const at::Tensor& t) { return empty_cpu(t.sizes(), t.options()); }
 
+// t.contiguous(), its copy (if any) from empty_cpu. For real tensors in a CPU kernel only:
+// empty_cpu allocates without the dispatcher.
+inline at::Tensor dense_cpu(const at::Tensor& t) {
+  return t.is_contiguous() ? t : empty_like_cpu(t).copy_(t);
+}
+
 // [the cache's limit in bytes (0: off), the bytes it holds now (free mappings)].
 std::vector<int64_t> cpu_cache_info();
 

@@ -22,7 +22,6 @@
 #include <string>
 #include <tuple>
 
-#include "memory/cpu_alloc.h"
 
 namespace neptune {
 namespace {
@@ -110,11 +109,13 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction<V>
     const Tensor &out = s[10], &lse = s[11], &seed = s[12];
     const double scalar = ctx->saved_data["scalar"].toDouble();
     const double dropout = ctx->saved_data["dropout"].toDouble();
-    // The kernels read a dense grad_out. One from a sum or mean is an expanded view: its
-    // dense copy is as large as out, so it goes where empty_cpu puts large buffers.
-    const Tensor grad_out = !grads[0].defined()      ? at::zeros_like(out)
-                            : grads[0].is_contiguous() ? grads[0]
-                                                       : empty_like_cpu(grads[0]).copy_(grads[0]);
+    // The kernels read a dense grad_out. The CPU entries make their own dense copy (one from
+    // a sum or mean is an expanded view, as large as out once dense: they take it from the
+    // buffer cache); elsewhere it is made here. Not here for the CPU: under torch.compile
+    // and make_fx this runs on fake tensors, which only the dispatcher may allocate.
+    const Tensor grad_out = !grads[0].defined() ? at::zeros_like(out)
+                            : grads[0].is_cpu() ? grads[0]
+                                                : grads[0].contiguous();
 
     Tensor ga, gb, gc, ge;
     if (at::GradMode::is_enabled()) {
