@@ -126,7 +126,8 @@ def test_bn_relu_low_precision_no_worse_than_pytorch(dtype, device):
     eps = torch.finfo(dtype).eps
     err = (y.double() - y_exact).abs().max().item()
     err_torch = (y_torch.double() - y_exact).abs().max().item()
-    assert err <= 2 * err_torch + 4 * eps, (err, err_torch)
+    # rounding is relative: outputs reach several units, where one float32 ulp is 4-8 eps
+    assert err <= 2 * err_torch + 4 * eps * y_exact.abs().max().item(), (err, err_torch)
     g = torch.randn_like(y_exact)
     for a, t, e in zip(torch.autograd.grad(y, low, g.to(dtype)),
                        torch.autograd.grad(y_torch, low, g.to(dtype)),
