@@ -139,11 +139,8 @@ def test_freed_buffers_are_reused_and_cleared():
 
 
 def _rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    from neptune_app.bench.common import _status_kb
+    return _status_kb("VmRSS")
 
 
 def test_cached_tensors_resize_and_free():
