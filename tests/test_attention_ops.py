@@ -265,8 +265,11 @@ def test_the_avx2_build_is_the_one_that_runs(variant, monkeypatch):
     assert not torch.ops.neptune.attention_cpu_avx2()
     base = run()
     assert not all(torch.equal(a, b) for a, b in zip(fast, base)), "the AVX2 and baseline builds gave the same bits"
+    # Judged against each tensor's scale, not elementwise: an element that cancels to near
+    # zero carries the rounding of its large terms (1e-3 relative seen once in CI). Over 12
+    # seeds x 4 variants x 5 tensors the worst was 1.3e-6 of the tensor's largest magnitude.
     for a, b in zip(fast, base):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert float((a - b).abs().max()) <= 5e-5 * float(b.abs().max())
 
 
 # ------------------------------------------------------------------ dropout, returned attention
