@@ -18,7 +18,9 @@
 namespace neptune {
 
 // Both branches are computed, then one is selected: a select the CPU compiler turns
-// into a vector blend (a conditional multiply is a branch it cannot vectorize).
+// into a vector blend (a conditional multiply is a branch it cannot vectorize). GCC
+// if-converts it only without -ftrapping-math (its default): the setup passes
+// -fno-trapping-math.
 template <typename T>
 NEPTUNE_HD T leaky_relu(T x, T slope) {
   const T neg = x * slope;

@@ -59,10 +59,17 @@ struct GatForward {
     __builtin_prefetch(ss + j * H, 0, 1);
     if (el) __builtin_prefetch(el + edge * H, 0, 1);
   }
-  acc_t logit(const acc_t* base, int64_t j, int64_t edge, int64_t k) const {
-    acc_t raw = base[k] + static_cast<acc_t>(ss[j * H + k]);
-    if (el) raw += static_cast<acc_t>(el[edge * H + k]);
-    return leaky_relu(raw, slope);
+  void logits(const acc_t* base, int64_t j, int64_t edge, acc_t* x) const {
+    const scalar_t* s = ss + j * H;
+    if (el) {
+      const scalar_t* l = el + edge * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k)
+        x[k] = leaky_relu(base[k] + static_cast<acc_t>(s[k]) + static_cast<acc_t>(l[k]), slope);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) x[k] = leaky_relu(base[k] + static_cast<acc_t>(s[k]), slope);
+    }
   }
   void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t, int64_t k) const {
     axpy_rescaled<scalar_t, acc_t>(a, rescale, w, h + (j * H + k) * C, nullptr, C);
@@ -104,7 +111,9 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   acc_t* ds = ds_t.data_ptr<acc_t>();
   const bool need_edge = el != nullptr || drop.on;
   parallel_rows_by_cost(csc.colptr, n_src, HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(HC), g_ss(H);
+    std::vector<acc_t> acc(HC), g_ss(H), raw_v(H), a_v(H);
+    acc_t* raws = raw_v.data();
+    acc_t* as = a_v.data();
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(g_ss.begin(), g_ss.end(), acc_t(0));
@@ -133,10 +142,22 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
           continue;
         }
         const scalar_t* goi = go + i * HC;
+        // the edge's raw logits and softmax weights, every head at once (vector loops)
+        const scalar_t* sdi = sd + i * H;
+        const scalar_t* ssj = ss + j * H;
+        const acc_t* lsei = lse + i * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k)
+          raws[k] = static_cast<acc_t>(sdi[k]) + static_cast<acc_t>(ssj[k]);
+        if (el) {
+          const scalar_t* l = el + edge * H;
+#pragma omp simd
+          for (int64_t k = 0; k < H; ++k) raws[k] += static_cast<acc_t>(l[k]);
+        }
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) as[k] = exp_acc(leaky_relu(raws[k], slope) - lsei[k]);
         for (int64_t k = 0; k < H; ++k) {
-          acc_t raw = static_cast<acc_t>(sd[i * H + k]) + static_cast<acc_t>(ss[j * H + k]);
-          if (el) raw += static_cast<acc_t>(el[edge * H + k]);
-          const acc_t a = std::exp(leaky_relu(raw, slope) - lse[i * H + k]);
+          const acc_t raw = raws[k], a = as[k];
           const acc_t a_kept = drop.apply(a, edge, k);
           const acc_t gk = a_kept != acc_t(0) ? dot_channels<acc_t>(goi + k * C, hj + k * C, C) : acc_t(0);
           const acc_t dS = logit_grad(a_kept, gk, a, Dv[i * H + k], raw, slope);
