@@ -201,16 +201,18 @@ def test_bitwise_deterministic(variant, device, dtype):
 
 @variants
 @pytest.mark.parametrize("isa", ["base", "auto"])
-def test_both_cpu_builds_match_float64(variant, isa, monkeypatch):
+@pytest.mark.parametrize("heads,channels", [(4, 16), (8, 8), (9, 16)])
+def test_both_cpu_builds_match_float64(variant, isa, heads, channels, monkeypatch):
     """The CPU loops run as baseline code or, where the CPU has AVX2 and FMA, as their AVX2
     build (csrc/attention/common/attention_cpu.h: run_rows); NEPTUNE_CPU_ISA=base forces the
     baseline. Each, in float32, is within float32 rounding of the float64 reference, and
-    deterministic across thread counts."""
+    deterministic across thread counts. 8 and 9 heads of 8 or 16 channels take the float
+    loops' 8-head paths (head_dots), with a remainder head for 9."""
     needs_kernel(variant)
     monkeypatch.setenv("NEPTUNE_CPU_ISA", isa)
     ei, n, _ = power_law_graph(3000, 40_000)
     g = Graph.from_edge_index(ei, (n, n))
-    ins64 = variant.inputs(n, n, ei.shape[1], 4, 16, dtype=torch.float64)
+    ins64 = variant.inputs(n, n, ei.shape[1], heads, channels, dtype=torch.float64)
     ins = [t.detach().float().requires_grad_() for t in ins64]
     exact_in = [t.detach().float().double().requires_grad_() for t in ins64]
     out, exact = variant(ins, g), variant.reference(exact_in, g)

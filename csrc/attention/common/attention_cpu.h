@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "attention/common/attention.h"
@@ -270,6 +271,54 @@ inline acc_t dot_channels(const A* a, const B* b, int64_t C) {
 #pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < C; ++c) s += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
   return s;
+}
+
+// dots[k] = <a_k, b_k> for the H heads of C channels each (a, b: rows of H * C values) in the
+// accumulation type. float with C a multiple of 8 (GCC): per head the products summed in 8
+// lanes, then every 8 heads' lanes summed by a 3-level transpose tree into one vector of their
+// 8 dots - no per-head horizontal sum, which costs more than the products when C is small.
+// Otherwise (and for the heads past a multiple of 8), dot_channels per head.
+template <typename acc_t, typename A, typename B>
+inline void head_dots(const A* a, const B* b, int64_t H, int64_t C, acc_t* dots) {
+  int64_t k0 = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<A, float> && std::is_same_v<B, float>) {
+    if (C % 8 == 0) {
+      typedef float v8f __attribute__((vector_size(32)));
+      typedef int v8i __attribute__((vector_size(32)));
+      const v8i even = {0, 2, 4, 6, 8, 10, 12, 14}, odd = {1, 3, 5, 7, 9, 11, 13, 15};
+      // x's 4 pair sums, then y's (by reference: a vector by value is an ABI the baseline
+      // build warns about)
+      auto pair_sums = [&](const v8f& x, const v8f& y, v8f& out) {
+        out = __builtin_shuffle(x, y, even) + __builtin_shuffle(x, y, odd);
+      };
+      for (; k0 + 8 <= H; k0 += 8) {
+        v8f p[8];
+        for (int q = 0; q < 8; ++q) {
+          const float* x = a + (k0 + q) * C;
+          const float* y = b + (k0 + q) * C;
+          v8f u, v;
+          std::memcpy(&u, x, sizeof(u));
+          std::memcpy(&v, y, sizeof(v));
+          v8f acc = u * v;
+          for (int64_t c = 8; c < C; c += 8) {
+            std::memcpy(&u, x + c, sizeof(u));
+            std::memcpy(&v, y + c, sizeof(v));
+            acc += u * v;
+          }
+          p[q] = acc;
+        }
+        v8f u[4], w[2], z;
+        for (int q = 0; q < 4; ++q) pair_sums(p[2 * q], p[2 * q + 1], u[q]);
+        pair_sums(u[0], u[1], w[0]);
+        pair_sums(u[2], u[3], w[1]);
+        pair_sums(w[0], w[1], z);  // head k0 + q's dot in lane q
+        std::memcpy(dots + k0, &z, sizeof(z));
+      }
+    }
+  }
+#endif
+  for (; k0 < H; ++k0) dots[k0] = dot_channels<acc_t>(a + k0 * C, b + k0 * C, C);
 }
 
 // acc = acc * rescale + w * (v (+ e)) over C channels (e: an optional second addend).

@@ -111,9 +111,10 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   acc_t* ds = ds_t.data_ptr<acc_t>();
   const bool need_edge = el != nullptr || drop.on;
   parallel_rows_by_cost(csc.colptr, n_src, HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(HC), g_ss(H), raw_v(H), a_v(H);
+    std::vector<acc_t> acc(HC), g_ss(H), raw_v(H), a_v(H), g_v(H);
     acc_t* raws = raw_v.data();
     acc_t* as = a_v.data();
+    acc_t* gs = g_v.data();
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(g_ss.begin(), g_ss.end(), acc_t(0));
@@ -156,10 +157,11 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
         }
 #pragma omp simd
         for (int64_t k = 0; k < H; ++k) as[k] = exp_acc(leaky_relu(raws[k], slope) - lsei[k]);
+        head_dots<acc_t>(goi, hj, H, C, gs);  // <dOut_i, h_j> per head
         for (int64_t k = 0; k < H; ++k) {
           const acc_t raw = raws[k], a = as[k];
           const acc_t a_kept = drop.apply(a, edge, k);
-          const acc_t gk = a_kept != acc_t(0) ? dot_channels<acc_t>(goi + k * C, hj + k * C, C) : acc_t(0);
+          const acc_t gk = a_kept != acc_t(0) ? gs[k] : acc_t(0);
           const acc_t dS = logit_grad(a_kept, gk, a, Dv[i * H + k], raw, slope);
           g_ss[k] += dS;
           ds[e * H + k] = dS;
