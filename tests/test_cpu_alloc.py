@@ -80,7 +80,43 @@ SCRIPT = textwrap.dedent(r"""
 
 
 
-def _run(tmp_path, name, seed, limit_mb, poison=False):
+# The layers the way users call them, with kernel buffers of 2 MiB or more: under bf16
+# autocast (the kernels run in bf16: 3 MB outputs and gradients) and GraphAttention compiled
+# with fullgraph=True, two steps each (the second reuses the first's freed buffers).
+USER_PATHS_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import torch
+    from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
+
+    torch.manual_seed(int(sys.argv[2]))
+    N, E, H, C = 6000, 60000, 4, 64          # [N, H * C] bf16: 3 MB; float32: 6.1 MB
+    ei = torch.stack([torch.randint(0, 4000, (E,)), torch.randint(1000, N, (E,))])
+    x, ea = torch.randn(N, 64), torch.randn(E, 8)
+    layers = [cls(64, C, heads=H, edge_dim=8) for cls in (GraphAttention, GraphAttentionV2, GraphTransformer)]
+    compiled = torch.compile(GraphAttention(64, C, heads=H, edge_dim=8), fullgraph=True)
+    res = {}
+    for it in range(2):
+        for layer in layers:
+            layer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x, ei, ea)
+            y.sum().backward()
+            name = "autocast." + type(layer).__name__
+            res[name] = y.detach().clone()
+            res.update({f"{name}.{p}": w.grad.clone() for p, w in layer.named_parameters()})
+            del y
+        compiled.zero_grad()
+        y = compiled(x, ei, ea)
+        y.sum().backward()
+        res["compiled"] = y.detach().clone()
+        res.update({f"compiled.{p}": w.grad.clone() for p, w in compiled.named_parameters()})
+        del y
+    torch.save(res, sys.argv[1])
+    print(json.dumps([torch.ops.neptune.cpu_cache_info()]))
+""")
+
+
+def _run(tmp_path, name, seed, limit_mb, poison=False, script=SCRIPT):
     env = dict(os.environ)
     env.pop("NEPTUNE_CPU_CACHE_MB", None)
     env.pop("NEPTUNE_CPU_CACHE_POISON", None)
@@ -89,8 +125,8 @@ def _run(tmp_path, name, seed, limit_mb, poison=False):
     if limit_mb is not None:
         env["NEPTUNE_CPU_CACHE_MB"] = str(limit_mb)
     path = tmp_path / f"{name}.pt"
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(path), str(seed)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script, str(path), str(seed)], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1]), torch.load(path, weights_only=True)
 
@@ -112,6 +148,18 @@ def test_cached_buffers_give_the_same_bits(tmp_path):
     assert on_info[0][0] == 256 * MB
     assert 6 * MB < on_info[0][1] <= 256 * MB  # the first step's freed buffers are kept
     assert small_info[0][0] == 8 * MB and all(held <= 8 * MB for _, held in small_info)
+
+
+def test_cached_buffers_under_autocast_and_compile(tmp_path):
+    """The user's paths through the cache: bf16 autocast and a fullgraph-compiled layer give
+    the same bits with every buffer poisoned as without the cache."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    on_info, on = _run(tmp_path, "poisoned", seed, None, poison=True, script=USER_PATHS_SCRIPT)
+    _, off = _run(tmp_path, "off", seed, 0, script=USER_PATHS_SCRIPT)
+    assert on.keys() == off.keys() and "compiled" in on
+    for name in on:
+        assert torch.equal(on[name], off[name]), name
+    assert on_info[0][1] > 2 * MB  # the cache was in use
 
 
 def test_freed_buffers_are_reused_and_cleared():
