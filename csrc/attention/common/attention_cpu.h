@@ -200,7 +200,11 @@ struct BackwardCommon {
                  double dropout, uint64_t seed)
       : csr(rowptr, col, eid), csc(colptr, csc_row, csc_perm), drop(dropout, seed),
         go(go_t.data_ptr<scalar_t>()), out(out_t.data_ptr<scalar_t>()),
-        lse(lse_t.data_ptr<acc_t>()), scratch(lse_t.options()) {}
+        lse(lse_t.data_ptr<acc_t>()), scratch(lse_t.options()) {
+    // the kernels index them as dense rows (an entry makes grad_out so with dense_cpu)
+    TORCH_INTERNAL_ASSERT(go_t.is_contiguous() && out_t.is_contiguous() && lse_t.is_contiguous(),
+                          "attention backward: grad_out, out and lse must be contiguous here");
+  }
 };
 
 // In a backward entry (NEPTUNE_ATTENTION_BACKWARD_PARAMS) inside the dtype dispatch, with
