@@ -24,7 +24,9 @@ namespace neptune {
 namespace {
 
 // float32 inner loops in explicit 4-wide vectors (GCC/Clang vector extensions; SSE
-// on any x86-64): the auto-vectorizer leaves LeakyReLU's select as a branch. The
+// on any x86-64), written when GCC's auto-vectorizer left LeakyReLU's select a branch
+// (that was its default -ftrapping-math; the setup now passes -fno-trapping-math, so
+// plain `omp simd` loops would vectorize too, and 8 wide in the AVX2 build). The
 // reductions' order depends on nothing but the code, so results do not change with the
 // run or the thread count. Other dtypes take the scalar loops.
 #pragma GCC diagnostic ignored "-Wpsabi"  // the helpers below are internal: no ABI to keep
