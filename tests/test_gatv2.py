@@ -99,3 +99,78 @@ def test_bad_att_is_named():
     for att in (torch.randn(6), torch.randn(1, 1, 2, 3), torch.randn(2, 1, 3)):
         with pytest.raises(ValueError, match=r"att must have shape \[H, C\] or \[1, H, C\]"):
             gatv2_attention(x, x, att, g)
+
+
+# ------------------------------------------------- infinite logits and the float range
+def _inf_case(kind, dtype):
+    """Edges 0-3 into row 4, 4-5 into row 5; an edge feature of -inf (att > 0) masks an edge's
+    head, +inf makes it +inf, NaN makes it NaN."""
+    g = torch.Generator().manual_seed(1)
+    ei = torch.tensor([[0, 1, 2, 3, 0, 1], [4, 4, 4, 4, 5, 5]])
+    xl = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    xr = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    att = torch.rand(2, 3, generator=g, dtype=torch.float64) + 0.1
+    ef = torch.zeros(6, 2, 3, dtype=torch.float64)
+    if kind == "masked_first":
+        ef[0] = float("-inf")
+    elif kind == "masked_last":
+        ef[3] = float("-inf")
+    elif kind == "all_masked":
+        ef[4:] = float("-inf")
+    elif kind == "plus_inf":
+        ef[1, 0] = float("inf")
+    elif kind == "nan":
+        ef[2, 1, 0] = float("nan")
+    return ei, [t.to(dtype) for t in (xl, xr, att, ef)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["masked_first", "masked_last", "all_masked", "plus_inf", "nan"])
+def test_infinite_logits_kernel_and_reference_agree(kind, dtype):
+    """The CPU forward's online softmax (every head at once, float32 by the kernels' own exp)
+    follows torch's softmax on infinite and NaN logits, like the reference."""
+    from neptune_ext.attention.reference import gatv2_attention_reference
+    from neptune_ext.ops import gatv2_attention
+    ei, (xl, xr, att, ef) = _inf_case(kind, dtype)
+    got = gatv2_attention(xl, xr, att, Graph.from_edge_index(ei, 6), 0.2, ef)
+    want = gatv2_attention_reference(*(t.double() for t in (xl, xr, att)), ei[0], ei[1], 6, 0.2, ef.double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, equal_nan=True)
+    if kind in ("masked_first", "masked_last"):  # a mask equals dropping the edge
+        keep = torch.isfinite(ef[:, 0, 0])
+        torch.testing.assert_close(got, gatv2_attention(xl, xr, att, Graph.from_edge_index(ei[:, keep], 6),
+                                                        0.2, ef[keep]), rtol=tol, atol=tol)
+    if kind == "all_masked":
+        assert torch.equal(got[5], torch.zeros_like(got[5])) and torch.isfinite(got).all()
+    if kind == "plus_inf":
+        assert torch.isnan(got[4, 0]).all() and torch.isfinite(got[4, 1]).all() and torch.isfinite(got[5]).all()
+    if kind == "nan":
+        assert torch.isnan(got[4, 1]).all() and torch.isfinite(got[4, 0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_gaps_across_the_float_range(dtype):
+    """Logit gaps of 0 to 150 within a row (weights from 1 down past float's smallest normal),
+    the largest first in one head and last in the other (every online rescaling): output and
+    gradients match the float64 reference at the dtype's precision."""
+    from neptune_ext.attention.reference import gatv2_attention_reference
+    from neptune_ext.ops import gatv2_attention
+    deg, C = 40, 4
+    gaps = torch.linspace(0, 150, deg, dtype=torch.float64)
+    ei = torch.stack([torch.arange(deg), torch.zeros(deg, dtype=torch.long)])
+    xl = torch.randn(deg, 2, C, dtype=torch.float64)
+    xr = torch.zeros(1, 2, C, dtype=torch.float64)
+    att = torch.full((2, C), 1.0 / C, dtype=torch.float64)
+    # the edge feature sets each head's logit: -gap (every channel, so LeakyReLU's slope 0.2
+    # applies: scaled by 5) minus x_l's own part, which leaves the logits exact
+    ef = torch.stack([-5 * gaps, -5 * gaps.flip(0)], 1)[:, :, None].expand(deg, 2, C) - xl
+    g = Graph.from_edge_index(ei, (deg, 1))
+    leaves = [t.to(dtype).requires_grad_() for t in (xl, xr, att, ef)]
+    got = gatv2_attention(*leaves[:3], g, 0.2, leaves[3])
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = gatv2_attention_reference(*ref[:3], ei[0], ei[1], 1, 0.2, ref[3])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    go = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, leaves, go.to(dtype)), torch.autograd.grad(want, ref, go)):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)

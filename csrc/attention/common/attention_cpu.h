@@ -268,6 +268,22 @@ __attribute__((always_inline)) inline float exp_acc(float x) {
   return __builtin_bit_cast(float, (bits & ~under & ~over) | (over & 0x7f800000u));
 }
 
+// online_softmax_step (attention_math.h) without a branch, for a vector loop over the heads:
+// the same rules for infinite and NaN logits, one exp (exp_acc) instead of one of two:
+// exp(-|x - m|) is the rescale when x is the new max, else the weight.
+template <typename T>
+inline void online_softmax_lane(T x, T& m, T& s, T& rescale, T& weight) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const bool gt = x > m;
+  const T d = x - m;
+  const T e = exp_acc(gt ? -d : d);  // (m = -inf before the first edge: rescale 0)
+  const bool masked = x == -inf && m == -inf;  // only masked logits so far: weight 0
+  rescale = gt ? e : T(1);
+  weight = gt ? (x - x) + T(1) : (masked ? T(0) : e);  // (x - x) + 1: NaN for x = +inf
+  s = s * rescale + weight;
+  m = gt ? x : m;
+}
+
 // <a, b> over C channels in the accumulation type.
 template <typename acc_t, typename A, typename B>
 inline acc_t dot_channels(const A* a, const B* b, int64_t C) {
@@ -363,16 +379,17 @@ inline void row_dots(const scalar_t* go, const scalar_t* out, int64_t H, int64_t
 //   int64_t row_size()                  the size of the row's scratch (acc_t values)
 //   void begin_row(acc_t* row, i)       load what the row's logits need into the scratch
 //   void prefetch(j, edge)              prefetch a coming edge's rows
-//   acc_t logit(const acc_t* row, j, edge, h)   edge (j, i)'s logit of head h (not needed
-//                                       with kLogitsFirst, below)
+//   acc_t logit(const acc_t* row, j, edge, h)   edge (j, i)'s logit of head h, or
+//   void logits(acc_t* row, j, edge, acc_t* x)   (instead) the edge's logits of every head
+//                                       into x[0..H): the online softmax then steps every
+//                                       head at once (a vector loop, online_softmax_lane)
 //   void accumulate(acc_t* acc_h, rescale, w, j, edge, h)   acc_h = acc_h * rescale + w value
 //   int64_t H, C                        heads and channels per head
 //   int64_t edge_cost                   the split's cost of an edge, in channels (H C = 1)
 // and, optionally, when its logits need no row gather:
-//   kLogitsFirst                        (a member) the row's logits and their max first,
-//                                       then the weighted sum without the online rescaling
-//   void logits(const acc_t* row, j, edge, acc_t* x)   (with it, instead of logit) the
-//                                       edge's logits of every head into x[0..H) (a vector loop)
+//   kLogitsFirst                        (a member, with logits) the row's logits and their
+//                                       max first, then the weighted sum without the online
+//                                       rescaling
 //   void prefetch_logit(j, edge)        (with it) prefetch what a coming edge's logit reads
 // and, optionally, when a head accumulates more than the C values of its output:
 //   int64_t acc_width()                 a head's accumulator (default C)
@@ -392,8 +409,9 @@ void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::
   scalar_t* out = out_t.data_ptr<scalar_t>();
   acc_t* lse = lse_t.data_ptr<acc_t>();
   constexpr bool kTwoPass = requires { var.kLogitsFirst; };
+  constexpr bool kHeadsAtOnce = requires(acc_t* r, acc_t* x) { var.logits(r, int64_t(0), int64_t(0), x); };
   parallel_rows_by_cost(g.rowptr, n_dst, var.edge_cost * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(var.row_size()), acc(H * W), m(H), s(H), logits;
+    std::vector<acc_t> row(var.row_size()), acc(H * W), m(H), s(H), logits, rs(H);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
@@ -436,6 +454,22 @@ void attention_forward_rows(const V& var, const at::Tensor& rowptr_t, const at::
           }
           for (int64_t h = 0; h < H; ++h)
             var.accumulate(acc.data() + h * W, acc_t(1), drop.apply(w[h], edge, h), j, edge, h);
+        }
+      } else if constexpr (kHeadsAtOnce) {
+        logits.resize(H);
+        acc_t* x = logits.data();
+        acc_t* mx = m.data();
+        acc_t* sum = s.data();
+        acc_t* rescale = rs.data();
+        for (int64_t e = e_begin; e < e_end; ++e) {
+          if (e + kPrefetchDistance < g.E)
+            var.prefetch(g.col[e + kPrefetchDistance], g.eid[e + kPrefetchDistance]);
+          const int64_t j = g.col[e], edge = g.eid[e];
+          var.logits(row.data(), j, edge, x);
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) online_softmax_lane(x[h], mx[h], sum[h], rescale[h], x[h]);
+          for (int64_t h = 0; h < H; ++h)
+            var.accumulate(acc.data() + h * W, rescale[h], drop.apply(x[h], edge, h), j, edge, h);
         }
       } else {
         for (int64_t e = e_begin; e < e_end; ++e) {

@@ -23,12 +23,11 @@
 namespace neptune {
 namespace {
 
-// float32 inner loops in explicit 4-wide vectors (GCC/Clang vector extensions; SSE
-// on any x86-64), written when GCC's auto-vectorizer left LeakyReLU's select a branch
-// (that was its default -ftrapping-math; the setup now passes -fno-trapping-math, so
-// plain `omp simd` loops would vectorize too, and 8 wide in the AVX2 build). The
-// reductions' order depends on nothing but the code, so results do not change with the
-// run or the thread count. Other dtypes take the scalar loops.
+// The channel loops are `omp simd` loops (the setup's -fno-trapping-math lets GCC turn
+// LeakyReLU's select into a blend; the AVX2 build runs them 8 wide), except pass 2's update,
+// which reads LeakyReLU' of 4 channels at once from their saved sign bits (a 16-entry table
+// of 4-wide vectors: GCC/Clang vector extensions, SSE on any x86-64). The reductions' order
+// depends on nothing but the code, so results do not change with the run or the thread count.
 #pragma GCC diagnostic ignored "-Wpsabi"  // the helpers below are internal: no ABI to keep
 typedef float v4f __attribute__((vector_size(16)));
 
@@ -38,98 +37,44 @@ inline v4f load4(const float* p) {
   return v;
 }
 inline void store4(float* p, v4f v) { std::memcpy(p, &v, sizeof(v)); }
-inline float hsum4(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-inline v4f leaky4(v4f z, v4f slope) {
-  const v4f neg = z * slope;
-  const v4f zero = {};
-  return z > zero ? z : neg;
-}
-inline v4f leaky_grad4(v4f z, v4f one, v4f slope) {
-  const v4f zero = {};
-  return z > zero ? one : slope;
-}
 inline v4f splat4(float x) { return v4f{x, x, x, x}; }
 
-// The logit of one head: sum_c att[c] * LeakyReLU(x_l[c] + x_r[c] (+ ef[c])). With
-// STORE_Z (backward), z is also written to z_out and its signs (z > 0) are OR-ed into
-// the edge's sign words at bits c0 + c (the words start zeroed).
-template <bool STORE_Z, typename scalar_t, typename acc_t>
-inline acc_t head_logit(const scalar_t* xl, const acc_t* xr, const scalar_t* ef, const acc_t* att,
-                        int64_t C, acc_t slope, acc_t* z_out, uint32_t* signs, int64_t c0) {
-  acc_t s = 0;
-  int64_t c = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!STORE_Z || c0 % 4 == 0) {
-      typedef int v4i __attribute__((vector_size(16)));
-      const v4f sl = splat4(slope), zero = {};
-      const v4i lane_bit = {1, 2, 4, 8};
-      v4f acc = {};
-      for (; c + 4 <= C; c += 4) {
-        v4f z = load4(xl + c) + load4(xr + c);
-        if (ef) z += load4(ef + c);
-        if constexpr (STORE_Z) {
-          store4(z_out + c, z);
-          const v4i m = (z > zero) & lane_bit;
-          const int64_t g = c0 + c;
-          signs[g >> 5] |= static_cast<uint32_t>((m[0] | m[1]) | (m[2] | m[3])) << (g & 31);
-        }
-        acc += load4(att + c) * leaky4(z, sl);
-      }
-      s = hsum4(acc);
-    }
+// The signs of z (z[c] > 0) over n channels as bits: bit c % 32 of words[c / 32].
+template <typename acc_t>
+inline void pack_signs(const acc_t* z, int64_t n, uint32_t* words) {
+  for (int64_t w0 = 0; w0 < n; w0 += 32) {
+    const int64_t m = std::min<int64_t>(32, n - w0);
+    uint32_t bits = 0;
+#pragma omp simd reduction(| : bits)
+    for (int64_t c = 0; c < m; ++c) bits |= static_cast<uint32_t>(z[w0 + c] > acc_t(0)) << c;
+    words[w0 >> 5] = bits;
   }
-  for (; c < C; ++c) {
-    acc_t z = static_cast<acc_t>(xl[c]) + xr[c];
-    if (ef) z += static_cast<acc_t>(ef[c]);
-    if constexpr (STORE_Z) {
-      z_out[c] = z;
-      const int64_t g = c0 + c;
-      signs[g >> 5] |= static_cast<uint32_t>(z > acc_t(0)) << (g & 31);
-    }
-    s += att[c] * leaky_relu(z, slope);
-  }
-  return s;
 }
 
+// Backward pass 1, one head of one edge: gx += d att LeakyReLU'(z), ga += d LeakyReLU(z)
+// (t: LeakyReLU(z)), gef = d att LeakyReLU'(z) (when gef is given).
 template <typename scalar_t, typename acc_t>
-inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t C) {
-  acc_t s = 0;
-  int64_t c = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    v4f acc = {};
-    for (; c + 4 <= C; c += 4) acc += load4(a + c) * load4(b + c);
-    s = hsum4(acc);
-  }
-  for (; c < C; ++c) s += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
-  return s;
-}
-
-// Backward pass 1, one head of one edge: gx += d att LeakyReLU'(z), ga += d LeakyReLU(z),
-// gef = d att LeakyReLU'(z) (when gef is given).
-template <typename scalar_t, typename acc_t>
-inline void dst_update(acc_t* gx, acc_t* ga, scalar_t* gef, const acc_t* z, const acc_t* att, acc_t d,
-                       int64_t C, acc_t slope) {
-  int64_t c = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const v4f sl = splat4(slope), one = splat4(1.0f), dv = splat4(d);
-    for (; c + 4 <= C; c += 4) {
-      const v4f zc = load4(z + c);
-      const v4f gz = load4(att + c) * leaky_grad4(zc, one, sl) * dv;
-      store4(gx + c, load4(gx + c) + gz);
-      store4(ga + c, load4(ga + c) + leaky4(zc, sl) * dv);
-      if (gef) store4(gef + c, gz);
+inline void dst_update(acc_t* gx, acc_t* ga, scalar_t* gef, const acc_t* z, const acc_t* t,
+                       const acc_t* att, acc_t d, int64_t C, acc_t slope) {
+  if (gef) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t gz = att[c] * leaky_relu_grad(z[c], slope) * d;
+      gx[c] += gz;
+      ga[c] += t[c] * d;
+      gef[c] = static_cast<scalar_t>(gz);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      gx[c] += att[c] * leaky_relu_grad(z[c], slope) * d;
+      ga[c] += t[c] * d;
     }
   }
-  for (; c < C; ++c) {
-    const acc_t gz = att[c] * leaky_relu_grad(z[c], slope) * d;
-    gx[c] += gz;
-    ga[c] += leaky_relu(z[c], slope) * d;
-    if (gef) gef[c] = static_cast<scalar_t>(gz);
-  }
 }
 
-// The signs of z (bit c of an edge's words: z[c] > 0) are saved by pass 1 (see
-// head_logit), so that pass 2 gets LeakyReLU'(z) without gathering x_r[i] and
+// The signs of z (bit c of an edge's words: z[c] > 0) are saved by pass 1 (pack_signs),
+// so that pass 2 gets LeakyReLU'(z) without gathering x_r[i] and
 // edge_feat again: E x H x C bits.
 inline bool sign_bit(const uint32_t* words, int64_t c) { return (words[c >> 5] >> (c & 31)) & 1u; }
 
@@ -157,6 +102,21 @@ inline void src_update(acc_t* acc, const uint32_t* signs, int64_t c0, const scal
     acc[c] += static_cast<acc_t>(go[c]) * w + att[c] * (sign_bit(signs, c0 + c) ? acc_t(1) : slope) * d;
 }
 
+// t = LeakyReLU(x_l[j] + x_r[i] (+ edge_feat[e])) over the n = H * C channels of an edge
+// (x_r[i] already in the accumulation type).
+template <typename scalar_t, typename acc_t>
+inline void leaky_terms(const scalar_t* xlj, const acc_t* xri, const scalar_t* efe, int64_t n,
+                        acc_t slope, acc_t* t) {
+  if (efe) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c)
+      t[c] = leaky_relu(static_cast<acc_t>(xlj[c]) + xri[c] + static_cast<acc_t>(efe[c]), slope);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) t[c] = leaky_relu(static_cast<acc_t>(xlj[c]) + xri[c], slope);
+  }
+}
+
 // GATv2's logit and value for the shared forward pass (attention_cpu.h):
 //   logit_ij = <att, LeakyReLU(x_l[j] + x_r[i] (+ edge_feat[e]))>, value_ij = x_l[j].
 template <typename scalar_t, typename acc_t>
@@ -168,17 +128,17 @@ struct Gatv2Forward {
   int64_t H, C;
   acc_t slope;
   int64_t edge_cost = 2;
-  int64_t row_size() const { return H * C; }  // the row's scratch: x_r[i]
+  // the row's scratch: x_r[i], then an edge's LeakyReLU(x_l[j] + x_r[i] (+ edge_feat[e]))
+  int64_t row_size() const { return 2 * H * C; }
   void begin_row(acc_t* xri, int64_t i) const { load_scaled(xri, xr + i * H * C, acc_t(1), H * C); }
   void prefetch(int64_t j, int64_t edge) const {
     prefetch_row(xl + j * H * C, H * C);
     if (ef) prefetch_row(ef + edge * H * C, H * C);
   }
-  acc_t logit(const acc_t* xri, int64_t j, int64_t edge, int64_t k) const {
-    const int64_t o = k * C;
-    return head_logit<false, scalar_t, acc_t>(xl + j * H * C + o, xri + o,
-                                              ef ? ef + edge * H * C + o : nullptr, att.data() + o, C,
-                                              slope, nullptr, nullptr, 0);
+  void logits(acc_t* row, int64_t j, int64_t edge, acc_t* x) const {
+    const int64_t HC = H * C;
+    leaky_terms(xl + j * HC, row, ef ? ef + edge * HC : nullptr, HC, slope, row + HC);
+    head_dots<acc_t>(att.data(), row + HC, H, C, x);
   }
   void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t, int64_t k) const {
     axpy_rescaled<scalar_t, acc_t>(a, rescale, w, xl + (j * H + k) * C, nullptr, C);
@@ -226,12 +186,18 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   // Pass 1: destinations, in fixed blocks.
   const int64_t block_grain = std::max<int64_t>(1, grain_for(n_dst, E, HC, 16384) / kGatv2AttBlock);
   parallel_for_isa(0, n_blocks, block_grain, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> z(HC), xri(HC), gxri(HC), D(H), dS(H);
+    std::vector<acc_t> zv(HC), tv(HC), xri(HC), gxri(HC), D(H), dS(H), xv(H), av(H), gv(H);
+    acc_t* z = zv.data();
+    acc_t* t = tv.data();
+    acc_t* xs = xv.data();
+    acc_t* as = av.data();
+    acc_t* gs = gv.data();
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* ga = part + b * HC;
       const int64_t i_end = std::min(n_dst, (b + 1) * kGatv2AttBlock);
       for (int64_t i = b * kGatv2AttBlock; i < i_end; ++i) {
         const scalar_t* goi = go + i * HC;
+        const acc_t* lsei = lse + i * H;
         load_scaled(xri.data(), xr + i * HC, acc_t(1), HC);
         std::fill(gxri.begin(), gxri.end(), acc_t(0));
         row_dots(goi, out + i * HC, H, C, D.data());
@@ -243,16 +209,27 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
           const int64_t j = csr.col[e], edge = csr.eid[e];
           const scalar_t* xlj = xl + j * HC;
           const scalar_t* efe = ef ? ef + edge * HC : nullptr;
+          // z, LeakyReLU(z), z's signs, the logits and weights of every head (vector loops)
+          if (efe) {
+#pragma omp simd
+            for (int64_t c = 0; c < HC; ++c)
+              z[c] = static_cast<acc_t>(xlj[c]) + xri[c] + static_cast<acc_t>(efe[c]);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < HC; ++c) z[c] = static_cast<acc_t>(xlj[c]) + xri[c];
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < HC; ++c) t[c] = leaky_relu(z[c], slope);
+          pack_signs(z, HC, signs + e * W);
+          head_dots<acc_t>(att.data(), t, H, C, xs);
+#pragma omp simd
+          for (int64_t k = 0; k < H; ++k) as[k] = exp_acc(xs[k] - lsei[k]);
+          head_dots<acc_t>(goi, xlj, H, C, gs);  // <dOut_i, x_l[j]> per head
           bool any = false;
-          uint32_t* sg = signs + e * W;
-          std::fill(sg, sg + W, 0u);
           for (int64_t k = 0; k < H; ++k) {
-            const acc_t x = head_logit<true, scalar_t, acc_t>(
-                xlj + k * C, xri.data() + k * C, efe ? efe + k * C : nullptr, att.data() + k * C, C,
-                slope, z.data() + k * C, sg, k * C);
-            const acc_t a = std::exp(x - lse[i * H + k]);
+            const acc_t a = as[k];
             const acc_t a_kept = drop.apply(a, edge, k);
-            const acc_t gk = a_kept != acc_t(0) ? dot<scalar_t, acc_t>(goi + k * C, xlj + k * C, C) : acc_t(0);
+            const acc_t gk = a_kept != acc_t(0) ? gs[k] : acc_t(0);
             dS[k] = a_kept * gk - a * D[k];
             ds[e * H + k] = dS[k];
             ap[e * H + k] = a_kept;
@@ -265,7 +242,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
           }
           for (int64_t k = 0; k < H; ++k) {
             dst_update<scalar_t, acc_t>(gxri.data() + k * C, ga + k * C, gefe ? gefe + k * C : nullptr,
-                                        z.data() + k * C, att.data() + k * C, dS[k], C, slope);
+                                        z + k * C, t + k * C, att.data() + k * C, dS[k], C, slope);
           }
         }
         for (int64_t c = 0; c < HC; ++c) gxr[i * HC + c] = static_cast<scalar_t>(gxri[c]);
