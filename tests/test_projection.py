@@ -302,6 +302,67 @@ def test_compiles_after_a_plain_import():
     assert "torch.Size([4, 2])" in r.stdout
 
 
+@pytest.mark.parametrize("use_op", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_project_pair_is_two_projections_in_one_gemm(use_op, bias, monkeypatch):
+    """A pair of plain Linears of one input big enough to gain: one GEMM (forward) over the
+    stacked weights, the two outputs and every gradient those of the two modules (float64:
+    to rounding; float32 against float64)."""
+    monkeypatch.setattr(projection, "USE_ONEDNN", use_op)
+    a, b = nn.Linear(300, 48, bias=bias), nn.Linear(300, 48, bias=bias)
+    x = torch.randn(500, 300, requires_grad=True)
+    assert x.numel() * 48 >= MIN_MACS
+    for dtype in (torch.float64, torch.float32):
+        a2, b2 = a.to(dtype), b.to(dtype)
+        xd = x.detach().to(dtype).requires_grad_()
+        with torch.autograd.profiler.profile() as prof:
+            ya, yb = projection.project_pair(a2, b2, xd)
+        gemms = [ev.name for ev in prof.function_events
+                 if ev.name in ("aten::addmm", "aten::mm", "neptune::linear")]
+        assert len(gemms) == 1, gemms
+        go_a, go_b = torch.randn(500, 48, dtype=torch.float64), torch.randn(500, 48, dtype=torch.float64)
+        got = torch.autograd.grad((ya, yb), [xd, *a2.parameters(), *b2.parameters()],
+                                  (go_a.to(dtype), go_b.to(dtype)))
+        ref = [t.detach().double().requires_grad_() for t in (xd, *a2.parameters(), *b2.parameters())]
+        wa = torch.nn.functional.linear(ref[0], ref[1], ref[2] if bias else None)
+        wb = torch.nn.functional.linear(ref[0], *(ref[3:] if bias else ref[2:3]), *(() if bias else (None,)))
+        want = torch.autograd.grad((wa, wb), ref, (go_a, go_b))
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert _relerr(ya, wa) < tol and _relerr(yb, wb) < tol
+        for g, w in zip(got, want):
+            assert _relerr(g, w) < tol
+
+
+def test_project_pair_calls_each_module_where_it_must(monkeypatch):
+    """Small products, a hook on either module, different shapes or bias presence, sparse
+    input: each module is projected on its own (its hooks run, its own numbers)."""
+    a, b = nn.Linear(300, 48), nn.Linear(300, 48)
+    x = torch.randn(500, 300)
+
+    def gemms(*args):
+        with torch.autograd.profiler.profile() as prof:
+            ya, yb = projection.project_pair(*args)
+        n = sum(ev.name in ("aten::addmm", "aten::mm", "neptune::linear") for ev in prof.function_events)
+        return ya, yb, n
+
+    assert gemms(a, b, x)[2] == 1
+    assert gemms(a, b, x[:5])[2] == 2  # small: the modules (no cat, no unbind)
+    seen = []
+    h = b.register_forward_hook(lambda m, i, o: seen.append(1))
+    ya, yb, n = gemms(a, b, x)
+    h.remove()
+    assert seen and n == 2
+    nb = nn.Linear(300, 48, bias=False)
+    ya, yb, n = gemms(a, nb, x)
+    assert n == 2 and torch.equal(yb, nb(x))
+    wide = nn.Linear(300, 64)
+    ya, yb, n = gemms(a, wide, x)
+    assert n == 2 and yb.shape == (500, 64)
+    xs = x.to_sparse()
+    ya, yb, _ = gemms(a, b, xs)
+    assert _relerr(ya, a(x).double()) < 1e-5 and _relerr(yb, b(x).double()) < 1e-5
+
+
 pyg = pytest.importorskip("torch_geometric")
 
 

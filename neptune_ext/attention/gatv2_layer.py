@@ -13,7 +13,7 @@ import torch.nn as nn
 from .gatv2 import gatv2_attention, gatv2_attention_weights
 from .spec import dropout_and_seed
 from .layer import AttentionBase, glorot, linear, materialize, reset_linear
-from .projection import project
+from .projection import project, project_pair
 
 Tensor = torch.Tensor
 
@@ -91,8 +91,11 @@ class GraphAttentionV2(AttentionBase):
             materialize(lin, inp, "x" if same else name)
         res = project(self.res, x_dst) if self.res is not None else None
         # [N, H * C] as the Linear layers return them: the op reads the heads from att
-        x_l = project(self.lin_l, x_src)
-        x_r = x_l if (same and self.share_weights) else project(self.lin_r, x_dst)
+        if same and not self.share_weights:
+            x_l, x_r = project_pair(self.lin_l, self.lin_r, x_src)  # one GEMM where it can
+        else:
+            x_l = project(self.lin_l, x_src)
+            x_r = x_l if (same and self.share_weights) else project(self.lin_r, x_dst)
 
         num_src, num_dst = self._sizes(x_src, x_dst, edge_index, size)
         prepared = self._prepare(edge_index, num_src, num_dst)

@@ -90,6 +90,25 @@ def project(lin: nn.Module, x: Tensor) -> Tensor:
     return lin(x)
 
 
+def project_pair(a: nn.Module, b: nn.Module, x: Tensor):
+    """``(a(x), b(x))`` for two Linears of one input, as one GEMM over their stacked weights
+    where both are plain Linears (:func:`plain_linear`) of one shape and dtype, both with a
+    bias or neither, ``x`` is dense and the product big enough to gain (a small one would
+    only add op calls; under torch.compile the size is not asked). The product then reads
+    ``x`` once, and the weights' gradient is one GEMM too. Otherwise each module is
+    projected on its own (:func:`project`). The two results are views of the one output
+    ([..., 2, out] unbound: the backward stacks their gradients, one copy)."""
+    if not (plain_linear(a) and plain_linear(b) and x.layout == torch.strided
+            and a.weight.dtype == b.weight.dtype and a.weight.shape == b.weight.shape
+            and (a.bias is None) == (b.bias is None)
+            and (_is_compiling() or x.numel() * a.weight.shape[0] >= MIN_MACS)):
+        return project(a, x), project(b, x)
+    weight = torch.cat([a.weight, b.weight])
+    bias = None if a.bias is None else torch.cat([a.bias, b.bias])
+    y = linear_weights(x, weight, bias)
+    return y.view(*y.shape[:-1], 2, a.weight.shape[0]).unbind(-2)
+
+
 def linear_weights(x: Tensor, weight: Tensor, bias) -> Tensor:
     """``F.linear(x, weight, bias)`` for weights a layer assembled itself (the keys' and
     values' in one GEMM), through ``neptune::linear`` under :func:`project`'s conditions."""
