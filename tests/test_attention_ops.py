@@ -199,6 +199,23 @@ def test_bitwise_deterministic(variant, device, dtype):
     same_bits_across_thread_counts(run)
 
 
+def _clear_of_the_kink(variant, ins, ei, margin=1e-4):
+    """ins with the edge input moved by 2 margin wherever a LeakyReLU input computed exactly
+    from the float32-rounded inputs (GAT: score_dst[i] + score_src[j] + edge_logits[e];
+    GATv2: x_l[j] + x_r[i] + edge_feat[e]) is within margin of 0. The kernels add those three
+    float32 terms with one rounding more than float64 does, and a sum that close to 0 lands
+    on either side by chance (about 6e-9 of them): the side picks the slope, 1 or 0.2, of a
+    whole gradient term."""
+    if variant.name not in ("gat", "gatv2"):
+        return ins
+    r = [t.detach().float().double() for t in ins]
+    src, dst = ei
+    z = r[2][dst] + r[1][src] + r[3] if variant.name == "gat" else r[0][src] + r[1][dst] + r[3]
+    edge = ins[3].detach().clone()
+    edge[z.abs() < margin] += 2 * margin
+    return (*ins[:3], edge.requires_grad_(ins[3].requires_grad))
+
+
 @variants
 @pytest.mark.parametrize("isa", ["base", "auto"])
 @pytest.mark.parametrize("heads,channels", [(4, 16), (8, 8), (9, 16)])
@@ -212,7 +229,8 @@ def test_both_cpu_builds_match_float64(variant, isa, heads, channels, monkeypatc
     monkeypatch.setenv("NEPTUNE_CPU_ISA", isa)
     ei, n, _ = power_law_graph(3000, 40_000)
     g = Graph.from_edge_index(ei, (n, n))
-    ins64 = variant.inputs(n, n, ei.shape[1], heads, channels, dtype=torch.float64)
+    ins64 = _clear_of_the_kink(variant, variant.inputs(n, n, ei.shape[1], heads, channels,
+                                                       dtype=torch.float64), ei)
     ins = [t.detach().float().requires_grad_() for t in ins64]
     exact_in = [t.detach().float().double().requires_grad_() for t in ins64]
     out, exact = variant(ins, g), variant.reference(exact_in, g)
