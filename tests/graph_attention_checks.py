@@ -39,8 +39,15 @@ def backward_given_out(g, h, ss, sd, el, go, out, slope=0.2, p=0.0, seed=None):
     destination whose in-edges nearly all come from one source: that source's dS
     terms cancel to a small sum, the rounding of D does not), so low-precision
     gradients are judged against this."""
-    h, ss, sd, go, out = (t.detach().double() for t in (h, ss, sd, go, out))
     src, dst = g.edge_index
+    # LeakyReLU's side as the kernel sees it: (score_dst + score_src) + edge_logits rounded in
+    # its accumulation type (a float64 sum within that rounding of 0 would take the other side
+    # by chance, and the slope of the whole edge's gradient with it)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    raw_k = sd.detach().to(acc)[dst] + ss.detach().to(acc)[src]
+    if el is not None:
+        raw_k = raw_k + el.detach().to(acc)
+    h, ss, sd, go, out = (t.detach().double() for t in (h, ss, sd, go, out))
     raw = ss[src] + sd[dst]
     if el is not None:
         raw = raw + el.detach().double()
@@ -50,7 +57,7 @@ def backward_given_out(g, h, ss, sd, el, go, out, slope=0.2, p=0.0, seed=None):
         keep = dropout_keep_mask(int(seed), torch.arange(src.numel(), device=src.device), a.shape[1], p)
         a_kept = a * keep.double() / (1.0 - p)
     D = (go * out).sum(-1)
-    lrelu_grad = torch.where(raw > 0, torch.ones_like(raw), torch.full_like(raw, slope))
+    lrelu_grad = torch.where(raw_k > 0, torch.ones_like(raw), torch.full_like(raw, slope))
     dS = (a_kept * (go[dst] * h[src]).sum(-1) - a * D[dst]) * lrelu_grad
     gh = torch.zeros_like(h).index_add_(0, src, a_kept.unsqueeze(-1) * go[dst])
     gss = torch.zeros_like(ss).index_add_(0, src, dS)

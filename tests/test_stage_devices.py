@@ -128,8 +128,19 @@ def test_train_float32_against_float64(shape, activation, residual, device):
     x.requires_grad_()
     if r is not None:
         r.requires_grad_()
-    ours, want = stage(xd, rd), tail(ref, x, r)
+    ours = stage(xd, rd)
+    y = ref[1](ref[0](x))
+    pre = y if r is None else y + r
+    want = ref[2](pre)
     g = torch.randn(want.shape, dtype=torch.float64)
+    # No gradient where the activation's input lies within 1e-4 of a kink (0; 6 for ReLU6):
+    # float32 puts a value that close on either side by chance, and the side decides whether
+    # its whole gradient passes.
+    with torch.no_grad():
+        near = pre.abs() < 1e-4
+        if activation == "relu6":
+            near |= (pre - 6).abs() < 1e-4
+        g[near] = 0
     ours.backward(g.to(device, torch.float32)), want.backward(g)
     tol = 1e-4
     assert rel(ours, want) < tol
