@@ -12,8 +12,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "attention/common/attention_cpu.h"
@@ -23,21 +21,9 @@
 namespace neptune {
 namespace {
 
-// The channel loops are `omp simd` loops (the setup's -fno-trapping-math lets GCC turn
-// LeakyReLU's select into a blend; the AVX2 build runs them 8 wide), except pass 2's update,
-// which reads LeakyReLU' of 4 channels at once from their saved sign bits (a 16-entry table
-// of 4-wide vectors: GCC/Clang vector extensions, SSE on any x86-64). The reductions' order
+// The channel loops are `omp simd` loops: the setup's -fno-trapping-math lets GCC turn
+// LeakyReLU's selects into blends, and the AVX2 build runs them 8 wide. The reductions' order
 // depends on nothing but the code, so results do not change with the run or the thread count.
-#pragma GCC diagnostic ignored "-Wpsabi"  // the helpers below are internal: no ABI to keep
-typedef float v4f __attribute__((vector_size(16)));
-
-inline v4f load4(const float* p) {
-  v4f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store4(float* p, v4f v) { std::memcpy(p, &v, sizeof(v)); }
-inline v4f splat4(float x) { return v4f{x, x, x, x}; }
 
 // The signs of z (z[c] > 0) over n channels as bits: bit c % 32 of words[c / 32].
 template <typename acc_t>
@@ -79,27 +65,25 @@ inline void dst_update(acc_t* gx, acc_t* ga, scalar_t* gef, const acc_t* z, cons
 inline bool sign_bit(const uint32_t* words, int64_t c) { return (words[c >> 5] >> (c & 31)) & 1u; }
 
 // Backward pass 2, one head of one edge (channels c0 .. c0 + C of the row):
-// acc += w dOut_i + d att LeakyReLU'(z), LeakyReLU'(z) from the saved signs.
+// acc += w dOut_i + d att LeakyReLU'(z), LeakyReLU'(z) from the saved signs. A head within
+// one sign word (C <= 32, not straddling a word: every C dividing 32) reads its bits from that
+// word by a shift per lane; others read bit by bit.
 template <typename scalar_t, typename acc_t>
 inline void src_update(acc_t* acc, const uint32_t* signs, int64_t c0, const scalar_t* go,
                        const acc_t* att, acc_t w, acc_t d, int64_t C, acc_t slope) {
-  int64_t c = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (c0 % 4 == 0) {
-      // LeakyReLU' of 4 channels from their 4 sign bits: a 16-entry table.
-      v4f table[16];
-      for (int n = 0; n < 16; ++n)
-        for (int l = 0; l < 4; ++l) table[n][l] = (n >> l & 1) ? 1.0f : slope;
-      const v4f wv = splat4(w), dv = splat4(d);
-      for (; c + 4 <= C; c += 4) {
-        const int64_t g = c0 + c;
-        const uint32_t nib = (signs[g >> 5] >> (g & 31)) & 0xFu;
-        store4(acc + c, load4(acc + c) + load4(go + c) * wv + load4(att + c) * table[nib] * dv);
-      }
+  if ((c0 & 31) + C <= 32) {
+    const uint32_t word = signs[c0 >> 5] >> (c0 & 31);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t lg = (word >> c) & 1u ? acc_t(1) : slope;
+      acc[c] = acc[c] + static_cast<acc_t>(go[c]) * w + att[c] * lg * d;
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t lg = sign_bit(signs, c0 + c) ? acc_t(1) : slope;
+      acc[c] = acc[c] + static_cast<acc_t>(go[c]) * w + att[c] * lg * d;
     }
   }
-  for (; c < C; ++c)
-    acc[c] += static_cast<acc_t>(go[c]) * w + att[c] * (sign_bit(signs, c0 + c) ? acc_t(1) : slope) * d;
 }
 
 // t = LeakyReLU(x_l[j] + x_r[i] (+ edge_feat[e])) over the n = H * C channels of an edge
