@@ -180,12 +180,14 @@ struct Dropout {
 };
 
 // What every CPU backward reads besides its variant's own inputs: dOut, the saved output
-// and log-sum-exp (contiguous), the graph both ways (E: csr.E) and the dropout. The
-// entry builds it from its arguments (NEPTUNE_BACKWARD_COMMON); a kernel takes it first and
-// names its parts with NEPTUNE_UNPACK_BACKWARD(b).
+// and log-sum-exp (the struct holds them dense: the kernels index them as rows), the graph
+// both ways (E: csr.E) and the dropout. The entry builds it from its arguments
+// (NEPTUNE_BACKWARD_COMMON); a kernel takes it first and names its parts with
+// NEPTUNE_UNPACK_BACKWARD(b).
 template <typename scalar_t, typename index_t>
 struct BackwardCommon {
   using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor go_t, out_t, lse_t;  // dense (declared first: made before the pointers below)
   CsrView<index_t> csr;
   CscView<index_t> csc;
   Dropout<acc_t> drop;
@@ -193,24 +195,20 @@ struct BackwardCommon {
   const scalar_t* out;
   const acc_t* lse;
   at::TensorOptions scratch;  // of accumulation-type scratch tensors (lse's)
-  // go, out and lse must be contiguous and outlive the struct.
-  BackwardCommon(const at::Tensor& go_t, const at::Tensor& out_t, const at::Tensor& lse_t,
+  BackwardCommon(const at::Tensor& grad_out, const at::Tensor& out_, const at::Tensor& lse_,
                  const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& eid,
                  const at::Tensor& colptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
                  double dropout, uint64_t seed)
-      : csr(rowptr, col, eid), csc(colptr, csc_row, csc_perm), drop(dropout, seed),
+      : go_t(dense_cpu(grad_out)), out_t(dense_cpu(out_)), lse_t(dense_cpu(lse_)),
+        csr(rowptr, col, eid), csc(colptr, csc_row, csc_perm), drop(dropout, seed),
         go(go_t.data_ptr<scalar_t>()), out(out_t.data_ptr<scalar_t>()),
-        lse(lse_t.data_ptr<acc_t>()), scratch(lse_t.options()) {
-    // the kernels index them as dense rows (an entry makes grad_out so with dense_cpu)
-    TORCH_INTERNAL_ASSERT(go_t.is_contiguous() && out_t.is_contiguous() && lse_t.is_contiguous(),
-                          "attention backward: grad_out, out and lse must be contiguous here");
-  }
+        lse(lse_t.data_ptr<acc_t>()), scratch(lse_t.options()) {}
 };
 
-// In a backward entry (NEPTUNE_ATTENTION_BACKWARD_PARAMS) inside the dtype dispatch, with
-// `go`, `out_c` and `lse_c` the contiguous grad_out, out and lse: its BackwardCommon.
-#define NEPTUNE_BACKWARD_COMMON                                                          \
-  BackwardCommon<scalar_t, index_t>(go, out_c, lse_c, rowptr, col, eid, colptr, csc_row, \
+// In a backward entry (NEPTUNE_ATTENTION_BACKWARD_PARAMS) inside the dtype dispatch: its
+// BackwardCommon.
+#define NEPTUNE_BACKWARD_COMMON                                                              \
+  BackwardCommon<scalar_t, index_t>(grad_out, out, lse, rowptr, col, eid, colptr, csc_row, \
                                     csc_perm, dropout, seed_value(seed, dropout))
 
 // The common parts of a BackwardCommon as local names (lambdas capture them by reference).

@@ -216,7 +216,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gat_backward_cpu(
                                    {score_dst.size(0), h.size(1), h.size(2)}, h.size(1),
                                    /*fewer_rows=*/true);
   const int64_t n_go = grad_out.size(0);
-  const at::Tensor go = dense_cpu(grad_out), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor gh = empty_cpu(h.sizes(), h.options());
   at::Tensor gss = at::empty_like(score_src);
   at::Tensor gsd = at::empty_like(score_dst);

@@ -306,7 +306,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
             "neptune::gatv2_backward");
   check_attention_backward_tensors("neptune::gatv2_backward", grad_out, out, lse, xr.scalar_type(),
                                    xr.sizes(), gatv2_heads(att).first);
-  const at::Tensor go = dense_cpu(grad_out), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor gxl = empty_like_cpu(xl);
   at::Tensor gxr = empty_like_cpu(xr);
   at::Tensor gatt = at::empty_like(att);

@@ -261,7 +261,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_backward_
             "neptune::transformer_backward");
   check_attention_backward_tensors("neptune::transformer_backward", grad_out, out, lse,
                                    q.scalar_type(), q.sizes(), q.size(1));
-  const at::Tensor go = dense_cpu(grad_out), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor gq = empty_like_cpu(q);
   at::Tensor gk = empty_like_cpu(k);
   at::Tensor gv = empty_like_cpu(v);

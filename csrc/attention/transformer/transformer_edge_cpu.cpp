@@ -307,7 +307,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transformer_edge_back
   check_transformer_edge_entry(q, kv, w_edge, rowptr, col, eid, edge_attr, scale, dropout, op);
   check_csc(rowptr, col, eid, colptr, csc_row, csc_perm, kv.size(0), q.size(0), op);
   check_attention_backward_tensors(op, grad_out, out, lse, q.scalar_type(), q.sizes(), q.size(1));
-  const at::Tensor go = dense_cpu(grad_out), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor gq = empty_like_cpu(q);
   at::Tensor gkv = empty_like_cpu(kv);
   at::Tensor gw = at::empty_like(w_edge);
