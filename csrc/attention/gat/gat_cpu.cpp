@@ -34,6 +34,21 @@
 namespace neptune {
 namespace {
 
+// An edge's raw logits, every head (a vector loop): (score_dst[i] + score_src[j])
+// (+ edge_logits[e]) in the accumulation type. Forward and backward both take them from
+// here, so the backward's LeakyReLU sides and weights are the forward's.
+template <typename acc_t, typename D, typename scalar_t>
+inline void raw_logits(const D* sdi, const scalar_t* ssj, const scalar_t* ele, int64_t H, acc_t* raw) {
+  if (ele) {
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k)
+      raw[k] = static_cast<acc_t>(sdi[k]) + static_cast<acc_t>(ssj[k]) + static_cast<acc_t>(ele[k]);
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) raw[k] = static_cast<acc_t>(sdi[k]) + static_cast<acc_t>(ssj[k]);
+  }
+}
+
 // GAT's logit and value for the shared forward pass (attention_cpu.h):
 //   logit_ij = LeakyReLU(score_dst[i] + score_src[j] (+ edge_logits[e])), value_ij = h[j].
 template <typename scalar_t, typename acc_t>
@@ -60,16 +75,9 @@ struct GatForward {
     if (el) __builtin_prefetch(el + edge * H, 0, 1);
   }
   void logits(const acc_t* base, int64_t j, int64_t edge, acc_t* x) const {
-    const scalar_t* s = ss + j * H;
-    if (el) {
-      const scalar_t* l = el + edge * H;
+    raw_logits(base, ss + j * H, el ? el + edge * H : nullptr, H, x);
 #pragma omp simd
-      for (int64_t k = 0; k < H; ++k)
-        x[k] = leaky_relu(base[k] + static_cast<acc_t>(s[k]) + static_cast<acc_t>(l[k]), slope);
-    } else {
-#pragma omp simd
-      for (int64_t k = 0; k < H; ++k) x[k] = leaky_relu(base[k] + static_cast<acc_t>(s[k]), slope);
-    }
+    for (int64_t k = 0; k < H; ++k) x[k] = leaky_relu(x[k], slope);
   }
   void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t, int64_t k) const {
     axpy_rescaled<scalar_t, acc_t>(a, rescale, w, h + (j * H + k) * C, nullptr, C);
@@ -144,17 +152,8 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
         }
         const scalar_t* goi = go + i * HC;
         // the edge's raw logits and softmax weights, every head at once (vector loops)
-        const scalar_t* sdi = sd + i * H;
-        const scalar_t* ssj = ss + j * H;
         const acc_t* lsei = lse + i * H;
-#pragma omp simd
-        for (int64_t k = 0; k < H; ++k)
-          raws[k] = static_cast<acc_t>(sdi[k]) + static_cast<acc_t>(ssj[k]);
-        if (el) {
-          const scalar_t* l = el + edge * H;
-#pragma omp simd
-          for (int64_t k = 0; k < H; ++k) raws[k] += static_cast<acc_t>(l[k]);
-        }
+        raw_logits(sd + i * H, ss + j * H, el ? el + edge * H : nullptr, H, raws);
 #pragma omp simd
         for (int64_t k = 0; k < H; ++k) as[k] = exp_acc(leaky_relu(raws[k], slope) - lsei[k]);
         head_dots<acc_t>(goi, hj, H, C, gs);  // <dOut_i, h_j> per head
