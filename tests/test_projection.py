@@ -304,7 +304,7 @@ def test_compiles_after_a_plain_import():
 
 @pytest.mark.parametrize("use_op", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_project_pair_is_two_projections_in_one_gemm(use_op, bias, monkeypatch):
+def test_project_stack_is_the_projections_in_one_gemm(use_op, bias, monkeypatch):
     """A pair of plain Linears of one input big enough to gain: one GEMM (forward) over the
     stacked weights, the two outputs and every gradient those of the two modules (float64:
     to rounding; float32 against float64)."""
@@ -316,7 +316,7 @@ def test_project_pair_is_two_projections_in_one_gemm(use_op, bias, monkeypatch):
         a2, b2 = a.to(dtype), b.to(dtype)
         xd = x.detach().to(dtype).requires_grad_()
         with torch.autograd.profiler.profile() as prof:
-            ya, yb = projection.project_pair(a2, b2, xd)
+            ya, yb = projection.project_stack((a2, b2), xd)
         gemms = [ev.name for ev in prof.function_events
                  if ev.name in ("aten::addmm", "aten::mm", "neptune::linear")]
         assert len(gemms) == 1, gemms
@@ -333,15 +333,15 @@ def test_project_pair_is_two_projections_in_one_gemm(use_op, bias, monkeypatch):
             assert _relerr(g, w) < tol
 
 
-def test_project_pair_calls_each_module_where_it_must(monkeypatch):
-    """Small products, a hook on either module, different shapes or bias presence, sparse
-    input: each module is projected on its own (its hooks run, its own numbers)."""
+def test_project_stack_calls_each_module_where_it_must(monkeypatch):
+    """Small products, a hook on either module, a bias on one only, sparse input: each module
+    is projected on its own (its hooks run, its own numbers)."""
     a, b = nn.Linear(300, 48), nn.Linear(300, 48)
     x = torch.randn(500, 300)
 
     def gemms(*args):
         with torch.autograd.profiler.profile() as prof:
-            ya, yb = projection.project_pair(*args)
+            ya, yb = projection.project_stack(args[:2], args[2])
         n = sum(ev.name in ("aten::addmm", "aten::mm", "neptune::linear") for ev in prof.function_events)
         return ya, yb, n
 
@@ -355,9 +355,9 @@ def test_project_pair_calls_each_module_where_it_must(monkeypatch):
     nb = nn.Linear(300, 48, bias=False)
     ya, yb, n = gemms(a, nb, x)
     assert n == 2 and torch.equal(yb, nb(x))
-    wide = nn.Linear(300, 64)
+    wide = nn.Linear(300, 64)  # other output sizes stack too
     ya, yb, n = gemms(a, wide, x)
-    assert n == 2 and yb.shape == (500, 64)
+    assert n == 1 and yb.shape == (500, 64) and _relerr(yb, wide(x).double()) < 1e-5
     xs = x.to_sparse()
     ya, yb, _ = gemms(a, b, xs)
     assert _relerr(ya, a(x).double()) < 1e-5 and _relerr(yb, b(x).double()) < 1e-5

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .gatv2 import gatv2_attention, gatv2_attention_weights
 from .spec import dropout_and_seed
 from .layer import AttentionBase, glorot, linear, materialize, reset_linear
-from .projection import project, project_pair
+from .projection import project, project_stack
 
 Tensor = torch.Tensor
 
@@ -92,7 +92,7 @@ class GraphAttentionV2(AttentionBase):
         res = project(self.res, x_dst) if self.res is not None else None
         # [N, H * C] as the Linear layers return them: the op reads the heads from att
         if same and not self.share_weights:
-            x_l, x_r = project_pair(self.lin_l, self.lin_r, x_src)  # one GEMM where it can
+            x_l, x_r = project_stack((self.lin_l, self.lin_r), x_src)  # one GEMM where it can
         else:
             x_l = project(self.lin_l, x_src)
             x_r = x_l if (same and self.share_weights) else project(self.lin_r, x_dst)

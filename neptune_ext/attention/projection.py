@@ -90,23 +90,24 @@ def project(lin: nn.Module, x: Tensor) -> Tensor:
     return lin(x)
 
 
-def project_pair(a: nn.Module, b: nn.Module, x: Tensor):
-    """``(a(x), b(x))`` for two Linears of one input, as one GEMM over their stacked weights
-    where both are plain Linears (:func:`plain_linear`) of one shape and dtype, both with a
-    bias or neither, ``x`` is dense and the product big enough to gain (a small one would
-    only add op calls; under torch.compile the size is not asked). The product then reads
-    ``x`` once, and the weights' gradient is one GEMM too. Otherwise each module is
-    projected on its own (:func:`project`). The two results are views of the one output
-    ([..., 2, out] unbound: the backward stacks their gradients, one copy)."""
-    if not (plain_linear(a) and plain_linear(b) and x.layout == torch.strided
-            and a.weight.dtype == b.weight.dtype and a.weight.shape == b.weight.shape
-            and (a.bias is None) == (b.bias is None)
-            and (_is_compiling() or x.numel() * a.weight.shape[0] >= MIN_MACS)):
-        return project(a, x), project(b, x)
-    weight = torch.cat([a.weight, b.weight])
-    bias = None if a.bias is None else torch.cat([a.bias, b.bias])
-    y = linear_weights(x, weight, bias)
-    return y.view(*y.shape[:-1], 2, a.weight.shape[0]).unbind(-2)
+def project_stack(mods, x: Tensor):
+    """``tuple(m(x) for m in mods)`` for Linears of one input, as one GEMM over their stacked
+    weights where all are plain Linears (:func:`plain_linear`) of one input size and dtype,
+    all with a bias or none, ``x`` is dense and the product big enough to gain (a small one
+    would only add op calls; under torch.compile the size is not asked). The product then
+    reads ``x`` once, and the weights' gradient is one GEMM too. Otherwise each module is
+    projected on its own (:func:`project`). The results are column slices of the one output
+    (views; the backward concatenates their gradients, one copy)."""
+    if not (all(plain_linear(m) for m in mods) and x.layout == torch.strided
+            and all(m.weight.dtype == mods[0].weight.dtype and m.weight.shape[1] == x.shape[-1]
+                    for m in mods)
+            and len({m.bias is None for m in mods}) == 1
+            and (_is_compiling() or x.numel() * sum(m.weight.shape[0] for m in mods) >= MIN_MACS)):
+        return tuple(project(m, x) for m in mods)
+    outs = [m.weight.shape[0] for m in mods]
+    weight = torch.cat([m.weight for m in mods])
+    bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
+    return linear_weights(x, weight, bias).split(outs, dim=-1)
 
 
 def linear_weights(x: Tensor, weight: Tensor, bias) -> Tensor:

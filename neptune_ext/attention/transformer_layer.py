@@ -15,7 +15,7 @@ from .spec import dropout_and_seed, runs_kernel
 from .transformer import (projected_edges, transformer_attention, transformer_attention_weights,
                           transformer_edge_attention)
 from .layer import AttentionBase, autocast_on, linear, materialize
-from .projection import linear_weights, plain_linear, project
+from .projection import linear_weights, plain_linear, project, project_stack
 
 Tensor = torch.Tensor
 
@@ -107,7 +107,6 @@ class GraphTransformer(AttentionBase):
         for lin, inp, name in ((self.lin_key, x_src, "x_src"), (self.lin_value, x_src, "x_src"),
                                (self.lin_query, x_dst, "x_dst"), (self.lin_skip, x_dst, "x_dst")):
             materialize(lin, inp, "x" if same else name, glorot_init=False)
-        q = project(self.lin_query, x_dst).view(-1, H, C)
         num_src, num_dst = self._sizes(x_src, x_dst, edge_index, None)
         prepared = self._prepare(edge_index, num_src, num_dst)
         graph = prepared.graph
@@ -115,10 +114,18 @@ class GraphTransformer(AttentionBase):
 
         edge_attr_2d = self._edges_inside(x_src, edge_attr)
         if edge_attr_2d is not None:
+            q = project(self.lin_query, x_dst).view(-1, H, C)
             return self._forward_projected_edges(x_src, x_dst, q, edge_attr_2d, prepared, scale,
                                                  edge_index, want_alpha)
-        k = project(self.lin_key, x_src).view(-1, H, C)
-        v = project(self.lin_value, x_src).view(-1, H, C)
+        x_r = None
+        if same:  # one input: the query, key, value (and skip) projections in one GEMM where it can
+            q, k, v, *skip = project_stack((self.lin_query, self.lin_key, self.lin_value)
+                                           + ((self.lin_skip,) if self.root_weight else ()), x_src)
+            x_r = skip[0] if skip else None
+        else:
+            q, k, v = (project(m, t) for m, t in ((self.lin_query, x_dst), (self.lin_key, x_src),
+                                                  (self.lin_value, x_src)))
+        q, k, v = (t.view(-1, H, C) for t in (q, k, v))
         edge_feat = self._edge_features(prepared, edge_attr, glorot_init=False)
 
         alpha = None
@@ -133,7 +140,7 @@ class GraphTransformer(AttentionBase):
             if want_alpha:
                 alpha = transformer_attention_weights(q, k, graph, scale, edge_feat)
 
-        return self._finish(out, x_dst, edge_index, graph, alpha, want_alpha)
+        return self._finish(out, x_dst, edge_index, graph, alpha, want_alpha, x_r)
 
     def _edges_inside(self, x_src: Tensor, edge_attr) -> Optional[Tensor]:
         """edge_attr as [E, edge_dim] (lin_edge sized from it) when lin_edge can be applied
@@ -173,11 +180,14 @@ class GraphTransformer(AttentionBase):
             alpha = transformer_attention_weights(q, kv[:, 0], graph, scale, projected_edges(w_edge, edge_attr))
         return self._finish(out, x_dst, edge_index, graph, alpha, want_alpha)
 
-    def _finish(self, out, x_dst, edge_index, graph, alpha, want_alpha):
+    def _finish(self, out, x_dst, edge_index, graph, alpha, want_alpha, x_r=None):
+        """The heads concatenated or averaged, the skip x_r = lin_skip(x_dst) (given, or
+        projected here) added or gated, and the attention weights if wanted."""
         H, C = self.heads, self.out_channels
         out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
         if self.root_weight:
-            x_r = project(self.lin_skip, x_dst)
+            if x_r is None:
+                x_r = project(self.lin_skip, x_dst)
             if self.lin_beta is not None:
                 b = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
                 out = b * x_r + (1 - b) * out

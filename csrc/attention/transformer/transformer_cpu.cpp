@@ -51,7 +51,8 @@ struct TransformerForward {
   int64_t H, C;
   acc_t scale;
   int64_t edge_cost = 2;
-  int64_t row_size() const { return H * C; }  // the row's scratch: scale q[i]
+  // the row's scratch: scale q[i], then an edge's k_j + edge_feat[e]
+  int64_t row_size() const { return 2 * H * C; }
   void begin_row(acc_t* qi, int64_t i) const { load_scaled(qi, q + i * H * C, scale, H * C); }
   void prefetch(int64_t j, int64_t edge) const {
     prefetch_row(k + j * H * C, H * C);
@@ -59,8 +60,21 @@ struct TransformerForward {
     if (ef) prefetch_row(ef + edge * H * C, H * C);
   }
   const scalar_t* edge_row(int64_t edge, int64_t h) const { return ef ? ef + (edge * H + h) * C : nullptr; }
-  acc_t logit(const acc_t* qi, int64_t j, int64_t edge, int64_t h) const {
-    return dot_keyed<scalar_t, acc_t>(qi + h * C, k + (j * H + h) * C, edge_row(edge, h), C);
+  // The edge's logits of every head, <scale q_i, k_j (+ edge_feat[e])>, from the row's scratch
+  // (forward and backward call this one function on the same operands, so that
+  // a = exp(x - lse) is the forward's weight to the bit).
+  void logits(acc_t* row, int64_t j, int64_t edge, acc_t* x) const {
+    const int64_t HC = H * C;
+    const scalar_t* kj = k + j * HC;
+    if (ef) {
+      const scalar_t* fe = ef + edge * HC;
+      acc_t* t = row + HC;
+#pragma omp simd
+      for (int64_t c = 0; c < HC; ++c) t[c] = static_cast<acc_t>(kj[c]) + static_cast<acc_t>(fe[c]);
+      head_dots<acc_t>(row, t, H, C, x);
+    } else {
+      head_dots<acc_t>(row, kj, H, C, x);
+    }
   }
   void accumulate(acc_t* a, acc_t rescale, acc_t w, int64_t j, int64_t edge, int64_t h) const {
     axpy_rescaled<scalar_t, acc_t>(a, rescale, w, v + (j * H + h) * C, edge_row(edge, h), C);
@@ -98,7 +112,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   const TransformerForward<scalar_t, acc_t> fwd{q, k, v, ef, H, C, scale};
   parallel_rows_by_cost(csr.rowptr, n_dst, kExactD ? 2 * HC : HC, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(fwd.row_size());
-    std::vector<acc_t> goi(HC);
+    std::vector<acc_t> goi(HC), xv(H);
     for (int64_t i = begin; i < end; ++i) {
       if constexpr (!kExactD) {
         row_dots(go + i * HC, out + i * HC, H, C, Dv + i * H);
@@ -110,8 +124,9 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
       for (int64_t e = csr.rowptr[i]; e < csr.rowptr[i + 1]; ++e) {
         if (e + kPrefetchDistance < E) fwd.prefetch(csr.col[e + kPrefetchDistance], csr.eid[e + kPrefetchDistance]);
         const int64_t j = csr.col[e], edge = csr.eid[e];
+        fwd.logits(row.data(), j, edge, xv.data());
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t a = drop.apply(std::exp(fwd.logit(row.data(), j, edge, h) - lse[i * H + h]), edge, h);
+          const acc_t a = drop.apply(exp_acc(xv[h] - lse[i * H + h]), edge, h);
           if (a != acc_t(0))
             Dv[i * H + h] += a * dot_keyed<scalar_t, acc_t>(goi.data() + h * C, v + (j * H + h) * C,
                                                             fwd.edge_row(edge, h), C);
@@ -129,7 +144,10 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
   at::Tensor ds_t = empty_cpu({E, S}, b.scratch);
   acc_t* ds = ds_t.data_ptr<acc_t>();
   parallel_rows_by_cost(csc.colptr, n_src, 3 * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> vj(HC), qs(HC), ak(HC), av(HC);
+    std::vector<acc_t> vj(HC), row(fwd.row_size()), ak(HC), av(HC), xv(H), g_v(H), ge_v(H);
+    acc_t* qs = row.data();  // the row's scratch as the forward's: scale q_i first
+    acc_t* xs = xv.data();
+    acc_t* gs = g_v.data();
     for (int64_t j = begin; j < end; ++j) {
       load_scaled(vj.data(), v + j * HC, acc_t(1), HC);
       std::fill(ak.begin(), ak.end(), acc_t(0));
@@ -149,20 +167,24 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b, const at::Tenso
         const scalar_t* qi = q + i * HC;
         const scalar_t* goi = go + i * HC;
         const scalar_t* efe = ef ? ef + edge * HC : nullptr;
-        load_scaled(qs.data(), qi, scale, HC);
+        load_scaled(qs, qi, scale, HC);
+        // The logits exactly as the forward computed them (the same function on the same
+        // operands), so that a = exp(x - lse) is the forward's weight to the bit; the weights
+        // and <v_j (+ edge_feat[e]), dOut_i> of every head at once.
+        fwd.logits(row.data(), j, edge, xs);
+        const acc_t* lsei = lse + i * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) xs[h] = exp_acc(xs[h] - lsei[h]);
+        head_dots<acc_t>(vj.data(), goi, H, C, gs);
+        if (efe) {
+          head_dots<acc_t>(goi, efe, H, C, ge_v.data());
+          for (int64_t h = 0; h < H; ++h) gs[h] += ge_v[h];
+        }
         for (int64_t h = 0; h < H; ++h) {
           const int64_t o = h * C;
-          const scalar_t* eh = efe ? efe + o : nullptr;
-          // The logit exactly as the forward computed it (the same function on the same
-          // operands), so that a = exp(x - lse) is the forward's weight to the bit.
-          const acc_t x = dot_keyed<scalar_t, acc_t>(qs.data() + o, k + j * HC + o, eh, C);
-          const acc_t a = std::exp(x - lse[i * H + h]);
+          const acc_t a = xs[h];
           const acc_t a_kept = drop.apply(a, edge, h);
-          acc_t g = 0;
-          if (a_kept != acc_t(0)) {
-            g = dot_keyed<scalar_t, acc_t>(vj.data() + o, goi + o, nullptr, C);
-            if (eh) g += dot_keyed<scalar_t, acc_t>(nullptr, goi + o, eh, C);
-          }
+          const acc_t g = a_kept != acc_t(0) ? gs[h] : acc_t(0);
           const acc_t d = a_kept * g - a * Dv[i * H + h];
           ds[e * S + h] = d;
           if (ef) ds[e * S + H + h] = a_kept;
