@@ -80,13 +80,16 @@ def test_two_gloo_processes_stay_identical(tmp_path):
     assert h[-1]["loss"] < h[0]["first_step_loss"]  # the loss falls
 
 
-def test_user_graphs_benchmark_runs(tmp_path):
-    """The user-sized benchmark's machinery (one round of the Cora-sized case, no compile)."""
-    import pytest
+@pytest.mark.parametrize("layer", ["gat", "gatv2"])
+def test_user_graphs_benchmark_runs(tmp_path, layer):
+    """The user-sized benchmark's machinery (one round of the Cora-sized case, no compile),
+    for both layers."""
     pytest.importorskip("torch_geometric")
     from neptune_app.bench import user_graphs
-    rep = user_graphs.main(["--cases", "cora", "--rounds", "1", "--no-compile", "--json", str(tmp_path / "u.json")])
+    rep = user_graphs.main(["--cases", "cora", "--layer", layer, "--rounds", "1", "--no-compile",
+                            "--json", str(tmp_path / "u.json")])
     r = rep["results"][0]
+    assert rep["layer"] == r["layer"] == layer
     assert r["case"] == "cora" and r["median_ms"]["neptune_ext"] > 0 and r["median_ms"]["pyg"] > 0
     assert json.loads((tmp_path / "u.json").read_text())["results"][0]["speedup_vs_pyg"]["median"] > 0
 
