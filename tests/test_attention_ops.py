@@ -218,13 +218,14 @@ def _clear_of_the_kink(variant, ins, ei, margin=1e-4):
 
 @variants
 @pytest.mark.parametrize("isa", ["base", "auto"])
-@pytest.mark.parametrize("heads,channels", [(4, 16), (8, 8), (9, 16)])
+@pytest.mark.parametrize("heads,channels", [(4, 16), (8, 8), (9, 16), (3, 40)])
 def test_both_cpu_builds_match_float64(variant, isa, heads, channels, monkeypatch):
     """The CPU loops run as baseline code or, where the CPU has AVX2 and FMA, as their AVX2
     build (csrc/attention/common/attention_cpu.h: run_rows); NEPTUNE_CPU_ISA=base forces the
     baseline. Each, in float32, is within float32 rounding of the float64 reference, and
     deterministic across thread counts. 8 and 9 heads of 8 or 16 channels take the float
-    loops' 8-head paths (head_dots), with a remainder head for 9."""
+    loops' 8-head paths (head_dots), with a remainder head for 9; heads of 40 channels
+    straddle GATv2's 32-bit sign words."""
     needs_kernel(variant)
     monkeypatch.setenv("NEPTUNE_CPU_ISA", isa)
     ei, n, _ = power_law_graph(3000, 40_000)

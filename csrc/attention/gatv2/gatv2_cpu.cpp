@@ -59,30 +59,27 @@ inline void dst_update(acc_t* gx, acc_t* ga, scalar_t* gef, const acc_t* z, cons
   }
 }
 
-// The signs of z (bit c of an edge's words: z[c] > 0) are saved by pass 1 (pack_signs),
-// so that pass 2 gets LeakyReLU'(z) without gathering x_r[i] and
-// edge_feat again: E x H x C bits.
-inline bool sign_bit(const uint32_t* words, int64_t c) { return (words[c >> 5] >> (c & 31)) & 1u; }
-
 // Backward pass 2, one head of one edge (channels c0 .. c0 + C of the row):
-// acc += w dOut_i + d att LeakyReLU'(z), LeakyReLU'(z) from the saved signs. A head within
-// one sign word (C <= 32, not straddling a word: every C dividing 32) reads its bits from that
-// word by a shift per lane; others read bit by bit.
+// acc += w dOut_i + d att LeakyReLU'(z), LeakyReLU'(z) from the signs of z that pass 1 saved
+// (pack_signs: E x H x C bits, so that pass 2 gathers neither x_r[i] nor edge_feat): the
+// channels in runs that share a sign word (32 at most), each run's bits from its word by a
+// shift per lane.
 template <typename scalar_t, typename acc_t>
 inline void src_update(acc_t* acc, const uint32_t* signs, int64_t c0, const scalar_t* go,
                        const acc_t* att, acc_t w, acc_t d, int64_t C, acc_t slope) {
-  if ((c0 & 31) + C <= 32) {
-    const uint32_t word = signs[c0 >> 5] >> (c0 & 31);
+  for (int64_t c = 0; c < C;) {
+    const int64_t g = c0 + c;
+    const int64_t n = std::min<int64_t>(C - c, 32 - (g & 31));
+    const uint32_t word = signs[g >> 5] >> (g & 31);
+    acc_t* a = acc + c;
+    const scalar_t* gr = go + c;
+    const acc_t* at = att + c;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t lg = (word >> c) & 1u ? acc_t(1) : slope;
-      acc[c] = acc[c] + static_cast<acc_t>(go[c]) * w + att[c] * lg * d;
+    for (int64_t u = 0; u < n; ++u) {
+      const acc_t lg = (word >> u) & 1u ? acc_t(1) : slope;
+      a[u] = a[u] + static_cast<acc_t>(gr[u]) * w + at[u] * lg * d;
     }
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t lg = sign_bit(signs, c0 + c) ? acc_t(1) : slope;
-      acc[c] = acc[c] + static_cast<acc_t>(go[c]) * w + att[c] * lg * d;
-    }
+    c += n;
   }
 }
 
