@@ -309,8 +309,9 @@ def test_project_stack_is_the_projections_in_one_gemm(use_op, bias, monkeypatch)
     stacked weights, the two outputs and every gradient those of the two modules (float64:
     to rounding; float32 against float64)."""
     monkeypatch.setattr(projection, "USE_ONEDNN", use_op)
-    a, b = nn.Linear(300, 48, bias=bias), nn.Linear(300, 48, bias=bias)
-    x = torch.randn(500, 300, requires_grad=True)
+    fin = projection.STACK_MIN_IN
+    a, b = nn.Linear(fin, 48, bias=bias), nn.Linear(fin, 48, bias=bias)
+    x = torch.randn(100, fin, requires_grad=True)
     assert x.numel() * 48 >= MIN_MACS
     for dtype in (torch.float64, torch.float32):
         a2, b2 = a.to(dtype), b.to(dtype)
@@ -320,7 +321,7 @@ def test_project_stack_is_the_projections_in_one_gemm(use_op, bias, monkeypatch)
         gemms = [ev.name for ev in prof.function_events
                  if ev.name in ("aten::addmm", "aten::mm", "neptune::linear")]
         assert len(gemms) == 1, gemms
-        go_a, go_b = torch.randn(500, 48, dtype=torch.float64), torch.randn(500, 48, dtype=torch.float64)
+        go_a, go_b = torch.randn(100, 48, dtype=torch.float64), torch.randn(100, 48, dtype=torch.float64)
         got = torch.autograd.grad((ya, yb), [xd, *a2.parameters(), *b2.parameters()],
                                   (go_a.to(dtype), go_b.to(dtype)))
         ref = [t.detach().double().requires_grad_() for t in (xd, *a2.parameters(), *b2.parameters())]
@@ -336,8 +337,9 @@ def test_project_stack_is_the_projections_in_one_gemm(use_op, bias, monkeypatch)
 def test_project_stack_calls_each_module_where_it_must(monkeypatch):
     """Small products, a hook on either module, a bias on one only, sparse input: each module
     is projected on its own (its hooks run, its own numbers)."""
-    a, b = nn.Linear(300, 48), nn.Linear(300, 48)
-    x = torch.randn(500, 300)
+    fin = projection.STACK_MIN_IN
+    a, b = nn.Linear(fin, 48), nn.Linear(fin, 48)
+    x = torch.randn(100, fin)
 
     def gemms(*args):
         with torch.autograd.profiler.profile() as prof:
@@ -346,18 +348,20 @@ def test_project_stack_calls_each_module_where_it_must(monkeypatch):
         return ya, yb, n
 
     assert gemms(a, b, x)[2] == 1
-    assert gemms(a, b, x[:5])[2] == 2  # small: the modules (no cat, no unbind)
+    assert gemms(a, b, x[:5])[2] == 2  # small: the modules (no cat, no split)
+    narrow = nn.Linear(fin - 1, 48), nn.Linear(fin - 1, 48)  # too few input features to gain
+    assert gemms(*narrow, torch.randn(1000, fin - 1))[2] == 2
     seen = []
     h = b.register_forward_hook(lambda m, i, o: seen.append(1))
     ya, yb, n = gemms(a, b, x)
     h.remove()
     assert seen and n == 2
-    nb = nn.Linear(300, 48, bias=False)
+    nb = nn.Linear(fin, 48, bias=False)
     ya, yb, n = gemms(a, nb, x)
-    assert n == 2 and torch.equal(yb, nb(x))
-    wide = nn.Linear(300, 64)  # other output sizes stack too
+    assert n == 2 and _relerr(yb, nb(x).double()) < 1e-5
+    wide = nn.Linear(fin, 64)  # other output sizes stack too
     ya, yb, n = gemms(a, wide, x)
-    assert n == 1 and yb.shape == (500, 64) and _relerr(yb, wide(x).double()) < 1e-5
+    assert n == 1 and yb.shape == (100, 64) and _relerr(yb, wide(x).double()) < 1e-5
     xs = x.to_sparse()
     ya, yb, _ = gemms(a, b, xs)
     assert _relerr(ya, a(x).double()) < 1e-5 and _relerr(yb, b(x).double()) < 1e-5
@@ -394,13 +398,14 @@ def _off_the_kink(kind, ref, x, ei, margin=1e-4):
 
 
 @needs_op
+@pytest.mark.parametrize("fin", [300, projection.STACK_MIN_IN])  # the second: stacked projections
 @pytest.mark.parametrize("kind", ["gat", "gatv2", "transformer", "transformer_edge"])
-def test_layers_at_projection_sizes_match_pyg(kind):
+def test_layers_at_projection_sizes_match_pyg(kind, fin):
     """Graphs big enough that every projection takes the op: float32 output and gradients
     against PyG's layer in float64 (same weights)."""
     from torch_geometric.nn import GATConv, GATv2Conv, TransformerConv
     from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
-    n, e, fin = 1200, 6000, 300
+    n, e = 1200, 6000
     ours_cls, ref_cls, kw = {"gat": (GraphAttention, GATConv, dict(residual=True)),
                              "gatv2": (GraphAttentionV2, GATv2Conv, dict(residual=True)),
                              "transformer": (GraphTransformer, TransformerConv, dict(beta=True)),
