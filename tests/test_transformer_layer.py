@@ -249,3 +249,33 @@ def test_forward_hooks_on_the_projections_run(module):
     for m in (ref, ours):
         getattr(m, module).register_forward_hook(lambda mod, inp, out: out * 2)
     torch.testing.assert_close(ours(x, ei, ea), ref(x, ei, ea), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(concat=False), dict(concat=False, beta=True), dict(root_weight=False)])
+def test_stacked_projections_match_transformer_conv(kw):
+    """One input of at least projection.STACK_MIN_IN features: query, key, value (and the skip,
+    whose width is C when heads are averaged) come from one GEMM; outputs and gradients are
+    TransformerConv's in float64."""
+    from neptune_ext.attention.projection import STACK_MIN_IN
+    fin = STACK_MIN_IN
+    ref = TransformerConv(fin, 8, heads=3, **kw).double()
+    ours = GraphTransformer(fin, 8, heads=3, **kw).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(300, fin, dtype=torch.float64, requires_grad=True)
+    ei = torch.randint(0, 300, (2, 1500))
+    with torch.autograd.profiler.profile() as prof:
+        out = ours(x, ei)
+    gemms = sum(ev.name in ("aten::addmm", "aten::mm", "neptune::linear") for ev in prof.function_events)
+    assert gemms == 1 + bool(kw.get("beta")), gemms  # (lin_beta's own, on the output)
+    want = ref(x, ei)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    go = torch.randn_like(want)
+    names = [n for n, _ in ref.named_parameters()]
+    mine = dict(ours.named_parameters())
+    got = torch.autograd.grad(out, [x] + [mine[n] for n in names], go, allow_unused=True)
+    exp = torch.autograd.grad(want, [x] + [p for _, p in ref.named_parameters()], go, allow_unused=True)
+    for n, a, b in zip(["x"] + names, got, exp):
+        if b is None:
+            assert a is None or not a.any(), n
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=n)
