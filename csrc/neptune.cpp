@@ -150,7 +150,9 @@ TORCH_LIBRARY(neptune, m) {
 
   // The layers' node projections: x W^T (+ b), float32 GEMMs through oneDNN where it applies
   // (see linear/linear.h).
-  m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  // onednn=False: torch's own GEMM always (its Linear's numbers to the bit); either way a
+  // large output comes from the cache of CPU buffers.
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias, bool onednn=True) -> Tensor");
   m.def("linear_prefers_onednn() -> bool", &neptune::linear_prefers_onednn);
   // The cache of the kernels' large CPU buffers (see memory/cpu_alloc.h): [limit, held] bytes,
   // and a clear that returns the bytes it released.
@@ -159,7 +161,8 @@ TORCH_LIBRARY(neptune, m) {
   // Whether the attention kernels' CPU loops take their AVX2 + FMA build (attention_cpu.h).
   m.def("attention_cpu_avx2() -> bool", &neptune::attention_cpu_avx2);
   m.def(
-      "linear_backward(Tensor grad_out, Tensor? input, Tensor? weight, bool[3] output_mask) "
+      "linear_backward(Tensor grad_out, Tensor? input, Tensor? weight, bool[3] output_mask, "
+      "bool onednn=True) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // Stage: fused BatchNorm+ReLU with batch statistics (see stage/stage.h).

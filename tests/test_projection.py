@@ -99,6 +99,44 @@ def test_cpus_where_the_op_loses_call_the_module(monkeypatch):
 
 
 @needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_outputs_take_torchs_gemm_into_cached_buffers(dtype, bias, monkeypatch):
+    """Where oneDNN is off, a projection whose output is large (projection.CACHE_MIN_BYTES)
+    takes the op with onednn=False - torch's own addmm/mm into a buffer from the extension's
+    cache: the output and every gradient are the module's to the bit. A smaller output, or
+    the cache switched off, calls the module."""
+    import copy
+    monkeypatch.setattr(projection, "USE_ONEDNN", False)
+    item = torch.empty(0, dtype=dtype).element_size()
+    rows = projection.CACHE_MIN_BYTES // (96 * item) + 1 + int(torch.randint(0, 50, ()))
+    lin = nn.Linear(64, 96, bias=bias).to(dtype)
+    ref = copy.deepcopy(lin)
+    x = torch.randn(rows, 64, dtype=dtype, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+
+    def op_calls(fn):
+        with torch.autograd.profiler.profile() as prof:
+            out = fn()
+        return out, [e.name for e in prof.function_events].count("neptune::linear")
+
+    y, calls = op_calls(lambda: project(lin, x))
+    assert calls == 1
+    yr = ref(xr)
+    assert torch.equal(y, yr)
+    go = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *lin.parameters()], go)
+    want = torch.autograd.grad(yr, [xr, *ref.parameters()], go)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    small = x.detach()[:rows // 2]
+    assert op_calls(lambda: project(lin, small))[1] == 0
+    monkeypatch.setattr(projection, "_cache_on", lambda: False)
+    y_off, calls = op_calls(lambda: project(lin, x))
+    assert calls == 0 and torch.equal(y_off, yr)
+
+
+@needs_op
 def test_non_contiguous_input_and_empty():
     lin = nn.Linear(512, 80)
     x = torch.randn(512, 3000).t()  # [3000, 512], transposed storage
@@ -134,7 +172,8 @@ def test_opcheck_and_compile():
     x = torch.randn(1500, 700, requires_grad=True)
     w = torch.randn(64, 700, requires_grad=True)
     b = torch.randn(64, requires_grad=True)
-    for args in ((x, w, b), (x.detach(), w, None), (torch.randn(4, 3), torch.randn(2, 3), None)):
+    for args in ((x, w, b), (x.detach(), w, None), (torch.randn(4, 3), torch.randn(2, 3), None),
+                 (x, w, b, False), (torch.randn(9000, 70, requires_grad=True), w[:, :70], None, False)):
         opcheck(torch.ops.neptune.linear, args)
     lin = nn.Linear(700, 64)
     fn = torch.compile(lambda t: project(lin, t), fullgraph=True)
@@ -398,14 +437,18 @@ def _off_the_kink(kind, ref, x, ei, margin=1e-4):
 
 
 @needs_op
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "cached-torch-gemm"])
 @pytest.mark.parametrize("fin", [300, projection.STACK_MIN_IN])  # the second: stacked projections
 @pytest.mark.parametrize("kind", ["gat", "gatv2", "transformer", "transformer_edge"])
-def test_layers_at_projection_sizes_match_pyg(kind, fin):
-    """Graphs big enough that every projection takes the op: float32 output and gradients
-    against PyG's layer in float64 (same weights)."""
+def test_layers_at_projection_sizes_match_pyg(kind, fin, onednn, monkeypatch):
+    """Graphs big enough that every projection takes the op (with oneDNN; without it, outputs
+    of at least projection.CACHE_MIN_BYTES): float32 output and gradients against PyG's layer
+    in float64 (same weights)."""
     from torch_geometric.nn import GATConv, GATv2Conv, TransformerConv
     from neptune_ext.nn import GraphAttention, GraphAttentionV2, GraphTransformer
-    n, e = 1200, 6000
+    monkeypatch.setattr(projection, "USE_ONEDNN", onednn)
+    n = 1200 if onednn else projection.CACHE_MIN_BYTES // (4 * 64) + 10  # [n, 4 heads x 16] float32
+    e = 5 * n
     ours_cls, ref_cls, kw = {"gat": (GraphAttention, GATConv, dict(residual=True)),
                              "gatv2": (GraphAttentionV2, GATv2Conv, dict(residual=True)),
                              "transformer": (GraphTransformer, TransformerConv, dict(beta=True)),

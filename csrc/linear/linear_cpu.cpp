@@ -1,13 +1,14 @@
 // The node projection (linear.h): its CPU kernels and its autograd.
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/linear.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "linear/linear.h"
+#include "memory/cpu_alloc.h"
 
 namespace neptune {
 namespace {
@@ -50,6 +51,16 @@ std::optional<Tensor> onednn_matmul(const Tensor& x, const Tensor& w, const OptT
   return stack.back().toTensor();
 }
 
+// x [M, K] times w^T (w [N, K], either may be a transposed view) plus bias through the GEMM
+// torch's Linear calls (at::linear of a 2-D input is addmm(b, x, w^T), or mm without a bias):
+// the same numbers to the bit, into a buffer from empty_cpu - a large product's output
+// reuses a freed buffer's pages instead of faulting in a fresh mapping (memory/cpu_alloc.h).
+Tensor torch_matmul(const Tensor& x, const Tensor& w, const OptTensor& bias) {
+  Tensor y = empty_cpu({x.size(0), w.size(0)}, x.options());
+  if (bias.has_value()) return at::addmm_out(y, *bias, x, w.t());
+  return at::mm_out(y, x, w.t());
+}
+
 }  // namespace
 
 bool linear_prefers_onednn() {
@@ -77,7 +88,7 @@ void check_linear(const Tensor& x, const Tensor& w, const char* what) {
 
 }  // namespace
 
-Tensor linear_cpu(const Tensor& input, const Tensor& weight, const OptTensor& bias) {
+Tensor linear_cpu(const Tensor& input, const Tensor& weight, const OptTensor& bias, bool onednn) {
   check_linear(input, weight, "neptune::linear");
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
@@ -85,15 +96,17 @@ Tensor linear_cpu(const Tensor& input, const Tensor& weight, const OptTensor& bi
                 "neptune::linear: bias must be [", weight.size(0), "] of the weight's dtype, got ",
                 bias->sizes(), " ", bias->scalar_type());
   const Tensor x = input.contiguous();
-  // (oneDNN reads every operand densely: a strided or expanded bias is made contiguous too)
-  const OptTensor b = bias.has_value() ? OptTensor(bias->contiguous()) : std::nullopt;
-  if (auto y = onednn_matmul(x, weight.contiguous(), b)) return *y;
-  return at::linear(x, weight, bias);
+  if (onednn) {
+    // (oneDNN reads every operand densely: a strided or expanded bias is made contiguous too)
+    const OptTensor b = bias.has_value() ? OptTensor(bias->contiguous()) : std::nullopt;
+    if (auto y = onednn_matmul(x, weight.contiguous(), b)) return *y;
+  }
+  return torch_matmul(x, weight, bias);
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, const OptTensor& input,
                                                        const OptTensor& weight,
-                                                       std::array<bool, 3> output_mask) {
+                                                       std::array<bool, 3> output_mask, bool onednn) {
   // input is needed (and given) for the weight's gradient only, weight for the input's
   const char* what = "neptune::linear_backward";
   TORCH_CHECK(grad_out.dim() == 2, what, ": grad_out must be 2-D, got ", grad_out.dim(), "-D");
@@ -108,13 +121,15 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, c
   if (input.has_value() && weight.has_value()) check_linear(*input, *weight, what);
   const Tensor g = grad_out.contiguous();
   Tensor gx, gw, gb;
-  if (output_mask[0]) {  // g W: oneDNN's (g, (W^T)^T)
-    auto r = onednn_matmul(g, weight->t(), std::nullopt);
-    gx = r.has_value() ? *r : at::mm(g, *weight);
+  if (output_mask[0]) {  // g W: oneDNN's (g, (W^T)^T), or torch's mm into empty_cpu
+    std::optional<Tensor> r;
+    if (onednn) r = onednn_matmul(g, weight->t(), std::nullopt);
+    gx = r.has_value() ? *r : torch_matmul(g, weight->t(), std::nullopt);
   }
   if (output_mask[1]) {  // g^T x
     std::optional<Tensor> r;
-    if (input->size(1) >= kMinWidthForWeightGrad) r = onednn_matmul(g.t(), input->contiguous().t(), std::nullopt);
+    if (onednn && input->size(1) >= kMinWidthForWeightGrad)
+      r = onednn_matmul(g.t(), input->contiguous().t(), std::nullopt);
     gw = r.has_value() ? *r : at::mm(g.t(), *input);
   }
   if (output_mask[2]) gb = at::sum(g, {0});
@@ -128,14 +143,15 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const OptTensor&)>& forward_op() {
+using ForwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, bool);
+const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("neptune::linear", "")
-                             .typed<Tensor(const Tensor&, const Tensor&, const OptTensor&)>();
+                             .typed<ForwardSig>();
   return op;
 }
 
 using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&,
-                                                       const OptTensor&, std::array<bool, 3>);
+                                                       const OptTensor&, std::array<bool, 3>, bool);
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("neptune::linear_backward", "")
                              .typed<BackwardSig>();
@@ -144,7 +160,7 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
 
 struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                        const OptTensor& bias) {
+                        const OptTensor& bias, bool onednn) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // As torch's Linear: the input is kept only for the weight's gradient and the weight only
     // for the input's (a frozen layer keeps no input alive, and in-place writes to what no
@@ -152,7 +168,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->save_for_backward({weight.requires_grad() ? input : Tensor(),
                             input.requires_grad() ? weight : Tensor()});
     ctx->saved_data["bias"] = bias.has_value();
-    return forward_op().call(input, weight, bias);
+    ctx->saved_data["onednn"] = onednn;
+    return forward_op().call(input, weight, bias, onednn);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -171,14 +188,16 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-      std::tie(gx, gw, gb) = backward_op().call(g, opt(x), opt(w), mask);
+      std::tie(gx, gw, gb) =
+          backward_op().call(g, opt(x), opt(w), mask, ctx->saved_data["onednn"].toBool());
     }
     auto wanted = [&](int i, const Tensor& t) { return mask[i] ? t : Tensor(); };
-    return {wanted(0, gx), wanted(1, gw), wanted(2, gb)};
+    return {wanted(0, gx), wanted(1, gw), wanted(2, gb), Tensor()};
   }
 
-  static Tensor apply_op(const Tensor& input, const Tensor& weight, const OptTensor& bias) {
-    return LinearFunction::apply(input, weight, bias);
+  static Tensor apply_op(const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                         bool onednn) {
+    return LinearFunction::apply(input, weight, bias, onednn);
   }
 };
 

@@ -4,19 +4,25 @@
 On the CPU, torch's Linear runs its float32 GEMMs through MKL. On an AMD EPYC VM oneDNN's
 matmul (also in torch) did a graph layer's projection 1.2-1.8x faster, forward and backward
 (``benchmarks/results/cpu-2core-2026-12-05-projection.json``); on an Intel Xeon VM it was
-0.85-1.0x (``cpu-2core-2026-12-05-xeon-projection.json``). So the layers take the op only
+0.85-1.0x (``cpu-2core-2026-12-05-xeon-projection.json``). So the layers take oneDNN only
 where the CPU is one where it won (:data:`USE_ONEDNN`: AMD x86 CPUs, as
 ``neptune::linear_prefers_onednn`` reports; the environment variable
-``NEPTUNE_LINEAR_ONEDNN=1`` or ``0`` overrides it at import). The op takes oneDNN where it
-applies and at::linear / at::mm elsewhere; the choice depends on dtype and shapes only. Its
-autograd is C++ (one op call in backward; ``create_graph=True`` gets differentiable ATen
-matmuls).
+``NEPTUNE_LINEAR_ONEDNN=1`` or ``0`` overrides it at import).
 
-:func:`project` calls it for a module only when that changes nothing but the speed: a
-``torch.nn.Linear`` exactly (no subclass, parametrization or hook, on it or global), float32
-on the CPU outside autocast (autocast runs torch's Linear in bfloat16, which we keep), inside
-no torch.func transform or forward-mode AD, a product big enough to gain (below it, the
-module is called), on a CPU where the op wins. Everything else calls the module.
+On any CPU, a projection whose output is large (:data:`CACHE_MIN_BYTES`, a large graph's
+nodes) takes the op too, with oneDNN off: the same addmm/mm torch's Linear calls, the same
+numbers to the bit, but its output, and in backward its input's gradient, come from the
+extension's cache of freed CPU buffers (csrc/memory/cpu_alloc.h) instead of a fresh
+mapping whose every page faults on first touch - on the 1M-edge graph each projection's
+output is 51 MB and the faults cost about as much as the GEMM. Its autograd is C++ (one op
+call in backward; ``create_graph=True`` gets differentiable ATen matmuls).
+
+:func:`project` calls the op for a module only when that changes nothing but the speed: a
+``torch.nn.Linear`` exactly (no subclass, parametrization or hook, on it or global), on the
+CPU outside autocast (autocast runs torch's Linear in bfloat16, which we keep), inside no
+torch.func transform or forward-mode AD, float32 and a product big enough to gain on a CPU
+where oneDNN wins, or float32/float64 with a large output and the cache on (not under
+torch.compile, whose own buffers these are). Everything else calls the module.
 """
 import os
 import warnings
@@ -32,6 +38,10 @@ Tensor = torch.Tensor
 
 # Multiply-adds below which the module's own call is as fast (csrc/linear/linear_cpu.cpp).
 MIN_MACS = 1 << 20
+#: Output bytes from which a projection's output comes from the cache of CPU buffers: the
+#: cache's own minimum (csrc/memory/cpu_alloc.cpp); smaller blocks come from the C library's
+#: heap, already resident.
+CACHE_MIN_BYTES = 2 << 20
 
 
 def _use_onednn_default() -> bool:
@@ -70,23 +80,39 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _takes_op(x: Tensor, weight: Tensor) -> bool:
-    """A CPU where the op wins (:data:`USE_ONEDNN`), dense float32 CPU operands, 2-D input, a
-    product worth a oneDNN call, no autocast, and the kernel allowed here
-    (neptune_ext.backend, torch.func transforms). Under
-    torch.compile / torch.export the size is not asked (that would guard the node count: the
-    kernel itself sends small products to at::linear)."""
-    return (USE_ONEDNN and x.device.type == "cpu" and x.layout == torch.strided and x.dim() == 2
-            and x.dtype == torch.float32 and weight.dtype == torch.float32
+def _cache_on() -> bool:
+    return _ext._C is not None and torch.ops.neptune.cpu_cache_info()[0] > 0
+
+
+def _op_route(x: Tensor, weight: Tensor):
+    """How a plain Linear's ``x W^T + b`` is computed: None (the module's own call), or
+    ``neptune::linear``'s ``onednn`` flag. The op needs dense CPU operands of one dtype, a 2-D
+    input, no autocast and the kernel allowed here (neptune_ext.backend, torch.func
+    transforms); then oneDNN on a CPU where it wins (:data:`USE_ONEDNN`) for a float32 product
+    worth its call, else torch's GEMM for a float32/float64 output of at least
+    :data:`CACHE_MIN_BYTES` while the cache is on. Under torch.compile / torch.export only the
+    oneDNN route is taken, without asking the size (that would guard the node count: the
+    kernel itself sends small products to torch's GEMM)."""
+    if not (x.device.type == "cpu" and x.layout == torch.strided and x.dim() == 2
             and weight.device.type == "cpu" and weight.layout == torch.strided
-            and (_is_compiling() or x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS)
-            and not _autocast_cpu() and runs_kernel("linear", "cpu"))
+            and weight.dtype == x.dtype and not _autocast_cpu() and runs_kernel("linear", "cpu")):
+        return None
+    compiling = _is_compiling()
+    if USE_ONEDNN and x.dtype == torch.float32 and (
+            compiling or x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MACS):
+        return True
+    if (not compiling and x.dtype in (torch.float32, torch.float64)
+            and x.shape[0] * weight.shape[0] * x.element_size() >= CACHE_MIN_BYTES and _cache_on()):
+        return False
+    return None
 
 
 def project(lin: nn.Module, x: Tensor) -> Tensor:
     """``lin(x)``, through ``neptune::linear`` where it is the same computation done faster."""
-    if plain_linear(lin) and _takes_op(x, lin.weight):
-        return torch.ops.neptune.linear(x, lin.weight, lin.bias)
+    if plain_linear(lin):
+        route = _op_route(x, lin.weight)
+        if route is not None:
+            return torch.ops.neptune.linear(x, lin.weight, lin.bias, route)
     return lin(x)
 
 
@@ -123,8 +149,9 @@ def project_stack(mods, x: Tensor):
 def linear_weights(x: Tensor, weight: Tensor, bias) -> Tensor:
     """``F.linear(x, weight, bias)`` for weights a layer assembled itself (the keys' and
     values' in one GEMM), through ``neptune::linear`` under :func:`project`'s conditions."""
-    if _takes_op(x, weight):
-        return torch.ops.neptune.linear(x, weight, bias)
+    route = _op_route(x, weight)
+    if route is not None:
+        return torch.ops.neptune.linear(x, weight, bias, route)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -144,12 +171,12 @@ def _check_linear(x, weight, bias, what):
 
 if _ext._C is not None and hasattr(torch.ops.neptune, "linear"):
     @torch.library.register_fake("neptune::linear")
-    def _linear_fake(x, weight, bias):
+    def _linear_fake(x, weight, bias, onednn=True):
         _check_linear(x, weight, bias, "neptune::linear")
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("neptune::linear_backward")
-    def _linear_backward_fake(grad_out, x, weight, output_mask):
+    def _linear_backward_fake(grad_out, x, weight, output_mask, onednn=True):
         empty = grad_out.new_empty((0,))
         return (weight.new_empty((grad_out.shape[0], weight.shape[1])) if output_mask[0] else empty,
                 x.new_empty((grad_out.shape[1], x.shape[1])) if output_mask[1] else empty,
