@@ -14,7 +14,8 @@
 #   DRY_RUN=1 bash scripts/gpu_check.sh        (no GPU: print each step and its budget)
 #
 # Environment: PYTHON (default python3), OUT, STEPS (default "build test sanitizer bench
-# transformerbench"; a second call on the warm machine: STEPS="stagebench usergraphs"; also
+# transformerbench"; a second call on the warm machine: STEPS="stagebench usergraphs
+# usergraphsv2"; also
 # "cnnbench cnnbench50": whole CNNs),
 # TORCH_CUDA_ARCH_LIST (default 9.0a: the H200 only), QUICK=1, BENCH_ARGS (extra arguments
 # for the benchmark), SANITIZER_TOOLS (default "memcheck racecheck"), NEPTUNE_GIT_COMMIT
@@ -42,10 +43,11 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
 # Seconds per step: caps, not estimates (a step stops at its cap and fails). The default
 # steps' caps add up to 565 s (sanitizer runs twice): one ~9-minute device command, under the
-# 600 s a command may take. The second call, STEPS="stagebench usergraphs" on the still-warm
-# machine (it keeps the in-place build), adds 140 s (usergraphs runs twice). None of these
+# 600 s a command may take. The second call, STEPS="stagebench usergraphs usergraphsv2" on the
+# still-warm machine (it keeps the in-place build), adds 270 s (each usergraphs step runs
+# twice: fp32, bf16 autocast). None of these
 # steps has been timed on this code.
-declare -A BUDGET=([build]=150 [load]=30 [test]=150 [sanitizer]=60 [bench]=60 [usergraphs]=50
+declare -A BUDGET=([build]=150 [load]=30 [test]=150 [sanitizer]=60 [bench]=60 [usergraphs]=50 [usergraphsv2]=50
                    [stagebench]=40 [transformerbench]=55 [cnnbench]=500 [cnnbench50]=500)
 budget() { local v="BUDGET_${1^^}"; echo "${!v:-${BUDGET[$1]}}"; }
 step() {  # step KEY NAME LOG CMD...: runs CMD under KEY's budget, output to LOG, records pass/fail
@@ -141,15 +143,20 @@ if want stagebench; then
     "$PY" benchmarks/gpu_stage.py --json "$OUT/stage_bench.json"
 fi
 
-# 6. GraphAttention where users train: Cora-/PubMed-sized graphs and fresh-edge_index
-#    mini-batches against GATConv eager and torch.compile(GATConv), fp32 and bf16 autocast.
-if want usergraphs; then
+# 6. GraphAttention (usergraphs) and GraphAttentionV2 (usergraphsv2) where users train:
+#    Cora-/PubMed-sized graphs and fresh-edge_index mini-batches against GATConv / GATv2Conv
+#    eager and torch.compile, fp32 and bf16 autocast.
+for layer in gat gatv2; do
+  key=usergraphs; [ "$layer" = gatv2 ] && key=usergraphsv2
+  want "$key" || continue
   for amp in none bf16; do
     AMP=(); [ "$amp" = bf16 ] && AMP=(--amp bf16)
-    step usergraphs "benchmark (neptune_app.bench.user_graphs --device cuda ${AMP[*]})" "$OUT/user_graphs.log" \
-      "$PY" -m neptune_app.bench.user_graphs --device cuda "${AMP[@]}" --json "$OUT/user_graphs_$amp.json"
+    name=user_graphs_$amp; [ "$layer" = gatv2 ] && name=user_graphs_gatv2_$amp
+    step "$key" "benchmark (neptune_app.bench.user_graphs --device cuda --layer $layer ${AMP[*]})" \
+      "$OUT/$name.log" \
+      "$PY" -m neptune_app.bench.user_graphs --device cuda --layer "$layer" "${AMP[@]}" --json "$OUT/$name.json"
   done
-fi
+done
 
 # 7. The graph transformer: GraphTransformer against TransformerConv eager and
 #    torch.compile(TransformerConv), fp32 and bf16 autocast, on the benchmark's graphs
