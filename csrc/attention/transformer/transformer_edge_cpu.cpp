@@ -69,15 +69,17 @@ struct TransformerEdgeForward {
     prefetch_row(kv + 2 * j * H * C, 2 * H * C);
     if (ea) __builtin_prefetch(ea + edge * D, 0, 1);
   }
-  // The logit from the row's q~ and W_e^T q~ (forward and backward call this one function
-  // on the same operands, so a = exp(x - lse) is the forward's weight to the bit).
-  acc_t logit_from(const acc_t* qs, const acc_t* qp, int64_t j, int64_t edge, int64_t h) const {
-    acc_t x = dot_channels<acc_t>(qs + h * C, k_row(j, h), C);
-    if (ea) x += dot_channels<acc_t>(qp + h * D, edge_row(edge), D);
-    return x;
+  // The edge's logits of every head, <q~_i, k_j> (+ <W_e^T q~_i, a_e>), from the row's
+  // scratch (forward and backward call this one function on the same operands, so that
+  // a = exp(x - lse) is the forward's weight to the bit).
+  void logits(acc_t* r, int64_t j, int64_t edge, acc_t* x) const {
+    head_dots<acc_t>(r, kv + 2 * j * H * C, H, C, x);
+    if (ea) edge_dots(r + H * C, edge, x);
   }
-  acc_t logit(const acc_t* r, int64_t j, int64_t edge, int64_t h) const {
-    return logit_from(r, r + H * C, j, edge, h);
+  // x[h] += <y[h], a_e> for y [H, D] (the edge part of a logit, or of g in backward).
+  void edge_dots(const acc_t* y, int64_t edge, acc_t* x) const {
+    const scalar_t* ae = edge_row(edge);
+    for (int64_t h = 0; h < H; ++h) x[h] += dot_channels<acc_t>(y + h * D, ae, D);
   }
   // A head's accumulator: sum w v_j (C values), then sum w a_e (D values).
   int64_t acc_width() const { return C + D; }
@@ -130,7 +132,9 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
   at::Tensor ut_t = empty_cpu({n_dst, 2 * HD}, b.scratch);
   acc_t* UT = ut_t.data_ptr<acc_t>();
   parallel_rows_by_cost(csr.rowptr, n_dst, 2 * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(fwd.row_size()), goi(HC), op(HD), gqi(HC), Dh(H), gea_row(D);
+    std::vector<acc_t> row(fwd.row_size()), goi(HC), op(HD), gqi(HC), Dh(H), gea_row(D), xv(H), g_v(H);
+    acc_t* xs = xv.data();
+    acc_t* gs = g_v.data();
     for (int64_t i = begin; i < end; ++i) {
       fwd.begin_row(row.data(), i);
       const acc_t* qp = row.data() + HC;
@@ -142,18 +146,22 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
         if (e + kPrefetchDistance < E) fwd.prefetch(csr.col[e + kPrefetchDistance], csr.eid[e + kPrefetchDistance]);
         const int64_t j = csr.col[e], edge = csr.eid[e];
         acc_t* s = sc + e * S;
+        // every head at once: the logits (the forward's function), the weights, and
+        // g = <dOut_i, v_j> (+ <W_e^T dOut_i, a_e>)
+        fwd.logits(row.data(), j, edge, xs);
+        const acc_t* lsei = lse + i * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) xs[h] = exp_acc(xs[h] - lsei[h]);
+        head_dots<acc_t>(goi.data(), fwd.v_row(j, 0), H, C, gs);
+        if (edges) fwd.edge_dots(op.data(), edge, gs);
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t a = std::exp(fwd.logit(row.data(), j, edge, h) - lse[i * H + h]);
+          const acc_t a = xs[h];
           const acc_t a_kept = drop.apply(a, edge, h);
-          acc_t g = 0;
-          if (a_kept != acc_t(0)) {
-            g = dot_channels<acc_t>(goi.data() + h * C, fwd.v_row(j, h), C);
-            if (edges) g += dot_channels<acc_t>(op.data() + h * D, fwd.edge_row(edge), D);
-          }
+          const acc_t ag = a_kept != acc_t(0) ? a_kept * gs[h] : acc_t(0);
           s[h] = a;
           s[H + h] = a_kept;
-          s[2 * H + h] = a_kept * g;
-          Dh[h] += a_kept * g;
+          s[2 * H + h] = ag;
+          Dh[h] += ag;
         }
       }
       std::fill(gqi.begin(), gqi.end(), acc_t(0));
