@@ -483,9 +483,11 @@ def test_projection_bench_records(tmp_path, monkeypatch):
     import json
     from neptune_app.bench import projection as bench
     monkeypatch.setattr(bench, "CASES", {"tiny": (2000, 600, 64, True)})
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")  # recorded with the figures
     path = tmp_path / "projection.json"
     bench.main(["--rounds", "2", "--json", str(path)])
     report = json.loads(path.read_text())
+    assert report["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1"
     assert report["benchmark"] == "projection" and report["results"][0]["case"] == "tiny"
     assert set(report["results"][0]["median_ms"]) == {"torch", "neptune_ext"}
 

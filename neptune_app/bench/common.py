@@ -33,9 +33,32 @@ def machine() -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
+# Environment variables that change a CPU benchmark's speed (ours or a peer's): the
+# extension's switches, the C library's allocator (whether freed large blocks stay mapped
+# decides how many page faults a step takes - PyG's most of all), torch's huge-page
+# allocation, the thread pools, a preloaded allocator.
+_SPEED_ENV = ("NEPTUNE_", "GLIBC_TUNABLES", "MALLOC_", "THP_MEM_ALLOC_ENABLE", "OMP_", "MKL_",
+              "KMP_", "LD_PRELOAD")
+
+
+def speed_environment() -> dict:
+    """What a recorded figure depends on beyond the code and the machine: the environment
+    variables of _SPEED_ENV that are set, and the kernel's transparent huge page mode."""
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(_SPEED_ENV)}
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            env["transparent_hugepage"] = f.read().strip()
+    except OSError:
+        pass
+    return env
+
+
 def write_json(path, report) -> None:
-    """``report`` as indented JSON at ``path`` (when a path is given, atomically), and say so."""
+    """``report`` as indented JSON at ``path`` (when a path is given, atomically), and say so.
+    A report (a dict) without an ``environment`` gets :func:`speed_environment`'s."""
     if path:
+        if isinstance(report, dict) and "environment" not in report:
+            report = {**report, "environment": speed_environment()}
         _io.write_json(path, report)
         print(f"wrote {path}")
 
