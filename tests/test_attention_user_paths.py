@@ -401,3 +401,95 @@ def test_forward_mode_ad_matches_pyg(ours_name, theirs_name):
             out = m(fwAD.make_dual(x, v), ei)
             tangents.append(fwAD.unpack_dual(out).tangent)
     torch.testing.assert_close(tangents[0], tangents[1])
+
+
+# ------------------------------------------------- third probe (2026-12-06)
+def _inplace_cases():
+    """(layer, kwargs) whose output would be the attention op's own (saved) tensor: no bias,
+    no residual or root weight, heads concatenated - and a default one."""
+    return [(GraphAttention, dict(bias=False)), (GraphAttention, dict(bias=False, add_self_loops=False)),
+            (GraphAttentionV2, dict(bias=False)), (GraphTransformer, dict(root_weight=False)),
+            (GraphTransformer, dict(root_weight=False, beta=True)), (GraphAttention, dict())]
+
+
+@pytest.mark.parametrize("cls, kw", _inplace_cases(),
+                         ids=lambda v: v.__name__ if isinstance(v, type) else "-".join(f"{k}={w}" for k, w in v.items()) or "default")
+@pytest.mark.parametrize("inplace", ["relu_", "add_", "elu"])
+def test_in_place_ops_on_the_output_keep_the_backward(cls, kw, inplace):
+    """`conv(x, ei).relu_()` (or F.elu(inplace=True)) trains as on PyG's layers: the
+    gradients are those of the out-of-place op."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    m = cls(8, 4, heads=2, **kw).double()
+    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    ei = torch.randint(0, 10, (2, 30))
+    ops = {"relu_": (lambda t: t.relu_(), torch.relu),
+           "add_": (lambda t: t.add_(1.5), lambda t: t + 1.5),
+           "elu": (lambda t: torch.nn.functional.elu(t, inplace=True), torch.nn.functional.elu)}[inplace]
+    got = torch.autograd.grad(ops[0](m(x, ei)).pow(2).sum(), [x, *m.parameters()], allow_unused=True)
+    want = torch.autograd.grad(ops[1](m(x, ei)).pow(2).sum(), [x, *m.parameters()], allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", ALL_LAYERS)
+def test_message_passing_hooks_run_and_attention_explainer_works(cls):
+    """PyG's MessagePassing hooks fire as on PyG's layers (the layer then runs PyG's propagate
+    path), with the attention weights in the message's arguments; AttentionExplainer, which
+    collects them that way, explains a model of our layers."""
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.explain import AttentionExplainer, Explainer
+    m = cls(6, 4, heads=2)
+    x, ei = torch.randn(20, 6), torch.randint(0, 20, (2, 60))
+    calls, alphas = [], []
+    hooks = [m.register_propagate_forward_pre_hook(lambda *a: calls.append("propagate_pre")),
+             m.register_message_forward_hook(lambda mod, kw, out: alphas.append(kw[0]["alpha"])),
+             m.register_aggregate_forward_hook(lambda *a: calls.append("aggregate"))]
+    out = m(x, ei)
+    for h in hooks:
+        h.remove()
+    assert calls == ["propagate_pre", "aggregate"] and len(alphas) == 1
+    out_w, (ei_w, alpha) = m(x, ei, return_attention_weights=True)  # the fused path again
+    torch.testing.assert_close(out, out_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alphas[0], alpha, rtol=1e-5, atol=1e-6)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = cls(6, 4, heads=2), cls(8, 3, heads=1)
+
+        def forward(self, x, edge_index):
+            return self.c2(self.c1(x, edge_index).relu(), edge_index)
+
+    explainer = Explainer(model=Net(), algorithm=AttentionExplainer(), explanation_type="model",
+                          edge_mask_type="object",
+                          model_config=dict(mode="multiclass_classification", task_level="node",
+                                            return_type="raw"))
+    explanation = explainer(x, ei, index=3)
+    assert explanation.edge_mask.shape == (ei.shape[1],) and (explanation.edge_mask >= 0).all()
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("loops", [False, True])
+def test_edge_index_comes_back_as_edge_index_and_hits_the_cache(cls, loops, monkeypatch):
+    """An EdgeIndex input: return_attention_weights gives an EdgeIndex back (the input itself
+    without added self loops, as GATConv), and a second call with the same EdgeIndex reuses the
+    prepared graph."""
+    pytest.importorskip("torch_geometric")
+    from torch_geometric import EdgeIndex
+    from neptune_ext.attention import self_loops
+    x = torch.randn(4, 3)
+    ei = EdgeIndex(torch.tensor([[0, 1, 2], [1, 2, 3]]), sparse_size=(4, 4), sort_order="col")
+    m = cls(3, 2, add_self_loops=loops)
+    _, (ei_out, alpha) = m(x, ei, return_attention_weights=True)
+    assert isinstance(ei_out, EdgeIndex) and ei_out.sparse_size() == (4, 4)
+    assert (ei_out is ei) == (not loops)
+    assert alpha.shape[0] == ei_out.shape[1]
+    builds = []
+    real = self_loops.GATGraph.from_edge_index
+    monkeypatch.setattr(self_loops.GATGraph, "from_edge_index",
+                        staticmethod(lambda *a, **k: builds.append(1) or real(*a, **k)))
+    m(x, ei)
+    m(x, ei)
+    assert builds == []  # built by the first call above, cached since

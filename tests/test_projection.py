@@ -439,7 +439,7 @@ def _off_the_kink(kind, ref, x, ei, margin=1e-4):
 @needs_op
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "cached-torch-gemm"])
 @pytest.mark.parametrize("fin", [300, projection.STACK_MIN_IN])  # the second: stacked projections
-@pytest.mark.parametrize("kind", ["gat", "gatv2", "transformer", "transformer_edge"])
+@pytest.mark.parametrize("kind", ["gat", "gatv2", "transformer", "transformer_skip", "transformer_edge"])
 def test_layers_at_projection_sizes_match_pyg(kind, fin, onednn, monkeypatch):
     """Graphs big enough that every projection takes the op (with oneDNN; without it, outputs
     of at least projection.CACHE_MIN_BYTES): float32 output and gradients against PyG's layer
@@ -452,6 +452,7 @@ def test_layers_at_projection_sizes_match_pyg(kind, fin, onednn, monkeypatch):
     ours_cls, ref_cls, kw = {"gat": (GraphAttention, GATConv, dict(residual=True)),
                              "gatv2": (GraphAttentionV2, GATv2Conv, dict(residual=True)),
                              "transformer": (GraphTransformer, TransformerConv, dict(beta=True)),
+                             "transformer_skip": (GraphTransformer, TransformerConv, dict()),
                              "transformer_edge": (GraphTransformer, TransformerConv, dict(edge_dim=8))}[kind]
     ref = ref_cls(fin, 16, heads=4, **kw).double()
     ours = ours_cls(fin, 16, heads=4, **kw)

@@ -279,3 +279,27 @@ def test_stacked_projections_match_transformer_conv(kw):
             assert a is None or not a.any(), n
         else:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=n)
+
+
+def test_skip_sum_lands_in_place_only_in_the_ops_own_tensor(monkeypatch):
+    """Without beta the skip x_r = lin_skip(x) is added in place when it is neptune::linear's
+    new tensor (a large graph: no [N, H C] buffer whose pages fault in); never into a tensor
+    a hook was handed, nor into a slice of stacked projections."""
+    from neptune_ext.attention import projection
+    monkeypatch.setattr(projection, "USE_ONEDNN", False)
+    n = projection.CACHE_MIN_BYTES // (4 * 64) + 10
+    layer = GraphTransformer(32, 16, heads=4)
+    x = torch.randn(n, 32)
+    ei = torch.randint(0, n, (2, 3 * n))
+    with torch.autograd.profiler.profile() as prof:
+        out = layer(x, ei)
+    names = [e.name for e in prof.function_events]
+    assert "aten::add_" in names and "aten::add" not in names
+    seen = []
+    h = layer.lin_skip.register_forward_hook(lambda m, i, o: seen.append((o, o.clone())))
+    try:
+        out_hooked = layer(x, ei)
+    finally:
+        h.remove()
+    assert torch.equal(seen[0][0], seen[0][1])  # the hook's tensor was not written
+    assert torch.allclose(out_hooked, out, rtol=1e-6, atol=1e-6)

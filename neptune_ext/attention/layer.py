@@ -38,6 +38,18 @@ def _pyg_message_passing():
 MessagePassing = _pyg_message_passing()
 HAS_PYG = MessagePassing is not None
 _Base = MessagePassing if HAS_PYG else nn.Module
+# MessagePassing's hooks that its propagate runs (torch_geometric.nn.conv.message_passing)
+_PROPAGATE_HOOKS = ("_propagate_forward_pre_hooks", "_propagate_forward_hooks",
+                    "_message_forward_pre_hooks", "_message_forward_hooks",
+                    "_aggregate_forward_pre_hooks", "_aggregate_forward_hooks",
+                    "_message_and_aggregate_forward_pre_hooks",
+                    "_message_and_aggregate_forward_hooks")
+
+
+def _is_edge_index(t) -> bool:
+    """PyG's EdgeIndex (a Tensor subclass holding its plain [2, E] data)."""
+    return isinstance(t, Tensor) and type(t) is not Tensor and hasattr(t, "as_tensor") \
+        and hasattr(t, "sparse_size")
 
 
 def linear(in_features: int, out_features: int, name: str, bias: bool = False) -> nn.Module:
@@ -266,6 +278,7 @@ class AttentionBase(_Base):
         if not isinstance(edge_index, Tensor):
             raise ValueError("edge_index must be a [2, E] tensor, a neptune_ext.Graph or a torch "
                              f"sparse adjacency, got {type(edge_index).__name__}")
+        given = edge_index  # the cache holds the caller's object (as_tensor() makes a new one)
         if type(edge_index) is not Tensor and hasattr(edge_index, "as_tensor"):
             edge_index = edge_index.as_tensor()  # PyG's EdgeIndex: its plain [2, E] data
         key = None
@@ -277,10 +290,10 @@ class AttentionBase(_Base):
                    edge_index.storage_offset(), edge_index.data_ptr(), edge_index._version,
                    num_src, num_dst, self.add_self_loops)
             cached = self._graph_cache
-            if cached is not None and cached[0] is edge_index and cached[1] == key:
+            if cached is not None and cached[0] is given and cached[1] == key:
                 return cached[2]
         prepared = GATGraph.from_edge_index(edge_index, num_src, num_dst, self.add_self_loops)
-        self._graph_cache = (edge_index, key, prepared) if key is not None else None
+        self._graph_cache = (given, key, prepared) if key is not None else None
         return prepared
 
     def clear_graph_cache(self) -> None:
@@ -340,16 +353,21 @@ class AttentionBase(_Base):
 
     # ------------------------------------------------------------------ output
     def _head(self, out: Tensor, res: Optional[Tensor]) -> Tensor:
-        # out is [N, H, C], or [N, H * C] (GATv2's op returns the form of its inputs)
+        # out is [N, H, C], or [N, H * C] (GATv2's op returns the form of its inputs). It is
+        # the attention op's output, which the op's autograd saved for its backward: what the
+        # layer returns is a new tensor (a copy when nothing else makes one), or a user's
+        # in-place op on it (relu_, add_, elu(inplace=True): fine on PyG's layers) would fail
+        # the backward's version check.
+        fresh = not self.concat
         if self.concat:
             out = out if out.dim() == 2 else out.reshape(-1, self.heads * self.out_channels)
         else:
             out = (out if out.dim() == 3 else out.view(-1, self.heads, self.out_channels)).mean(dim=1)
         if res is not None:
-            out = out + res
+            out, fresh = out + res, True
         if self.bias is not None:
-            out = out + self.bias
-        return out
+            out, fresh = out + self.bias, True
+        return out if fresh else out.clone()
 
     @staticmethod
     def _with_attention(out: Tensor, alpha: Tensor, prepared: GATGraph, edge_index,
@@ -371,11 +389,20 @@ class AttentionBase(_Base):
             adj = torch.sparse_coo_tensor(torch.stack([ei_out[1], ei_out[0]]), alpha,
                                           (num_dst, num_src, alpha.shape[1]))
             return out, (adj, alpha)
+        if _is_edge_index(edge_index):  # PyG's EdgeIndex: as GATConv, an EdgeIndex back
+            if not prepared.add_loops:
+                return out, (edge_index, alpha)  # the very input (its edges, in its order)
+            return out, (type(edge_index)(ei_out, sparse_size=(num_src, num_dst)), alpha)
         return out, (ei_out, alpha)
 
     # --------------------------------------------------- PyG's explain path
     def _explaining(self) -> bool:
-        return HAS_PYG and bool(getattr(self, "_explain", False))
+        """PyG's explain mode (GNNExplainer's edge mask), or MessagePassing hooks on the layer
+        (AttentionExplainer collects the weights with a message hook): the layer then runs
+        PyG's propagate path, whose hooks see what they would see in PyG's layer. (Edge-update
+        hooks do not run: no edge_updater is called.)"""
+        return HAS_PYG and (bool(getattr(self, "_explain", False))
+                            or any(getattr(self, name, None) for name in _PROPAGATE_HOOKS))
 
     def _explain_aggregate(self, x_j_src: Tensor, alpha_kept: Tensor, prepared: GATGraph,
                            num_src: int, num_dst: int) -> Tensor:

@@ -107,6 +107,13 @@ def _op_route(x: Tensor, weight: Tensor):
     return None
 
 
+def projects_fresh(lin: nn.Module, x: Tensor) -> bool:
+    """Whether :func:`project` (lin, x) returns a new tensor of ``neptune::linear``'s that no
+    hook, module or autograd node holds (its autograd keeps the input and weight, not the
+    output): the caller may then add into it in place."""
+    return plain_linear(lin) and _op_route(x, lin.weight) is not None
+
+
 def project(lin: nn.Module, x: Tensor) -> Tensor:
     """``lin(x)``, through ``neptune::linear`` where it is the same computation done faster."""
     if plain_linear(lin):

@@ -15,7 +15,7 @@ from .spec import dropout_and_seed, runs_kernel
 from .transformer import (projected_edges, transformer_attention, transformer_attention_weights,
                           transformer_edge_attention)
 from .layer import AttentionBase, autocast_on, linear, materialize
-from .projection import linear_weights, plain_linear, project, project_stack
+from .projection import linear_weights, plain_linear, project, project_stack, projects_fresh
 
 Tensor = torch.Tensor
 
@@ -185,12 +185,21 @@ class GraphTransformer(AttentionBase):
         projected here) added or gated, and the attention weights if wanted."""
         H, C = self.heads, self.out_channels
         out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
+        if self.concat and not self.root_weight:
+            # the op's own output, which its autograd saved: a copy, so that a user's in-place
+            # op on what the layer returns (fine on TransformerConv) cannot fail the backward
+            out = out.clone()
         if self.root_weight:
             if x_r is None:
                 x_r = project(self.lin_skip, x_dst)
             if self.lin_beta is not None:
                 b = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
                 out = b * x_r + (1 - b) * out
+            elif x_r._base is None and projects_fresh(self.lin_skip, x_dst):
+                # the skip is the op's own new tensor (not a slice of stacked projections,
+                # whose siblings the attention op saved): the sum lands in it, not in a new
+                # buffer whose pages fault in (a large graph's [N, H C])
+                out = x_r.add_(out)
             else:
                 out = out + x_r
         if not want_alpha:
