@@ -55,10 +55,11 @@ def speed_environment() -> dict:
 
 def write_json(path, report) -> None:
     """``report`` as indented JSON at ``path`` (when a path is given, atomically), and say so.
-    A report (a dict) without an ``environment`` gets :func:`speed_environment`'s."""
+    A report (a dict) without an ``environment`` gets :func:`speed_environment`'s (in place:
+    what the caller returns is what was written)."""
     if path:
-        if isinstance(report, dict) and "environment" not in report:
-            report = {**report, "environment": speed_environment()}
+        if isinstance(report, dict):
+            report.setdefault("environment", speed_environment())
         _io.write_json(path, report)
         print(f"wrote {path}")
 
