@@ -123,16 +123,25 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
   // and a' g (g = <dOut_i, v_j + W_e a_e>; scratch at the edge's CSR position) and
   // D_i = sum_j a'_ij g_ij - the softmax backward's own sum of the same products, so a
   // row's dS cancel however large the logits (D = <dOut_i, out_i> would not: out sums
-  // the same terms in another order). A second walk over the row: dS = a' g - a D (kept
-  // with a' for pass 2), grad q, u_i = sum_j dS a_e, t_i = sum_j a' a_e (for grad W_e)
-  // and grad edge_attr, each edge written once.
+  // the same terms in another order). The same walk sums what grad q needs without dS,
+  // which needs D: per head, with kbar the key of the row's first edge of non-zero weight,
+  //   sum_j dS_j k_j = (P - D Q) + kbar D (1 - A),
+  //   P = sum_j a'g (k_j - kbar),  Q = sum_j a (k_j - kbar),  A = sum_j a
+  // (dS = a'g - a D). The row's common key part (a key bias) stays out of the products
+  // whose difference is taken, so the rounding is at most the per-edge form's (whose dS
+  // rounding multiplies all of k_j), and each k_j is read once: a hub row's keys would
+  // otherwise be read a second time, from memory. A second walk over the row reads only
+  // its scratch and edge attributes: dS (kept with a' for pass 2), u_i = sum_j dS a_e,
+  // t_i = sum_j a' a_e (for grad W_e) and grad edge_attr, each edge written once.
   const int64_t S = 3 * H;  // per edge: a, a', a' g; then dS, a' for pass 2
   at::Tensor sc_t = empty_cpu({E, S}, b.scratch);
   acc_t* sc = sc_t.data_ptr<acc_t>();
   at::Tensor ut_t = empty_cpu({n_dst, 2 * HD}, b.scratch);
   acc_t* UT = ut_t.data_ptr<acc_t>();
   parallel_rows_by_cost(csr.rowptr, n_dst, 2 * HC, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(fwd.row_size()), goi(HC), op(HD), gqi(HC), Dh(H), gea_row(D), xv(H), g_v(H);
+    std::vector<acc_t> row(fwd.row_size()), goi(HC), op(HD), gqi(HC), Dh(H), gea_row(D), xv(H), g_v(H),
+        P(HC), Q(HC), kbar(HC), A(H);
+    std::vector<char> has_kbar(H);
     acc_t* xs = xv.data();
     acc_t* gs = g_v.data();
     for (int64_t i = begin; i < end; ++i) {
@@ -141,6 +150,10 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
       load_scaled(goi.data(), go + i * HC, acc_t(1), HC);
       fwd.project_rows(goi.data(), op.data());
       std::fill(Dh.begin(), Dh.end(), acc_t(0));
+      std::fill(P.begin(), P.end(), acc_t(0));
+      std::fill(Q.begin(), Q.end(), acc_t(0));
+      std::fill(A.begin(), A.end(), acc_t(0));
+      std::fill(has_kbar.begin(), has_kbar.end(), char(0));
       const int64_t e0 = csr.rowptr[i], e1 = csr.rowptr[i + 1];
       for (int64_t e = e0; e < e1; ++e) {
         if (e + kPrefetchDistance < E) fwd.prefetch(csr.col[e + kPrefetchDistance], csr.eid[e + kPrefetchDistance]);
@@ -162,16 +175,49 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
           s[H + h] = a_kept;
           s[2 * H + h] = ag;
           Dh[h] += ag;
+          if (a == acc_t(0)) continue;  // a masked edge (then a' g = 0 too): no 0 * inf
+          const scalar_t* kh = fwd.k_row(j, h);
+          acc_t* kb = kbar.data() + h * C;
+          if (!has_kbar[h]) {
+            for (int64_t c = 0; c < C; ++c) kb[c] = static_cast<acc_t>(kh[c]);
+            has_kbar[h] = 1;
+          }
+          A[h] += a;
+          acc_t* ph = P.data() + h * C;
+          acc_t* qh = Q.data() + h * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t dk = static_cast<acc_t>(kh[c]) - kb[c];
+            ph[c] += ag * dk;
+            qh[c] += a * dk;
+          }
         }
       }
-      std::fill(gqi.begin(), gqi.end(), acc_t(0));
+      for (int64_t h = 0; h < H; ++h) {
+        const acc_t dh = Dh[h];
+        const acc_t common = has_kbar[h] ? dh * (acc_t(1) - A[h]) : acc_t(0);
+        const acc_t* ph = P.data() + h * C;
+        const acc_t* qh = Q.data() + h * C;
+        const acc_t* kb = kbar.data() + h * C;
+        acc_t* gh = gqi.data() + h * C;
+        if (common != acc_t(0)) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gh[c] = (ph[c] - dh * qh[c]) + kb[c] * common;
+        } else {  // (no kbar read: a row without weights has none)
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gh[c] = ph[c] - dh * qh[c];
+        }
+      }
       acc_t* u = UT + i * 2 * HD;
       acc_t* tt = u + HD;
       std::fill(u, u + 2 * HD, acc_t(0));
       for (int64_t e = e0; e < e1; ++e) {
-        if (edges && e + kPrefetchDistance < e1)
-          __builtin_prefetch(gea + static_cast<int64_t>(csr.eid[e + kPrefetchDistance]) * D, 1, 1);
-        const int64_t j = csr.col[e], edge = csr.eid[e];
+        if (edges && e + kPrefetchDistance < e1) {
+          const int64_t en = csr.eid[e + kPrefetchDistance];
+          __builtin_prefetch(gea + en * D, 1, 1);
+          __builtin_prefetch(fwd.edge_row(en), 0, 1);
+        }
+        const int64_t edge = csr.eid[e];
         const scalar_t* ae = edges ? fwd.edge_row(edge) : nullptr;
         acc_t* s = sc + e * S;
         if (ae) std::fill(gea_row.begin(), gea_row.end(), acc_t(0));
@@ -179,12 +225,7 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
           const acc_t a_kept = s[H + h];
           const acc_t d = s[2 * H + h] - s[h] * Dh[h];
           s[h] = d;  // pass 2 reads dS and a'
-          if (d == acc_t(0) && a_kept == acc_t(0)) continue;  // a masked edge: no 0 * inf
-          const scalar_t* kh = fwd.k_row(j, h);
-          acc_t* gh = gqi.data() + h * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gh[c] += d * static_cast<acc_t>(kh[c]);
-          if (!ae) continue;
+          if (!ae || (d == acc_t(0) && a_kept == acc_t(0))) continue;  // masked: no 0 * inf
           acc_t* uh = u + h * D;
           acc_t* th = tt + h * D;
           const acc_t* qph = qp + h * D;
