@@ -123,16 +123,22 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
   // and a' g (g = <dOut_i, v_j + W_e a_e>; scratch at the edge's CSR position) and
   // D_i = sum_j a'_ij g_ij - the softmax backward's own sum of the same products, so a
   // row's dS cancel however large the logits (D = <dOut_i, out_i> would not: out sums
-  // the same terms in another order). The same walk sums what grad q needs without dS,
-  // which needs D: per head, with kbar the key of the row's first edge of non-zero weight,
-  //   sum_j dS_j k_j = (P - D Q) + kbar D (1 - A),
-  //   P = sum_j a'g (k_j - kbar),  Q = sum_j a (k_j - kbar),  A = sum_j a
-  // (dS = a'g - a D). The row's common key part (a key bias) stays out of the products
-  // whose difference is taken, so the rounding is at most the per-edge form's (whose dS
-  // rounding multiplies all of k_j), and each k_j is read once: a hub row's keys would
-  // otherwise be read a second time, from memory. A second walk over the row reads only
-  // its scratch and edge attributes: dS (kept with a' for pass 2), u_i = sum_j dS a_e,
-  // t_i = sum_j a' a_e (for grad W_e) and grad edge_attr, each edge written once.
+  // the same terms in another order). The weights a = exp(x - lse) carry lse's rounding
+  // (eps |lse|, the same for every edge of a row): their sum A is 1 only to that rounding,
+  // and with a large common key part (a key bias, logits of tens) grad q would pick up
+  // k_common D (1 - A). So the softmax backward takes the weights normalized, a / A - then
+  // a row's dS sum to 0 by construction - and D / A for D:
+  //   dS_j = (a'g_j - a_j D / A) / A.
+  // The same walk sums what grad q needs without dS (which needs the row's D and A): per
+  // head, with kbar the key of the row's first edge of non-zero weight,
+  //   sum_j dS_j k_j = (P - (D / A) Q) / A,   P = sum_j a'g (k_j - kbar),
+  //   Q = sum_j a (k_j - kbar)
+  // (the kbar sum_j dS_j part is 0: softmax ignores a common shift of the logits), so each
+  // k_j is read once (a hub row's keys would otherwise be read a second time, from memory)
+  // and the common key part never enters a difference. A second walk over the row reads
+  // only its scratch and edge attributes: dS and a' / A (kept for pass 2),
+  // u_i = sum_j dS a_e, t_i = sum_j a' a_e / A (for grad W_e) and grad edge_attr, each edge
+  // written once.
   const int64_t S = 3 * H;  // per edge: a, a', a' g; then dS, a' for pass 2
   at::Tensor sc_t = empty_cpu({E, S}, b.scratch);
   acc_t* sc = sc_t.data_ptr<acc_t>();
@@ -194,19 +200,16 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
         }
       }
       for (int64_t h = 0; h < H; ++h) {
+        // 1 / A and D / A (0 for a row without weights: nothing flows back through it)
+        const acc_t inv = A[h] != acc_t(0) ? acc_t(1) / A[h] : acc_t(0);
+        Dh[h] *= inv;
+        A[h] = inv;
         const acc_t dh = Dh[h];
-        const acc_t common = has_kbar[h] ? dh * (acc_t(1) - A[h]) : acc_t(0);
         const acc_t* ph = P.data() + h * C;
         const acc_t* qh = Q.data() + h * C;
-        const acc_t* kb = kbar.data() + h * C;
         acc_t* gh = gqi.data() + h * C;
-        if (common != acc_t(0)) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gh[c] = (ph[c] - dh * qh[c]) + kb[c] * common;
-        } else {  // (no kbar read: a row without weights has none)
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gh[c] = ph[c] - dh * qh[c];
-        }
+        for (int64_t c = 0; c < C; ++c) gh[c] = (ph[c] - dh * qh[c]) * inv;
       }
       acc_t* u = UT + i * 2 * HD;
       acc_t* tt = u + HD;
@@ -222,9 +225,10 @@ void backward_kernel(const BackwardCommon<scalar_t, index_t>& b,
         acc_t* s = sc + e * S;
         if (ae) std::fill(gea_row.begin(), gea_row.end(), acc_t(0));
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t a_kept = s[H + h];
-          const acc_t d = s[2 * H + h] - s[h] * Dh[h];
-          s[h] = d;  // pass 2 reads dS and a'
+          const acc_t a_kept = s[H + h] * A[h];  // (A[h] holds 1 / A, Dh[h] D / A now)
+          const acc_t d = (s[2 * H + h] - s[h] * Dh[h]) * A[h];
+          s[h] = d;  // pass 2 reads dS and a' / A
+          s[H + h] = a_kept;
           if (!ae || (d == acc_t(0) && a_kept == acc_t(0))) continue;  // masked: no 0 * inf
           acc_t* uh = u + h * D;
           acc_t* th = tt + h * D;
