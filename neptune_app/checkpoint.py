@@ -180,8 +180,12 @@ def _load_weights(model, state: dict, path: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise DatasetError(f"{path!r} holds weights of another model configuration "
-                           f"({first[0] if first else 'load_state_dict failed'})") from None
+        # load_state_dict's first line is a header; the details (missing and unexpected
+        # keys, size mismatches) follow, one per line: the first three of them
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        details = lines[1:4] + ([f"... and {len(lines) - 4} more"] if len(lines) > 4 else [])
+        raise DatasetError(f"{path!r} holds weights of another model configuration: "
+                           + ("; ".join(details) if details else (lines[0] if lines else
+                                                                   "load_state_dict failed"))) from None
 
 

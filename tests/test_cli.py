@@ -388,3 +388,43 @@ def test_workers_give_the_same_run_for_any_number_of_processes(tmp_path):
         assert m["run"]["workers"] == int(w)
         hist.append([(h["train_loss"], h["test_loss"]) for h in m["history"]])
     assert hist[0] == hist[1]
+
+
+@pytest.mark.parametrize("layout, match", [
+    ("unreadable-first", "is not a readable image"),  # the image that decides the channels
+    ("two-per-class", "too few for its test split"),
+    ("one-class", "needs at least two class sub-folders with images, found 1"),
+    ("empty-test", "holds no images"),
+])
+def test_folder_data_sets_that_cannot_train_say_why(layout, match, tmp_path):
+    root = tmp_path / "data"
+    if layout == "unreadable-first":
+        _folder_of(root / "train", ["a", "b"])
+        _folder_of(root / "test", ["a", "b"])
+        (root / "train" / "a" / "0.png").write_text("junk")
+    elif layout == "two-per-class":
+        _folder_of(root, ["a", "b"], n=2)
+    elif layout == "one-class":
+        _folder_of(root, ["a"], n=5)
+    else:
+        _folder_of(root / "train", ["a", "b"])
+        (root / "test" / "a").mkdir(parents=True)
+        (root / "test" / "b").mkdir()
+    proc = neptune("train", "--dataset", "folder", "--data-dir", str(root), "--out", str(tmp_path / "o"),
+                   "--epochs", "1", "--no-progress", check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and match in err[0], proc.stderr
+
+
+def test_weights_of_another_model_say_what_differs():
+    """A checkpoint whose tensors do not fit the model it describes: the error names the
+    mismatches (load_state_dict's detail lines, not only its header)."""
+    from neptune_app.checkpoint import _load_weights
+    from neptune_app.data import DatasetError
+    state = {"weight": torch.zeros(5, 3), "bias": torch.zeros(4), "extra": torch.zeros(1)}
+    with pytest.raises(DatasetError) as info:
+        _load_weights(torch.nn.Linear(3, 4), state, "x.pt")
+    msg = str(info.value)
+    assert "another model configuration" in msg and "\n" not in msg
+    assert 'Unexpected key(s) in state_dict: "extra"' in msg and "size mismatch for weight" in msg

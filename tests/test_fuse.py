@@ -382,3 +382,24 @@ def test_resnet18_under_cuda_autocast_eval_and_train(memory_format):
     for (name, b), be in zip(fused.named_buffers(), eager.buffers()):
         if b.is_floating_point():
             torch.testing.assert_close(b, be, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
+def test_an_empty_training_batch_behaves_as_eager(act):
+    """N = 0 in training: an empty output, the BN's batch counter stepped, the running
+    statistics unchanged and zero gradients - what the eager modules do (a fused Stage
+    raised "Expected more than 1 value per channel")."""
+    import copy
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), act()).train()
+    fused = neptune_ext.fuse_stages(copy.deepcopy(eager))
+    results = []
+    for m in (eager, fused):
+        x = torch.randn(0, 3, 8, 8, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        bn = next(b for b in m.modules() if isinstance(b, nn.BatchNorm2d))
+        conv = next(c for c in m.modules() if isinstance(c, nn.Conv2d))
+        results.append((y.shape, int(bn.num_batches_tracked), bn.running_mean.clone(),
+                        bn.running_var.clone(), x.grad.shape, conv.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)

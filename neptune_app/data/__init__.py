@@ -6,6 +6,7 @@
 - ``folder``: an ImageFolder (one sub-folder per class); if the folder holds
   ``train/`` and ``test/`` they are used, otherwise a fixed stratified 80/20 split.
 """
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -131,21 +132,29 @@ def _torchvision(name: str, root: str):
     return train, test
 
 
-def _open_image(path: str, channels: int):
-    """The image at ``path`` as a PIL image in mode L (channels=1) or RGB, fully loaded."""
+@contextlib.contextmanager
+def _pil_image(path: str):
+    """The PIL image at ``path``, open; any failure to read it is a DatasetError that names
+    the file (reading it in the body included)."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise DatasetError("reading images needs Pillow (pip install pillow)")
     try:
         with Image.open(path) as im:
-            return im.convert("L" if channels == 1 else "RGB")
+            yield im
     except FileNotFoundError:
         raise DatasetError(f"image {path!r} does not exist")
     except Image.DecompressionBombError as exc:
         raise DatasetError(f"{path!r} is too large to read safely: {exc}")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path!r} is not a readable image: {exc}")
+
+
+def _open_image(path: str, channels: int):
+    """The image at ``path`` as a PIL image in mode L (channels=1) or RGB, fully loaded."""
+    with _pil_image(path) as im:
+        return im.convert("L" if channels == 1 else "RGB")
 
 
 def read_image(path: str, channels: int, size: Tuple[int, int]) -> torch.Tensor:
@@ -221,11 +230,18 @@ def _folder(root: str, image_size: int):
             raise DatasetError(f"{root!r} holds no images in class sub-folders (e.g. {root}/cat/1.png)")
         tr, te = stratified_split(labels, 0.2, seed=0)
         train_items, test_items = [items[i] for i in tr], [items[i] for i in te]
-    if len(classes) < 2 or not train_items or not test_items:
-        raise DatasetError(f"{root!r} needs at least two class sub-folders with images")
+    if len(classes) < 2:
+        raise DatasetError(f"{root!r} needs at least two class sub-folders with images, "
+                           f"found {len(classes)}")
+    for name, part in (("train", train_items), ("test", test_items)):
+        if not part:
+            if all(os.path.isdir(d) for d in split_dirs):
+                raise DatasetError(f"{os.path.join(root, name)!r} holds no images")
+            raise DatasetError(f"{root!r} holds {len(train_items) + len(test_items)} images: too few "
+                               f"for its {name} split (a fifth of each class, rounded, is held out "
+                               "for testing); add images or give train/ and test/ folders")
     # Grayscale if every sampled image is single-channel.
-    from PIL import Image
-    with Image.open(train_items[0][0]) as im:
+    with _pil_image(train_items[0][0]) as im:
         channels = 1 if im.mode in ("L", "1", "I;16", "I") else 3
     size = (image_size, image_size)
 
