@@ -122,12 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int,
                    help="default: 30 for digits, 8 mnist, 30 cifar10/folder; with --resume, the resumed "
                         "run's own total (fewer epochs than the checkpoint holds is an error)")
-    t.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
-    t.add_argument("--lr", type=positive_float(MAX_LR), default=3e-3,
-                   help=f"peak learning rate (AdamW, warm-up then cosine decay), above 0 and at most {MAX_LR:g}")
+    t.add_argument("--batch-size", type=_positive_int,
+                   help="images per step (default 64; with --resume, the run's own)")
+    t.add_argument("--lr", type=positive_float(MAX_LR),
+                   help=f"peak learning rate (AdamW, warm-up then cosine decay), above 0 and at most "
+                        f"{MAX_LR:g} (default 0.003; with --resume, the run's own)")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
-    t.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
-                   help=f"seeds the initialization, order and augmentation (0 to {MAX_SEED})")
+    t.add_argument("--seed", type=int_in(0, MAX_SEED),
+                   help=f"seeds the initialization, order and augmentation (0 to {MAX_SEED}; default 0; "
+                        "with --resume, the run's own)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.pt (its last complete epoch)")
@@ -136,12 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int_in(1, MAX_IMAGE_SIZE),
                    help=f"--dataset folder: resize the images to this size, 1 to {MAX_IMAGE_SIZE} "
                         "(default 32)")
-    t.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
+    t.add_argument("--limit", type=_positive_int,
+                   help="use only the first N training images (smoke tests; with --resume, the run's own)")
     t.add_argument("--no-progress", action="store_true",
                    help="plain log lines instead of progress bars (the default when not on a terminal)")
     t.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"],
                    help="mixed precision (autocast): bf16 (the default with --amp; CPU or CUDA) or fp16 "
-                        "(CUDA, with loss scaling)")
+                        "(CUDA, with loss scaling); with --resume, the run's own")
     t.add_argument("--workers", type=int_in(0, MAX_WORKERS), default=0,
                    help=f"processes that read and augment batches, 0 to {MAX_WORKERS} (0: in the "
                         "training process; any N >= 1 gives the same run)")

@@ -26,6 +26,10 @@ except ImportError:  # progress bars are optional
     tqdm = None
 
 DEFAULT_EPOCHS = {"digits": 30, "mnist": 8, "cifar10": 30, "folder": 30}
+# What a run is started with when not given (train()'s None); a resumed run keeps its own.
+RUN_DEFAULTS = {"seed": 0, "batch_size": 64, "lr": 3e-3, "limit": None, "amp": None}
+_RUN_FLAGS = {"seed": "--seed", "batch_size": "--batch-size", "lr": "--lr", "limit": "--limit",
+              "amp": "--amp"}
 
 
 # ------------------------------------------------------------------- models
@@ -162,14 +166,26 @@ def _one_thread(_worker_id):
 
 
 def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optional[int] = None,
-          device: str = "cpu", seed: int = 0, resume: bool = False, data_dir: Optional[str] = None,
-          batch_size: int = 64, lr: float = 3e-3, limit: Optional[int] = None,
+          device: str = "cpu", seed: Optional[int] = None, resume: bool = False,
+          data_dir: Optional[str] = None, batch_size: Optional[int] = None,
+          lr: Optional[float] = None, limit: Optional[int] = None,
           image_size: Optional[int] = None, progress: bool = True, quiet: bool = False,
           amp: Optional[str] = None, workers: int = 0) -> dict:
     """Train ``model_name`` on ``dataset``, writing OUT/checkpoint.pt after every epoch and
     metrics.json and the plots at the end (each file atomically: an interrupted run keeps its
-    last complete epoch, and ``resume=True`` continues from it). The bounds are the
+    last complete epoch, and ``resume=True`` continues from it: the same run, to the bit, as
+    one never interrupted). ``seed``, ``batch_size``, ``lr``, ``limit`` and ``amp`` left at
+    None are RUN_DEFAULTS' for a new run and the run's own when resuming (a value that differs
+    from the run's is an error: it would not continue that run). The bounds are the
     `neptune train` command's (see its --help)."""
+    ck = None
+    if resume:  # the checkpoint is read and checked before any work
+        ck, epochs = _resume_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model_name, dataset, epochs)
+        if image_size is None and dataset == "folder":  # the size the run was started with
+            image_size = ck["data"]["image_size"][0]
+    given = {"seed": seed, "batch_size": batch_size, "lr": lr, "limit": limit, "amp": amp}
+    run = _resolve_run(given, ck, os.path.join(out_dir, "checkpoint.pt"))
+    seed, batch_size, lr, limit, amp = (run[k] for k in ("seed", "batch_size", "lr", "limit", "amp"))
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit),
@@ -191,11 +207,6 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
         raise DatasetError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if amp == "fp16" and torch.device(device).type != "cuda":
         raise DatasetError("--amp fp16 needs --device cuda (on the CPU use --amp bf16)")
-    ck = None
-    if resume:  # the checkpoint is read and checked before any work
-        ck, epochs = _resume_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model_name, dataset, epochs)
-        if image_size is None and dataset == "folder":  # the size the run was started with
-            image_size = ck["data"]["image_size"][0]
     ctx = distributed.init(device)
     ok = False
     try:
@@ -206,6 +217,25 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
         return result
     finally:
         distributed.shutdown(ctx, ok)
+
+
+def _resolve_run(given: dict, ck: Optional[dict], path: str) -> dict:
+    """The run's settings: each one given, else (resuming a checkpoint that records them)
+    the run's own, else RUN_DEFAULTS'. Resuming with a value that differs from the run's is a
+    DatasetError naming each (a resumed run is the same run)."""
+    saved = ck.get("run") if isinstance(ck, dict) else None
+    if not isinstance(saved, dict):  # a new run, or a checkpoint from before runs were recorded
+        return {k: RUN_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    differ = [k for k, v in given.items() if v is not None and k in saved and v != saved[k]]
+    if differ:
+        def flag(k, v):
+            return f"{_RUN_FLAGS[k]} {v if v is not None else '(none)'}"
+        raise DatasetError(
+            f"--resume: {path} was started with {', '.join(flag(k, saved[k]) for k in differ)}; "
+            f"{', '.join(flag(k, given[k]) for k in differ)} would not continue that run (leave "
+            f"{'it' if len(differ) == 1 else 'them'} out to continue with the run's own, or start a "
+            "new run with --force)")
+    return {k: (saved.get(k, RUN_DEFAULTS[k]) if v is None else v) for k, v in given.items()}
 
 
 def _resume_checkpoint(path: str, model_name: str, dataset: str, epochs: Optional[int]):
@@ -269,6 +299,8 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, ck, data_dir, batch_
             sched.load_state_dict(ck["scheduler"])
             history, start_epoch, seconds = list(ck["history"]), ck["epoch"], float(ck["seconds"])
             gen.set_state(ck["generator"])
+            if isinstance(ck.get("torch_rng"), torch.Tensor):  # attention dropout's seeds
+                torch.set_rng_state(ck["torch_rng"])
             _load_weights(model, ck["train_model"], ckpt_path)
             ema.state = {k: v.to(dev).clone() for k, v in ck["model"].items()}
             ema.updates = int(ck.get("ema_updates", 10**6))  # older checkpoints: fully warm
@@ -343,7 +375,10 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, ck, data_dir, batch_
                         "train_model": model.state_dict(),
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "epoch": epoch + 1, "epochs": epochs, "history": history, "seconds": seconds,
-                        "data": meta, "generator": gen.get_state(), "ema_updates": ema.updates},
+                        "data": meta, "generator": gen.get_state(), "ema_updates": ema.updates,
+                        "torch_rng": torch.get_rng_state(),
+                        "run": {"seed": seed, "batch_size": batch_size, "lr": lr, "limit": limit,
+                                "amp": amp}},
                        ckpt_path)
         distributed.barrier(ctx)
     if ctx.enabled:

@@ -318,7 +318,9 @@ def test_cli_conventions(trained, tmp_path):
     from neptune_ext import __version__
     assert neptune("--version").stdout.strip() == f"neptune_ext {__version__}"
     helptext = neptune("train", "--help").stdout
-    assert "(default: 64)" in helptext and "(default: 0.003)" in helptext and "(default: 0)" in helptext
+    assert "(default 64; with --resume, the run's" in helptext and "(default 0.003; with --resume" in helptext
+    assert "default 0; with --resume, the run's own" in " ".join(helptext.split())
+    assert "(default: None)" not in helptext
     env = dict(os.environ, PYTHONPATH=ROOT)
     mod = subprocess.run([sys.executable, "-m", "neptune_app", "info", "--json"], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=300)
@@ -428,3 +430,35 @@ def test_weights_of_another_model_say_what_differs():
     msg = str(info.value)
     assert "another model configuration" in msg and "\n" not in msg
     assert 'Unexpected key(s) in state_dict: "extra"' in msg and "size mismatch for weight" in msg
+
+
+def test_an_interrupted_run_resumed_is_the_uninterrupted_run(tmp_path, monkeypatch):
+    """Ctrl-C after an epoch's checkpoint, then --resume: the same weights, to the bit, as a
+    run never interrupted (the checkpoint keeps torch's own random state, which draws the
+    attention dropout's seeds, beside the data order's generator). Resuming with another
+    --lr, --batch-size, --limit, --seed or --amp than the run's is refused, naming them."""
+    import neptune_app.train as tr
+    kw = dict(epochs=3, limit=160, batch_size=32, progress=False, quiet=True)
+    tr.train("digits", str(tmp_path / "whole"), **kw)
+    real_save, saves = tr.save_torch, []
+
+    def interrupting_save(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(tr, "save_torch", interrupting_save)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train("digits", str(tmp_path / "cut"), **kw)
+    monkeypatch.setattr(tr, "save_torch", real_save)
+    with pytest.raises(tr.DatasetError, match=r"started with --batch-size 32, --lr 0.003; --batch-size 7, "
+                                              r"--lr 0.1 would not continue"):
+        tr.train("digits", str(tmp_path / "cut"), resume=True, lr=0.1, batch_size=7, progress=False)
+    tr.train("digits", str(tmp_path / "cut"), resume=True, progress=False, quiet=True)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert cut["epoch"] == whole["epoch"] == 3 and cut["run"] == whole["run"]
+    for part in ("model", "train_model"):
+        for k, v in whole[part].items():
+            assert torch.equal(cut[part][k], v), (part, k)
+    assert cut["history"][-1]["test_accuracy"] == whole["history"][-1]["test_accuracy"]
