@@ -403,3 +403,17 @@ def test_an_empty_training_batch_behaves_as_eager(act):
                         bn.running_var.clone(), x.grad.shape, conv.weight.grad.clone()))
     for a, b in zip(*results):
         assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
+
+
+def test_tracers_get_a_clear_refusal():
+    """torch.jit.trace and torch.fx.symbolic_trace cannot record a fused model: a RuntimeError
+    that says so and what to use (the tracers' own errors were an internal assert and
+    "input must be a torch.Tensor, got Proxy")."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten()).eval()
+    fused = neptune_ext.fuse_stages(model)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="cannot be traced with torch.jit.trace; use torch.compile"):
+        torch.jit.trace(fused, x)
+    with pytest.raises(RuntimeError, match="cannot be traced with torch.fx; use torch.compile"):
+        torch.fx.symbolic_trace(fused)
+    torch.testing.assert_close(fused(x), model(x))

@@ -91,6 +91,9 @@ def _eager(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activation:
 
 def _check_input(input, conv: nn.Conv2d, check_dtype: bool = True):
     if not isinstance(input, torch.Tensor):
+        if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace of a fused model
+            raise RuntimeError("fuse_stages: a fused Stage cannot be traced with torch.fx; use "
+                               "torch.compile, or trace the model before fuse_stages")
         raise ValueError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"input must have shape [N, C, H, W], got {list(input.shape)}")

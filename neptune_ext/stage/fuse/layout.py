@@ -62,6 +62,16 @@ def _version(t: torch.Tensor):
     return None if t.is_inference() else t._version
 
 
+def _refuse_tracers(args, kwargs) -> None:
+    """torch.jit.trace cannot record a fused model (its layers decide their paths in Python,
+    on values the tracer does not have): a clear error instead of the tracer's internal
+    assert. (torch.fx.symbolic_trace calls the class's forward, not this one: the fused
+    Stages refuse its proxies, neptune_ext/stage/dispatch.py.)"""
+    if torch.jit.is_tracing():
+        raise RuntimeError("fuse_stages: a fused model cannot be traced with torch.jit.trace; "
+                           "use torch.compile, or trace (or export) the model before fuse_stages")
+
+
 class CallerLayout:
     """The ``forward`` of a fused model's root (an instance attribute): runs the model's
     forward with the NCHW -> channels_last conversion allowed, and restores the caller's
@@ -95,6 +105,7 @@ class CallerLayout:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
+        _refuse_tracers(args, kwargs)
         if not self.enabled or _STATE.active or is_compiling() or _under_functorch():
             return self._forward(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
