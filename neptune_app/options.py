@@ -146,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"],
                    help="mixed precision (autocast): bf16 (the default with --amp; CPU or CUDA) or fp16 "
                         "(CUDA, with loss scaling); with --resume, the run's own")
-    t.add_argument("--workers", type=int_in(0, MAX_WORKERS), default=0,
-                   help=f"processes that read and augment batches, 0 to {MAX_WORKERS} (0: in the "
-                        "training process; any N >= 1 gives the same run)")
+    t.add_argument("--workers", type=int_in(0, MAX_WORKERS),
+                   help=f"processes that read and augment batches, 0 to {MAX_WORKERS} (default 0: in "
+                        "the training process; any N >= 1 gives the same run, another than 0's; with "
+                        "--resume, the run's own)")
 
     e = sub.add_parser("eval", formatter_class=_Formatter, description="Evaluate a checkpoint on a data set's test split (per-class figures).",
                            help="evaluate a checkpoint on a data set's test split")

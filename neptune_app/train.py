@@ -27,9 +27,20 @@ except ImportError:  # progress bars are optional
 
 DEFAULT_EPOCHS = {"digits": 30, "mnist": 8, "cifar10": 30, "folder": 30}
 # What a run is started with when not given (train()'s None); a resumed run keeps its own.
-RUN_DEFAULTS = {"seed": 0, "batch_size": 64, "lr": 3e-3, "limit": None, "amp": None}
+RUN_DEFAULTS = {"seed": 0, "batch_size": 64, "lr": 3e-3, "limit": None, "amp": None, "workers": 0}
 _RUN_FLAGS = {"seed": "--seed", "batch_size": "--batch-size", "lr": "--lr", "limit": "--limit",
-              "amp": "--amp"}
+              "amp": "--amp", "workers": "--workers"}
+
+
+def _same_setting(key, a, b) -> bool:
+    """Whether two values of a run setting make the same run (--workers: any N >= 1 gives
+    the same run, 0 another: batches then draw their augmentation from the epoch's generator)."""
+    try:
+        if key == "workers":
+            return (a > 0) == (b > 0)
+        return bool(a == b)
+    except TypeError:  # a checkpoint's odd value: another run (its checks report it)
+        return False
 
 
 # ------------------------------------------------------------------- models
@@ -170,22 +181,25 @@ def train(dataset: str, out_dir: str, model_name: str = "neptune", epochs: Optio
           data_dir: Optional[str] = None, batch_size: Optional[int] = None,
           lr: Optional[float] = None, limit: Optional[int] = None,
           image_size: Optional[int] = None, progress: bool = True, quiet: bool = False,
-          amp: Optional[str] = None, workers: int = 0) -> dict:
+          amp: Optional[str] = None, workers: Optional[int] = None) -> dict:
     """Train ``model_name`` on ``dataset``, writing OUT/checkpoint.pt after every epoch and
     metrics.json and the plots at the end (each file atomically: an interrupted run keeps its
     last complete epoch, and ``resume=True`` continues from it: the same run, to the bit, as
-    one never interrupted). ``seed``, ``batch_size``, ``lr``, ``limit`` and ``amp`` left at
-    None are RUN_DEFAULTS' for a new run and the run's own when resuming (a value that differs
-    from the run's is an error: it would not continue that run). The bounds are the
-    `neptune train` command's (see its --help)."""
+    one never interrupted, on the CPU; on CUDA as far as its kernels are deterministic).
+    ``seed``, ``batch_size``, ``lr``, ``limit``, ``amp`` and ``workers`` left at None are
+    RUN_DEFAULTS' for a new run and the run's own when resuming (a value that makes another
+    run is an error: it would not continue that one). The bounds are the `neptune train`
+    command's (see its --help)."""
     ck = None
     if resume:  # the checkpoint is read and checked before any work
         ck, epochs = _resume_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model_name, dataset, epochs)
         if image_size is None and dataset == "folder":  # the size the run was started with
             image_size = ck["data"]["image_size"][0]
-    given = {"seed": seed, "batch_size": batch_size, "lr": lr, "limit": limit, "amp": amp}
+    given = {"seed": seed, "batch_size": batch_size, "lr": lr, "limit": limit, "amp": amp,
+             "workers": workers}
     run = _resolve_run(given, ck, os.path.join(out_dir, "checkpoint.pt"))
-    seed, batch_size, lr, limit, amp = (run[k] for k in ("seed", "batch_size", "lr", "limit", "amp"))
+    seed, batch_size, lr, limit, amp, workers = (
+        run[k] for k in ("seed", "batch_size", "lr", "limit", "amp", "workers"))
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DatasetError("--device cuda was requested but no CUDA GPU is available")
     for name, v in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit),
@@ -226,7 +240,8 @@ def _resolve_run(given: dict, ck: Optional[dict], path: str) -> dict:
     saved = ck.get("run") if isinstance(ck, dict) else None
     if not isinstance(saved, dict):  # a new run, or a checkpoint from before runs were recorded
         return {k: RUN_DEFAULTS[k] if v is None else v for k, v in given.items()}
-    differ = [k for k, v in given.items() if v is not None and k in saved and v != saved[k]]
+    differ = [k for k, v in given.items()
+              if v is not None and k in saved and not _same_setting(k, v, saved[k])]
     if differ:
         def flag(k, v):
             return f"{_RUN_FLAGS[k]} {v if v is not None else '(none)'}"
@@ -301,6 +316,11 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, ck, data_dir, batch_
             gen.set_state(ck["generator"])
             if isinstance(ck.get("torch_rng"), torch.Tensor):  # attention dropout's seeds
                 torch.set_rng_state(ck["torch_rng"])
+            else:
+                say(f"{ckpt_path} predates saved random states: the resumed run continues, but "
+                    "not to the bit as an uninterrupted one")
+            if scaler is not None and isinstance(ck.get("scaler"), dict):  # fp16 loss scaling
+                scaler.load_state_dict(ck["scaler"])
             _load_weights(model, ck["train_model"], ckpt_path)
             ema.state = {k: v.to(dev).clone() for k, v in ck["model"].items()}
             ema.updates = int(ck.get("ema_updates", 10**6))  # older checkpoints: fully warm
@@ -377,8 +397,9 @@ def _train(ctx, dataset, out_dir, model_name, epochs, seed, ck, data_dir, batch_
                         "epoch": epoch + 1, "epochs": epochs, "history": history, "seconds": seconds,
                         "data": meta, "generator": gen.get_state(), "ema_updates": ema.updates,
                         "torch_rng": torch.get_rng_state(),
+                        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                         "run": {"seed": seed, "batch_size": batch_size, "lr": lr, "limit": limit,
-                                "amp": amp}},
+                                "amp": amp, "workers": workers}},
                        ckpt_path)
         distributed.barrier(ctx)
     if ctx.enabled:

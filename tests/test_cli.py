@@ -454,6 +454,8 @@ def test_an_interrupted_run_resumed_is_the_uninterrupted_run(tmp_path, monkeypat
     with pytest.raises(tr.DatasetError, match=r"started with --batch-size 32, --lr 0.003; --batch-size 7, "
                                               r"--lr 0.1 would not continue"):
         tr.train("digits", str(tmp_path / "cut"), resume=True, lr=0.1, batch_size=7, progress=False)
+    with pytest.raises(tr.DatasetError, match=r"started with --workers 0; --workers 2 would not continue"):
+        tr.train("digits", str(tmp_path / "cut"), resume=True, workers=2, progress=False)
     tr.train("digits", str(tmp_path / "cut"), resume=True, progress=False, quiet=True)
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

@@ -384,8 +384,9 @@ def test_resnet18_under_cuda_autocast_eval_and_train(memory_format):
             torch.testing.assert_close(b, be, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
-def test_an_empty_training_batch_behaves_as_eager(act):
+def test_an_empty_training_batch_behaves_as_eager(act, autocast):
     """N = 0 in training: an empty output, the BN's batch counter stepped, the running
     statistics unchanged and zero gradients - what the eager modules do (a fused Stage
     raised "Expected more than 1 value per channel")."""
@@ -395,8 +396,9 @@ def test_an_empty_training_batch_behaves_as_eager(act):
     results = []
     for m in (eager, fused):
         x = torch.randn(0, 3, 8, 8, requires_grad=True)
-        y = m(x)
-        y.sum().backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = m(x)
+        y.float().sum().backward()
         bn = next(b for b in m.modules() if isinstance(b, nn.BatchNorm2d))
         conv = next(c for c in m.modules() if isinstance(c, nn.Conv2d))
         results.append((y.shape, int(bn.num_batches_tracked), bn.running_mean.clone(),

@@ -367,7 +367,8 @@ class AttentionBase(_Base):
             out, fresh = out + res, True
         if self.bias is not None:
             out, fresh = out + self.bias, True
-        return out if fresh else out.clone()
+        # (no copy where autograd saved nothing: under no_grad/inference_mode, or no gradient)
+        return out if fresh or not (torch.is_grad_enabled() and out.requires_grad) else out.clone()
 
     @staticmethod
     def _with_attention(out: Tensor, alpha: Tensor, prepared: GATGraph, edge_index,

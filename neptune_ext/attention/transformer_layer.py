@@ -185,7 +185,7 @@ class GraphTransformer(AttentionBase):
         projected here) added or gated, and the attention weights if wanted."""
         H, C = self.heads, self.out_channels
         out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
-        if self.concat and not self.root_weight:
+        if self.concat and not self.root_weight and torch.is_grad_enabled() and out.requires_grad:
             # the op's own output, which its autograd saved: a copy, so that a user's in-place
             # op on what the layer returns (fine on TransformerConv) cannot fail the backward
             out = out.clone()

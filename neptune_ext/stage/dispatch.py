@@ -54,14 +54,14 @@ def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor
     _check_input(input, conv, check_dtype=not autocast)
     if residual is not None:
         _check_residual_shape(residual, input, conv)
+    if input.numel() == 0 and batch_statistics(bn):
+        # an empty training batch (under autocast too): what the eager modules do with it (an
+        # empty output, the BN's batch counter stepped, running statistics unchanged)
+        return _eager(conv, bn, input, activation, residual)
     if autocast:
         result = autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)
         return _eager(conv, bn, input, activation, residual) if result is None else result
     bn_training = batch_statistics(bn)
-    if bn_training and input.numel() == 0:
-        # an empty batch: what the eager modules do with it (an empty output, the BN's batch
-        # counter stepped, running statistics unchanged, zero gradients)
-        return _eager(conv, bn, input, activation, residual)
     if not bn_training:
         return conv_bn_act_eval_with_path(
             input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
