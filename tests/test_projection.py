@@ -491,6 +491,7 @@ def test_projection_bench_records(tmp_path, monkeypatch):
     assert report["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1"
     assert report["benchmark"] == "projection" and report["results"][0]["case"] == "tiny"
     assert set(report["results"][0]["median_ms"]) == {"torch", "neptune_ext"}
+    assert set(report["results"][0]["cached_torch_gemm"]["median_ms"]) == {"forward", "backward", "step"}
 
 
 @pytest.mark.parametrize("kind", ["gat", "gatv2", "transformer"])

@@ -7,7 +7,11 @@ Shapes are the projections of the attention layers' benchmark cases (rows x in -
 case, one step is y = x W^T + b and its backward for W, b and (with ``x_grad``) x; the two
 contenders alternate round by round (ABAB...), medians of the rounds, speed-ups per round.
 The op is called directly, so its speed is measured on any CPU; the report also says whether
-the layers take it on this one (neptune_ext.attention.projection.USE_ONEDNN).
+the layers take it on this one (neptune_ext.attention.projection.USE_ONEDNN). A third
+contender, alternated with the two, is the op with ``onednn=False``: torch's own GEMM (the
+Linear's numbers) into buffers from the extension's cache, the route the layers take on any
+CPU for outputs of 2 MiB or more (``cached_torch_gemm``: its times and speed-up over torch's
+Linear; the difference is the page faults of a fresh output).
 """
 import argparse
 import statistics
@@ -48,15 +52,24 @@ def run_case(name, rounds):
     # the op itself (what the layers call where projection.USE_ONEDNN holds)
     op = torch.ops.neptune.linear
     times = common.alternate({"torch": _step(lin, x, lin, go),
-                              "neptune_ext": _step(lambda t: op(t, lin.weight, lin.bias), x, lin, go)},
+                              "neptune_ext": _step(lambda t: op(t, lin.weight, lin.bias), x, lin, go),
+                              "cached": _step(lambda t: op(t, lin.weight, lin.bias, False), x, lin, go)},
                              rounds, warmup=2, progress=False)
+    cached = times.pop("cached")
     res = {"case": name, "rows": rows, "in": fin, "out": fout, "x_grad": x_grad,
            "median_ms": {k: {ph: common.median_ms(v) for ph, v in d.items()} for k, d in times.items()}}
-    ratios = [a / b for a, b in zip(times["torch"]["step"], times["neptune_ext"]["step"])]
-    res["speedup"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+    def speedup(t):
+        ratios = [a / b for a, b in zip(times["torch"]["step"], t["step"])]
+        return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    res["speedup"] = speedup(times["neptune_ext"])
+    res["cached_torch_gemm"] = {"median_ms": {ph: common.median_ms(v) for ph, v in cached.items()},
+                                "speedup": speedup(cached)}
     m = res["median_ms"]
     print(f"{name:18s} {rows}x{fin}->{fout}: torch {m['torch']['step']:.2f} ms, ours "
-          f"{m['neptune_ext']['step']:.2f} ms ({res['speedup']['median']:.2f}x)", flush=True)
+          f"{m['neptune_ext']['step']:.2f} ms ({res['speedup']['median']:.2f}x), torch's GEMM into "
+          f"cached buffers {res['cached_torch_gemm']['median_ms']['step']:.2f} ms "
+          f"({res['cached_torch_gemm']['speedup']['median']:.2f}x)", flush=True)
     return res
 
 

@@ -278,8 +278,8 @@ class AttentionBase(_Base):
         if not isinstance(edge_index, Tensor):
             raise ValueError("edge_index must be a [2, E] tensor, a neptune_ext.Graph or a torch "
                              f"sparse adjacency, got {type(edge_index).__name__}")
-        given = edge_index  # the cache holds the caller's object (as_tensor() makes a new one)
-        if type(edge_index) is not Tensor and hasattr(edge_index, "as_tensor"):
+        given = edge_index  # the cache holds the caller's object (as_tensor() may be a new one)
+        if _is_edge_index(edge_index):
             edge_index = edge_index.as_tensor()  # PyG's EdgeIndex: its plain [2, E] data
         key = None
         # A graph built under inference_mode holds inference tensors, which a later training
