@@ -10,6 +10,12 @@ def is_compiling() -> bool:
         return False
 
 
+def is_exporting() -> bool:
+    """True while torch.export traces the calling code."""
+    f = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.4)
+    return bool(f()) if f is not None else False
+
+
 def check(cond: bool, msg) -> None:
     """ValueError(msg) unless cond: the package's argument checks. ``msg`` may be a
     callable returning the message (hot paths: formatted only when the check fails)."""

@@ -419,3 +419,32 @@ def test_tracers_get_a_clear_refusal():
     with pytest.raises(RuntimeError, match="cannot be traced with torch.fx; use torch.compile"):
         torch.fx.symbolic_trace(fused)
     torch.testing.assert_close(fused(x), model(x))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_export_of_a_fused_model(train):
+    """torch.export.export of a fused model (its root a residual block, whose forward the
+    fused code replaces) exports what the original computes, in eval and in training (running
+    statistics updated as the eager model updates them), with a dynamic batch size, and
+    survives torch.export.save/load. (It failed on the fused root's instance forward: "object
+    has no attribute '__code__'".)"""
+    import io
+
+    from torchvision.models.resnet import BasicBlock
+    torch.manual_seed(0)
+    eager = BasicBlock(8, 8).double().train(train)
+    randomize_bn(eager)
+    fused = neptune_ext.fuse_stages(copy.deepcopy(eager))
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    ep = torch.export.export(fused, (x,), dynamic_shapes={"x": {0: batch}})
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    exported = torch.export.load(buf).module()
+    x5 = torch.randn(5, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(exported(x5), eager(x5))
+    mine, theirs = dict(exported.named_buffers()), dict(eager.named_buffers())
+    assert mine.keys() == theirs.keys()
+    for name, buf in theirs.items():
+        torch.testing.assert_close(mine[name], buf, msg=name)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._util import is_compiling
+from .._util import is_compiling, is_exporting
 from .activations import apply_activation
 from .checks import conv_output_shape
 from .eval import conv_bn_act_eval_with_path, replay_eval
@@ -54,9 +54,12 @@ def _stage_forward_impl(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor
     _check_input(input, conv, check_dtype=not autocast)
     if residual is not None:
         _check_residual_shape(residual, input, conv)
-    if input.numel() == 0 and batch_statistics(bn):
-        # an empty training batch (under autocast too): what the eager modules do with it (an
-        # empty output, the BN's batch counter stepped, running statistics unchanged)
+    if batch_statistics(bn) and (input.numel() == 0 or is_exporting()):
+        # An empty training batch (under autocast too): what the eager modules do with it (an
+        # empty output, the BN's batch counter stepped, running statistics unchanged). Under
+        # torch.export, the eager modules' graph (aten batch_norm), which the exported program
+        # and its runtimes know: the fused ops update the running statistics under no_grad,
+        # which export records as a region that torch.export.save refuses.
         return _eager(conv, bn, input, activation, residual)
     if autocast:
         result = autocast_fused(conv, bn, input, memory_efficient, cache, activation, residual)

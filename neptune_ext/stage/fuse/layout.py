@@ -15,6 +15,9 @@ other strides). Code for which that matters the way that fails loudly (``x.view(
 on a feature map) raises a RuntimeError: the call is then run again in the caller's layout,
 and this model stays in it from then on (``model.fusion_layout`` says which).
 """
+import inspect
+import types
+
 import torch
 from torch.utils._pytree import tree_leaves
 
@@ -96,6 +99,27 @@ class CallerLayout:
         self.inner = inner  # the instance forward the model had before fusing, or None
         self.code = code
         self.enabled = True
+
+    def _target(self):
+        """The forward this one stands for: the instance forward the model had before fusing,
+        else its class's, bound to the model (the root's residual tails follow the class's
+        signature)."""
+        if self.code is None and self.inner is not None:
+            return self.inner
+        return types.MethodType(type(self.module).forward, self.module)
+
+    # torch.export reads a module's ``forward.__code__`` (where its guards point) and binds the
+    # example inputs to ``inspect.signature(forward)``: the forward this one stands for gives
+    # both, so a fused model exports like the original (a call's signature is not *args).
+    @property
+    def __code__(self):
+        f = self._target()
+        f = getattr(f, "__func__", f)
+        return getattr(f, "func", f).__code__  # (a functools.partial's function)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self._target())
 
     def _forward(self, *args, **kwargs):
         if self.code is not None:
