@@ -203,6 +203,14 @@ T __shfl_xor_sync(unsigned mask, T v, int offset, int width = 32) {
   return neptune_emu::shuffle(mask, v, (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : lane);
 }
 
+// Every lane of the mask waits here until all have arrived (the barrier of a shuffle), so
+// what they wrote before is seen by all after - as __syncwarp orders a warp's memory.
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  const int lane = neptune_emu::state().current;
+  if (!(mask >> lane & 1u)) neptune_emu::record_error("__syncwarp: calling lane not in the mask");
+  neptune_emu::group_barrier(mask);
+}
+
 #define NEPTUNE_LAUNCH(kernel, grid, stream, ...) \
   ::neptune_emu::launch_grid((grid), kBlock, [&] { kernel(__VA_ARGS__); })
 #define NEPTUNE_CHECK_ALIGNED(ptr, bytes) ::neptune_emu::check_aligned((ptr), (bytes))

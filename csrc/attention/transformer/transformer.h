@@ -24,6 +24,10 @@
 // travel from pass 1 to pass 2 as E x H scratch. No atomics: bitwise deterministic for any
 // thread count. The CSR has exactly N_dst rows. With bfloat16/float16 inputs, D_i is summed
 // from the edges in float32 (a rounded `out` would leave each row's dS summing to a residue).
+// The CUDA backward (transformer_bwd_cuda.cu) takes the passes the other way round, as the
+// edge-feature kernel below does: destinations first, one walk per row (k and v gathered
+// once per edge) with the rebuilt weights normalized by their sum and grad q summed against
+// the row's first key, so lse's rounding leaves nothing in grad q; then the sources.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -33,6 +33,9 @@ struct TransformerParams : WarpRowParams<scalar_t, index_t> {
   scalar_t* gq;
   scalar_t* gk;
   scalar_t* gv;
+  acc_t* aw;       // backward: [E, H] a (before dropout), pass 1 -> pass 2
+  acc_t* row_d;    // backward: [N_dst, H] D / A
+  acc_t* row_inv;  // backward: [N_dst, H] 1 / A
   int64_t n_src;
   acc_t scale;
 };
