@@ -81,6 +81,21 @@ def save_figure(fig, path, **kwargs) -> None:
         fig.savefig(f, format=fmt, **kwargs)
 
 
+def figure_format_problem(path: str, flag: str = "--plot") -> Optional[str]:
+    """Why matplotlib cannot draw to ``path``, or None: its extension names the format (none:
+    PNG), checked before any work so that no result is lost at the end."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return f"{flag} needs matplotlib (pip install matplotlib)"
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        return (f"{flag} {path!r}: matplotlib cannot write .{fmt} files; use one of: "
+                + ", ".join("." + f for f in sorted(formats)))
+    return None
+
+
 def out_dir_problem(path: str, flag: str = "--out") -> Optional[str]:
     """Why ``path`` cannot be an output folder (made here if missing), or None: checked
     before any work so that no result is lost at the end."""

@@ -91,6 +91,12 @@ def run(args) -> int:
             for flag, path in (("--json", args.json), ("--plot", args.plot)):
                 if path:
                     _check_out_file(path, flag)
+            if args.plot:
+                from ._io import figure_format_problem
+                from .data import DatasetError
+                problem = figure_format_problem(args.plot)
+                if problem:
+                    raise DatasetError(problem)
             from .bench.suite import run_suite
             run_suite(args.device, args.quick, args.json, args.plot)
         elif args.command == "info":

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--quick", action="store_true", help="small sizes, few rounds (about a minute)")
     b.add_argument("--json", help="write the figures to this file")
-    b.add_argument("--plot", help="draw graph-attention time and memory vs edge count to this PNG")
+    b.add_argument("--plot", help="draw graph-attention time and memory vs edge count to this image "
+                   "(its format from the extension: .png, .svg, .pdf, ...)")
 
     i = sub.add_parser("info", formatter_class=_Formatter, help="version, torch, compiled backends, threads",
                        description="What was built and what will run (and why kernels are missing).")

@@ -247,6 +247,26 @@ def test_lazy_layer_first_called_under_autocast(ours_name, theirs_name):
     assert float((got - want).norm() / want.norm()) < 0.02  # bf16 rounding, not other weights
 
 
+@pytest.mark.parametrize("cls", ALL_LAYERS)
+@pytest.mark.parametrize("bipartite", [False, True])
+def test_lazy_layer_restored_from_a_state_dict_before_its_first_call(cls, bipartite):
+    """A lazy layer (in_channels=-1) given a trained layer's state dict before it ever ran
+    computes what the trained one does - the usual way to reload a lazily built model (it
+    raised "built for 0": torch leaves a loaded LazyLinear's in_features at 0)."""
+    x = (torch.randn(12, 7), torch.randn(9, 5)) if bipartite else torch.randn(12, 7)
+    ei = torch.stack([torch.randint(0, 12, (40,)), torch.randint(0, 9 if bipartite else 12, (40,))])
+    in_channels = (-1, -1) if bipartite else -1
+    kw = {} if cls is GraphTransformer else {"add_self_loops": False}
+    trained = cls(in_channels, 4, heads=2, **kw)
+    want = trained(x, ei)
+    restored = cls(in_channels, 4, heads=2, **kw)
+    restored.load_state_dict(trained.state_dict())
+    assert torch.equal(restored(x, ei), want)
+    x_wide = (torch.randn(12, 8), x[1]) if bipartite else torch.randn(12, 8)
+    with pytest.raises(ValueError, match="8 features per row but the layer was built for 7"):
+        restored(x_wide, ei)
+
+
 @pytest.mark.parametrize("ours_name, theirs_name", PYG_PAIRS)
 def test_create_graph_gradients_of_edge_attributes(ours_name, theirs_name):
     """A backward with create_graph=True gives edge_attr, lin_edge and att_edge their

@@ -145,6 +145,41 @@ def test_train_bounds_are_one_line_and_exit_2(args, match, tmp_path, capsys):
     assert not out and not os.path.exists(tmp_path / "o" / "checkpoint.pt")
 
 
+def test_bench_refuses_a_plot_format_matplotlib_cannot_write_before_any_work(tmp_path, capsys, monkeypatch):
+    """`neptune bench --plot x.txt` ran the whole suite and then failed with an internal
+    error, losing its --json results: now one line and exit 2 before the suite starts."""
+    import neptune_app.bench.suite as suite
+    monkeypatch.setattr(suite, "run_suite", lambda *a, **k: pytest.fail("the suite ran"))
+    code, out, err = neptune(capsys, "bench", "--quick", "--plot", tmp_path / "x.txt",
+                             "--json", tmp_path / "b.json")
+    one_line_error(code, out, err, "matplotlib cannot write .txt files; use one of:")
+    assert ".png" in err and not os.path.exists(tmp_path / "b.json")
+
+
+def test_bench_keeps_its_json_whatever_the_plot_does(tmp_path, monkeypatch):
+    """The suite writes its --json before drawing the plot: a plot that fails (a full disk,
+    a broken backend) does not lose the results."""
+    import neptune_app.bench.graph_attention as graph_attention
+    import neptune_app.bench.scaling as scaling
+    import neptune_app.bench.stage as stage
+    import neptune_app.bench.suite as suite
+    import neptune_app.bench.user_graphs as user_graphs
+
+    def failing_plot(*a, **k):
+        raise OSError("no space left on device")
+    monkeypatch.setattr(scaling, "scaling_plot", failing_plot)
+    # the sections stubbed: their results, instantly
+    monkeypatch.setattr(graph_attention, "run_benchmark", lambda *a, **k: {"stub": 1})
+    monkeypatch.setattr(user_graphs, "run_case", lambda *a, **k: {"stub": 1})
+    monkeypatch.setattr(stage, "run", lambda *a, **k: {"stub": 1})
+    monkeypatch.setattr(suite, "bench_neptune_model", lambda *a, **k: {
+        "neptune (reference ops)": {"train_step": 1.0, "inference": 1.0}})
+    with pytest.raises(OSError):
+        suite.run_suite("cpu", True, str(tmp_path / "b.json"), str(tmp_path / "p.png"))
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["graph_attention"] == {"stub": 1} and "environment" in report
+
+
 def test_train_help_states_the_bounds(capsys):
     with pytest.raises(SystemExit):
         neptune_app.cli.main(["train", "--help"])
