@@ -448,3 +448,37 @@ def test_torch_export_of_a_fused_model(train):
     assert mine.keys() == theirs.keys()
     for name, buf in theirs.items():
         torch.testing.assert_close(mine[name], buf, msg=name)
+
+
+def test_the_fused_forward_keeps_the_signature_tools_see():
+    """The fused root's forward reports the signature and code of the forward it stands for
+    (what torch.export binds inputs with), and none where that forward has none; the class
+    itself stays a plain class to inspect."""
+    import functools
+    import inspect
+
+    from neptune_ext.stage.fuse.layout import CallerLayout
+    assert str(inspect.signature(CallerLayout)) == "(module, inner=None, code=None)"
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    fused = neptune_ext.fuse_stages(model)
+    assert str(inspect.signature(fused.forward)) == "(input)"
+    assert fused.forward.__code__ is nn.Sequential.forward.__code__
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+        def run(self, x, scale=1.0):
+            return self.body(x) * scale
+    holder = Holder().eval()
+    holder.forward = functools.partial(Holder.run, holder)
+    fused = neptune_ext.fuse_stages(copy.deepcopy(holder))
+    assert str(inspect.signature(fused.forward)) == "(x, scale=1.0)"
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(torch.export.export(fused, (x,)).module()(x), holder(x))
+    bare = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    bare.forward = torch.relu  # a builtin: no signature, no code
+    fused = neptune_ext.fuse_stages(bare)
+    assert not hasattr(fused.forward, "__signature__") and not hasattr(fused.forward, "__code__")
+    assert str(inspect.signature(fused.forward)) == "(*args, **kwargs)"

@@ -38,12 +38,11 @@ def export_and_build(rev: str, dest: str) -> str:
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
     print(f"building {sha[:10]} in {dest} (CPU only; a few minutes)", file=sys.stderr, flush=True)
     env = dict(os.environ, NEPTUNE_CUDA="0", NEPTUNE_REQUIRE_EXT="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
-    log = os.path.join(dest, "build.log")
-    with open(log, "w") as f:
-        r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest, env=env,
-                           stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        raise SystemExit(f"the build of {sha[:10]} failed: see {log}")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:  # (the folder goes with the temporary directory: the log's tail here)
+        tail = "\n".join(r.stdout.strip().splitlines()[-30:])
+        raise SystemExit(f"{tail}\nneptune_app.bench.ab: the build of {sha[:10]} failed (its output above)")
     return sha
 
 
@@ -54,16 +53,22 @@ def _point(tree: str, case: str, steps: int, threads: int, nodes: int = 100_000,
     code = (
         "import json, statistics, sys, torch\n"
         f"torch.set_num_threads({threads})\n"
-        "import neptune_ext, neptune_app.bench.graph_attention as ga\n"
-        f"assert neptune_ext.__file__.startswith({tree!r}), neptune_ext.__file__\n"
+        "import os, neptune_ext, neptune_app.bench.graph_attention as ga\n"
+        "from neptune_ext import backend\n"
+        f"tree = os.path.realpath({tree!r})\n"
+        "assert os.path.realpath(neptune_ext.__file__).startswith(tree + os.sep), (neptune_ext.__file__, tree)\n"
+        "assert 'cpu' in backend.compiled_backends(), 'this tree has no compiled CPU kernels (build it)'\n"
         f"run = ga.make_case({CASES[case]!r}, {nodes}, {edges}, 4, 32, 128)\n"
         "run()\n"
         f"r = [run() for _ in range({steps})]\n"
         "print(json.dumps({k: statistics.median(x[k] for x in r) for k in ('forward', 'backward')}))\n")
     env = dict(os.environ, PYTHONPATH=tree)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, check=True, capture_output=True,
-                         text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    env.pop("NEPTUNE_FORCE_REFERENCE", None)  # (the kernels are what is compared)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = "\n".join(r.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"{tail}\nneptune_app.bench.ab: a run of {case!r} in {tree} failed (its error above)")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -80,9 +85,9 @@ def main(argv=None):
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]
     if bad or not cases:
-        p.error(f"--cases: unknown {bad}; choose from {', '.join(CASES)}")
-    if a.rounds < 1 or a.steps < 1 or a.nodes < 1 or a.edges < 1:
-        p.error("--rounds, --steps, --nodes and --edges must be at least 1")
+        p.error(f"--cases: expected a comma list of {', '.join(CASES)}, got {a.cases!r}")
+    if a.rounds < 1 or a.steps < 1 or a.nodes < 1 or a.edges < 1 or (a.threads is not None and a.threads < 1):
+        p.error("--rounds, --steps, --nodes, --edges and --threads must be at least 1")
     import torch
     threads = a.threads or torch.get_num_threads()
     head = _git("rev-parse", "HEAD")

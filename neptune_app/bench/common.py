@@ -53,7 +53,7 @@ def speed_environment() -> dict:
     return env
 
 
-def write_json(path, report) -> None:
+def write_json(path, report, quiet: bool = False) -> None:
     """``report`` as indented JSON at ``path`` (when a path is given, atomically), and say so.
     A report (a dict) without an ``environment`` gets :func:`speed_environment`'s (in place:
     what the caller returns is what was written)."""
@@ -61,7 +61,8 @@ def write_json(path, report) -> None:
         if isinstance(report, dict):
             report.setdefault("environment", speed_environment())
         _io.write_json(path, report)
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 20) -> float:

@@ -90,7 +90,7 @@ def run_suite(device="cpu", quick=False, json_path=None, plot_path=None):
           "eager Conv-BN-ReLU and scatter-based attention; ResNet-18 is in the Stage section)")
 
     if plot_path:
-        common.write_json(json_path, report)  # (the results so far are kept, whatever the plot does)
+        common.write_json(json_path, report, quiet=True)  # (the results so far are kept, whatever the plot does)
         from .scaling import scaling_plot
         report["scaling"] = scaling_plot(plot_path, device=device, quick=quick)
     common.write_json(json_path, report)

@@ -78,15 +78,15 @@ def materialize(lin: Optional[nn.Module], x: Optional[Tensor], name: str = "x",
             glorot(lin.weight)
         if autocast_on(x.device.type):  # autocast cached a cast of the weight before glorot
             torch.clear_autocast_cache()
-    weight = getattr(lin, "weight", None)
-    if isinstance(weight, Tensor) and weight.dim() == 2:
-        # (the weight's, not in_features: a lazy Linear given a state dict before its first
-        # call has its weight loaded and in_features still 0 - torch's Linear runs it)
-        width = weight.shape[1]
+    # in_features (also on modules whose weight is not a [out, in] tensor: a dynamically
+    # quantized or a packed 4-bit Linear; and reading a parametrized weight would run its
+    # parametrization). Where it is 0, a lazy Linear given a state dict before its first call
+    # (torch leaves in_features at 0 and runs it): the loaded weight's, kept.
+    width = getattr(lin, "in_features", None)
+    if not width:
+        width = lin.weight.shape[1]
         if getattr(lin, "in_features", None) == 0:
             lin.in_features = width
-    else:  # a module whose weight is not a tensor, e.g. a dynamically quantized Linear
-        width = getattr(lin, "in_features", None)
     if x.shape[-1] != width:
         raise ValueError(f"{name} has {x.shape[-1]} features per row but the layer was built for "
                          f"{width} (in_channels / edge_dim)")

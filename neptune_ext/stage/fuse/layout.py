@@ -75,6 +75,28 @@ def _refuse_tracers(args, kwargs) -> None:
                            "use torch.compile, or trace (or export) the model before fuse_stages")
 
 
+def _code_of(f):
+    f = getattr(f, "__func__", f)  # a bound method's function
+    return getattr(f, "func", f).__code__  # (a functools.partial's)
+
+
+class _ForwardAttr:
+    """An attribute of the forward a :class:`CallerLayout` stands for, ``get(forward)``;
+    absent (AttributeError) where that forward has none, and None on the class itself (so
+    ``inspect.signature(CallerLayout)`` and doc tools see a plain class)."""
+
+    def __init__(self, get):
+        self.get = get
+
+    def __get__(self, layout, owner=None):
+        if layout is None:
+            return None
+        try:
+            return self.get(layout._target())
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise AttributeError(f"the forward a fused model stands for has none: {exc}") from None
+
+
 class CallerLayout:
     """The ``forward`` of a fused model's root (an instance attribute): runs the model's
     forward with the NCHW -> channels_last conversion allowed, and restores the caller's
@@ -111,15 +133,8 @@ class CallerLayout:
     # torch.export reads a module's ``forward.__code__`` (where its guards point) and binds the
     # example inputs to ``inspect.signature(forward)``: the forward this one stands for gives
     # both, so a fused model exports like the original (a call's signature is not *args).
-    @property
-    def __code__(self):
-        f = self._target()
-        f = getattr(f, "__func__", f)
-        return getattr(f, "func", f).__code__  # (a functools.partial's function)
-
-    @property
-    def __signature__(self):
-        return inspect.signature(self._target())
+    __code__ = _ForwardAttr(_code_of)
+    __signature__ = _ForwardAttr(inspect.signature)
 
     def _forward(self, *args, **kwargs):
         if self.code is not None:
